@@ -1,0 +1,108 @@
+"""Reading pending changes, marking them published, pruning, and reading applied sequences."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from harmonylite.cdc import ddl
+
+
+@dataclass(frozen=True)
+class TableShape:
+    name: str
+    columns: tuple[str, ...]
+    pk: tuple[str, ...]
+
+    @property
+    def pk_indexes(self) -> tuple[int, ...]:
+        return tuple(self.columns.index(c) for c in self.pk)
+
+
+@dataclass(frozen=True)
+class Change:
+    id: int
+    table: str
+    op: int
+    values: tuple[object, ...]  # aligned with the table's captured columns; deletes carry the key
+
+
+def registry(conn: sqlite3.Connection) -> dict[int, TableShape]:
+    rows = conn.execute(f"SELECT tid, name, columns, pk FROM {ddl.TABLES}").fetchall()
+    return {
+        int(tid): TableShape(name, tuple(json.loads(cols)), tuple(json.loads(pk)))
+        for tid, name, cols, pk in rows
+    }
+
+
+def shapes_by_name(conn: sqlite3.Connection) -> dict[str, TableShape]:
+    return {s.name: s for s in registry(conn).values()}
+
+
+def watermark(conn: sqlite3.Connection) -> int:
+    row = conn.execute(f"SELECT v FROM {ddl.STATE} WHERE k = 'published'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def read_pending(
+    conn: sqlite3.Connection, after: int, limit: int, shapes: dict[int, TableShape]
+) -> list[Change]:
+    """Up to ``limit`` changes with id > ``after``, oldest first."""
+    rows = conn.execute(
+        f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+    ).fetchall()
+    out: list[Change] = []
+    for row in rows:
+        cid, tid, op = int(row[0]), int(row[1]), int(row[2])
+        shape = shapes.get(tid)
+        if shape is None:
+            shapes.update(registry(conn))
+            shape = shapes[tid]
+        out.append(Change(cid, shape.name, op, tuple(row[3 : 3 + len(shape.columns)])))
+    return out
+
+
+def pending_count(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        f"SELECT count(*) FROM {ddl.LOG} WHERE id > (SELECT v FROM {ddl.STATE} "
+        "WHERE k = 'published')"
+    ).fetchone()
+    return int(row[0])
+
+
+def mark_published(conn: sqlite3.Connection, upto: int) -> None:
+    conn.execute(
+        f"UPDATE {ddl.STATE} SET v = max(v, ?) WHERE k = 'published'", (upto,)
+    )
+
+
+def prune(conn: sqlite3.Connection) -> int:
+    cur = conn.execute(
+        f"DELETE FROM {ddl.LOG} WHERE id <= (SELECT v FROM {ddl.STATE} WHERE k = 'published')"
+    )
+    return cur.rowcount
+
+
+def pending_keys(
+    conn: sqlite3.Connection, shapes: dict[int, TableShape]
+) -> set[tuple[str, tuple[object, ...]]]:
+    """(table, key) of every row with a change not yet published."""
+    keys: set[tuple[str, tuple[object, ...]]] = set()
+    wm = watermark(conn)
+    for row in conn.execute(f"SELECT * FROM {ddl.LOG} WHERE id > ?", (wm,)):
+        tid = int(row[1])
+        shape = shapes.get(tid)
+        if shape is None:
+            shapes.update(registry(conn))
+            shape = shapes[tid]
+        keys.add((shape.name, tuple(row[3 + i] for i in shape.pk_indexes)))
+    return keys
+
+
+def applied_sequences(conn: sqlite3.Connection) -> dict[str, int]:
+    try:
+        rows = conn.execute(f"SELECT stream, seq FROM {ddl.SEQ}").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    return {str(s): int(q) for s, q in rows}

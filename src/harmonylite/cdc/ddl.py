@@ -1,0 +1,101 @@
+"""Pure DDL for change capture. Every object it names starts with ``__harmonylite__``.
+
+Layout (one insert per captured row change, which keeps the trigger cheap):
+
+- ``__harmonylite__log(id INTEGER PRIMARY KEY, tid, op, c0, c1, …)``: one row per change, for every
+  table. ``c0…`` are declared without a type, so SQLite stores each value exactly as given
+  (integer, real, text, blob or NULL). The table grows columns when a wider table is captured.
+- ``__harmonylite__tables(tid, name, columns, pk)``: what ``tid`` means and which column each
+  ``cN`` holds.
+- ``__harmonylite__guard(applying)``: one row. The replicator sets ``applying = 1`` inside its own
+  transaction and back to 0 before committing, so no other connection ever sees 1; triggers skip
+  capture while it is 1 (the replicator's writes are not captured again). A missing row means
+  "capture", never "skip".
+- ``__harmonylite__state(k, v)``: the publish watermark (changes with id above it are pending) and
+  the database's epoch.
+- ``__harmonylite__seq(stream, seq)``: last applied sequence per stream, written in the applying
+  transaction, so a snapshot copy knows exactly where it stands in the streams.
+"""
+
+from __future__ import annotations
+
+from harmonylite.cdc.schema import TableInfo
+from harmonylite.db.connection import PREFIX, quote_ident, quote_literal
+
+LOG = f"{PREFIX}log"
+TABLES = f"{PREFIX}tables"
+GUARD = f"{PREFIX}guard"
+STATE = f"{PREFIX}state"
+SEQ = f"{PREFIX}seq"
+
+OP_INSERT = 1
+OP_UPDATE = 2
+OP_DELETE = 3
+
+BASE_DDL = [
+    f"CREATE TABLE IF NOT EXISTS {LOG} (id INTEGER PRIMARY KEY, tid INTEGER NOT NULL, "
+    "op INTEGER NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {TABLES} (tid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, "
+    "columns TEXT NOT NULL, pk TEXT NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {GUARD} (id INTEGER PRIMARY KEY CHECK (id = 1), "
+    "applying INTEGER NOT NULL)",
+    f"INSERT OR IGNORE INTO {GUARD}(id, applying) VALUES (1, 0)",
+    f"CREATE TABLE IF NOT EXISTS {STATE} (k TEXT PRIMARY KEY, v) WITHOUT ROWID",
+    f"INSERT OR IGNORE INTO {STATE}(k, v) VALUES ('published', 0)",
+    f"CREATE TABLE IF NOT EXISTS {SEQ} (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL) "
+    "WITHOUT ROWID",
+]
+
+GUARD_CLAUSE = f"WHEN (SELECT applying FROM {GUARD} WHERE id = 1) IS NOT 1"
+
+
+def value_column(i: int) -> str:
+    return f"c{i}"
+
+
+def add_columns_ddl(have: int, need: int) -> list[str]:
+    return [f"ALTER TABLE {LOG} ADD COLUMN {value_column(i)}" for i in range(have, need)]
+
+
+def trigger_names(tid: int) -> list[str]:
+    return [f"{PREFIX}t{tid}_{kind}" for kind in ("ins", "upd", "del")]
+
+
+def _ref(alias: str, column: str) -> str:
+    return f"{alias}.{quote_ident(column)}"
+
+
+def trigger_ddl(tid: int, table: TableInfo) -> list[str]:
+    """CREATE TRIGGER statements for one table (DROP first so a schema change is picked up)."""
+    ins, upd, dele = trigger_names(tid)
+    tname = quote_ident(table.name)
+    all_cols = ", ".join(value_column(i) for i in range(len(table.columns)))
+    new_vals = ", ".join(_ref("NEW", c) for c in table.columns)
+    pk_cols = ", ".join(value_column(i) for i in table.pk_indexes)
+    old_pk = ", ".join(_ref("OLD", c) for c in table.pk)
+    pk_changed = " OR ".join(f"{_ref('OLD', c)} IS NOT {_ref('NEW', c)}" for c in table.pk)
+    stmts = [f"DROP TRIGGER IF EXISTS {quote_ident(n)}" for n in (ins, upd, dele)]
+    stmts.append(
+        f"CREATE TRIGGER {quote_ident(ins)} AFTER INSERT ON {tname} {GUARD_CLAUSE} BEGIN "
+        f"INSERT INTO {LOG}(tid, op, {all_cols}) VALUES ({tid}, {OP_INSERT}, {new_vals}); END"
+    )
+    stmts.append(
+        f"CREATE TRIGGER {quote_ident(upd)} AFTER UPDATE ON {tname} {GUARD_CLAUSE} BEGIN "
+        # A changed key is a delete of the old key followed by an upsert of the new one.
+        f"INSERT INTO {LOG}(tid, op, {pk_cols}) SELECT {tid}, {OP_DELETE}, {old_pk} "
+        f"WHERE {pk_changed}; "
+        f"INSERT INTO {LOG}(tid, op, {all_cols}) VALUES ({tid}, {OP_UPDATE}, {new_vals}); END"
+    )
+    stmts.append(
+        f"CREATE TRIGGER {quote_ident(dele)} AFTER DELETE ON {tname} {GUARD_CLAUSE} BEGIN "
+        f"INSERT INTO {LOG}(tid, op, {pk_cols}) VALUES ({tid}, {OP_DELETE}, {old_pk}); END"
+    )
+    return stmts
+
+
+def table_registry_upsert(table: TableInfo, columns_json: str, pk_json: str) -> str:
+    return (
+        f"INSERT INTO {TABLES}(name, columns, pk) VALUES ({quote_literal(table.name)}, "
+        f"{quote_literal(columns_json)}, {quote_literal(pk_json)}) ON CONFLICT(name) DO UPDATE SET "
+        "columns = excluded.columns, pk = excluded.pk"
+    )

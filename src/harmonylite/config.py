@@ -1,0 +1,329 @@
+"""TOML configuration turned into frozen dataclasses.
+
+Keys, meanings and defaults follow HarmonyLite's (durations in milliseconds). Every error names the
+dotted key, the value found and what is allowed; unknown keys are returned as warnings so that the
+caller can log them once logging is set up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harmonylite.errors import ConfigError
+
+STORES = ("nats", "s3", "sftp", "webdav", "file")
+LOG_FORMATS = ("console", "json")
+
+
+@dataclass(frozen=True)
+class ReplicationLogConfig:
+    shards: int = 1
+    max_entries: int = 1024
+    replicas: int = 1
+    compress: bool = True
+    update_existing: bool = False
+
+
+@dataclass(frozen=True)
+class NatsStoreConfig:
+    replicas: int = 1
+    bucket: str = ""
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint: str = ""
+    bucket: str = ""
+    path: str = ""
+    region: str = ""
+    force_path_style: bool = False
+    use_ssl: bool = True
+    access_key: str = ""
+    secret: str = ""
+    session_token: str = ""
+
+
+@dataclass(frozen=True)
+class SftpConfig:
+    url: str = ""
+    key_file: str = ""
+    known_hosts: str = ""
+    insecure_ignore_host_key: bool = False
+
+
+@dataclass(frozen=True)
+class WebdavConfig:
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class FileStoreConfig:
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    enabled: bool = True
+    store: str = "nats"
+    interval: int = 3_600_000
+    leader_ttl: int = 30_000
+    keep: int = 3
+    compress: bool = True
+    temp_dir: str = ""
+    nats: NatsStoreConfig = field(default_factory=NatsStoreConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    sftp: SftpConfig = field(default_factory=SftpConfig)
+    webdav: WebdavConfig = field(default_factory=WebdavConfig)
+    file: FileStoreConfig = field(default_factory=FileStoreConfig)
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    urls: list[str] = field(default_factory=list)
+    bind_address: str = ":-1"
+    server_config: str = ""
+    subject_prefix: str = "harmonylite-change-log"
+    stream_prefix: str = "harmonylite-changes"
+    seed_file: str = ""
+    user_name: str = ""
+    user_password: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    connect_retries: int = 5
+    reconnect_wait_seconds: int = 2
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    verbose: bool = False
+    format: str = "console"
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    enable: bool = False
+    bind: str = ":3010"
+    namespace: str = "harmonylite"
+    subsystem: str = ""
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    enable: bool = False
+    bind: str = "0.0.0.0:8090"
+    path: str = "/health"
+    detailed: bool = True
+    # Unhealthy when the newest snapshot is older than this many snapshot intervals.
+    max_snapshot_age_intervals: float = 3.0
+
+
+@dataclass(frozen=True)
+class ClusterFlags:
+    """Command-line clustering of the embedded NATS server (not in the TOML file)."""
+
+    cluster_addr: str = ""
+    cluster_peers: list[str] = field(default_factory=list)
+    leaf_servers: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Config:
+    db_path: str = ""
+    node_id: int = 0
+    seq_map_path: str = ""
+    publish: bool = True
+    replicate: bool = True
+    scan_max_changes: int = 512
+    cleanup_interval: int = 5000
+    sleep_timeout: int = 0
+    polling_interval: int = 0
+    replication_log: ReplicationLogConfig = field(default_factory=ReplicationLogConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    cluster: ClusterFlags = field(default_factory=ClusterFlags)
+
+    def stream_name(self, shard: int) -> str:
+        infix = "-c" if self.replication_log.compress else ""
+        return f"{self.nats.stream_prefix}{infix}-{shard}"
+
+    def subject(self, shard: int) -> str:
+        return f"{self.nats.subject_prefix}-{shard}"
+
+    def stream_names(self) -> list[str]:
+        return [self.stream_name(s) for s in range(1, self.replication_log.shards + 1)]
+
+    def snapshot_bucket(self) -> str:
+        return self.snapshot.nats.bucket or f"{self.nats.stream_prefix}-snapshot-store"
+
+
+# Allowed ranges for integer keys: dotted key -> (minimum, maximum or None).
+_INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "node_id": (0, 2**63 - 1),
+    "scan_max_changes": (1, 1_000_000),
+    "cleanup_interval": (1, None),
+    "sleep_timeout": (0, None),
+    "polling_interval": (0, None),
+    "replication_log.shards": (1, 1024),
+    "replication_log.max_entries": (1, None),
+    "replication_log.replicas": (1, 5),
+    "snapshot.interval": (0, None),
+    "snapshot.leader_ttl": (3000, None),
+    "snapshot.keep": (1, 10_000),
+    "snapshot.nats.replicas": (1, 5),
+    "nats.connect_retries": (0, None),
+    "nats.reconnect_wait_seconds": (0, None),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "snapshot.store": STORES,
+    "logging.format": LOG_FORMATS,
+}
+
+
+def _type_name(tp: Any) -> str:
+    if tp is bool:
+        return "a boolean (true or false)"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if typing.get_origin(tp) is list:
+        return "an array of strings"
+    return "a table"
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    ok: bool
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(tp) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:  # pragma: no cover - every field type is listed above
+        raise TypeError(tp)
+    if not ok:
+        raise ConfigError(key, value, f"must be {_type_name(tp)}")
+    if key in _INT_RANGES:
+        lo, hi = _INT_RANGES[key]
+        if value < lo or (hi is not None and value > hi):
+            allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise ConfigError(key, value, f"must be an integer {allowed}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(key, value, "must be one of " + ", ".join(_CHOICES[key]))
+    return value
+
+
+def _build(cls: type[Any], data: dict[str, Any], prefix: str, warnings: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names or name == "cluster":
+            warnings.append(f"unknown configuration key {key!r} ignored")
+            continue
+        tp = hints[name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(key, value, "must be a table")
+            kwargs[name] = _build(tp, value, key + ".", warnings)
+        else:
+            kwargs[name] = _check_type(key, value, tp)
+    return cls(**kwargs)
+
+
+def default_node_id() -> int:
+    """A stable id derived from the machine id (FNV-1a-like via sha256, kept positive)."""
+    for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(candidate).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            digest = hashlib.sha256(text.encode()).digest()
+            return int.from_bytes(digest[:8], "big") >> 1 or 1
+    import socket
+
+    digest = hashlib.sha256(socket.gethostname().encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1 or 1
+
+
+def parse_config(
+    data: dict[str, Any],
+    *,
+    node_id: int | None = None,
+    cluster: ClusterFlags | None = None,
+) -> tuple[Config, list[str]]:
+    """Build a Config from parsed TOML; returns it with the warnings to log."""
+    warnings: list[str] = []
+    cfg: Config = _build(Config, data, "", warnings)
+    changes: dict[str, Any] = {}
+    if node_id is not None:
+        changes["node_id"] = _check_type("node_id", node_id, int)
+    elif cfg.node_id == 0:
+        changes["node_id"] = default_node_id()
+    if cluster is not None:
+        changes["cluster"] = cluster
+    if not cfg.seq_map_path and cfg.db_path:
+        changes["seq_map_path"] = str(Path(cfg.db_path).parent / "seq-map.cbor")
+    if cfg.snapshot.enabled:
+        _check_store(cfg.snapshot)
+    return dataclasses.replace(cfg, **changes), warnings
+
+
+def _check_store(snap: SnapshotConfig) -> None:
+    required = {
+        "s3": ("bucket", snap.s3.bucket),
+        "sftp": ("url", snap.sftp.url),
+        "webdav": ("url", snap.webdav.url),
+        "file": ("path", snap.file.path),
+    }
+    if snap.store in required:
+        name, value = required[snap.store]
+        if not value:
+            raise ConfigError(
+                f"snapshot.{snap.store}.{name}", value, f"is required when snapshot.store = "
+                f"{snap.store!r}"
+            )
+    if snap.store == "sftp" and not snap.sftp.url.startswith("sftp://"):
+        raise ConfigError("snapshot.sftp.url", "<redacted>", "must look like sftp://user@host:port/path")
+    if snap.store == "webdav" and not snap.webdav.url.startswith(("http://", "https://")):
+        raise ConfigError("snapshot.webdav.url", "<redacted>", "must start with http:// or https://")
+
+
+def load_config(
+    path: str | Path,
+    *,
+    node_id: int | None = None,
+    cluster: ClusterFlags | None = None,
+) -> tuple[Config, list[str]]:
+    """Read a TOML file; a missing file means every default."""
+    p = Path(path)
+    if not p.exists():
+        return parse_config({}, node_id=node_id, cluster=cluster)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("-config", str(p), f"must be valid TOML ({exc})") from exc
+    return parse_config(data, node_id=node_id, cluster=cluster)
+

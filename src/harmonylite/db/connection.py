@@ -1,0 +1,75 @@
+"""SQLite connections: pragmas, identifier quoting, and a thread that owns a connection.
+
+sqlite3 calls block, so every connection lives on its own single worker thread and the event loop
+only awaits futures (DESIGN rule 12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+PREFIX = "__harmonylite__"
+
+
+def quote_ident(name: str) -> str:
+    """Quote an SQL identifier: wrap in double quotes, doubling any inside."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def open_connection(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection in autocommit mode (transactions are explicit), WAL, NORMAL sync."""
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{Path(path)}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    if not readonly:
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+class DbThread:
+    """One connection, one thread: every call runs on the thread that opened the connection."""
+
+    def __init__(self, path: str | Path, name: str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"db-{name}")
+        self._conn: sqlite3.Connection | None = None
+        self._readonly = readonly
+
+    def _open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = open_connection(self.path, readonly=self._readonly)
+        return self._conn
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(self._open()))
+
+    def call_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self._pool.submit(lambda: fn(self._open())).result()
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        self._pool.submit(_close).result()
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,78 @@
+"""Snapshot stores: one protocol (:class:`ObjectStore`), five backends and a factory.
+
+``open_store`` matches on ``snapshot.store``; backends import their SDK lazily so that a node
+using one store never imports the others. ``redact`` strips credentials from URLs and query
+strings before they reach a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from harmonylite.errors import ConfigError
+
+from .base import ObjectInfo, ObjectStore
+
+if TYPE_CHECKING:
+    import nats.js
+
+    from harmonylite.config import SnapshotConfig
+
+__all__ = ["ObjectInfo", "ObjectStore", "open_store", "redact"]
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+_SECRET_PARAM = re.compile(
+    r"(?P<key>[?&;](?:secret|password|passwd|pass|pwd|token|session_token|access_token"
+    r"|sig|signature|x-amz-signature|x-amz-security-token|x-amz-credential)=)[^&#\s'\"]*",
+    re.IGNORECASE,
+)
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """Remove passwords and secrets from every URL in ``text``.
+
+    ``sftp://user:pass@host/p`` becomes ``sftp://user:***@host/p`` and ``?login=u&secret=p``
+    becomes ``?login=u&secret=***``.
+    """
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m['key']}{REDACTED}", text)
+
+
+async def open_store(
+    cfg: SnapshotConfig,
+    *,
+    js: nats.js.JetStreamContext | None = None,
+    bucket: str = "",
+) -> ObjectStore:
+    """Open the store ``cfg.store`` names. "nats" needs ``js`` and the bucket name."""
+    store = cfg.store
+    if store == "file":
+        from .file import FileStore
+
+        if not cfg.file.path:
+            raise ConfigError("snapshot.file.path", cfg.file.path, "is required for store 'file'")
+        return FileStore(cfg.file.path)
+    if store == "s3":
+        from .s3 import S3Store
+
+        return await S3Store.open(cfg.s3)
+    if store == "sftp":
+        from .sftp import SftpStore
+
+        return await SftpStore.open(cfg.sftp)
+    if store == "webdav":
+        from .webdav import WebdavStore
+
+        return await WebdavStore.open(cfg.webdav)
+    if store == "nats":
+        from .nats_objects import NatsObjectStore
+
+        if js is None:
+            raise ValueError("open_store(store='nats') needs a JetStream context")
+        name = bucket or cfg.nats.bucket
+        if not name:
+            raise ConfigError("snapshot.nats.bucket", name, "a bucket name is required")
+        return await NatsObjectStore.open(js, name, replicas=cfg.nats.replicas)
+    raise ConfigError("snapshot.store", store, "must be one of nats, s3, sftp, webdav, file")

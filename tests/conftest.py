@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import NatsServer  # noqa: E402
+from servers import NatsServer
 
 
 @pytest.fixture

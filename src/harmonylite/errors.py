@@ -11,9 +11,9 @@ Hierarchy::
     ├── StorageError           a snapshot store failed; SDK errors are translated at its edge
     │   ├── ObjectNotFound     the key does not exist
     │   ├── StorageUnavailable the store cannot be reached or refused the operation
-    │   └── StorageAuthError   credentials were refused
+    │   └── StorageAuthError   credentials refused
     └── SnapshotError          the snapshot pipeline failed
-        ├── SnapshotBusy       another capture is running ("system busy capturing snapshot", exit 75)
+        ├── SnapshotBusy       a capture is running ("system busy capturing snapshot", exit 75)
         ├── NoSpaceError       the temp dir cannot hold the copy ("no space left on device")
         ├── LeaseLost          the snapshot lease was lost before the commit
         └── VerificationError  a stored snapshot failed a check (size, sha256, integrity_check)

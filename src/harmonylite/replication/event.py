@@ -1,14 +1,14 @@
 """The wire format of a change batch (pure: no I/O).
 
-One NATS message carries the changes of one publish batch that fall in one shard, in change-log
-order::
+One NATS message carries the changes of one publish batch that fall in one shard, in
+change-log order::
 
     {"v": 1, "n": node_id, "t": {table: [columns…]}, "k": {table: [key columns…]},
      "c": [[table, op, [values…]], …]}
 
-CBOR keeps every SQLite value exactly (int64, float, text with NUL, blobs, NULL). With compression on,
-the CBOR bytes are zstd frames; decoding recognises the zstd magic number, so a reader needs no
-configuration to read either form.
+CBOR keeps every SQLite value exactly (int64, float, text with NUL, blobs, NULL). With
+compression on, the CBOR bytes are zstd frames; decoding recognises the zstd magic number, so a
+reader needs no configuration to read either form.
 """
 
 from __future__ import annotations

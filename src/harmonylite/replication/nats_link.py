@@ -1,0 +1,134 @@
+"""Connecting to NATS (external servers or the embedded one) and creating the change streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from harmonylite.config import Config, NatsConfig
+from harmonylite.errors import NatsError
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class LinkState:
+    connected: bool = False
+    on_reconnect: list[Callback] = field(default_factory=list)
+
+
+def _tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
+    if not (cfg.ca_file or cfg.cert_file):
+        return None
+    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+    return ctx
+
+
+async def connect(cfg: NatsConfig, urls: list[str], name: str, state: LinkState) -> Client:
+    """Connect, trying ``connect_retries`` more times; once connected, reconnect forever."""
+
+    async def disconnected() -> None:
+        if state.connected:
+            log.warning("disconnected from NATS")
+        state.connected = False
+
+    async def reconnected() -> None:
+        state.connected = True
+        log.info("reconnected to NATS")
+        for cb in state.on_reconnect:
+            await cb()
+
+    async def error_cb(exc: Exception) -> None:
+        log.debug("NATS client error: %s", exc)
+
+    options: dict[str, object] = {
+        "servers": urls,
+        "name": name,
+        "reconnect_time_wait": cfg.reconnect_wait_seconds,
+        "max_reconnect_attempts": -1,
+        "connect_timeout": 5,
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "error_cb": error_cb,
+        "tls": _tls_context(cfg),
+    }
+    if cfg.user_name:
+        options["user"] = cfg.user_name
+        options["password"] = cfg.user_password
+    if cfg.seed_file:
+        options["nkeys_seed"] = cfg.seed_file
+    last: Exception | None = None
+    for attempt in range(cfg.connect_retries + 1):
+        try:
+            nc = await nats.connect(**options)  # type: ignore[arg-type]
+            state.connected = True
+            return nc
+        except Exception as exc:  # nats-py raises several unrelated types on connect
+            last = exc
+            log.warning("cannot connect to NATS (attempt %d of %d): %s", attempt + 1,
+                        cfg.connect_retries + 1, exc)
+            if attempt < cfg.connect_retries:
+                await asyncio.sleep(max(cfg.reconnect_wait_seconds, 0.2))
+    raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {last}") from last
+
+
+def stream_config(cfg: Config, shard: int) -> StreamConfig:
+    rl = cfg.replication_log
+    return StreamConfig(
+        name=cfg.stream_name(shard),
+        subjects=[cfg.subject(shard)],
+        max_msgs=rl.max_entries,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        num_replicas=rl.replicas,
+        duplicate_window=120.0,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, cfg: Config, timeout: float = 60.0) -> None:
+    """Create each shard's stream; update an existing one only when update_existing is set."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for shard in range(1, cfg.replication_log.shards + 1):
+        want = stream_config(cfg, shard)
+        while True:
+            try:
+                try:
+                    info = await js.stream_info(want.name or "")
+                except NotFoundError:
+                    await js.add_stream(want)
+                    log.info("created stream %s", want.name)
+                    break
+                have = info.config
+                differs = (have.max_msgs, have.num_replicas) != (want.max_msgs, want.num_replicas)
+                if differs and cfg.replication_log.update_existing:
+                    await js.update_stream(want)
+                    log.info("updated stream %s", want.name)
+                elif differs:
+                    log.warning(
+                        "stream %s exists with max_msgs=%s replicas=%s (configured %s, %s); set "
+                        "replication_log.update_existing = true to change it",
+                        want.name, have.max_msgs, have.num_replicas, want.max_msgs,
+                        want.num_replicas,
+                    )
+                break
+            except Exception as exc:
+                # A fresh JetStream cluster answers "no leader" or times out until it has elected
+                # its meta leader; keep trying until the deadline.
+                if loop.time() > deadline:
+                    raise NatsError(f"cannot create stream {want.name}: {exc}") from exc
+                log.debug("stream %s not ready yet: %s", want.name, exc)
+                await asyncio.sleep(0.5)

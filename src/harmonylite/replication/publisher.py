@@ -1,0 +1,224 @@
+"""Publishing pending changes: detect, read a batch, encode per shard, publish, then mark.
+
+A batch stays in memory until every one of its messages is acknowledged; a retry resends only the
+unacknowledged ones, each with the same ``Nats-Msg-Id`` so JetStream drops a copy that was stored
+after all (DESIGN rule 11). The watermark moves only after the whole batch is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from harmonylite.cdc import changelog
+from harmonylite.cdc.changelog import Change, TableShape
+from harmonylite.config import Config
+from harmonylite.db.connection import DbThread, open_connection
+from harmonylite.replication.event import encode, shard_of
+
+log = logging.getLogger(__name__)
+
+# Split a shard's changes into several messages above this encoded size (the server's default
+# max_payload is 1 MiB).
+TARGET_MESSAGE_BYTES = 512 * 1024
+ACK_TIMEOUT = 5.0
+
+
+@dataclass
+class Outgoing:
+    msg_id: str
+    subject: str
+    payload: bytes
+    count: int
+    acked: bool = False
+
+
+@dataclass
+class InFlight:
+    upto: int
+    messages: list[Outgoing] = field(default_factory=list)
+
+
+class ChangeWatcher:
+    """Wakes the publisher when the database changes: polls ``PRAGMA data_version``.
+
+    The pragma reads a counter in shared memory, so a poll costs microseconds and no I/O; polling
+    every few milliseconds keeps detection prompt without spinning a core.
+    """
+
+    def __init__(self, db_path: str, interval: float, wake: Callable[[], None]) -> None:
+        self._db_path = db_path
+        self._interval = interval
+        self._wake = wake
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="change-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        conn = open_connection(self._db_path)
+        try:
+            last = conn.execute("PRAGMA data_version").fetchone()[0]
+            while not self._stop.wait(self._interval):
+                try:
+                    now = conn.execute("PRAGMA data_version").fetchone()[0]
+                except sqlite3.Error as exc:
+                    log.warning("change watcher cannot read the database: %s", exc)
+                    continue
+                if now != last:
+                    last = now
+                    self._wake()
+        finally:
+            conn.close()
+
+
+class Publisher:
+    def __init__(self, cfg: Config, reader: DbThread, writer: DbThread, js: JetStreamContext,
+                 epoch: str | None = None) -> None:
+        self.cfg = cfg
+        self.reader = reader
+        self.writer = writer
+        self.js = js
+        self.epoch = epoch or secrets.token_hex(4)
+        self.wake = asyncio.Event()
+        self.published_total = 0
+        self.last_published_at: float | None = None
+        self.pending = 0
+        self.last_error: str | None = None
+        self._shapes: dict[int, TableShape] = {}
+        self._inflight: InFlight | None = None
+
+    def _build(self, changes: list[Change]) -> InFlight:
+        by_name = {s.name: s for s in self._shapes.values()}
+        shards = self.cfg.replication_log.shards
+        groups: dict[int, list[Change]] = {}
+        for ch in changes:
+            shape = by_name[ch.table]
+            key = [ch.values[i] for i in shape.pk_indexes]
+            groups.setdefault(shard_of(ch.table, key, shards), []).append(ch)
+        flight = InFlight(upto=changes[-1].id)
+        compress = self.cfg.replication_log.compress
+        for shard, group in sorted(groups.items()):
+            for part in self._split(group, by_name, compress):
+                msg_id = f"{self.cfg.node_id}:{self.epoch}:{part[0].id}-{part[-1].id}:{shard}"
+                payload = encode(self.cfg.node_id, part, by_name, compress)
+                subject = self.cfg.subject(shard)
+                flight.messages.append(Outgoing(msg_id, subject, payload, len(part)))
+        return flight
+
+    def _split(self, group: list[Change], by_name: dict[str, TableShape],
+               compress: bool) -> list[list[Change]]:
+        """Cut a shard's changes into messages of at most TARGET_MESSAGE_BYTES each."""
+        payload = encode(self.cfg.node_id, group, by_name, compress)
+        if len(payload) <= TARGET_MESSAGE_BYTES or len(group) == 1:
+            return [group]
+        mid = len(group) // 2
+        return self._split(group[:mid], by_name, compress) + self._split(group[mid:], by_name,
+                                                                          compress)
+
+    async def _send(self, flight: InFlight) -> None:
+        todo = [m for m in flight.messages if not m.acked]
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for m in todo:
+                futures.append(await self.js.publish_async(
+                    m.subject, m.payload, headers={"Nats-Msg-Id": m.msg_id},
+                    wait_stall=ACK_TIMEOUT))
+            errors: list[BaseException] = []
+            for m, fut in zip(todo, futures, strict=False):
+                try:
+                    # publish_async futures may never resolve on some server errors: bound it.
+                    await asyncio.wait_for(fut, ACK_TIMEOUT)
+                    m.acked = True
+                except Exception as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+        finally:
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+
+    async def flush_once(self) -> int:
+        """Publish one batch; returns the number of changes published (0 when none pending)."""
+        if self._inflight is None:
+            limit = self.cfg.scan_max_changes
+
+            def read(conn: sqlite3.Connection) -> list[Change]:
+                if not self._shapes:
+                    self._shapes.update(changelog.registry(conn))
+                return changelog.read_pending(conn, changelog.watermark(conn), limit, self._shapes)
+
+            changes = await self.reader.call(read)
+            if not changes:
+                self.pending = 0
+                return 0
+            self._inflight = self._build(changes)
+        flight = self._inflight
+        await self._send(flight)
+        await self.writer.call(lambda conn: changelog.mark_published(conn, flight.upto))
+        self._inflight = None
+        count = sum(m.count for m in flight.messages)
+        self.published_total += count
+        self.last_published_at = time.time()
+        self.last_error = None
+        return count
+
+    async def flush(self) -> int:
+        total = 0
+        while True:
+            n = await self.flush_once()
+            total += n
+            if n == 0:
+                return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish whenever woken, until ``stop``; back off while NATS is unreachable."""
+        backoff = 0.1
+        while not stop.is_set():
+            self.wake.clear()
+            try:
+                await self.flush()
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.pending = await self.reader.call(changelog.pending_count)
+                log.warning("publish failed, %d changes stay pending: %s", self.pending,
+                            self.last_error)
+                if self._inflight is not None and any(
+                    len(m.payload) > 1024 * 1024 and not m.acked for m in self._inflight.messages
+                ):
+                    big = next(m for m in self._inflight.messages if len(m.payload) > 1024 * 1024)
+                    log.error("a change of %d bytes (message %s) exceeds the NATS payload limit; "
+                              "it stays pending", len(big.payload), big.msg_id)
+                await _wait_either(stop, None, backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            await _wait_either(stop, self.wake, None)
+
+
+async def _wait_either(a: asyncio.Event, b: asyncio.Event | None, timeout: float | None) -> None:
+    tasks = [asyncio.create_task(a.wait())]
+    if b is not None:
+        tasks.append(asyncio.create_task(b.wait()))
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

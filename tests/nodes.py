@@ -1,0 +1,117 @@
+"""harmonylite nodes run as real processes for the integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> None:
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {toml_value(v)}")
+    while tables:
+        name, table = tables.pop(0)
+        lines.append(f"\n[{name}]")
+        for k, v in table.items():
+            if isinstance(v, dict):
+                tables.append((f"{name}.{k}", v))
+            else:
+                lines.append(f"{k} = {toml_value(v)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class NodeProc:
+    def __init__(self, workdir: Path, node_id: int, config: dict[str, Any],
+                 extra_args: list[str] | None = None) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.node_id = node_id
+        self.db = self.dir / "data.db"
+        self.config_path = self.dir / "config.toml"
+        cfg = {"db_path": str(self.db), "node_id": node_id, **config}
+        cfg.setdefault("snapshot", {"enabled": False})
+        write_toml(self.config_path, cfg)
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "node.log"
+
+    def start(self) -> NodeProc:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harmonylite", "-config", str(self.config_path),
+             *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: b"node started" in self.log_path.read_bytes() or self._dead(),
+                   60, f"node {self.node_id} to start")
+        if self._dead():
+            raise RuntimeError(f"node {self.node_id} exited:\n{self.log_text()}")
+        return self
+
+    def _dead(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db, isolation_level=None, timeout=10)
+        conn.execute("PRAGMA journal_mode=WAL")
+        return conn
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = self.connect()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        conn = self.connect()
+        try:
+            conn.execute(sql, params)
+        finally:
+            conn.close()

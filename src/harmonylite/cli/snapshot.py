@@ -1,0 +1,187 @@
+"""`harmonylite snapshot VERB`: save, list, verify and restore snapshots.
+
+Exit codes: 0 success; 1 failure at run time (a verification failure names its check); 2 bad
+usage; 75 when a capture is already running (``system busy capturing snapshot``). Progress goes to
+stderr (a bar on a terminal, plain lines otherwise); stdout carries only the answer (an id, the
+listing, a path), so scripts can read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from harmonylite.config import Config
+from harmonylite.errors import (
+    ConfigError,
+    HarmonyliteError,
+    SnapshotBusy,
+    UsageError,
+    VerificationError,
+)
+from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshots
+from harmonylite.snapshot.pipeline import SnapshotPipeline
+from harmonylite.snapshot.progress import Progress
+from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
+from harmonylite.snapshot.storage import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 75
+
+# Yields a connected JetStream context for the nats store, and disconnects on exit.
+JsContext = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"snapshot: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="harmonylite snapshot", allow_abbrev=False,
+                description="Take, list, verify and restore snapshots.")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+    verbs.add_parser("save", help="take one snapshot now, upload, verify, commit, print its id")
+    ls = verbs.add_parser("list", help="committed snapshots, newest first")
+    ls.add_argument("-json", "--json", action="store_true", help="print a JSON array of manifests")
+    ver = verbs.add_parser("verify", help="download a snapshot and check size, SHA-256, integrity")
+    ver.add_argument("id", nargs="?", default="latest", metavar="ID|latest")
+    res = verbs.add_parser("restore", help="download, verify and write a snapshot's database")
+    res.add_argument("id", nargs="?", default="latest", metavar="ID|latest")
+    res.add_argument("-output", "--output", "-o", default=None, metavar="PATH",
+                     help="write the restored database here (must not exist); nothing else is "
+                     "touched")
+    return p
+
+
+@asynccontextmanager
+async def default_js_context(cfg: Config) -> AsyncIterator[Any]:
+    """Connect to ``nats.urls``, or start the embedded server when none are configured."""
+    from harmonylite.replication.nats_link import LinkState, connect
+
+    embedded = None
+    urls = list(cfg.nats.urls)
+    if not urls:
+        from harmonylite.node.embedded_nats import EmbeddedNats
+
+        if not cfg.db_path:
+            raise ConfigError("db_path", cfg.db_path, "is required to start the embedded NATS "
+                              "server (or set nats.urls)")
+        embedded = EmbeddedNats(node_id=cfg.node_id, db_path=Path(cfg.db_path), nats=cfg.nats,
+                                cluster=cfg.cluster)
+        urls = [await embedded.start()]
+    try:
+        nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}-snapshot", LinkState())
+        try:
+            yield nc.jetstream()
+        finally:
+            await nc.close()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+@asynccontextmanager
+async def snapshot_store(cfg: Config, js_context: JsContext | None = None
+                         ) -> AsyncIterator[ObjectStore]:
+    """The configured snapshot store, closed (and NATS disconnected) on exit."""
+    if cfg.snapshot.store != "nats":
+        store = await open_store(cfg.snapshot)
+        try:
+            yield store
+        finally:
+            await store.aclose()
+        return
+    ctx = js_context() if js_context is not None else default_js_context(cfg)
+    async with ctx as js:
+        store = await open_store(cfg.snapshot, js=js, bucket=cfg.snapshot_bucket())
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+
+def _sequences_text(seqs: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(seqs.items())) or "-"
+
+
+def format_listing(manifests: Sequence[Manifest]) -> str:
+    rows = [("ID", "CREATED_AT", "NODE_ID", "DB_BYTES", "STORED_BYTES", "SEQUENCES")]
+    rows += [(m.id, m.created_at, str(m.node_id), str(m.db_bytes), str(m.stored_bytes),
+              _sequences_text(m.sequences)) for m in manifests]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] + "\n"
+        for r in rows
+    )
+
+
+async def _dispatch(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
+                    out: TextIO, err: TextIO) -> int:
+    if args.verb == "restore" and args.output is None:
+        raise UsageError(
+            "snapshot restore: --output PATH is required (a forced restore of db_path is not "
+            "available yet; restore to a file and install it with the node stopped)"
+        )
+    if args.verb == "save" and not cfg.db_path:
+        raise ConfigError("db_path", cfg.db_path, "is required to take a snapshot")
+    progress = Progress(err)
+    async with snapshot_store(cfg, js_context) as store:
+        if args.verb == "save":
+            result = await SnapshotPipeline(cfg, store, progress=progress).save()
+            out.write(result.manifest.id + "\n")
+        elif args.verb == "list":
+            manifests = await list_snapshots(store)
+            if args.json:
+                out.write(json.dumps([m.to_dict() for m in manifests], indent=2) + "\n")
+            else:
+                out.write(format_listing(manifests))
+        elif args.verb == "verify":
+            manifest = await find_snapshot(store, args.id)
+            await verify_snapshot(store, manifest, temp_dir=cfg.snapshot.temp_dir or None,
+                                  progress=progress)
+            out.write(f"{manifest.id} ok\n")
+        else:
+            manifest = await find_snapshot(store, args.id)
+            path = await restore_to_path(store, manifest, Path(args.output),
+                                         temp_dir=cfg.snapshot.temp_dir or None,
+                                         progress=progress)
+            out.write(f"{path}\n")
+    return EXIT_OK
+
+
+async def run(cfg: Config, argv: Sequence[str], *, js_context: JsContext | None = None,
+              stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run one snapshot verb; returns the exit code (errors are printed, not raised)."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    try:
+        args = build_parser().parse_args(list(argv))
+        return await _dispatch(cfg, args, js_context, out, err)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (UsageError, ConfigError) as exc:
+        err.write(f"harmonylite: {exc}\n")
+        return EXIT_USAGE
+    except SnapshotBusy as exc:
+        err.write(f"harmonylite: {exc}\n")
+        return EXIT_BUSY
+    except VerificationError as exc:
+        err.write(f"harmonylite: verification failed: check {exc.check}: {exc}\n")
+        return EXIT_FAILURE
+    except (HarmonyliteError, OSError) as exc:
+        err.write(f"harmonylite: {exc}\n")
+        return EXIT_FAILURE
+
+
+def main(cfg: Config, argv: Sequence[str], *, js_context: JsContext | None = None) -> int:
+    """Synchronous entry point for cli.main: runs :func:`run` on a fresh event loop."""
+    return asyncio.run(run(cfg, argv, js_context=js_context))

@@ -1,0 +1,220 @@
+"""The manifest of a committed snapshot (CONTRACT §5), its ids, keys and listing.
+
+A store holds, per snapshot, ``snapshots/{id}.db.zst`` (or ``.db``) and ``snapshots/{id}.json``.
+The manifest is written last, so a data object without its manifest is not a snapshot: listing
+reads manifests only. Ids are ``{YYYYmmddTHHMMSSZ}-{node_id}-{8 hex}`` and sort by time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from harmonylite import __version__
+from harmonylite.errors import ObjectNotFound, SnapshotError
+from harmonylite.snapshot.storage.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+PREFIX = "snapshots/"
+MANIFEST_SUFFIX = ".json"
+COMPRESSIONS = ("zstd", "none")
+_ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-(\d+)-([0-9a-f]{8})$")
+
+
+def new_snapshot_id(node_id: int, now: datetime | None = None) -> str:
+    """``{UTC time as YYYYmmddTHHMMSSZ}-{node_id}-{8 hex}``."""
+    when = (now or datetime.now(UTC)).astimezone(UTC)
+    return f"{when:%Y%m%dT%H%M%SZ}-{node_id}-{secrets.token_hex(4)}"
+
+
+def is_snapshot_id(text: str) -> bool:
+    return _ID_RE.match(text) is not None
+
+
+def data_key(snapshot_id: str, compression: str) -> str:
+    return f"{PREFIX}{snapshot_id}.db" + (".zst" if compression == "zstd" else "")
+
+
+def manifest_key(snapshot_id: str) -> str:
+    return f"{PREFIX}{snapshot_id}{MANIFEST_SUFFIX}"
+
+
+def snapshot_id_of_key(key: str) -> str | None:
+    """The snapshot id a key belongs to (data object or manifest), or None for foreign keys."""
+    if not key.startswith(PREFIX):
+        return None
+    name = key[len(PREFIX) :]
+    for suffix in (MANIFEST_SUFFIX, ".db.zst", ".db"):
+        if name.endswith(suffix):
+            stem = name[: -len(suffix)]
+            return stem if is_snapshot_id(stem) else None
+    return None
+
+
+def rfc3339(when: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, so captures within one second still order."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _created(manifest: Manifest) -> datetime:
+    try:
+        return datetime.fromisoformat(manifest.created_at).astimezone(UTC)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    node_id: int
+    created_at: str  # RFC 3339, UTC
+    db_bytes: int
+    db_sha256: str
+    stored_bytes: int
+    stored_sha256: str
+    compression: str  # "zstd" or "none"
+    sequences: dict[str, int] = field(default_factory=dict)
+    schema_hash: str = ""
+    tables: list[str] = field(default_factory=list)
+    version: str = __version__
+    format: int = FORMAT
+
+    @property
+    def data_key(self) -> str:
+        return data_key(self.id, self.compression)
+
+    @property
+    def manifest_key(self) -> str:
+        return manifest_key(self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        # "format" first, as in the contract's listing of the keys.
+        return {"format": out.pop("format"), **out}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False).encode() + b"\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        try:
+            fmt = data["format"]
+            if fmt != FORMAT:
+                raise SnapshotError(f"unsupported snapshot manifest format {fmt!r}")
+            compression = str(data["compression"])
+            if compression not in COMPRESSIONS:
+                raise SnapshotError(f"unsupported snapshot compression {compression!r}")
+            snapshot_id = str(data["id"])
+            if not is_snapshot_id(snapshot_id):
+                raise SnapshotError(f"invalid snapshot id {snapshot_id!r}")
+            return cls(
+                id=snapshot_id,
+                node_id=int(data["node_id"]),
+                created_at=str(data["created_at"]),
+                db_bytes=int(data["db_bytes"]),
+                db_sha256=str(data["db_sha256"]),
+                stored_bytes=int(data["stored_bytes"]),
+                stored_sha256=str(data["stored_sha256"]),
+                compression=compression,
+                sequences={str(k): int(v) for k, v in dict(data.get("sequences", {})).items()},
+                schema_hash=str(data.get("schema_hash", "")),
+                tables=[str(t) for t in data.get("tables", [])],
+                version=str(data.get("version", "")),
+                format=int(fmt),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"malformed snapshot manifest: {exc!r}") from exc
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Manifest:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise SnapshotError(f"snapshot manifest is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SnapshotError("snapshot manifest is not a JSON object")
+        return cls.from_dict(data)
+
+
+def _newest_first(manifests: list[Manifest]) -> list[Manifest]:
+    return sorted(manifests, key=lambda m: (_created(m), m.id), reverse=True)
+
+
+async def list_snapshots(store: ObjectStore) -> list[Manifest]:
+    """Committed snapshots (those whose manifest is present), newest first.
+
+    A manifest that cannot be read or parsed is skipped with a warning: it does not hide the
+    others.
+    """
+    manifests: list[Manifest] = []
+    for info in await store.list(PREFIX):
+        if not info.key.endswith(MANIFEST_SUFFIX) or snapshot_id_of_key(info.key) is None:
+            continue
+        try:
+            manifest = Manifest.from_json(await store.download_bytes(info.key))
+        except ObjectNotFound:
+            continue  # deleted while we listed (pruned by another run)
+        except SnapshotError as exc:
+            log.warning("skipping unreadable snapshot manifest %s: %s", info.key, exc)
+            continue
+        if manifest.manifest_key != info.key:
+            log.warning("skipping snapshot manifest %s: it names id %s", info.key, manifest.id)
+            continue
+        manifests.append(manifest)
+    return _newest_first(manifests)
+
+
+async def find_snapshot(store: ObjectStore, ref: str = "latest") -> Manifest:
+    """The snapshot named by ``ref``: an id, or ``latest``; raises SnapshotError when absent."""
+    if ref in ("", "latest"):
+        found = await list_snapshots(store)
+        if not found:
+            raise SnapshotError("no committed snapshot in the store")
+        return found[0]
+    if not is_snapshot_id(ref):
+        raise SnapshotError(
+            f"invalid snapshot id {ref!r}: expected latest or YYYYmmddTHHMMSSZ-NODE-XXXXXXXX"
+        )
+    try:
+        return Manifest.from_json(await store.download_bytes(manifest_key(ref)))
+    except ObjectNotFound as exc:
+        raise SnapshotError(f"no committed snapshot {ref} in the store") from exc
+
+
+async def delete_snapshot(store: ObjectStore, manifest: Manifest) -> None:
+    """Delete a snapshot: data object first, then its manifest."""
+    await store.delete(manifest.data_key)
+    await store.delete(manifest.manifest_key)
+
+
+async def prune(store: ObjectStore, keep: int) -> list[str]:
+    """Delete committed snapshots beyond the newest ``keep`` (oldest first); returns their ids.
+
+    Data objects without a manifest that are older than the oldest kept snapshot are leftovers of
+    failed runs and are deleted too.
+    """
+    committed = await list_snapshots(store)
+    doomed = list(reversed(committed[keep:]))
+    removed: list[str] = []
+    for manifest in doomed:
+        await delete_snapshot(store, manifest)
+        removed.append(manifest.id)
+    kept = committed[:keep]
+    if kept:
+        oldest_kept = kept[-1].id[:16]  # its UTC second
+        known = {m.id for m in committed}
+        for info in await store.list(PREFIX):
+            sid = snapshot_id_of_key(info.key)
+            if sid is None or sid in known or info.key.endswith(MANIFEST_SUFFIX):
+                continue
+            if sid[:16] < oldest_kept:
+                log.info("deleting leftover snapshot data object %s", info.key)
+                await store.delete(info.key)
+    return removed

@@ -1,0 +1,199 @@
+"""The blocking steps of a snapshot, run in worker threads: copy, sanitize, compress+hash.
+
+Every step streams in fixed-size chunks, so memory does not grow with the database. A full disk
+is reported as :class:`DiskFull` naming the step; the pipeline turns it into NoSpaceError.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
+
+import zstandard
+
+from harmonylite.cdc.changelog import applied_sequences
+from harmonylite.cdc.install import remove_all
+from harmonylite.cdc.schema import schema_hash, user_tables
+from harmonylite.errors import SnapshotError, VerificationError
+from harmonylite.snapshot.manifest import Manifest
+
+CHUNK = 1024 * 1024
+ZSTD_LEVEL = 3
+ZSTD_THREADS = 2
+SQLITE_FULL = 13
+_PROGRESS_OPCODES = 10_000
+
+
+class DiskFull(Exception):
+    """The temp dir filled up during ``step``."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(f"no space left on device during {step}")
+        self.step = step
+
+
+class Cancelled(SnapshotError):
+    def __init__(self) -> None:
+        super().__init__("snapshot capture cancelled")
+
+
+def reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == SQLITE_FULL or "database or disk is full" in str(exc)
+
+
+def _connect(path: str | Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+def vacuum_into(db_path: str | Path, copy: Path, cancel: threading.Event) -> None:
+    """A transactionally consistent copy of the live database (WAL content included).
+
+    A fresh connection reads in one transaction while writers keep writing to the WAL.
+    """
+    conn = _connect(db_path)
+    try:
+        conn.set_progress_handler(lambda: 1 if cancel.is_set() else 0, _PROGRESS_OPCODES)
+        conn.execute("VACUUM INTO ?", (str(copy),))
+    except sqlite3.Error as exc:
+        if _is_disk_full(exc):
+            raise DiskFull("VACUUM INTO") from exc
+        if cancel.is_set():
+            raise Cancelled() from exc
+        raise SnapshotError(f"VACUUM INTO failed: {exc}") from exc
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the sanitized copy holds."""
+
+    db_bytes: int
+    sequences: dict[str, int]
+    schema_hash: str
+    tables: list[str]
+
+
+def sanitize(copy: Path) -> Facts:
+    """Read the stream sequences the copy contains, then drop every harmonylite object.
+
+    Freed pages are zeroed (``secure_delete``) instead of running a second VACUUM: zstd squeezes
+    zero pages to almost nothing, at a fraction of the VACUUM's cost. The copy is a throwaway
+    until uploaded, so it runs without a journal or fsyncs, and ends in journal_mode DELETE:
+    the stored file is self-contained (no WAL needed to read it).
+    """
+    conn = _connect(copy)
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("PRAGMA journal_mode = OFF")
+        conn.execute("PRAGMA synchronous = OFF")
+        sequences = applied_sequences(conn)
+        conn.execute("PRAGMA secure_delete = ON")
+        remove_all(conn)
+        tables, virtual = user_tables(conn)
+        names = sorted({t.name for t in tables} | set(virtual))
+        digest = schema_hash(conn)
+        conn.execute("PRAGMA journal_mode = DELETE")
+    except sqlite3.Error as exc:
+        if _is_disk_full(exc):
+            raise DiskFull("sanitize") from exc
+        raise SnapshotError(f"sanitizing the snapshot copy failed: {exc}") from exc
+    finally:
+        conn.close()
+    return Facts(copy.stat().st_size, sequences, digest, names)
+
+
+@dataclass(frozen=True)
+class Packed:
+    path: Path  # the file to upload
+    db_bytes: int
+    db_sha256: str
+    stored_bytes: int
+    stored_sha256: str
+
+
+class _HashingReader:
+    """File reader that hashes, counts and reports what it hands out."""
+
+    def __init__(self, fh: BinaryIO, advance: Callable[[int], None], cancel: threading.Event):
+        self.fh, self.advance, self.cancel = fh, advance, cancel
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.cancel.is_set():
+            raise Cancelled()
+        data = self.fh.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        self.advance(len(data))
+        return data
+
+
+class _HashingWriter:
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.sha.update(view)
+        self.size += view.nbytes
+        return self.fh.write(view)
+
+
+def pack(
+    copy: Path, compression: str, advance: Callable[[int], None], cancel: threading.Event
+) -> Packed:
+    """Hash the database and (with zstd) compress it beside itself, hashing the output."""
+    try:
+        with copy.open("rb") as src:
+            reader = _HashingReader(src, advance, cancel)
+            if compression == "none":
+                while reader.read(CHUNK):
+                    pass
+                sha = reader.sha.hexdigest()
+                return Packed(copy, reader.size, sha, reader.size, sha)
+            out_path = copy.with_name(copy.name + ".zst")
+            with out_path.open("wb") as out:
+                writer = _HashingWriter(out)
+                cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS)
+                cctx.copy_stream(
+                    cast(IO[bytes], reader), cast(IO[bytes], writer),
+                    size=copy.stat().st_size, read_size=CHUNK, write_size=CHUNK,
+                )
+        return Packed(
+            out_path, reader.size, reader.sha.hexdigest(), writer.size, writer.sha.hexdigest()
+        )
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull("compress") from exc
+        raise
+
+
+def check_object(manifest: Manifest, size: int, sha256: str | None) -> None:
+    """Raise VerificationError unless a stored object matches what the manifest records."""
+    if size != manifest.stored_bytes:
+        raise VerificationError(
+            manifest.id, "size", f"stored object has {size} bytes, expected {manifest.stored_bytes}"
+        )
+    if sha256 is not None and sha256 != manifest.stored_sha256:
+        raise VerificationError(
+            manifest.id, "sha256",
+            f"stored object has sha256 {sha256}, expected {manifest.stored_sha256}",
+        )

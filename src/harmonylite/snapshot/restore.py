@@ -106,7 +106,7 @@ def integrity_check(m: Manifest, db: Path) -> None:
 async def _fetch(
     store: ObjectStore, m: Manifest, dest: Path, work: Path, progress: ProgressSink
 ) -> None:
-    stored = work / Path(m.data_key).name
+    stored = work / ("stored-" + Path(m.data_key).name)
     progress.stage("download", m.stored_bytes)
     await store.download(m.data_key, stored)
     progress.advance(m.stored_bytes)

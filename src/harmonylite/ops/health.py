@@ -1,0 +1,339 @@
+"""The health endpoint: ``GET {health_check.path}`` is 200 when the node is healthy, 503 if not.
+
+A node is unhealthy when its database cannot be opened, NATS is disconnected, change capture is not
+installed, or, with snapshots enabled, the newest snapshot is older than
+``max_snapshot_age_intervals`` snapshot intervals (also when no snapshot exists yet and the node has
+been up for longer than that). :func:`evaluate` decides this from a status dict and is pure.
+
+The HTTP side is a minimal HTTP/1.1 server on ``asyncio.start_server`` (one request per
+connection), shared with the metrics endpoint: :class:`HttpServer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import math
+import re
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from harmonylite import __version__
+from harmonylite.config import HealthCheckConfig
+from harmonylite.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
+MAX_HEAD = 16 * 1024
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+# --- bind addresses --------------------------------------------------------------------------
+_BIND = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]\s]*)):(?P<port>\d{1,5})$")
+
+
+def parse_bind(bind: str, key: str = "bind") -> tuple[str | None, int]:
+    """``"0.0.0.0:8090"``, ``":3010"`` (all interfaces), ``"[::1]:80"``, ``"127.0.0.1:0"``.
+
+    Returns ``(host, port)`` with ``host=None`` for every interface. ``key`` names the setting in
+    the error raised for a malformed value.
+    """
+    m = _BIND.match(bind.strip())
+    port = int(m["port"]) if m else -1
+    if m is None or not 0 <= port <= 65535:
+        raise ConfigError(key, bind, "must be HOST:PORT or :PORT with a port between 0 and 65535")
+    host = m["v6"] if m["v6"] is not None else m["host"]
+    if not host:
+        # Port 0 on every interface would give each address family its own random port.
+        return ("0.0.0.0" if port == 0 else None), port
+    return host, port
+
+
+# --- time values -----------------------------------------------------------------------------
+def to_epoch(value: object) -> float | None:
+    """Seconds since the epoch from a number, a datetime or an RFC 3339 string; None if unknown."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if value > 0 and math.isfinite(value) else None
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return dt.timestamp()
+    if isinstance(value, str) and value:
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            return None
+        return to_epoch(dt)
+    return None
+
+
+def rfc3339(value: object) -> str | None:
+    """RFC 3339 UTC text (millisecond precision) for a time value; None if unknown."""
+    ts = to_epoch(value)
+    if ts is None:
+        return None
+    dt = datetime.fromtimestamp(ts, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+# --- evaluation ------------------------------------------------------------------------------
+def snapshot_age_limit(cfg: HealthCheckConfig, snapshot_interval_ms: int) -> float | None:
+    """Seconds after which the newest snapshot is stale; None when no limit applies."""
+    if snapshot_interval_ms <= 0 or cfg.max_snapshot_age_intervals <= 0:
+        return None
+    return cfg.max_snapshot_age_intervals * snapshot_interval_ms / 1000
+
+
+def evaluate(
+    status: Mapping[str, Any],
+    cfg: HealthCheckConfig,
+    snapshot_interval_ms: int,
+    enabled: bool,
+    *,
+    now: float | None = None,
+) -> tuple[bool, dict[str, Any]]:
+    """Decide health from a node status dict; returns ``(healthy, body)``.
+
+    ``status`` holds what ``Node.status()`` returns plus ``db_connected`` and a ``snapshot``
+    sub-dict (``leader``, ``last_id``, ``last_at``, optionally ``age_seconds``, ``last_error``).
+    A missing boolean counts as false. ``body`` is the detailed JSON document; its ``reasons``
+    list says why the node is unhealthy (empty when healthy).
+    """
+    now = time.time() if now is None else now
+    reasons: list[str] = []
+    db_connected = bool(status.get("db_connected", False))
+    nats_connected = bool(status.get("nats_connected", False))
+    cdc_installed = bool(status.get("cdc_installed", False))
+    if not db_connected:
+        reasons.append("database cannot be opened")
+    if not nats_connected:
+        reasons.append("NATS is disconnected")
+    if not cdc_installed:
+        reasons.append("change capture is not installed")
+
+    uptime = _number(status.get("uptime_seconds")) or 0.0
+    snap_in: Mapping[str, Any] = status.get("snapshot") or {}
+    last_at = to_epoch(snap_in.get("last_at"))
+    age = max(0.0, now - last_at) if last_at is not None else _number(snap_in.get("age_seconds"))
+    limit = snapshot_age_limit(cfg, snapshot_interval_ms) if enabled else None
+    if limit is not None:
+        if age is not None and age > limit:
+            reasons.append(f"newest snapshot is {age:.0f} s old (limit {limit:.0f} s)")
+        elif age is None and uptime > limit:
+            reasons.append(f"no snapshot after {uptime:.0f} s of uptime (limit {limit:.0f} s)")
+
+    healthy = not reasons
+    last_error = snap_in.get("last_error")
+    body: dict[str, Any] = {
+        "status": "healthy" if healthy else "unhealthy",
+        "node_id": status.get("node_id"),
+        "uptime_seconds": int(uptime),
+        "db_connected": db_connected,
+        "nats_connected": nats_connected,
+        "cdc_installed": cdc_installed,
+        "tables_tracked": int(status.get("tables_tracked") or 0),
+        "last_replicated_event_timestamp": rfc3339(status.get("last_replicated_event_timestamp")),
+        "last_published_event_timestamp": rfc3339(status.get("last_published_event_timestamp")),
+        "version": str(status.get("version") or __version__),
+        "snapshot": {
+            "leader": bool(snap_in.get("leader", False)),
+            "last_id": snap_in.get("last_id") or None,
+            "last_at": rfc3339(last_at),
+            "age_seconds": None if age is None else round(age, 3),
+            "last_error": str(last_error) if last_error else None,
+        },
+        "reasons": reasons,
+    }
+    return healthy, body
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+async def probe_database(path: str | Path, timeout: float = 2.0) -> bool:
+    """True when the SQLite file at ``path`` opens and answers a query (off the event loop)."""
+
+    def probe() -> bool:
+        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=timeout)
+        except sqlite3.Error:
+            return False
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+        finally:
+            conn.close()
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(probe), timeout + 1.0)
+    except TimeoutError:
+        return False
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+
+Handler = Callable[[], Awaitable[Response]]
+
+
+class HttpServer:
+    """A minimal HTTP/1.1 server for GET/HEAD on a few fixed paths; one request per connection."""
+
+    def __init__(self, routes: Mapping[str, Handler], name: str) -> None:
+        self.routes = dict(routes)
+        self.name = name
+        self.host: str | None = None
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[Any]] = set()
+
+    async def start(self, bind: str, key: str = "bind") -> HttpServer:
+        host, port = parse_bind(bind, key)
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
+        sockets = self._server.sockets
+        self.host = host
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        log.info("%s listening on %s:%d", self.name, host or "*", self.port)
+        return self
+
+    @property
+    def url(self) -> str:
+        host = self.host if self.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
+        if host and ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._conns):
+            task.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            await self._one_request(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _one_request(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except (TimeoutError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+            return
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            await _write(writer, Response(400, b"bad request\n"), head_only=False)
+            return
+        method, target = parts[0], parts[1]
+        path = target.split("?", 1)[0].split("#", 1)[0]
+        handler = self.routes.get(path)
+        if handler is None:
+            response = Response(404, b"not found\n")
+        elif method not in ("GET", "HEAD"):
+            response = Response(405, b"method not allowed\n")
+        else:
+            try:
+                response = await handler()
+            except Exception:
+                log.exception("%s: request for %s failed", self.name, path)
+                response = Response(500, b"internal error\n")
+        await _write(writer, response, head_only=method == "HEAD")
+
+
+async def _write(writer: asyncio.StreamWriter, response: Response, *, head_only: bool) -> None:
+    reason = _REASONS.get(response.status, "Unknown")
+    headers = [
+        f"HTTP/1.1 {response.status} {reason}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if response.status == 405:
+        headers.append("Allow: GET, HEAD")
+    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
+    if not head_only:
+        writer.write(response.body)
+    await writer.drain()
+
+
+# --- the health server -------------------------------------------------------------------------
+StatusSource = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
+
+
+def health_handler(
+    cfg: HealthCheckConfig,
+    status: StatusSource,
+    *,
+    snapshot_interval_ms: int = 0,
+    snapshot_enabled: bool = False,
+) -> Handler:
+    """The request handler: evaluates ``status()`` on every request."""
+
+    async def handle() -> Response:
+        try:
+            result = status()
+            current = await result if inspect.isawaitable(result) else result
+        except Exception as exc:
+            log.warning("health status unavailable: %s", exc)
+            current = {}
+        healthy, body = evaluate(current, cfg, snapshot_interval_ms, snapshot_enabled)
+        code = 200 if healthy else 503
+        if cfg.detailed:
+            return Response(code, json.dumps(body).encode() + b"\n", "application/json")
+        text = "healthy\n" if healthy else "unhealthy: " + "; ".join(body["reasons"]) + "\n"
+        return Response(code, text.encode())
+
+    return handle
+
+
+async def start_health_server(
+    cfg: HealthCheckConfig,
+    status: StatusSource,
+    *,
+    snapshot_interval_ms: int = 0,
+    snapshot_enabled: bool = False,
+) -> HttpServer:
+    """Serve ``GET {cfg.path}`` on ``cfg.bind``; ``server.port`` is the bound port."""
+    path = cfg.path if cfg.path.startswith("/") else "/" + cfg.path
+    handler = health_handler(cfg, status, snapshot_interval_ms=snapshot_interval_ms,
+                             snapshot_enabled=snapshot_enabled)
+    return await HttpServer({path: handler}, "health check").start(cfg.bind, "health_check.bind")

@@ -69,8 +69,10 @@ class FileStore:
         return self.root.joinpath(*_check_key(key).split("/"))
 
     def _translate(self, exc: OSError, key: str) -> Exception:
-        if isinstance(exc, FileNotFoundError) and self.root.is_dir():
-            return ObjectNotFound(key)
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
+            if self._root_usable():
+                return ObjectNotFound(key)
+            return StorageUnavailable(f"file store {self.root} is not a usable directory")
         if isinstance(exc, PermissionError):
             return StorageAuthError(f"file store {self.root}: permission denied for {key}")
         if exc.errno == errno.ENOSPC:
@@ -85,6 +87,13 @@ class FileStore:
             raise exc.error from None
         except OSError as exc:
             raise self._translate(exc, key) from exc
+
+    def _root_usable(self) -> bool:
+        """The root is a directory, or does not exist yet below a directory."""
+        for path in (self.root, *self.root.parents):
+            if path.exists():
+                return path.is_dir()
+        return True
 
     def _info(self, key: str, path: Path, sha256: str | None = None) -> ObjectInfo:
         st = path.stat()
@@ -176,8 +185,8 @@ class FileStore:
         return await asyncio.to_thread(self._guard, key, self._stat, key)
 
     def _walk(self, prefix: str) -> list[ObjectInfo]:
-        if self.root.exists() and not self.root.is_dir():
-            raise StorageUnavailable(f"file store {self.root} is not a directory")
+        if not self._root_usable():
+            raise StorageUnavailable(f"file store {self.root} is not a usable directory")
         out: list[ObjectInfo] = []
         # Only descend into the directory the prefix names (or the root).
         base_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sqlite3
+import subprocess
 import threading
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from harmonylite.cdc.install import harmonylite_objects
 from harmonylite.cdc.schema import schema_hash
 from harmonylite.config import Config
 from harmonylite.errors import LeaseLost, NoSpaceError, SnapshotBusy, StorageError
+from harmonylite.snapshot import pipeline as pipeline_module
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
@@ -246,3 +249,42 @@ async def test_uncompressed_config_change_keeps_listing(tmp_path: Path) -> None:
     assert b.data_key.endswith(".db") and a.data_key.endswith(".db.zst")
     for m in (a, b):
         await verify_snapshot(store, m)
+
+
+class _PinnedWorkDir(SnapshotPipeline):
+    """Something holds the work dir: a filesystem mounted inside it makes removal fail (EBUSY)."""
+
+    pinned: Path | None = None
+
+    def check_free_space(self, work: Path, needed: int) -> None:
+        super().check_free_space(work, needed)
+        (work / "pinned").mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                              str(work / "pinned")], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+        self.pinned = work / "pinned"
+
+
+async def test_cleanup_failure_is_logged_with_the_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline_module, "CLEANUP_DELAY_SECONDS", 0.0)
+    db = tmp_path / "app.db"
+    make_db(db).close()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    cfg = make_cfg(db, tmp_path / "store", temp_dir=temp)
+    p = _PinnedWorkDir(cfg, await _store(cfg))
+    try:
+        result = await p.save()  # the snapshot itself is committed
+        assert p.pinned is not None
+        assert "Unable to cleanup temp path" in caplog.text
+        assert str(p.pinned.parent) in caplog.text
+        assert [m.id for m in await list_snapshots(p.store)] == [result.manifest.id]
+    finally:
+        if p.pinned is not None:
+            await asyncio.to_thread(subprocess.run, ["umount", "-l", str(p.pinned)], check=False)
+    if p.pinned is not None:
+        shutil.rmtree(p.pinned.parent)
+    assert work_dirs(temp) == []

@@ -134,6 +134,14 @@ async def _dispatch(cfg: Config, args: argparse.Namespace, js_context: JsContext
     if args.verb == "save" and not cfg.db_path:
         raise ConfigError("db_path", cfg.db_path, "is required to take a snapshot")
     progress = Progress(err)
+    try:
+        return await _verb(cfg, args, js_context, out, progress)
+    finally:
+        progress.end()
+
+
+async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
+                out: TextIO, progress: Progress) -> int:
     async with snapshot_store(cfg, js_context) as store:
         if args.verb == "save":
             result = await SnapshotPipeline(cfg, store, progress=progress).save()

@@ -81,6 +81,12 @@ class Progress:
             elapsed = time.monotonic() - self._started
             self._write(f"{message} ({elapsed:.1f} s)\n")
 
+    def end(self) -> None:
+        """Close an open bar line (after a failure), so the next message starts on its own."""
+        with self._lock:
+            self._end_stage()
+            self._name = ""
+
     # -- drawing (lock held) ------------------------------------------------------------------
 
     def _end_stage(self) -> None:

@@ -288,3 +288,24 @@ async def test_cleanup_failure_is_logged_with_the_path(
     if p.pinned is not None:
         shutil.rmtree(p.pinned.parent)
     assert work_dirs(temp) == []
+
+
+async def test_cancelled_save_leaves_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    make_db(db).close()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    cfg = make_cfg(db, tmp_path / "store", temp_dir=temp)
+    store = await _store(cfg)
+
+    async def fence() -> None:  # the node shuts down right before the commit
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+
+    with pytest.raises(asyncio.CancelledError):
+        await SnapshotPipeline(cfg, store).save(fence)
+    assert _keys(tmp_path / "store") == []
+    assert work_dirs(temp) == []
+    await SnapshotPipeline(cfg, store).save()  # the capture lock was released

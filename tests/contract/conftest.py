@@ -14,7 +14,7 @@ from pathlib import Path
 import nats
 import nats.js.errors
 import pytest
-from storage_backends import Backend, Opener
+from storage_backends import S3_BUCKET, Backend, Opener
 
 from harmonylite.config import (
     FileStoreConfig,
@@ -28,7 +28,6 @@ from servers import NatsServer, free_port
 from storage_servers import SSHD, SeaweedFS, WsgiDAV, ssh_keygen
 
 BACKENDS = ["file", "s3", "sftp", "webdav", "nats"]
-S3_BUCKET = "harmonylite-contract"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from harmonylite.snapshot.storage import ObjectStore
 
+S3_BUCKET = "harmonylite-contract"  # created once per session on SeaweedFS
+
 Opener = Callable[[], Awaitable[ObjectStore]]
 
 

@@ -170,11 +170,12 @@ class S3Store:
             return fn(*args, **kwargs)
         except _SDK_ERRORS as exc:
             err = self._translate(exc, key)
-            if isinstance(err, ObjectNotFound):
+            if isinstance(err, ObjectNotFound | StorageAuthError):
+                # Some servers answer 404 or 403 for a missing bucket: say which it is.
                 try:
                     exists = self._bucket_exists()
-                except (ClientError, BotoCoreError) as exc2:
-                    raise self._translate(exc2, key) from exc
+                except (ClientError, BotoCoreError):
+                    exists = True
                 if not exists:
                     raise self._no_bucket() from exc
             raise err from exc

@@ -66,15 +66,27 @@ class NodeProc:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "node.log"
 
-    def start(self) -> NodeProc:
+    def start(self, timeout: float = 60) -> NodeProc:
+        self.start_async()
+        return self.wait_started(timeout)
+
+    def start_async(self) -> None:
+        self._started_marker = self.log_path.read_bytes().count(b"node started") if \
+            self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harmonylite", "-config", str(self.config_path),
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        wait_until(lambda: b"node started" in self.log_path.read_bytes() or self._dead(),
-                   60, f"node {self.node_id} to start")
+
+    def wait_started(self, timeout: float = 60) -> NodeProc:
+        try:
+            wait_until(lambda: self.log_path.read_bytes().count(b"node started")
+                       > self._started_marker or self._dead(), timeout,
+                       f"node {self.node_id} to start")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{self.log_text()[-3000:]}") from None
         if self._dead():
             raise RuntimeError(f"node {self.node_id} exited:\n{self.log_text()}")
         return self

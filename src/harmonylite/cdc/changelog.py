@@ -78,26 +78,52 @@ def mark_published(conn: sqlite3.Connection, upto: int) -> None:
 
 
 def prune(conn: sqlite3.Connection) -> int:
+    """Delete published changes, keeping the newest of them.
+
+    Change ids are rowids, which SQLite allocates as max(rowid) + 1: emptying the table would
+    restart them below the watermark and new changes would look published. Keeping the newest
+    published row keeps ids increasing.
+    """
     cur = conn.execute(
-        f"DELETE FROM {ddl.LOG} WHERE id <= (SELECT v FROM {ddl.STATE} WHERE k = 'published')"
+        f"DELETE FROM {ddl.LOG} WHERE id < (SELECT v FROM {ddl.STATE} WHERE k = 'published')"
     )
     return cur.rowcount
 
 
-def pending_keys(
-    conn: sqlite3.Connection, shapes: dict[int, TableShape]
-) -> set[tuple[str, tuple[object, ...]]]:
-    """(table, key) of every row with a change not yet published."""
-    keys: set[tuple[str, tuple[object, ...]]] = set()
-    wm = watermark(conn)
-    for row in conn.execute(f"SELECT * FROM {ddl.LOG} WHERE id > ?", (wm,)):
-        tid = int(row[1])
-        shape = shapes.get(tid)
-        if shape is None:
-            shapes.update(registry(conn))
-            shape = shapes[tid]
-        keys.add((shape.name, tuple(row[3 + i] for i in shape.pk_indexes)))
-    return keys
+class PendingKeys:
+    """(table, key) of every row with a change not yet published, kept up to date incrementally.
+
+    Each refresh reads only the changes captured since the previous one, so checking a batch of
+    incoming messages against the local pending changes costs nothing when there are none.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, tuple[object, ...]], int] = {}
+        self._scanned = 0
+
+    def refresh(self, conn: sqlite3.Connection, shapes: dict[int, TableShape]) -> None:
+        wm = watermark(conn)
+        if self._scanned < wm:
+            self._scanned = wm
+        rows = conn.execute(
+            f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id", (self._scanned,)
+        ).fetchall()
+        for row in rows:
+            tid = int(row[1])
+            shape = shapes.get(tid)
+            if shape is None:
+                shapes.update(registry(conn))
+                shape = shapes[tid]
+            self._latest[(shape.name, tuple(row[3 + i] for i in shape.pk_indexes))] = int(row[0])
+            self._scanned = int(row[0])
+        if self._latest and min(self._latest.values()) <= wm:
+            self._latest = {k: v for k, v in self._latest.items() if v > wm}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._latest
+
+    def __len__(self) -> int:
+        return len(self._latest)
 
 
 def applied_sequences(conn: sqlite3.Connection) -> dict[str, int]:

@@ -58,7 +58,7 @@ class Node:
         self.started_at = time.time()
         self.stop_event = asyncio.Event()
         self.writer = DbThread(self.db_path, "writer")
-        self.reader = DbThread(self.db_path, "reader")
+        self.pub_db = DbThread(self.db_path, "publisher")
         self.embedded: EmbeddedNats | None = None
         self.link = LinkState()
         self.nc: Client | None = None
@@ -99,7 +99,7 @@ class Node:
                 self.consumers.append(consumer)
                 self._tasks.append(asyncio.create_task(consumer.run(self.stop_event)))
         if cfg.publish:
-            self.publisher = Publisher(cfg, self.reader, self.writer, self.js, epoch)
+            self.publisher = Publisher(cfg, self.pub_db, self.js, epoch)
             publisher = self.publisher
             loop = asyncio.get_running_loop()
             interval = cfg.polling_interval / 1000 if cfg.polling_interval else DEFAULT_POLL
@@ -116,7 +116,7 @@ class Node:
                                         "shards": cfg.replication_log.shards})
 
     async def _load_positions(self) -> dict[str, int]:
-        in_db = await self.reader.call(changelog.applied_sequences)
+        in_db = await self.pub_db.call(changelog.applied_sequences)
         from_file = await asyncio.to_thread(read_seq_map, self.seq_map_path) or {}
         # The database copy is written with the data; the file can only lag behind it.
         positions = {**from_file, **in_db}
@@ -189,7 +189,7 @@ class Node:
             with contextlib.suppress(OSError):
                 write_seq_map(self.seq_map_path, self.positions, durable=True)
         self.writer.close()
-        self.reader.close()
+        self.pub_db.close()
 
 
 async def run_node(cfg: Config) -> int:

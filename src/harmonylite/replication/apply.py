@@ -43,6 +43,7 @@ class Applier:
         self._schema_version = -1
         self._sql: dict[tuple[str, tuple[str, ...], int], tuple[str, ...]] = {}
         self._shapes: dict[int, changelog.TableShape] = {}
+        self._pending = changelog.PendingKeys()
 
     def _refresh(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA schema_version").fetchone()[0]
@@ -103,7 +104,7 @@ class Applier:
         conn: sqlite3.Connection,
         batch: Batch,
         ch: RowChange,
-        pending: set[tuple[str, tuple[object, ...]]],
+        pending: changelog.PendingKeys,
     ) -> bool:
         remote_cols = batch.columns[ch.table]
         local = self._local(conn, ch.table)
@@ -145,8 +146,8 @@ class Applier:
         try:
             self._refresh(conn)
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
-            has_pending = changelog.pending_count(conn) > 0
-            pending = changelog.pending_keys(conn, self._shapes) if has_pending else set()
+            self._pending.refresh(conn, self._shapes)
+            pending = self._pending
             for seq, data in messages:
                 result.last_seq = seq
                 result.messages += 1

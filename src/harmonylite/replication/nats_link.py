@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from harmonylite.config import Config, NatsConfig
 from harmonylite.errors import NatsError
@@ -102,6 +104,7 @@ async def ensure_streams(js: JetStreamContext, cfg: Config, timeout: float = 60.
     """Create each shard's stream; update an existing one only when update_existing is set."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    next_note = loop.time() + 5
     for shard in range(1, cfg.replication_log.shards + 1):
         want = stream_config(cfg, shard)
         while True:
@@ -125,10 +128,17 @@ async def ensure_streams(js: JetStreamContext, cfg: Config, timeout: float = 60.
                         want.num_replicas,
                     )
                 break
-            except Exception as exc:
-                # A fresh JetStream cluster answers "no leader" or times out until it has elected
-                # its meta leader; keep trying until the deadline.
-                if loop.time() > deadline:
+            except (APIError, NatsTimeoutError, NoRespondersError, TimeoutError) as exc:
+                # A fresh JetStream cluster times out or answers 503 until it has elected its meta
+                # leader: keep trying until the deadline. Anything else (a subject taken by
+                # another stream, bad limits) will not get better by waiting.
+                transient = not isinstance(exc, APIError) or exc.code in (None, 408, 500, 503)
+                if not transient:
                     raise NatsError(f"cannot create stream {want.name}: {exc}") from exc
-                log.debug("stream %s not ready yet: %s", want.name, exc)
+                if loop.time() > deadline:
+                    raise NatsError(f"cannot create stream {want.name} within {timeout:.0f}s: "
+                                    f"{exc}") from exc
+                if loop.time() > next_note:
+                    log.warning("waiting for JetStream to create stream %s: %s", want.name, exc)
+                    next_note = loop.time() + 5
                 await asyncio.sleep(0.5)

@@ -87,11 +87,11 @@ class ChangeWatcher:
 
 
 class Publisher:
-    def __init__(self, cfg: Config, reader: DbThread, writer: DbThread, js: JetStreamContext,
+    def __init__(self, cfg: Config, db: DbThread, js: JetStreamContext,
                  epoch: str | None = None) -> None:
+        # The publisher's own connection: reading and marking never wait behind the applier.
         self.cfg = cfg
-        self.reader = reader
-        self.writer = writer
+        self.db = db
         self.js = js
         self.epoch = epoch or secrets.token_hex(4)
         self.wake = asyncio.Event()
@@ -163,14 +163,14 @@ class Publisher:
                     self._shapes.update(changelog.registry(conn))
                 return changelog.read_pending(conn, changelog.watermark(conn), limit, self._shapes)
 
-            changes = await self.reader.call(read)
+            changes = await self.db.call(read)
             if not changes:
                 self.pending = 0
                 return 0
             self._inflight = self._build(changes)
         flight = self._inflight
         await self._send(flight)
-        await self.writer.call(lambda conn: changelog.mark_published(conn, flight.upto))
+        await self.db.call(lambda conn: changelog.mark_published(conn, flight.upto))
         self._inflight = None
         count = sum(m.count for m in flight.messages)
         self.published_total += count
@@ -198,7 +198,7 @@ class Publisher:
                 raise
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                self.pending = await self.reader.call(changelog.pending_count)
+                self.pending = await self.db.call(changelog.pending_count)
                 log.warning("publish failed, %d changes stay pending: %s", self.pending,
                             self.last_error)
                 if self._inflight is not None and any(

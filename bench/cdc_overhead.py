@@ -1,0 +1,79 @@
+"""CDC write overhead: single-row autocommit inserts (WAL, synchronous=NORMAL), with and without
+harmonylite's triggers; HarmonyLite's per-table + global change-log layout for comparison.
+
+Prints rows/s for each and the ratio to the plain table measured in the same round (median of
+rounds). Target: harmonylite >= 0.6x.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from harmonylite.cdc.install import install
+
+ROWS = 20_000
+ROUNDS = 5
+TABLE = "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, note TEXT)"
+
+# HarmonyLite's layout (per-table log + global log, guard via pragma_function_list).
+HL_DDL = [
+    "CREATE TABLE __harmonylite___change_log_global(id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "change_table_id INTEGER, table_name TEXT)",
+    "CREATE TABLE __harmonylite__t_change_log(id INTEGER PRIMARY KEY AUTOINCREMENT, val_id, "
+    "val_name, val_qty, val_price, val_note, type TEXT, created_at INTEGER, state INTEGER)",
+    "CREATE TRIGGER __hl_t_ins AFTER INSERT ON t WHEN (SELECT COUNT(*) FROM pragma_function_list "
+    "WHERE name = 'harmonylite_version') < 1 BEGIN INSERT INTO __harmonylite__t_change_log("
+    "val_id, val_name, val_qty, val_price, val_note, type, created_at, state) VALUES (NEW.id, "
+    "NEW.name, NEW.qty, NEW.price, NEW.note, 'insert', CAST((julianday('now') - 2440587.5) * "
+    "86400 * 1000 AS INTEGER), 0); INSERT INTO __harmonylite___change_log_global(change_table_id,"
+    " table_name) VALUES (last_insert_rowid(), 't'); END",
+]
+
+
+def run(path: Path, setup: str) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(TABLE)
+    if setup == "harmonylite":
+        install(conn)
+    elif setup == "harmonylite-go-layout":
+        for stmt in HL_DDL:
+            conn.execute(stmt)
+    start = time.perf_counter()
+    for i in range(ROWS):
+        conn.execute("INSERT INTO t VALUES (?, ?, ?, ?, ?)", (i, f"item {i}", i % 97, i * 0.5,
+                                                               "some note text"))
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return ROWS / elapsed
+
+
+def main() -> None:
+    kinds = ["plain", "harmonylite", "harmonylite-go-layout"]
+    ratios: dict[str, list[float]] = {k: [] for k in kinds}
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(ROUNDS):
+            got = {k: run(Path(tmp) / f"{k}-{r}.db", k) for k in kinds}
+            for k in kinds:
+                rates[k].append(got[k])
+                ratios[k].append(got[k] / got["plain"])
+    print(f"single-row autocommit inserts, {ROWS} rows, median of {ROUNDS} rounds")
+    for k in kinds:
+        print(f"  {k:24s} {statistics.median(rates[k]):10,.0f} rows/s   "
+              f"x{statistics.median(ratios[k]):.2f} of plain")
+    ratio = statistics.median(ratios["harmonylite"])
+    verdict = "PASS" if ratio >= 0.6 else "FAIL"
+    print(f"RESULT cdc_overhead ratio={ratio:.2f} target>=0.60 {verdict}")
+
+
+if __name__ == "__main__":
+    main()

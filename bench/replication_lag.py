@@ -1,0 +1,104 @@
+"""Replication lag at a steady 500 single-row transactions per second, node 1 -> node 2.
+
+Each row carries its write time; a trigger on node 2 (a user trigger, created after the node
+started, so it is not replicated) stamps the arrival time. Lag = arrival - write, same clock.
+The floor measured in the same run: nats-py publish -> push-consumer receive latency for the same
+rate (nats-py-facts.md: p99 ~0.5 ms). Target: p99 <= 50 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import nats  # noqa: E402
+
+from nodes import NodeProc, wait_until  # noqa: E402
+from servers import NatsServer  # noqa: E402
+
+RATE = 500
+SECONDS = 10
+N = RATE * SECONDS
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+async def floor_latency(url: str) -> list[float]:
+    nc = await nats.connect(url)
+    got: list[float] = []
+    done = asyncio.Event()
+
+    async def cb(msg: object) -> None:
+        got.append(time.time() - float(msg.data))  # type: ignore[attr-defined]
+        if len(got) == 1000:
+            done.set()
+
+    await nc.subscribe("lagfloor", cb=cb)
+    for _ in range(1000):
+        await nc.publish("lagfloor", str(time.time()).encode())
+        await nc.flush()
+        await asyncio.sleep(1 / RATE)
+    await asyncio.wait_for(done.wait(), 10)
+    await nc.close()
+    return got
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(Path(tmp) / "nats").start()
+        nodes = []
+        try:
+            for i in (1, 2):
+                node = NodeProc(Path(tmp) / f"n{i}", i, {"nats": {"urls": [server.url]}})
+                node.execute("CREATE TABLE ev(id INTEGER PRIMARY KEY, written REAL)")
+                nodes.append(node.start())
+            a, b = nodes
+            b.execute("CREATE TABLE arrivals(id INTEGER PRIMARY KEY, at REAL)")
+            b.execute("CREATE TRIGGER stamp AFTER INSERT ON ev BEGIN INSERT INTO arrivals "
+                      "VALUES (NEW.id, (julianday('now') - 2440587.5) * 86400.0); END")
+            conn = a.connect()
+            committed: dict[int, float] = {}
+            start = time.perf_counter()
+            for i in range(N):
+                target = start + i / RATE
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                conn.execute("INSERT INTO ev VALUES (?, ?)", (i, time.time()))
+                committed[i] = time.time()
+            conn.close()
+            wait_until(lambda: b.query("SELECT count(*) FROM arrivals")[0][0] == N, 60,
+                       "all rows on node 2")
+            rows = b.query("SELECT id, arrivals.at, ev.written FROM arrivals JOIN ev USING (id)")
+            # From the application's commit returning on node 1 to the row committed on node 2.
+            lags = [(at - committed[i]) * 1000 for i, at, _ in rows]
+            # Including the time the application's own INSERT took on node 1.
+            lags_w = [(at - written) * 1000 for _, at, written in rows]
+            floor = [x * 1000 for x in asyncio.run(floor_latency(server.url))]
+        finally:
+            for n in nodes:
+                n.stop()
+            server.stop()
+    # julianday('now') has millisecond resolution: figures are +-1 ms.
+    p50, p99, mx = statistics.median(lags), pct(lags, 0.99), max(lags)
+    print(f"{N} single-row transactions at {RATE}/s: lag p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+          f"max {mx:.1f} ms")
+    print(f"  including the application's INSERT on node 1: p50 {statistics.median(lags_w):.1f} ms,"
+          f" p99 {pct(lags_w, 0.99):.1f} ms")
+    print(f"floor (core NATS publish->receive at the same rate): p50 {statistics.median(floor):.2f}"
+          f" ms, p99 {pct(floor, 0.99):.2f} ms")
+    print(f"RESULT replication_lag p99_ms={p99:.1f} target<=50 {'PASS' if p99 <= 50 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

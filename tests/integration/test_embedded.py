@@ -1,0 +1,42 @@
+"""The embedded NATS server: two nodes, each with its own server, clustered with -cluster-peers."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from nodes import NodeProc, wait_until
+from servers import free_port
+
+
+def test_two_embedded_nodes_cluster_through_peers(tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+    nodes = []
+    for i, (mine, peer) in enumerate([(ports[0], ports[1]), (ports[1], ports[0])], start=1):
+        node = NodeProc(
+            tmp_path / f"node{i}", i, {"nats": {"bind_address": "127.0.0.1:-1"}},
+            extra_args=["--cluster-addr", f"127.0.0.1:{mine}",
+                        "-cluster-peers", f"nats://127.0.0.1:{peer}"],
+        )
+        node.execute("CREATE TABLE kv(k TEXT PRIMARY KEY, v TEXT)")
+        nodes.append(node)
+    # Both must run before JetStream (quorum 2 of 2) can create the streams.
+    for node in nodes:
+        node.start_async()
+    for node in nodes:
+        node.wait_started(90)
+    a, b = nodes
+    a.execute("INSERT INTO kv VALUES ('from-a', '1')")
+    b.execute("INSERT INTO kv VALUES ('from-b', '2')")
+    for node in nodes:
+        wait_until(lambda n=node: n.query("SELECT * FROM kv ORDER BY k")
+                   == [("from-a", "1"), ("from-b", "2")], 30, "embedded cluster replication")
+    for node in nodes:
+        assert (node.dir / "data.db-nats" / "jetstream").is_dir()  # store beside the database
+        assert node.stop() == 0
+    # The embedded servers stopped with their nodes: nothing listens on the cluster ports.
+    for port in ports:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()

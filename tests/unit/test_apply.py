@@ -1,0 +1,147 @@
+"""Capture on one database, wire format, apply on another: no NATS, real SQLite files."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from pathlib import Path
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harmonylite.cdc import changelog
+from harmonylite.cdc.install import install
+from harmonylite.db.connection import open_connection
+from harmonylite.replication.apply import Applier
+from harmonylite.replication.event import decode, encode, shard_of
+
+SCHEMA = "CREATE TABLE v(id INTEGER PRIMARY KEY, a, b, c)"
+
+
+def pair(tmp_path: Path, schema: str = SCHEMA) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    src = open_connection(tmp_path / "src.db")
+    dst = open_connection(tmp_path / "dst.db")
+    for c in (src, dst):
+        for stmt in schema.split(";"):
+            c.execute(stmt)
+        install(c)
+    return src, dst
+
+
+def ship(src: sqlite3.Connection, dst: sqlite3.Connection, applier: Applier, seq: int,
+         compress: bool = True) -> int:
+    shapes = changelog.registry(src)
+    changes = changelog.read_pending(src, changelog.watermark(src), 10_000, shapes)
+    changelog.mark_published(src, changes[-1].id)
+    payload = encode(1, changes, {s.name: s for s in shapes.values()}, compress)
+    result = applier.apply(dst, "s-1", [(seq, payload)])
+    assert result.failed == []
+    return result.rows
+
+
+def settle(conn: sqlite3.Connection) -> None:
+    """Mark this database's own captured changes as published."""
+    changelog.mark_published(conn, conn.execute("SELECT max(id) FROM __harmonylite__log")
+                             .fetchone()[0])
+
+
+sqlite_values = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.sampled_from([-(2**63), 2**63 - 1, 0, -1]),
+    st.floats(allow_nan=False),  # SQLite stores NaN as NULL
+    st.text(),  # includes NUL and non-ASCII
+    st.binary(max_size=300),
+)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.tuples(sqlite_values, sqlite_values, sqlite_values), min_size=1,
+                       max_size=5),
+       compress=st.booleans())
+def test_every_sqlite_value_round_trips_exactly(tmp_path_factory: pytest.TempPathFactory,
+                                                values: list[tuple[object, object, object]],
+                                                compress: bool) -> None:
+    src, dst = pair(tmp_path_factory.mktemp("rt"))
+    for i, row in enumerate(values):
+        src.execute("INSERT INTO v VALUES (?, ?, ?, ?)", (i, *row))
+    ship(src, dst, Applier(), 1, compress)
+    q = "SELECT id, a, typeof(a), b, typeof(b), c, typeof(c) FROM v ORDER BY id"
+    got, want = dst.execute(q).fetchall(), src.execute(q).fetchall()
+    assert got == want
+    for g, w in zip(got, want, strict=True):  # -0.0 == 0.0: compare float signs too
+        for x, y in zip(g, w, strict=True):
+            if isinstance(x, float):
+                assert math.copysign(1, x) == math.copysign(1, y)
+
+
+def test_upsert_neither_cascades_nor_nulls_missing_columns(tmp_path: Path) -> None:
+    schema = ("CREATE TABLE parent(id INTEGER PRIMARY KEY, name TEXT);"
+              "CREATE TABLE child(id INTEGER PRIMARY KEY, pid INTEGER REFERENCES parent(id) "
+              "ON DELETE CASCADE)")
+    src, dst = pair(tmp_path, schema)
+    dst.execute("PRAGMA foreign_keys = ON")
+    dst.execute("ALTER TABLE parent ADD COLUMN local_note TEXT")
+    dst.execute("INSERT INTO parent VALUES (1, 'old', 'keep me')")
+    dst.execute("INSERT INTO child VALUES (10, 1)")
+    settle(dst)
+    src.execute("INSERT INTO parent VALUES (1, 'new')")
+    ship(src, dst, Applier(), 1)
+    assert dst.execute("SELECT * FROM parent").fetchall() == [(1, "new", "keep me")]
+    assert dst.execute("SELECT * FROM child").fetchall() == [(10, 1)]
+
+
+def test_replicated_writes_are_not_captured_again(tmp_path: Path) -> None:
+    src, dst = pair(tmp_path)
+    src.execute("INSERT INTO v VALUES (1, 'a', 'b', 'c')")
+    ship(src, dst, Applier(), 1)
+    assert changelog.pending_count(dst) == 0
+    assert dst.execute("SELECT seq FROM __harmonylite__seq WHERE stream = 's-1'").fetchall() == [
+        (1,)]
+
+
+def test_pending_local_change_is_not_stepped_back(tmp_path: Path) -> None:
+    src, dst = pair(tmp_path)
+    src.execute("INSERT INTO v VALUES (1, 'remote', NULL, NULL)")
+    dst.execute("INSERT INTO v VALUES (1, 'local, not yet published', NULL, NULL)")
+    applier = Applier()
+    rows = ship(src, dst, applier, 1)
+    assert rows == 0
+    assert dst.execute("SELECT a FROM v").fetchone() == ("local, not yet published",)
+
+
+def test_garbage_and_unknown_table_are_skipped_not_fatal(tmp_path: Path) -> None:
+    src, dst = pair(tmp_path, SCHEMA + "; CREATE TABLE only_src(id INTEGER PRIMARY KEY)")
+    dst.execute("DROP TABLE only_src")
+    src.execute("INSERT INTO only_src VALUES (5)")
+    shapes = {s.name: s for s in changelog.registry(src).values()}
+    bad_table = encode(1, changelog.read_pending(src, 0, 10, changelog.registry(src)), shapes,
+                       True)
+    src.execute("INSERT INTO v VALUES (7, 1, 2, 3)")
+    good = encode(1, changelog.read_pending(src, 1, 10, changelog.registry(src)), shapes, False)
+    wrong_shape = cbor2.dumps({"v": 1, "n": 1, "t": {"v": ["id"]}, "k": {"v": ["id"]},
+                               "c": [["v", 1, [1, 2]]]})
+    result = Applier().apply(dst, "s-1", [(1, b"\x00garbage"), (2, bad_table), (3, wrong_shape),
+                                          (4, good)])
+    assert [seq for seq, _ in result.failed] == [1, 2, 3]
+    assert "only_src" in result.failed[1][1]
+    assert result.last_seq == 4
+    assert dst.execute("SELECT * FROM v").fetchall() == [(7, 1, 2, 3)]
+
+
+def test_decode_rejects_non_batches() -> None:
+    from harmonylite.errors import DecodeError
+
+    for junk in (b"", b"\x28\xb5\x2f\xfd\x00\x00", cbor2.dumps([1, 2]), cbor2.dumps({"v": 2})):
+        with pytest.raises(DecodeError):
+            decode(junk)
+
+
+def test_shard_is_stable_and_spreads() -> None:
+    assert shard_of("t", [1], 1) == 1
+    shards = {shard_of("t", [i], 8) for i in range(200)}
+    assert shards == set(range(1, 9))
+    assert shard_of("t", ["x", 2], 8) == shard_of("t", ["x", 2], 8)

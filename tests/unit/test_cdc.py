@@ -100,10 +100,22 @@ def test_mark_published_and_prune(conn: sqlite3.Connection) -> None:
     ids = [c.id for c in pending(conn)]
     changelog.mark_published(conn, ids[2])
     assert changelog.pending_count(conn) == 2
-    assert changelog.prune(conn) == 3
+    assert changelog.prune(conn) == 2  # the newest published row stays
     assert [c.id for c in pending(conn)] == ids[3:]
     changelog.mark_published(conn, ids[0])  # never moves back
     assert changelog.watermark(conn) == ids[2]
+
+
+def test_ids_keep_increasing_after_everything_is_pruned(conn: sqlite3.Connection) -> None:
+    install(conn)
+    for i in range(3):
+        conn.execute("INSERT INTO pairs VALUES (?, ?, 'v')", (str(i), i))
+    last = pending(conn)[-1].id
+    changelog.mark_published(conn, last)
+    changelog.prune(conn)
+    conn.execute("INSERT INTO pairs VALUES ('new', 99, 'v')")
+    # Were ids to restart at 1, this change would sit below the watermark and never be sent.
+    assert [c.values for c in pending(conn)] == [("new", 99, "v")]
 
 
 def test_remove_all_leaves_only_user_objects(conn: sqlite3.Connection) -> None:

@@ -15,7 +15,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -27,11 +27,16 @@ from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
 from harmonylite.node.embedded_nats import EmbeddedNats
+from harmonylite.ops.health import HttpServer, probe_database, start_health_server
+from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication.apply import Applier, ApplyResult
 from harmonylite.replication.consumer import ShardConsumer
 from harmonylite.replication.nats_link import LinkState, connect, ensure_streams
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
+
+if TYPE_CHECKING:
+    from harmonylite.snapshot.service import SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +75,28 @@ class Node:
         self.positions: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.replicated_total = 0
+        self.snapshots: SnapshotService | None = None
+        self.metrics = Metrics.from_config(cfg.prometheus, node_id=cfg.node_id)
+        self.metrics.track_nats_connected(lambda: self.nc is not None and self.nc.is_connected)
+        self._servers: list[HttpServer] = []
 
     # --- start -----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
+        await self._start_servers()
+        await self._connect()
+        assert self.js is not None
+        if cfg.replicate and cfg.snapshot.enabled:
+            # Restore from a snapshot when this node is new, lost its data or fell behind what
+            # the streams still hold (and publish its pending changes first).
+            from harmonylite.node.recovery import recover
+
+            await recover(self)
         if not self.db_path.exists():
             raise HarmonyliteError(f"database file {self.db_path} does not exist")
         self.install_report = await self.writer.call(install)
         epoch = await self.writer.call(_epoch)
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
-        urls = list(cfg.nats.urls)
-        if not urls:
-            self.embedded = EmbeddedNats(node_id=cfg.node_id, db_path=self.db_path,
-                                         nats=cfg.nats, cluster=cfg.cluster)
-            urls = [await self.embedded.start()]
-        self.link.on_reconnect.append(self._resubscribe)
-        self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
-        self.js = self.nc.jetstream(publish_async_max_pending=1024)
-        await ensure_streams(self.js, cfg)
         self.positions = await self._load_positions()
         if cfg.replicate:
             applier = Applier()
@@ -99,7 +108,7 @@ class Node:
                 self.consumers.append(consumer)
                 self._tasks.append(asyncio.create_task(consumer.run(self.stop_event)))
         if cfg.publish:
-            self.publisher = Publisher(cfg, self.pub_db, self.js, epoch)
+            self.publisher = Publisher(cfg, self.pub_db, self.js, epoch, metrics=self.metrics)
             publisher = self.publisher
             loop = asyncio.get_running_loop()
             interval = cfg.polling_interval / 1000 if cfg.polling_interval else DEFAULT_POLL
@@ -111,9 +120,35 @@ class Node:
             self.watcher.start()
             self._tasks.append(asyncio.create_task(publisher.run(self.stop_event)))
             self._tasks.append(asyncio.create_task(self._cleanup_loop()))
+            if cfg.snapshot.enabled:
+                from harmonylite.snapshot.service import SnapshotService
+
+                self.snapshots = SnapshotService(self)
+                self._tasks.append(asyncio.create_task(self.snapshots.run(self.stop_event)))
         log.info("node started", extra={"version": __version__, "publish": cfg.publish,
                                         "replicate": cfg.replicate,
                                         "shards": cfg.replication_log.shards})
+
+    async def _start_servers(self) -> None:
+        cfg = self.cfg
+        if cfg.health_check.enable:
+            self._servers.append(await start_health_server(
+                cfg.health_check, self.health_status, snapshot_interval_ms=cfg.snapshot.interval,
+                snapshot_enabled=cfg.snapshot.enabled))
+        if cfg.prometheus.enable:
+            self._servers.append(await start_metrics_server(cfg.prometheus, self.metrics))
+
+    async def _connect(self) -> None:
+        cfg = self.cfg
+        urls = list(cfg.nats.urls)
+        if not urls:
+            self.embedded = EmbeddedNats(node_id=cfg.node_id, db_path=self.db_path,
+                                         nats=cfg.nats, cluster=cfg.cluster)
+            urls = [await self.embedded.start()]
+        self.link.on_reconnect.append(self._resubscribe)
+        self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
+        self.js = self.nc.jetstream(publish_async_max_pending=1024)
+        await ensure_streams(self.js, cfg)
 
     async def _load_positions(self) -> dict[str, int]:
         in_db = await self.pub_db.call(changelog.applied_sequences)
@@ -126,6 +161,9 @@ class Node:
     def _applied(self, stream: str, position: int, result: ApplyResult) -> None:
         self.positions[stream] = position
         self.replicated_total += result.rows
+        self.metrics.replicated(result.rows, published_at=result.published_at)
+        if result.failed:
+            self.metrics.apply_failed(len(result.failed))
         try:
             write_seq_map(self.seq_map_path, self.positions)
         except OSError as exc:
@@ -166,11 +204,22 @@ class Node:
             "positions": dict(self.positions),
         }
 
+    async def health_status(self) -> dict[str, Any]:
+        return {**self.status(), "version": __version__,
+                "db_connected": await probe_database(self.db_path),
+                "snapshot": self.metrics.snapshot_state()}
+
     # --- stop ------------------------------------------------------------------------------
     async def close(self) -> None:
         self.stop_event.set()
+        for server in self._servers:
+            await server.close()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for res in await asyncio.gather(*self._tasks, return_exceptions=True):
+                if isinstance(res, BaseException) and not isinstance(res, asyncio.CancelledError):
+                    log.error("task failed: %s", res, exc_info=res)
+        if self.snapshots is not None:
+            await self.snapshots.close()
         if self.publisher is not None and self.nc is not None and self.nc.is_connected:
             try:
                 await asyncio.wait_for(self.publisher.flush(), 3.0)

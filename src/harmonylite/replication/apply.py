@@ -29,6 +29,7 @@ class ApplyResult:
     skipped_pending: int = 0
     failed: list[tuple[int, str]] = field(default_factory=list)  # (sequence, reason)
     origin_nodes: set[int] = field(default_factory=set)
+    published_at: float | None = None  # JetStream time of the last message, for the lag metric
 
 
 class UnknownTable(Exception):

@@ -36,7 +36,7 @@ class ShardConsumer:
         self.applier = applier
         self.position = position  # last applied sequence
         self._queued_upto = position
-        self._queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[int, bytes, float]] = asyncio.Queue()
         self._sub: object | None = None
         self._on_applied = on_applied
         self.applied_messages = 0
@@ -44,11 +44,12 @@ class ShardConsumer:
         self.last_applied_at: float | None = None
 
     async def _on_msg(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+        meta = msg.metadata
+        seq = meta.sequence.stream
         if seq <= self._queued_upto:
             return  # delivered again after a resubscribe; already queued or applied
         self._queued_upto = seq
-        self._queue.put_nowait((seq, msg.data))
+        self._queue.put_nowait((seq, msg.data, meta.timestamp.timestamp()))
 
     async def subscribe(self) -> None:
         """(Re)subscribe from the last sequence queued or applied."""
@@ -85,12 +86,14 @@ class ShardConsumer:
                 group.append(self._queue.get_nowait())
             await self._apply(group)
 
-    async def _apply(self, group: list[tuple[int, bytes]]) -> None:
+    async def _apply(self, group: list[tuple[int, bytes, float]]) -> None:
         group = [m for m in group if m[0] > self.position]
         if not group:
             return
         stream = self.stream
-        result = await self.writer.call(lambda conn: self.applier.apply(conn, stream, group))
+        msgs = [(seq, data) for seq, data, _ in group]
+        result = await self.writer.call(lambda conn: self.applier.apply(conn, stream, msgs))
+        result.published_at = group[-1][2]
         self.position = max(self.position, result.last_seq)
         self.applied_messages += result.messages - len(result.failed)
         self.failed_messages += len(result.failed)

@@ -23,6 +23,7 @@ from harmonylite.cdc import changelog
 from harmonylite.cdc.changelog import Change, TableShape
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread, open_connection
+from harmonylite.ops.metrics import Metrics
 from harmonylite.replication.event import encode, shard_of
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,11 @@ class ChangeWatcher:
 
 class Publisher:
     def __init__(self, cfg: Config, db: DbThread, js: JetStreamContext,
-                 epoch: str | None = None) -> None:
+                 epoch: str | None = None, *, metrics: Metrics | None = None) -> None:
         # The publisher's own connection: reading and marking never wait behind the applier.
         self.cfg = cfg
         self.db = db
+        self.metrics = metrics
         self.js = js
         self.epoch = epoch or secrets.token_hex(4)
         self.wake = asyncio.Event()
@@ -165,6 +167,8 @@ class Publisher:
 
             changes = await self.db.call(read)
             if not changes:
+                if self.pending and self.metrics is not None:
+                    self.metrics.set_pending(0)
                 self.pending = 0
                 return 0
             self._inflight = self._build(changes)
@@ -174,6 +178,8 @@ class Publisher:
         self._inflight = None
         count = sum(m.count for m in flight.messages)
         self.published_total += count
+        if self.metrics is not None:
+            self.metrics.published(count)
         self.last_published_at = time.time()
         self.last_error = None
         return count
@@ -199,6 +205,8 @@ class Publisher:
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.pending = await self.db.call(changelog.pending_count)
+                if self.metrics is not None:
+                    self.metrics.set_pending(self.pending)
                 log.warning("publish failed, %d changes stay pending: %s", self.pending,
                             self.last_error)
                 if self._inflight is not None and any(

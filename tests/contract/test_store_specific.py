@@ -231,3 +231,24 @@ def test_redact() -> None:
     assert "x=1" in text
     assert "p%40ss" not in redact("see nats://user:p%40ss@host:4222 now")
     assert "tok" not in redact("https://x/y?X-Amz-Signature=tok&X-Amz-Security-Token=tok")
+
+
+async def test_nats_download_of_deleted_object_does_not_hang(nats_server: NatsServer,
+                                                             tmp_path: Path) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        store = await open_store(SnapshotConfig(store="nats"), js=nc.jetstream(), bucket="gone")
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(40 * MB))
+        await store.upload("snapshots/a.db", src)
+        download = asyncio.create_task(store.download("snapshots/a.db", tmp_path / "out"))
+        await store.delete("snapshots/a.db")
+        try:
+            info = await asyncio.wait_for(download, 5)
+        except (ObjectNotFound, StorageUnavailable):
+            pass  # the object went away under the download: an error, promptly
+        else:
+            assert info.size == 40 * MB  # it finished first: then it is complete
+            assert (tmp_path / "out").read_bytes() == src.read_bytes()
+    finally:
+        await nc.close()

@@ -142,18 +142,28 @@ class NatsObjectStore:
         )
         await js.add_consumer(self.stream, config=config)
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+        # Each pull request gets its own reply subject; status messages arrive on it, so a late
+        # status of an earlier request is never mistaken for one of the current request. Data
+        # messages keep their stream subject and are checked by consumer sequence instead.
+        sub = await nc.subscribe(f"{inbox}.*")
         next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.{consumer}"
         try:
             received = 0
+            request_no = 0
             while received < total:
                 want = min(BATCH, total - received)
-                request = {"batch": want, "expires": int(STEP_TIMEOUT * 1e9)}
-                await nc.publish(next_subject, json.dumps(request).encode(), reply=inbox)
+                request_no += 1
+                reply = f"{inbox}.{request_no}"
+                # The object is complete, so no_wait: the server answers at once with what it
+                # has, and a purged object (replaced or deleted) shows as a 404 right away.
+                request = {"batch": want, "no_wait": True}
+                await nc.publish(next_subject, json.dumps(request).encode(), reply=reply)
                 got = 0
                 while got < want:
-                    msg = await sub.next_msg(timeout=STEP_TIMEOUT + 2)
+                    msg = await sub.next_msg(timeout=STEP_TIMEOUT)
                     status = msg.headers.get(api.Header.STATUS) if msg.headers else None
+                    if status and msg.subject != reply:
+                        continue  # a status left over from an earlier request
                     if status == "100":  # heartbeat / flow control
                         continue
                     if status:

@@ -95,3 +95,30 @@ def test_cleanup_flag_removes_everything(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     assert harmonylite_objects(conn) == []
     assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
+
+
+def test_documented_example_lists_every_key_and_parses_cleanly() -> None:
+    import dataclasses
+    import tomllib
+
+    from harmonylite.config import Config
+
+    example = Path(__file__).parents[2] / "docs" / "config.example.toml"
+    data = tomllib.loads(example.read_text())
+    cfg, warnings = parse_config(data)
+    assert warnings == []
+
+    def keys(obj: object, prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out |= keys(value, f"{prefix}{f.name}.")
+            else:
+                out.add(f"{prefix}{f.name}")
+        return out
+
+    text = example.read_text()
+    for key in keys(Config()) - {"cluster.cluster_addr", "cluster.cluster_peers",
+                                 "cluster.leaf_servers"}:
+        assert f"{key.rsplit('.', 1)[-1]} =" in text, f"{key} missing from the example"

@@ -105,7 +105,7 @@ def test_documented_example_lists_every_key_and_parses_cleanly() -> None:
 
     example = Path(__file__).parents[2] / "docs" / "config.example.toml"
     data = tomllib.loads(example.read_text())
-    cfg, warnings = parse_config(data)
+    _, warnings = parse_config(data)
     assert warnings == []
 
     def keys(obj: object, prefix: str = "") -> set[str]:

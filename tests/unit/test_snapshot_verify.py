@@ -157,7 +157,7 @@ async def test_cli_save_list_verify_restore(tmp_path: Path) -> None:
 
 async def test_cli_usage_errors(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
-    code, _, err = await _cli(cfg, "restore")
+    code, _, err = await _cli(cfg, "restore", "--output")  # restore without it: test_recovery
     assert code == 2 and "--output" in err
     code, _, err = await _cli(cfg, "frobnicate")
     assert code == 2

@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("id", nargs="?", default="latest", metavar="ID|latest")
     res.add_argument("-output", "--output", "-o", default=None, metavar="PATH",
                      help="write the restored database here (must not exist); nothing else is "
-                     "touched")
+                     "touched. Without it: replace this node's db_path (the node must be stopped)")
+    res.add_argument("-force", "--force", action="store_true",
+                     help="without --output: restore even when pending local changes cannot be "
+                     "published first (they are lost)")
     return p
 
 
@@ -127,10 +130,7 @@ def format_listing(manifests: Sequence[Manifest]) -> str:
 async def _dispatch(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
                     out: TextIO, err: TextIO) -> int:
     if args.verb == "restore" and args.output is None:
-        raise UsageError(
-            "snapshot restore: --output PATH is required (a forced restore of db_path is not "
-            "available yet; restore to a file and install it with the node stopped)"
-        )
+        return await _restore_db_path(cfg, args, js_context, out, err)
     if args.verb == "save" and not cfg.db_path:
         raise ConfigError("db_path", cfg.db_path, "is required to take a snapshot")
     progress = Progress(err)
@@ -138,6 +138,25 @@ async def _dispatch(cfg: Config, args: argparse.Namespace, js_context: JsContext
         return await _verb(cfg, args, js_context, out, progress)
     finally:
         progress.end()
+
+
+async def _restore_db_path(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
+                           out: TextIO, err: TextIO) -> int:
+    """The forced restore of this node's db_path (docs/recovery.md)."""
+    from harmonylite.node.recovery import forced_restore
+
+    if not cfg.db_path:
+        raise ConfigError("db_path", cfg.db_path, "is required to restore without --output")
+    progress = Progress(err)
+    try:
+        restored = await forced_restore(
+            cfg, args.id, store_context=lambda: snapshot_store(cfg, js_context),
+            js_context=js_context or (lambda: default_js_context(cfg)), force=args.force,
+            progress=progress)
+    finally:
+        progress.end()
+    out.write(f"{restored.manifest.id}\n")
+    return EXIT_OK
 
 
 async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,

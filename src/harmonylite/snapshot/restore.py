@@ -103,9 +103,13 @@ def integrity_check(m: Manifest, db: Path) -> None:
         raise _fail(m, "integrity_check", "; ".join(rows[:5]))
 
 
-async def _fetch(
+async def fetch(
     store: ObjectStore, m: Manifest, dest: Path, work: Path, progress: ProgressSink
 ) -> None:
+    """Download ``m`` into ``work`` and write its verified database to ``dest``.
+
+    Raises VerificationError naming the failed check; ``dest`` is then unsound and unused.
+    """
     stored = work / ("stored-" + Path(m.data_key).name)
     progress.stage("download", m.stored_bytes)
     await store.download(m.data_key, stored)
@@ -125,7 +129,8 @@ async def _fetch(
     await asyncio.to_thread(integrity_check, m, dest)
 
 
-def _work_dir(temp_dir: str | None) -> Path:
+def work_dir(temp_dir: str | None) -> Path:
+    """A fresh ``{temp_dir}/harmonylite-snapshot-*`` directory (the OS temp dir by default)."""
     return Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=temp_dir or None))
 
 
@@ -142,9 +147,9 @@ async def verify_snapshot(
     """
     sink = progress or NullProgress()
     started = time.monotonic()
-    work = _work_dir(temp_dir)
+    work = work_dir(temp_dir)
     try:
-        await _fetch(store, manifest, work / f"{manifest.id}.db", work, sink)
+        await fetch(store, manifest, work / f"{manifest.id}.db", work, sink)
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
     took = time.monotonic() - started
@@ -174,10 +179,10 @@ async def restore_to_path(
     if not output.parent.is_dir():
         raise SnapshotError(f"directory {output.parent} does not exist")
     started = time.monotonic()
-    work = _work_dir(temp_dir)
+    work = work_dir(temp_dir)
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     try:
-        await _fetch(store, manifest, partial, work, sink)
+        await fetch(store, manifest, partial, work, sink)
         if output.exists():
             raise SnapshotError(f"{output} appeared during the restore; not overwriting it")
         os.replace(partial, output)

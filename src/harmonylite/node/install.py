@@ -1,0 +1,211 @@
+"""Installing a verified snapshot database into ``db_path`` under SQLite's own locking.
+
+The verified file first gets the change-log tables and the manifest's stream positions
+(``__harmonylite__seq``), so data and positions arrive together. It is then copied into the live
+database with SQLite's backup API: the copy runs inside one write transaction of the destination,
+through its WAL (or rollback journal), so a crash at any moment leaves the old database or the new
+one, never a mix, and connections other processes hold see the new content at their next
+transaction. Nothing here runs on the event loop; callers use worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from harmonylite.cdc import changelog, ddl
+
+log = logging.getLogger(__name__)
+
+# Pages copied per backup step: the destination's write transaction stays open across steps.
+STEP_PAGES = 4096
+# Test hook: ``mid:PATH`` pauses inside the copy, ``after:PATH`` once it is committed (before the
+# sequence map is written); PATH is created when the pause begins.
+PAUSE_ENV = "HARMONYLITE_TEST_PAUSE_INSTALL"
+PAUSE_SECONDS = 120.0
+# The byte of the ``-shm`` file every connection to a WAL database holds a shared lock on.
+SHM_DMS_BYTE = 128
+
+
+def _pause_hook(phase: str) -> Path | None:
+    value = os.environ.get(PAUSE_ENV, "")
+    kind, _, path = value.partition(":")
+    return Path(path) if kind == phase and path else None
+
+
+def _pause(marker: Path) -> None:
+    log.warning("pausing the install for a test (%s)", PAUSE_ENV)
+    marker.write_text(str(os.getpid()))
+    threading.Event().wait(PAUSE_SECONDS)
+
+
+def page_size(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+
+def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None) -> None:
+    """Add the change-log tables and the positions to the verified copy (and give it the
+    destination's page size: a WAL destination only takes pages of its own size)."""
+    conn = sqlite3.connect(str(verified), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE")
+        if page_bytes is not None and page_size(conn) != page_bytes:
+            conn.execute(f"PRAGMA page_size = {int(page_bytes)}")
+            conn.execute("VACUUM")
+        conn.execute("BEGIN IMMEDIATE")
+        for stmt in ddl.BASE_DDL:
+            conn.execute(stmt)
+        conn.execute(f"DELETE FROM {ddl.SEQ}")
+        conn.executemany(f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?)",
+                         sorted(sequences.items()))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
+                 step_pages: int = STEP_PAGES) -> None:
+    """Replace the content of ``db_path`` (created when missing) with the verified database,
+    whose positions become ``sequences``; atomic, under the destination's locks."""
+    dest = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False)
+    try:
+        dest.execute("PRAGMA busy_timeout = 30000")
+        fresh = int(dest.execute("PRAGMA page_count").fetchone()[0]) == 0
+        if fresh:
+            src = sqlite3.connect(f"file:{verified}?mode=ro", uri=True)
+            try:
+                dest.execute(f"PRAGMA page_size = {page_size(src)}")
+            finally:
+                src.close()
+            dest.execute("PRAGMA journal_mode = WAL")
+        prepare(verified, sequences, None if fresh else page_size(dest))
+        dest.execute("PRAGMA synchronous = FULL")  # the commit is on disk before we go on
+        mid = _pause_hook("mid")
+        if mid is not None:
+            # Small steps and a tiny cache: uncommitted pages spill into the WAL before the pause.
+            step_pages = 4
+            dest.execute("PRAGMA cache_size = 8")
+        paused = False
+
+        def progress(status: int, remaining: int, total: int) -> None:
+            nonlocal paused
+            if mid is not None and not paused and 0 < remaining <= total // 2:
+                paused = True
+                _pause(mid)
+
+        src = sqlite3.connect(f"file:{verified}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            src.backup(dest, pages=step_pages, progress=progress)
+        finally:
+            src.close()
+        after = _pause_hook("after")
+        if after is not None:
+            _pause(after)
+        try:
+            dest.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as exc:  # readers in the way: SQLite checkpoints later
+            log.debug("checkpoint after the restore deferred: %s", exc)
+    finally:
+        dest.close()
+
+
+def pending_changes(db_path: Path) -> int:
+    """Captured changes not yet published in the database at ``db_path`` (0 without capture)."""
+    if not db_path.exists():
+        return 0
+    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        return changelog.pending_count(conn)
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return 0
+        raise
+    finally:
+        conn.close()
+
+
+def epoch_of(db_path: Path) -> str | None:
+    """The database copy's epoch token (part of its message ids), when it has one."""
+    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    try:
+        row = conn.execute(f"SELECT v FROM {ddl.STATE} WHERE k = 'epoch'").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
+    return str(row[0]) if row else None
+
+
+def applied_positions(db_path: Path) -> dict[str, int]:
+    """The stream positions recorded in the database (empty without change capture)."""
+    if not db_path.exists():
+        return {}
+    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        return changelog.applied_sequences(conn)
+    finally:
+        conn.close()
+
+
+def in_use(db_path: Path) -> str | None:
+    """Why the database looks open in another process (a running node), or None.
+
+    Every connection to a WAL database holds a shared lock on one byte of the ``-shm`` file
+    while it is open, idle or not; a transaction in progress holds the database file's locks.
+    """
+    if not db_path.exists():
+        return None
+    shm = Path(f"{db_path}-shm")
+    if shm.exists():
+        fd = os.open(shm, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, SHM_DMS_BYTE)
+        except OSError:
+            return f"{db_path} is open in another process (is the node running?)"
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, SHM_DMS_BYTE)
+        finally:
+            os.close(fd)
+    conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=0)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        return f"{db_path} is locked by another process ({exc})"
+    finally:
+        conn.close()
+    return None
+
+
+def remove_durably(path: Path) -> None:
+    """Unlink ``path`` (if present) and sync its directory, so the removal survives a crash."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_empty(db_path: Path) -> None:
+    """An empty WAL database at ``db_path``, synced to disk."""
+    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA user_version")  # touches the file so it exists with a header
+    finally:
+        conn.close()
+    fd = os.open(db_path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

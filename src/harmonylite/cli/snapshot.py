@@ -159,13 +159,34 @@ async def _restore_db_path(cfg: Config, args: argparse.Namespace, js_context: Js
     return EXIT_OK
 
 
+@asynccontextmanager
+async def _same_js(js: Any) -> AsyncIterator[Any]:
+    yield js
+
+
+async def _save(cfg: Config, js_context: JsContext | None, progress: Progress) -> str:
+    """`snapshot save`: under the cluster's upload lock (key ``snapshot`` in ``e-harmonylite``), so
+    it never overlaps the leader's snapshot; SnapshotBusy (exit 75) when the lock is held. With the
+    embedded server and a non-NATS store there is no server to coordinate through: no lock."""
+    if cfg.snapshot.store != "nats" and not cfg.nats.urls and js_context is None:
+        async with snapshot_store(cfg) as store:
+            return (await SnapshotPipeline(cfg, store, progress=progress).save()).manifest.id
+    from harmonylite.snapshot.leader import upload_lock
+
+    ctx = js_context() if js_context is not None else default_js_context(cfg)
+    async with ctx as js, upload_lock(js, cfg.node_id, cfg.snapshot.leader_ttl) as lock, \
+            snapshot_store(cfg, lambda: _same_js(js)) as store:
+        result = await SnapshotPipeline(cfg, store, progress=progress).save(fence=lock.confirm)
+        return result.manifest.id
+
+
 async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
                 out: TextIO, progress: Progress) -> int:
+    if args.verb == "save":
+        out.write(await _save(cfg, js_context, progress) + "\n")
+        return EXIT_OK
     async with snapshot_store(cfg, js_context) as store:
-        if args.verb == "save":
-            result = await SnapshotPipeline(cfg, store, progress=progress).save()
-            out.write(result.manifest.id + "\n")
-        elif args.verb == "list":
+        if args.verb == "list":
             manifests = await list_snapshots(store)
             if args.json:
                 out.write(json.dumps([m.to_dict() for m in manifests], indent=2) + "\n")

@@ -1,0 +1,417 @@
+"""The snapshot lease and the upload lock: compare-and-swap keys in the KV bucket ``e-harmonylite``.
+
+Lease (key ``snapshot-leader``): acquired with ``kv.create``, renewed every heartbeat (TTL / 3, at
+least 1 s) with ``kv.update(last=revision)``, deleted at its revision on a graceful stop. The
+lease's TTL is the bucket's ``max_age`` (``snapshot.leader_ttl``): a per-key TTL does not survive
+``update()``, and limit markers are never set on the bucket. Any KV error, a timeout (every call is
+bounded well under a heartbeat) or a moved revision means "not leader" at once. Wall clocks of
+different machines are never compared: the ``since`` in the value is informational only.
+
+Each acquisition starts a new *term*. A snapshot remembers the term it started under, and its
+fence (:meth:`LeaderElection.confirm`) renews the lease at the current revision right before the
+manifest commit, raising :class:`LeaseLost` when the lease moved or the term changed.
+
+Upload lock (key ``snapshot``): taken with ``kv.create`` around every snapshot capture and upload,
+by the leader and by a manual ``snapshot save``, renewed while the upload runs, deleted after. A
+holder that dies leaves it to expire with the bucket TTL. When it is held the caller gets
+:class:`SnapshotBusy` (``system busy capturing snapshot``, exit 75 on the command line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from harmonylite.errors import LeaseLost, SnapshotBusy
+
+log = logging.getLogger(__name__)
+
+BUCKET = "e-harmonylite"
+LEASE_KEY = "snapshot-leader"
+LOCK_KEY = "snapshot"
+MAX_BACKOFF_SECONDS = 10.0
+KV_OP_HEADER = "KV-Operation"
+
+T = TypeVar("T")
+
+
+def heartbeat_seconds(ttl_ms: int) -> float:
+    """Renewal period of a lease whose TTL is ``ttl_ms``: a third of it, at least one second."""
+    return max(1.0, ttl_ms / 3000.0)
+
+
+def op_timeout_seconds(heartbeat: float) -> float:
+    """Bound on one KV call: half a heartbeat, so a slow call fails long before the lease lapses."""
+    return min(heartbeat / 2.0, 5.0)
+
+
+def backoff_seconds(heartbeat: float, failures: int) -> float:
+    """Wait before the next attempt after ``failures`` consecutive failures (0: one heartbeat)."""
+    wait: float = heartbeat * (2 ** max(0, failures))
+    return min(wait, max(MAX_BACKOFF_SECONDS, heartbeat))
+
+
+def lease_value(node_id: int, token: str, **extra: Any) -> bytes:
+    return json.dumps({"node_id": node_id, "since": time.time(), "token": token,
+                       **extra}).encode()
+
+
+def parse_value(raw: bytes | None) -> dict[str, Any]:
+    """The JSON object a lease or lock value holds ({} when unreadable)."""
+    try:
+        data = json.loads(raw or b"")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, KeyWrongLastSequenceError):
+        return "lease revision moved (taken by another node or expired)"
+    return str(exc) or type(exc).__name__
+
+
+async def bounded(aw: Awaitable[T], timeout: float) -> T:
+    """Await ``aw`` for at most ``timeout`` seconds (TimeoutError after)."""
+    return await asyncio.wait_for(aw, timeout)
+
+
+async def open_bucket(js: Any, ttl_ms: int, timeout: float) -> Any:
+    """The KV bucket ``e-harmonylite``, created with max_age = ``ttl_ms`` when missing."""
+    try:
+        kv = await bounded(js.key_value(BUCKET), timeout)
+    except BucketNotFoundError:
+        cfg = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl_ms / 1000.0)
+        try:
+            kv = await bounded(js.create_key_value(cfg), timeout)
+            log.info("created KV bucket %s (lease TTL %.1f s)", BUCKET, ttl_ms / 1000)
+        except Exception:
+            # Created concurrently by another node (possibly with another TTL): use theirs.
+            kv = await bounded(js.key_value(BUCKET), timeout)
+    return kv
+
+
+async def bucket_ttl(js: Any, timeout: float) -> float | None:
+    """The bucket's max_age in seconds (None when unlimited)."""
+    info = await bounded(js.stream_info(f"KV_{BUCKET}"), timeout)
+    age = info.config.max_age
+    return float(age) if age else None
+
+
+class LeaderElection:
+    """Keeps (or keeps trying to get) the snapshot lease; ``is_leader`` is the current answer.
+
+    ``on_change(is_leader)`` is called on each change. ``run(stop)`` is the heartbeat loop;
+    ``wake()`` makes it try at once (after a reconnect, or when the key was deleted).
+    """
+
+    def __init__(
+        self,
+        js: Any,
+        node_id: int,
+        ttl_ms: int,
+        *,
+        nc: Any = None,
+        is_connected: Callable[[], bool] | None = None,
+        on_change: Callable[[bool], None] | None = None,
+        heartbeat: float | None = None,
+        op_timeout: float | None = None,
+    ) -> None:
+        self.js = js
+        self.nc = nc
+        self.node_id = node_id
+        self.ttl_ms = ttl_ms
+        self.heartbeat = heartbeat if heartbeat is not None else heartbeat_seconds(ttl_ms)
+        self.op_timeout = op_timeout if op_timeout is not None else op_timeout_seconds(
+            self.heartbeat)
+        self.token = secrets.token_hex(8)
+        self.is_leader = False
+        self.term = 0
+        self.revision: int | None = None
+        self.holder: int | None = None  # node id in the lease when someone else holds it
+        self._is_connected = is_connected or (lambda: True)
+        self._on_change = on_change
+        self._kv: Any = None
+        self._sub: Any = None
+        self._ops = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._leader_event = asyncio.Event()
+        self._failures = 0
+
+    # --- state ------------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _became(self, revision: int, how: str) -> None:
+        self.revision = revision
+        self.holder = self.node_id
+        if self.is_leader:
+            return
+        self.is_leader = True
+        self.term += 1
+        self._leader_event.set()
+        log.info("Became snapshot leader (%s)", how,
+                 extra={"node_id": self.node_id, "revision": revision, "term": self.term})
+        if self._on_change is not None:
+            self._on_change(True)
+
+    def step_down(self, reason: str) -> None:
+        """Not leader any more, at once; logs ``Lost snapshot leadership`` if we were."""
+        self.revision = None
+        if not self.is_leader:
+            return
+        self.is_leader = False
+        self._leader_event.clear()
+        log.warning("Lost snapshot leadership: %s", reason,
+                    extra={"node_id": self.node_id, "term": self.term, "reason": reason})
+        if self._on_change is not None:
+            self._on_change(False)
+
+    async def wait_leader(self) -> None:
+        await self._leader_event.wait()
+
+    # --- KV ---------------------------------------------------------------------------------
+    async def kv(self) -> Any:
+        if self._kv is None:
+            kv = await open_bucket(self.js, self.ttl_ms, self.op_timeout)
+            await self._check_ttl()
+            self._kv = kv
+            await self._watch()
+        return self._kv
+
+    async def _check_ttl(self) -> None:
+        """The bucket's max_age is the lease TTL: renew fast enough for the one it really has."""
+        try:
+            ttl = await bucket_ttl(self.js, self.op_timeout)
+        except Exception as exc:
+            log.debug("cannot read the lease bucket's TTL: %s", exc)
+            return
+        if ttl is None:
+            log.warning("KV bucket %s has no TTL: a dead leader's lease would never expire; "
+                        "recreate it (it is created with max_age = snapshot.leader_ttl)", BUCKET)
+        elif ttl * 1000 < self.ttl_ms * 0.99:
+            self.heartbeat = min(self.heartbeat, heartbeat_seconds(int(ttl * 1000)))
+            self.op_timeout = min(self.op_timeout, op_timeout_seconds(self.heartbeat))
+            log.warning("KV bucket %s has a TTL of %.1f s, below snapshot.leader_ttl; renewing "
+                        "every %.1f s", BUCKET, ttl, self.heartbeat)
+
+    async def _watch(self) -> None:
+        """React at once when the lease key is deleted or written by someone else."""
+        if self.nc is None or self._sub is not None:
+            return
+
+        async def seen(msg: Any) -> None:
+            op = (msg.headers or {}).get(KV_OP_HEADER)
+            if op in ("DEL", "PURGE"):
+                if not self.is_leader:
+                    self._wake.set()  # handed over: try to take it now
+            elif self.is_leader and parse_value(msg.data).get("token") != self.token:
+                self._wake.set()  # renew at once and find out whether it is still ours
+
+        try:
+            self._sub = await self.nc.subscribe(f"$KV.{BUCKET}.{LEASE_KEY}", cb=seen)
+        except Exception as exc:
+            log.debug("cannot watch the lease key: %s", exc)
+
+    async def _try_acquire(self, kv: Any) -> None:
+        value = lease_value(self.node_id, self.token)
+        try:
+            rev = await bounded(kv.create(LEASE_KEY, value), self.op_timeout)
+            self._became(rev, "lease created")
+            return
+        except KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await bounded(kv.get(LEASE_KEY), self.op_timeout)
+        except KeyNotFoundError:
+            return  # expired or deleted between the two calls: next attempt
+        held = parse_value(entry.value)
+        if held.get("token") == self.token:
+            # Our own earlier write (a call that timed out here but reached the server): it
+            # names this very process, so taking it back at its revision is a plain CAS.
+            rev = await bounded(kv.update(LEASE_KEY, value, last=entry.revision),
+                                self.op_timeout)
+            self._became(rev, "own lease recovered")
+            return
+        holder = held.get("node_id")
+        self.holder = holder if isinstance(holder, int) else None
+
+    async def _renew(self, kv: Any) -> None:
+        rev = await bounded(
+            kv.update(LEASE_KEY, lease_value(self.node_id, self.token), last=self.revision),
+            self.op_timeout)
+        self.revision = rev
+
+    async def tick(self) -> bool:
+        """One heartbeat: renew when leader, try to acquire otherwise. False when NATS failed."""
+        async with self._ops:
+            if not self._is_connected():
+                self.step_down("NATS disconnected")
+                return False
+            try:
+                kv = await self.kv()
+                if self.is_leader:
+                    await self._renew(kv)
+                else:
+                    await self._try_acquire(kv)
+                return True
+            except KeyWrongLastSequenceError as exc:
+                self.step_down(describe(exc))
+                return True
+            except Exception as exc:
+                self.step_down(describe(exc))
+                if not isinstance(exc, TimeoutError | asyncio.TimeoutError):
+                    self._kv = None  # reopen (and recreate) the bucket next time
+                return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            ok = await self.tick()
+            self._failures = 0 if ok else self._failures + 1
+            delay = self.heartbeat if ok else backoff_seconds(self.heartbeat, self._failures - 1)
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+
+    # --- fencing and release ----------------------------------------------------------------
+    async def confirm(self, term: int) -> None:
+        """The fence: renew at the current revision if still leader in ``term``, else LeaseLost."""
+        async with self._ops:
+            if not self.is_leader or self.term != term:
+                raise LeaseLost(f"snapshot lease not held since term {term} began")
+            try:
+                await self._renew(await self.kv())
+            except Exception as exc:
+                self.step_down(describe(exc))
+                raise LeaseLost(f"snapshot lease lost before commit: {describe(exc)}") from exc
+
+    async def release(self) -> None:
+        """Graceful stop: delete the lease at our revision so another node takes over at once."""
+        async with self._ops:
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await bounded(self._sub.unsubscribe(), self.op_timeout)
+                self._sub = None
+            if not self.is_leader or self.revision is None:
+                return
+            revision = self.revision
+            try:
+                if self._is_connected():
+                    kv = await self.kv()
+                    await bounded(kv.delete(LEASE_KEY, last=revision), self.op_timeout)
+                    log.info("Released snapshot leadership", extra={"node_id": self.node_id,
+                                                                  "term": self.term})
+            except Exception as exc:
+                log.warning("could not delete the snapshot lease (it expires by itself): %s",
+                            describe(exc))
+            self.is_leader = False
+            self.revision = None
+            self._leader_event.clear()
+            if self._on_change is not None:
+                self._on_change(False)
+
+
+class UploadLock:
+    """The short upload lock (key ``snapshot``): one capture and upload at a time, cluster-wide."""
+
+    def __init__(self, kv: Any, node_id: int, *, heartbeat: float, op_timeout: float,
+                 purpose: str = "snapshot") -> None:
+        self.kv = kv
+        self.node_id = node_id
+        self.heartbeat = heartbeat
+        self.op_timeout = op_timeout
+        self.purpose = purpose
+        self.token = secrets.token_hex(8)
+        self.revision: int | None = None
+        self.lost: str | None = None
+        self._ops = asyncio.Lock()
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def acquire(self) -> None:
+        """Take the lock or raise SnapshotBusy naming its holder."""
+        value = lease_value(self.node_id, self.token, purpose=self.purpose)
+        try:
+            self.revision = await bounded(self.kv.create(LOCK_KEY, value), self.op_timeout)
+        except KeyWrongLastSequenceError:
+            holder: object = "another process"
+            with contextlib.suppress(Exception):
+                entry = await bounded(self.kv.get(LOCK_KEY), self.op_timeout)
+                held = parse_value(entry.value)
+                holder = f"node {held.get('node_id')} ({held.get('purpose', 'snapshot')})"
+            raise SnapshotBusy(f"upload lock held by {holder}") from None
+        self.lost = None
+        self._renewer = asyncio.create_task(self._renew_loop())
+
+    async def _renew_once(self) -> None:
+        async with self._ops:
+            if self.lost is not None or self.revision is None:
+                return
+            try:
+                self.revision = await bounded(
+                    self.kv.update(LOCK_KEY, lease_value(self.node_id, self.token,
+                                                         purpose=self.purpose),
+                                   last=self.revision),
+                    self.op_timeout)
+            except Exception as exc:
+                self.lost = describe(exc)
+                log.warning("snapshot upload lock lost: %s", self.lost,
+                            extra={"node_id": self.node_id})
+
+    async def _renew_loop(self) -> None:
+        while self.lost is None:
+            await asyncio.sleep(self.heartbeat)  # the renewal period, not synchronisation
+            await self._renew_once()
+
+    async def confirm(self) -> None:
+        """Fence: renew at our revision now; LeaseLost when the lock is no longer ours."""
+        await self._renew_once()
+        if self.lost is not None:
+            raise LeaseLost(f"snapshot upload lock lost: {self.lost}")
+
+    async def release(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._renewer
+            self._renewer = None
+        async with self._ops:
+            if self.revision is None or self.lost is not None:
+                self.revision = None
+                return
+            try:
+                await bounded(self.kv.delete(LOCK_KEY, last=self.revision), self.op_timeout)
+            except Exception as exc:
+                log.warning("could not delete the snapshot upload lock (it expires by itself): "
+                            "%s", describe(exc))
+            self.revision = None
+
+
+@contextlib.asynccontextmanager
+async def upload_lock(js: Any, node_id: int, ttl_ms: int, *, purpose: str = "manual save"
+                      ) -> AsyncIterator[UploadLock]:
+    """Hold the upload lock for the block (SnapshotBusy when held); for ``snapshot save``."""
+    heartbeat = heartbeat_seconds(ttl_ms)
+    timeout = op_timeout_seconds(heartbeat)
+    kv = await open_bucket(js, ttl_ms, max(timeout, 2.0))
+    lock = UploadLock(kv, node_id, heartbeat=heartbeat, op_timeout=max(timeout, 2.0),
+                      purpose=purpose)
+    await lock.acquire()
+    try:
+        yield lock
+    finally:
+        await lock.release()

@@ -1,0 +1,351 @@
+"""When the snapshot leader takes snapshots, and what every publisher does meanwhile.
+
+Triggers (only while this node holds the lease):
+
+- **interval**: ``snapshot.interval`` ms after the newest committed snapshot, whichever node took it
+  (the store is listed at start and each time this node becomes leader); 0 disables the timer.
+- **messages**: ``max_entries / shards`` messages have passed on a stream since the newest
+  snapshot's sequences (each stream's last sequence against the manifest, checked every few
+  seconds), so a snapshot always exists inside the streams' retention.
+- **sleep timeout**: after ``sleep_timeout`` ms without anything published or replicated, the leader
+  takes a final snapshot and the node stops (exit 0); a non-leader just stops.
+
+One capture runs at a time. A trigger that comes while one runs (or while a manual save holds the
+upload lock) is skipped with ``system busy capturing snapshot``. A failed attempt is logged and
+counted, and not retried before the next trigger: one interval later, or ``max_entries / shards``
+further messages. Losing the lease cancels a running capture; its fence would refuse the commit
+anyway. Every node lists the store now and then and reports the newest snapshot to the metrics, so
+health knows the age of the recovery point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from harmonylite.config import Config
+from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
+from harmonylite.ops.health import to_epoch
+from harmonylite.snapshot.leader import LeaderElection, UploadLock, bounded, describe
+from harmonylite.snapshot.manifest import Manifest, list_snapshots
+from harmonylite.snapshot.pipeline import SaveResult, SnapshotPipeline
+from harmonylite.snapshot.storage.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+StoreOpener = Callable[[], Awaitable[ObjectStore]]
+LIST_TIMEOUT_SECONDS = 60.0
+
+
+def count_threshold(max_entries: int, shards: int) -> int:
+    """Messages per stream after which a snapshot is due (HarmonyLite: max_entries / shards)."""
+    return max(1, max_entries // max(1, shards))
+
+
+def streams_past(last: dict[str, int], base: dict[str, int], threshold: int) -> list[str]:
+    """Streams whose last sequence is ``threshold`` or more past ``base`` (the snapshot's)."""
+    return sorted(s for s, seq in last.items() if seq - base.get(s, 0) >= threshold)
+
+
+def snapshot_age(created_at: str, now: float) -> float:
+    """Seconds since ``created_at`` (0 when unreadable or in the future)."""
+    ts = to_epoch(created_at)
+    return 0.0 if ts is None else max(0.0, now - ts)
+
+
+def check_period(heartbeat: float) -> float:
+    """How often the message counts are compared: every heartbeat, between 1 and 5 s."""
+    return max(1.0, min(5.0, heartbeat))
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: Config,
+        election: LeaderElection,
+        open_store: StoreOpener,
+        *,
+        js: Any,
+        metrics: Any = None,
+        activity: Callable[[], object] | None = None,
+        on_sleep: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.election = election
+        self._open_store = open_store
+        self.js = js
+        self.metrics = metrics
+        self._activity = activity
+        self._on_sleep = on_sleep
+        self._clock = clock
+        self.interval = cfg.snapshot.interval / 1000.0
+        self.threshold = count_threshold(cfg.replication_log.max_entries,
+                                         cfg.replication_log.shards)
+        self.sleep_timeout = cfg.sleep_timeout / 1000.0
+        self.check_every = check_period(election.heartbeat)
+        self.refresh_every = max(3.0, min(60.0, cfg.snapshot.leader_ttl / 1000.0))
+        self.store: ObjectStore | None = None
+        self.newest: Manifest | None = None
+        self.saved: list[SaveResult] = []
+        self._next_due: float | None = None  # interval trigger, monotonic
+        self._count_base: dict[str, int] = {}
+        self._capture: asyncio.Task[None] | None = None
+        self._capture_reason = ""
+        self._busy_logged = False
+        self._seen_term = -1
+        self._last_refresh = -1e18
+        self._last_count_check = -1e18
+        self._last_activity = clock()
+        self._activity_mark: object = None
+        self._wake = asyncio.Event()
+        self._store_error: str | None = None
+
+    # --- leadership -------------------------------------------------------------------------
+    def leadership_changed(self, is_leader: bool) -> None:
+        """Called by the election on each change; losing it cancels a running capture."""
+        if not is_leader and self._capture is not None and not self._capture.done() \
+                and asyncio.current_task() is not self._capture:
+            log.warning("cancelling the running snapshot: leadership lost")
+            self._capture.cancel()
+        self._wake.set()
+
+    # --- store and listing ------------------------------------------------------------------
+    async def _store(self) -> ObjectStore | None:
+        if self.store is None:
+            try:
+                self.store = await self._open_store()
+                self._store_error = None
+            except Exception as exc:
+                if self._store_error is None:
+                    log.warning("snapshot store unavailable: %s", describe(exc))
+                self._store_error = describe(exc)
+        return self.store
+
+    def _adopt(self, manifest: Manifest, base: float | None = None) -> None:
+        """``manifest`` is the newest committed snapshot: the triggers count from it."""
+        self.newest = manifest
+        if base is None:
+            base = self._clock() - snapshot_age(manifest.created_at, time.time())
+        if self.interval > 0:
+            self._next_due = base + self.interval
+        self._count_base = dict(manifest.sequences)
+        if self.metrics is not None:
+            self.metrics.snapshot_seen(manifest.id, manifest.created_at)
+
+    async def refresh(self) -> bool:
+        """List the store; adopt its newest snapshot when it is not the one we know."""
+        store = await self._store()
+        if store is None:
+            return False
+        try:
+            found = await bounded(list_snapshots(store), LIST_TIMEOUT_SECONDS)
+        except Exception as exc:
+            log.warning("cannot list snapshots: %s", describe(exc))
+            return False
+        self._last_refresh = self._clock()
+        if not found:
+            if self.newest is None and self.interval > 0 and self._next_due is None:
+                self._next_due = self._clock()  # nothing to recover from yet: take one now
+            return True
+        if self.newest is None or found[0].id != self.newest.id:
+            self._adopt(found[0])
+        elif self.metrics is not None:
+            self.metrics.snapshot_seen(found[0].id, found[0].created_at)
+        return True
+
+    # --- triggers ---------------------------------------------------------------------------
+    async def _last_sequences(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name in self.cfg.stream_names():
+            info = await bounded(self.js.stream_info(name), self.election.op_timeout)
+            out[name] = int(info.state.last_seq)
+        return out
+
+    async def _count_trigger(self, now: float) -> str | None:
+        if now - self._last_count_check < self.check_every:
+            return None
+        self._last_count_check = now
+        try:
+            last = await self._last_sequences()
+        except Exception as exc:
+            log.debug("cannot read the streams' last sequences: %s", exc)
+            return None
+        past = streams_past(last, self._count_base, self.threshold)
+        if not past:
+            return None
+        return f"{self.threshold} messages on {', '.join(past)}"
+
+    def _interval_trigger(self, now: float) -> str | None:
+        if self.interval <= 0:
+            return None
+        if self._next_due is None:
+            self._next_due = now + self.interval
+        return "interval" if now >= self._next_due else None
+
+    def _capturing(self) -> bool:
+        return self._capture is not None and not self._capture.done()
+
+    def _rearm(self, now: float) -> None:
+        """After an attempt that committed nothing: no retry before the next trigger."""
+        if self.interval > 0:
+            self._next_due = now + self.interval
+
+    async def _rearm_count(self) -> None:
+        with contextlib.suppress(Exception):
+            self._count_base = await self._last_sequences()
+
+    def _start(self, reason: str) -> None:
+        if self._capturing():
+            if reason == "interval" or not self._busy_logged:
+                log.warning("%s: snapshot (%s) still running; %s trigger skipped", BUSY_MESSAGE,
+                            self._capture_reason, reason)
+                self._busy_logged = True
+            if reason == "interval":
+                self._rearm(self._clock())
+            return
+        self._busy_logged = False
+        self._capture_reason = reason
+        self._capture = asyncio.create_task(self.snapshot(reason, self.election.term))
+
+    # --- one snapshot -----------------------------------------------------------------------
+    async def snapshot(self, reason: str, term: int) -> None:
+        """Take one snapshot under the lease of ``term`` and the upload lock."""
+        started = self._clock()
+        self._rearm(started)
+        store = await self._store()
+        if store is None:
+            return
+        try:
+            lock = UploadLock(await self.election.kv(), self.cfg.node_id,
+                              heartbeat=self.election.heartbeat,
+                              op_timeout=self.election.op_timeout, purpose="leader")
+            await lock.acquire()
+        except SnapshotBusy as exc:
+            log.warning("%s; %s trigger skipped", exc, reason)
+            await self._rearm_count()
+            return
+        except Exception as exc:
+            log.warning("cannot take the snapshot upload lock: %s; %s trigger skipped",
+                        describe(exc), reason)
+            return
+
+        async def fence() -> None:
+            await self.election.confirm(term)
+            await lock.confirm()
+
+        log.info("taking a snapshot (%s)", reason, extra={"trigger": reason, "term": term})
+        try:
+            result = await SnapshotPipeline(self.cfg, store).save(fence=fence)
+        except SnapshotBusy as exc:
+            log.warning("%s; %s trigger skipped", exc, reason)
+            return
+        except LeaseLost as exc:
+            log.warning("snapshot not committed: %s", exc, extra={"trigger": reason})
+            self._fail(exc)
+            return
+        except Exception as exc:
+            log.error("snapshot failed (%s trigger): %s", reason, describe(exc),
+                      extra={"trigger": reason})
+            self._fail(exc)
+            await self._rearm_count()
+            return
+        finally:
+            await lock.release()
+        self.saved.append(result)
+        manifest = result.manifest
+        if self.metrics is not None:
+            self.metrics.snapshot_saved(result.duration, manifest.stored_bytes,
+                                        manifest.created_at, snapshot_id=manifest.id)
+        self._adopt(manifest, base=started)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.snapshot_failed(exc)
+
+    # --- activity and sleep -----------------------------------------------------------------
+    def _idle_for(self, now: float) -> float:
+        if self._activity is None:
+            return 0.0
+        mark = self._activity()
+        if mark != self._activity_mark:
+            self._activity_mark = mark
+            self._last_activity = now
+        return now - self._last_activity
+
+    async def _sleep(self, idle: float) -> None:
+        if self.election.is_leader:
+            log.info("no activity for %.1f s (sleep_timeout): taking a final snapshot, then "
+                     "stopping", idle)
+            if self._capture is not None:
+                with contextlib.suppress(BaseException):
+                    await self._capture
+            if self.election.is_leader:
+                self._capture_reason = "sleep timeout"
+                self._capture = asyncio.create_task(
+                    self.snapshot("sleep timeout", self.election.term))
+                with contextlib.suppress(BaseException):
+                    await self._capture
+        else:
+            log.info("no activity for %.1f s (sleep_timeout): stopping", idle)
+        if self._on_sleep is not None:
+            self._on_sleep()
+
+    # --- the loop ---------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.refresh()
+        try:
+            while not stop.is_set():
+                await self._wait(stop)
+                if stop.is_set():
+                    break
+                now = self._clock()
+                if self.sleep_timeout > 0:
+                    idle = self._idle_for(now)
+                    if idle >= self.sleep_timeout:
+                        await self._sleep(idle)
+                        return
+                leader = self.election.is_leader
+                if leader and self._seen_term != self.election.term:
+                    # Newly leader: count from the newest snapshot in the store, whoever took it.
+                    if not await self.refresh():
+                        continue
+                    self._seen_term = self.election.term
+                elif now - self._last_refresh >= self.refresh_every:
+                    await self.refresh()
+                if not leader or not self.election.is_leader:
+                    continue
+                reason = self._interval_trigger(now) or await self._count_trigger(now)
+                if reason is not None:
+                    self._start(reason)
+        finally:
+            await self.cancel_capture()
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        delay = self.check_every
+        if self._next_due is not None and self.election.is_leader and not self._capturing():
+            delay = max(0.0, min(delay, self._next_due - self._clock()))
+        self._wake.clear()
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def cancel_capture(self) -> None:
+        if self._capture is not None and not self._capture.done():
+            self._capture.cancel()
+            with contextlib.suppress(BaseException):
+                await self._capture
+
+    async def close(self) -> None:
+        await self.cancel_capture()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.aclose()
+            self.store = None

@@ -47,12 +47,15 @@ class NatsServer:
     """A nats-server with JetStream; can be stopped and started again on the same port."""
 
     def __init__(self, store_dir: Path, port: int | None = None, *, cluster_port: int | None = None,
-                 routes: list[int] | None = None, name: str | None = None) -> None:
+                 routes: list[int] | None = None, name: str | None = None,
+                 config: str | None = None, extra_args: list[str] | None = None) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.cluster_port = cluster_port
         self.routes = routes or []
         self.name = name
+        self.config = config  # nats-server configuration text (authorization, tls, limits…)
+        self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = store_dir.parent / f"nats-{self.port}.log"
 
@@ -64,6 +67,11 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
                 "-sd", str(self.store_dir)]
+        if self.config is not None:
+            conf = self.store_dir.parent / f"nats-{self.port}.conf"
+            conf.write_text(self.config)
+            args += ["-c", str(conf)]
+        args += self.extra_args
         if self.cluster_port:
             args += ["--cluster_name", "test", "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
                      "-n", self.name or f"n{self.port}"]

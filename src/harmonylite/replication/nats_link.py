@@ -72,10 +72,14 @@ async def connect(cfg: NatsConfig, urls: list[str], name: str, state: LinkState)
         options["password"] = cfg.user_password
     if cfg.seed_file:
         options["nkeys_seed"] = cfg.seed_file
+    # The first connection fails fast (with reconnects allowed nats-py would retry a refused
+    # login forever); connect_retries bounds it. Once connected, reconnect forever.
+    options["allow_reconnect"] = False
     last: Exception | None = None
     for attempt in range(cfg.connect_retries + 1):
         try:
-            nc = await nats.connect(**options)  # type: ignore[arg-type]
+            nc = await asyncio.wait_for(nats.connect(**options), 15)  # type: ignore[arg-type]
+            nc.options["allow_reconnect"] = True
             state.connected = True
             return nc
         except Exception as exc:  # nats-py raises several unrelated types on connect

@@ -40,6 +40,7 @@ class Outgoing:
     subject: str
     payload: bytes
     count: int
+    first: tuple[str, tuple[object, ...]]  # table and key of its first change, for reports
     acked: bool = False
 
 
@@ -119,7 +120,9 @@ class Publisher:
                 msg_id = f"{self.cfg.node_id}:{self.epoch}:{part[0].id}-{part[-1].id}:{shard}"
                 payload = encode(self.cfg.node_id, part, by_name, compress)
                 subject = self.cfg.subject(shard)
-                flight.messages.append(Outgoing(msg_id, subject, payload, len(part)))
+                shape = by_name[part[0].table]
+                first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
+                flight.messages.append(Outgoing(msg_id, subject, payload, len(part), first))
         return flight
 
     def _split(self, group: list[Change], by_name: dict[str, TableShape],
@@ -192,6 +195,19 @@ class Publisher:
             if n == 0:
                 return total
 
+    def _report_oversized(self) -> None:
+        """Name the change that can never fit in one message under the server's limit."""
+        limit = getattr(self.js._nc, "max_payload", 0) or 1024 * 1024
+        for m in self._inflight.messages if self._inflight else []:
+            if not m.acked and len(m.payload) > limit:
+                table, key = m.first
+                log.error(
+                    "change to table %r key %r is %d bytes, over the NATS server's max_payload of "
+                    "%d: it stays pending, and so do the changes after it, until the server's "
+                    "max_payload is raised", table, key, len(m.payload), limit,
+                    extra={"table": table, "size": len(m.payload)},
+                )
+
     async def run(self, stop: asyncio.Event) -> None:
         """Publish whenever woken, until ``stop``; back off while NATS is unreachable."""
         backoff = 0.1
@@ -209,12 +225,7 @@ class Publisher:
                     self.metrics.set_pending(self.pending)
                 log.warning("publish failed, %d changes stay pending: %s", self.pending,
                             self.last_error)
-                if self._inflight is not None and any(
-                    len(m.payload) > 1024 * 1024 and not m.acked for m in self._inflight.messages
-                ):
-                    big = next(m for m in self._inflight.messages if len(m.payload) > 1024 * 1024)
-                    log.error("a change of %d bytes (message %s) exceeds the NATS payload limit; "
-                              "it stays pending", len(big.payload), big.msg_id)
+                self._report_oversized()
                 await _wait_either(stop, None, backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

@@ -322,9 +322,7 @@ async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,
     pending = await asyncio.to_thread(install.pending_changes, db_path)
     if pending:
         try:
-            async with js_context() as js:
-                await ensure_streams(js, cfg)
-                await publish_pending(cfg, js, db_path, pending)
+            await _publish_with(cfg, js_context, db_path, pending)
         except Exception as exc:
             refused = exc if isinstance(exc, RestoreRefused) else RestoreRefused(
                 pending, f"NATS is unreachable: {exc}")
@@ -346,3 +344,18 @@ async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,
         return await restore_newest(cfg, store, candidates, db_path=db_path,
                                     seq_map_path=seq_map_path, before_install=still_stopped,
                                     progress=progress)
+
+
+async def _publish_with(cfg: Config, js_context: JsContext, db_path: Path, pending: int) -> None:
+    """Connect (bounded in time: the client would retry for ever), then publish."""
+    limit = (cfg.nats.connect_retries + 1) * (max(cfg.nats.reconnect_wait_seconds, 0) + 5)
+    ctx = js_context()
+    try:
+        js = await asyncio.wait_for(ctx.__aenter__(), limit)
+    except TimeoutError as exc:
+        raise NatsError(f"no NATS connection within {limit}s") from exc
+    try:
+        await ensure_streams(js, cfg, timeout=limit)
+        await publish_pending(cfg, js, db_path, pending)
+    finally:
+        await ctx.__aexit__(None, None, None)

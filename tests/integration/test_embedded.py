@@ -11,6 +11,14 @@ from nodes import NodeProc, wait_until
 from servers import free_port
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def test_two_embedded_nodes_cluster_through_peers(tmp_path: Path) -> None:
     ports = [free_port(), free_port()]
     nodes = []
@@ -33,6 +41,14 @@ def test_two_embedded_nodes_cluster_through_peers(tmp_path: Path) -> None:
     for node in nodes:
         wait_until(lambda n=node: n.query("SELECT * FROM kv ORDER BY k")
                    == [("from-a", "1"), ("from-b", "2")], 30, "embedded cluster replication")
+    # A node killed with SIGKILL takes its embedded server with it, and comes back on restart.
+    a.kill()
+    with pytest.raises(ConnectionRefusedError):
+        wait_until(lambda: not _listening(ports[0]), 10, "the killed node's NATS server to exit")
+        socket.create_connection(("127.0.0.1", ports[0]), timeout=2).close()
+    b.execute("INSERT INTO kv VALUES ('while-a-down', '3')")
+    a.start(90)
+    wait_until(lambda: a.query("SELECT count(*) FROM kv") == [(3,)], 30, "a to catch up")
     for node in nodes:
         assert (node.dir / "data.db-nats" / "jetstream").is_dir()  # store beside the database
         assert node.stop() == 0

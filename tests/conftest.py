@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,44 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from servers import NatsServer
+
+# Every credential the suite hands to harmonylite (store settings, NATS logins). None of them may
+# ever appear in a log line or an error message of harmonylite, in any test.
+SECRETS = (
+    "seaweed-secret-key",
+    "s3-dead-secret-0xC0FFEE",
+    "sftp-dead-pass-0xBEEF",
+    "dav-secret-pw",
+    "pw-Zq81xx",
+    "wrong-pw-77",
+)
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("harmonylite"):
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += " " + repr(record.exc_info[1])
+            self.lines.append(text)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_credentials_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite: grep every harmonylite log (in-process and node processes)."""
+    recorder = _Recorder()
+    logging.getLogger().addHandler(recorder)
+    yield
+    logging.getLogger().removeHandler(recorder)
+    texts = list(recorder.lines)
+    for path in tmp_path_factory.getbasetemp().rglob("node.log"):
+        texts.append(path.read_text(errors="replace"))
+    leaks = [(s, t[:200]) for t in texts for s in SECRETS if s in t]
+    assert not leaks, f"credentials found in harmonylite logs: {leaks}"
 
 
 @pytest.fixture

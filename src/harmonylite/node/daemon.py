@@ -160,8 +160,11 @@ class Node:
 
     def _applied(self, stream: str, position: int, result: ApplyResult) -> None:
         self.positions[stream] = position
-        self.replicated_total += result.rows
-        self.metrics.replicated(result.rows, published_at=result.published_at)
+        # Changes skipped because this node already holds a newer local version count too:
+        # the stream's state is in the database either way.
+        done = result.rows + result.skipped_pending
+        self.replicated_total += done
+        self.metrics.replicated(done, published_at=result.published_at)
         if result.failed:
             self.metrics.apply_failed(len(result.failed))
         try:
@@ -230,8 +233,11 @@ class Node:
         for consumer in self.consumers:
             await consumer.unsubscribe()
         if self.nc is not None:
-            with contextlib.suppress(Exception):
+            self.link.closing = True
+            try:
                 await asyncio.wait_for(self.nc.close(), 5.0)
+            except Exception as exc:  # the server may already be gone; nothing is lost here
+                log.debug("closing the NATS connection: %s", exc)
         if self.embedded is not None:
             await self.embedded.stop()
         if self.positions:

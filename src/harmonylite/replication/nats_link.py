@@ -27,6 +27,7 @@ Callback = Callable[[], Awaitable[None]]
 @dataclass
 class LinkState:
     connected: bool = False
+    closing: bool = False  # set before a deliberate close, so it is not reported as an outage
     on_reconnect: list[Callback] = field(default_factory=list)
 
 
@@ -43,7 +44,7 @@ async def connect(cfg: NatsConfig, urls: list[str], name: str, state: LinkState)
     """Connect, trying ``connect_retries`` more times; once connected, reconnect forever."""
 
     async def disconnected() -> None:
-        if state.connected:
+        if state.connected and not state.closing:
             log.warning("disconnected from NATS")
         state.connected = False
 

@@ -46,11 +46,13 @@ def watermark(conn: sqlite3.Connection) -> int:
 
 
 def read_pending(
-    conn: sqlite3.Connection, after: int, limit: int, shapes: dict[int, TableShape]
+    conn: sqlite3.Connection, after: int, limit: int, shapes: dict[int, TableShape],
+    upto: int | None = None,
 ) -> list[Change]:
-    """Up to ``limit`` changes with id > ``after``, oldest first."""
+    """Up to ``limit`` changes with id > ``after`` (and <= ``upto``), oldest first."""
     rows = conn.execute(
-        f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        f"SELECT * FROM {ddl.LOG} WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+        (after, upto if upto is not None else 2**63 - 1, limit),
     ).fetchall()
     out: list[Change] = []
     for row in rows:
@@ -61,6 +63,19 @@ def read_pending(
             shape = shapes[tid]
         out.append(Change(cid, shape.name, op, tuple(row[3 : 3 + len(shape.columns)])))
     return out
+
+
+def intent(conn: sqlite3.Connection) -> int:
+    """Last change id of the batch being published (0 when none was recorded)."""
+    row = conn.execute(f"SELECT v FROM {ddl.STATE} WHERE k = 'publishing'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def set_intent(conn: sqlite3.Connection, upto: int) -> None:
+    conn.execute(
+        f"INSERT INTO {ddl.STATE}(k, v) VALUES ('publishing', ?) ON CONFLICT(k) DO UPDATE SET "
+        "v = excluded.v", (upto,)
+    )
 
 
 def pending_count(conn: sqlite3.Connection) -> int:

@@ -3,6 +3,11 @@
 A batch stays in memory until every one of its messages is acknowledged; a retry resends only the
 unacknowledged ones, each with the same ``Nats-Msg-Id`` so JetStream drops a copy that was stored
 after all (DESIGN rule 11). The watermark moves only after the whole batch is acknowledged.
+
+The last change id of the batch is recorded before it is sent. If the process dies between the
+acknowledgement and the watermark, the next start re-sends exactly that batch, cut the same way,
+so the message ids repeat and JetStream's duplicate window (2 minutes) drops the copies instead of
+appending old row states after newer ones.
 """
 
 from __future__ import annotations
@@ -166,7 +171,16 @@ class Publisher:
             def read(conn: sqlite3.Connection) -> list[Change]:
                 if not self._shapes:
                     self._shapes.update(changelog.registry(conn))
-                return changelog.read_pending(conn, changelog.watermark(conn), limit, self._shapes)
+                wm, upto = changelog.watermark(conn), changelog.intent(conn)
+                if upto > wm:
+                    # A batch was being published when the process stopped: send exactly the
+                    # same changes again, cut the same way, so their message ids match and
+                    # JetStream drops any copy it already stored.
+                    return changelog.read_pending(conn, wm, 2**62, self._shapes, upto)
+                changes = changelog.read_pending(conn, wm, limit, self._shapes)
+                if changes:
+                    changelog.set_intent(conn, changes[-1].id)
+                return changes
 
             changes = await self.db.call(read)
             if not changes:

@@ -23,6 +23,7 @@ from harmonylite.replication.apply import Applier, ApplyResult
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 2000
+MAX_QUEUED = 8192
 
 
 class ShardConsumer:
@@ -36,7 +37,9 @@ class ShardConsumer:
         self.applier = applier
         self.position = position  # last applied sequence
         self._queued_upto = position
-        self._queue: asyncio.Queue[tuple[int, bytes, float]] = asyncio.Queue()
+        # Bounded: while the applier is behind, the callback waits, the subscription stops
+        # answering flow control and the server slows down, so memory stays flat on catch-up.
+        self._queue: asyncio.Queue[tuple[int, bytes, float]] = asyncio.Queue(MAX_QUEUED)
         self._sub: object | None = None
         self._on_applied = on_applied
         self.applied_messages = 0
@@ -49,7 +52,7 @@ class ShardConsumer:
         if seq <= self._queued_upto:
             return  # delivered again after a resubscribe; already queued or applied
         self._queued_upto = seq
-        self._queue.put_nowait((seq, msg.data, meta.timestamp.timestamp()))
+        await self._queue.put((seq, msg.data, meta.timestamp.timestamp()))
 
     async def subscribe(self) -> None:
         """(Re)subscribe from the last sequence queued or applied."""

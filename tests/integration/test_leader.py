@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +295,7 @@ def committed(store: Path) -> list[Committed]:
 
 def assert_no_overlapping_commits(store: Path) -> None:
     snaps = committed(store)
-    for a, b in zip(snaps, snaps[1:], strict=False):
+    for a, b in pairwise(snaps):
         assert a.committed <= b.started, (
             f"capture windows overlap: {a.id} ({a.started:.3f}..{a.committed:.3f}) and "
             f"{b.id} ({b.started:.3f}..{b.committed:.3f})")
@@ -343,7 +344,7 @@ def test_one_leader_uploads_failover_on_kill_and_handover_on_stop(
         time.sleep(0.1)  # observing stability over three heartbeats, not waiting for an event
     snaps = committed(store)
     assert {s.node_id for s in snaps} == {first}
-    gaps = [b.started - a.started for a, b in zip(snaps, snaps[1:], strict=False)]
+    gaps = [b.started - a.started for a, b in pairwise(snaps)]
     assert min(gaps) >= 0.9, gaps  # interval measured from the previous snapshot
 
     # SIGKILL the leader: another takes over within TTL + one heartbeat.
@@ -384,7 +385,7 @@ def test_nats_outage_means_no_leader_and_no_snapshot_then_one_leader_again(
     nats_server.stop()
     wait_until(lambda: leaders(nodes) == [], HEARTBEAT + 1.0, "every node to step down")
     lost = [e for n in nodes for e in events(n) if e.kind == "lost"]
-    assert lost and "NATS disconnected" in lost[-1].line or "timed out" in lost[-1].line
+    assert lost and ("NATS disconnected" in lost[-1].line or "timed out" in lost[-1].line)
     # Nothing is committed while NATS is gone (a capture in flight fails its fence).
     down_until = time.monotonic() + 2 * TTL_MS / 1000
     while time.monotonic() < down_until:
@@ -407,20 +408,25 @@ def test_message_count_trigger_and_sleep_timeout(
 ) -> None:
     store = tmp_path / "store"
     nodes = start_nodes(tmp_path, [nats_server.url], store, sleep_timeout=4000,
-                        replication_log={"max_entries": 50, "shards": 1},
+                        replication_log={"max_entries": 8, "shards": 1},
                         snapshot={"interval": 0})
     procs.extend(nodes)
     node = nodes[0]
     wait_until(lambda: is_leader(node), 10, "the node to lead")
     assert committed(store) == []  # interval 0: no timer; nothing written yet
-    conn = node.connect()
-    for i in range(60):
-        conn.execute("INSERT INTO items(name) VALUES (?)", (f"n{i}",))
-    conn.close()
-    wait_until(lambda: len(committed(store)) >= 1, 15, "a snapshot after 50 messages")
+
+    def applied() -> int:
+        rows = node.query("SELECT max(seq) FROM __harmonylite__seq")
+        return int(rows[0][0] or 0)
+
+    for i in range(10):  # one stream message each: wait until the node applied it
+        before = applied()
+        node.execute("INSERT INTO items(name) VALUES (?)", (f"n{i}",))
+        wait_until(lambda: applied() > before, 10, f"message {i + 1} to be applied")  # noqa: B023
+    wait_until(lambda: len(committed(store)) >= 1, 15, "a snapshot after 8 messages")
     first = committed(store)[0]
-    assert max(first.sequences.values()) >= 50
-    assert "50 messages on" in node.log_text()
+    assert max(first.sequences.values()) >= 8
+    assert "taking a snapshot (8 messages on" in node.log_text()
     # Then nothing happens: after sleep_timeout the leader takes a final snapshot and exits 0.
     assert node.proc is not None
     code = node.proc.wait(30)
@@ -455,8 +461,18 @@ class SlowProxy:
         return self
 
     def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -493,9 +509,11 @@ class SlowProxy:
         try:
             while data := await reader.read(65536):
                 queue.put_nowait((time.monotonic() + self.delay, data))
-        finally:
             queue.put_nowait((0.0, b""))
-            await asyncio.gather(sender, return_exceptions=True)
+            await sender
+        finally:
+            sender.cancel()
+            writer.close()
 
 
 def test_latency_above_the_ttl_flaps_leadership_but_never_two_commits(
@@ -512,12 +530,16 @@ def test_latency_above_the_ttl_flaps_leadership_but_never_two_commits(
             leader = leaders(nodes)[0]
             other = next(n for n in nodes if n.node_id != leader)
             proxies[leader - 1].delay = TTL_MS / 1000 + 1.0  # KV calls slower than the TTL
-            wait_until(lambda o=other: is_leader(o), 3 * TTL_MS / 1000 + 4,
-                       "the other node to lead")
+
+            def other_leads(o: NodeProc = other) -> bool:
+                return is_leader(o)
+
+            def other_saved(o: NodeProc = other, since: float = time.time()) -> bool:
+                return any(s.node_id == o.node_id and s.started > since for s in committed(store))
+
+            wait_until(other_leads, 3 * TTL_MS / 1000 + 4, "the other node to lead")
             proxies[leader - 1].delay = 0.0
-            wait_until(lambda o=other: any(s.node_id == o.node_id and s.started > time.time() - 3
-                                           for s in committed(store)), 10,
-                       "a snapshot by the new leader")
+            wait_until(other_saved, 10, "a snapshot by the new leader")
         lost = sum(1 for n in nodes for e in events(n) if e.kind == "lost")
         became = sum(1 for n in nodes for e in events(n) if e.kind == "became")
         assert lost >= 3 and became >= 4, (lost, became)

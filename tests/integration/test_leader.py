@@ -134,6 +134,12 @@ async def test_lease_is_compare_and_swap_and_the_fence_checks_the_revision(
         with pytest.raises(KeyNotFoundError):
             await kv.get(LEASE_KEY)
         assert await e1.tick() and e1.is_leader and e1.term == 2
+
+        # The bucket deleted under a running leader (an operator changing its TTL): the leader
+        # steps down, and the next heartbeat recreates it and leads again.
+        await nc2.jetstream().delete_key_value(BUCKET)
+        assert not await e1.tick() and not e1.is_leader
+        assert await e1.tick() and e1.is_leader and e1.term == 3
         await e1.release()
 
 

@@ -271,8 +271,7 @@ class LeaderElection:
                 return True
             except Exception as exc:
                 self.step_down(describe(exc))
-                if not isinstance(exc, TimeoutError | asyncio.TimeoutError):
-                    self._kv = None  # reopen (and recreate) the bucket next time
+                self._kv = None  # reopen (recreate if it is gone) the bucket next time
                 return False
 
     async def run(self, stop: asyncio.Event) -> None:

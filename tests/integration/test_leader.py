@@ -360,7 +360,7 @@ def test_one_leader_uploads_failover_on_kill_and_handover_on_stop(
     rest = [n for n in nodes if n is not victim]
     wait_until(lambda: len(leaders(rest)) == 1, 10, "a new leader after the kill")
     failover = time.monotonic() - killed_at
-    assert failover <= TTL_MS / 1000 + HEARTBEAT + 0.5, failover
+    assert failover <= TTL_MS / 1000 + HEARTBEAT + 1.0, failover  # 1 s for a busy machine
     second = leaders(rest)[0]
     wait_until(lambda: any(s.node_id == second for s in committed(store)), 10,
                "a snapshot by the new leader")

@@ -31,12 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from storage_servers import SeaweedFS  # noqa: E402
-
-from harmonylite.cdc.install import install  # noqa: E402
-from harmonylite.config import Config, parse_config  # noqa: E402
-from harmonylite.snapshot.pipeline import SnapshotPipeline  # noqa: E402
-from harmonylite.snapshot.storage import open_store  # noqa: E402
+from harmonylite.cdc.install import install
+from harmonylite.config import Config, parse_config
+from harmonylite.snapshot.pipeline import SnapshotPipeline
+from harmonylite.snapshot.storage import open_store
+from storage_servers import SeaweedFS
 
 BUCKET = "bench"
 BIN = Path(sys.executable).parent

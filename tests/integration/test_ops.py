@@ -67,3 +67,14 @@ def test_health_follows_nats_and_metrics_move(tmp_path: Path, nats_server: NatsS
     for line in node.log_text().splitlines():
         obj = json.loads(line)
         assert obj["node_id"] == 1 and obj["message"] and obj["level"] and obj["time"]
+
+
+def test_sleep_timeout_stops_an_idle_node(tmp_path: Path, nats_server: NatsServer) -> None:
+    node = NodeProc(tmp_path / "n1", 1, {"nats": {"urls": [nats_server.url]},
+                                         "sleep_timeout": 1500})
+    node.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+    node.start()
+    node.execute("INSERT INTO t VALUES (1)")
+    assert node.proc is not None
+    assert node.proc.wait(30) == 0  # exits on its own, cleanly
+    assert "sleep_timeout" in node.log_text()

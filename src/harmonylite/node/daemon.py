@@ -125,6 +125,9 @@ class Node:
 
                 self.snapshots = SnapshotService(self)
                 self._tasks.append(asyncio.create_task(self.snapshots.run(self.stop_event)))
+        if cfg.sleep_timeout > 0 and self.snapshots is None:
+            # (With snapshots, the service handles it: the leader takes a final snapshot first.)
+            self._tasks.append(asyncio.create_task(self._sleep_when_idle()))
         log.info("node started", extra={"version": __version__, "publish": cfg.publish,
                                         "replicate": cfg.replicate,
                                         "shards": cfg.replication_log.shards})
@@ -178,6 +181,23 @@ class Node:
                 await consumer.subscribe()
             except Exception as exc:
                 log.warning("cannot resubscribe to %s: %s", consumer.stream, exc)
+
+    def activity(self) -> tuple[int, int]:
+        return (self.publisher.published_total if self.publisher else 0, self.replicated_total)
+
+    async def _sleep_when_idle(self) -> None:
+        """sleep_timeout: stop the node after that long without publishing or applying."""
+        timeout = self.cfg.sleep_timeout / 1000
+        seen, since = self.activity(), time.monotonic()
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), min(1.0, timeout))
+            now = self.activity()
+            if now != seen:
+                seen, since = now, time.monotonic()
+            elif time.monotonic() - since >= timeout:
+                log.info("no activity for %.1f s (sleep_timeout): stopping", timeout)
+                self.stop_event.set()
 
     async def _cleanup_loop(self) -> None:
         while not self.stop_event.is_set():

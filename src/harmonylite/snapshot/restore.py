@@ -20,7 +20,10 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -38,17 +41,51 @@ def _fail(m: Manifest, check: str, detail: str) -> VerificationError:
     return VerificationError(m.id, check, detail)
 
 
+class _DbWriter:
+    """Hashes and writes the database on a worker thread, so that decompression overlaps with
+    it (both release the GIL); at most ``depth`` chunks are in flight."""
+
+    def __init__(self, out: BinaryIO, depth: int = 4) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-write")
+        self._inflight: deque[Future[None]] = deque()
+
+    def _consume(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.out.write(data)
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        self._inflight.append(self._pool.submit(self._consume, data))
+        while len(self._inflight) > self._depth:
+            self._inflight.popleft().result()
+
+    def close(self) -> None:
+        try:
+            while self._inflight:
+                self._inflight.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> _DbWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def unpack(m: Manifest, stored: Path, dest: Path, progress: ProgressSink) -> None:
-    """Check ``stored`` against the manifest and write the database to ``dest``."""
+    """Check ``stored`` against the manifest and write the database to ``dest`` (not synced)."""
     size = stored.stat().st_size
     if size != m.stored_bytes:
         raise _fail(m, "size", f"stored object has {size} bytes, expected {m.stored_bytes}")
     stored_sha = hashlib.sha256()
-    db_sha = hashlib.sha256()
-    db_size = 0
     read = 0
     broken: Exception | None = None
-    with stored.open("rb") as src, dest.open("wb") as out:
+    with stored.open("rb") as src, dest.open("wb") as out_file, _DbWriter(out_file) as out:
         if m.compression == "zstd":
             dobj = zstandard.ZstdDecompressor().decompressobj()
             while chunk := src.read(CHUNK):
@@ -63,21 +100,16 @@ def unpack(m: Manifest, stored: Path, dest: Path, progress: ProgressSink) -> Non
                     broken = exc
                     continue
                 if data:
-                    db_sha.update(data)
-                    db_size += len(data)
                     out.write(data)
             if broken is None and not dobj.eof:
                 broken = SnapshotError("compressed stream ends early")
         else:
             while chunk := src.read(CHUNK):
                 stored_sha.update(chunk)
-                db_sha.update(chunk)
                 read += len(chunk)
-                db_size += len(chunk)
                 progress.advance(len(chunk))
                 out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+    db_sha, db_size = out.sha, out.size
     if stored_sha.hexdigest() != m.stored_sha256:
         raise _fail(m, "sha256", f"stored object has sha256 {stored_sha.hexdigest()}, "
                     f"expected {m.stored_sha256}")
@@ -104,11 +136,13 @@ def integrity_check(m: Manifest, db: Path) -> None:
 
 
 async def fetch(
-    store: ObjectStore, m: Manifest, dest: Path, work: Path, progress: ProgressSink
+    store: ObjectStore, m: Manifest, dest: Path, work: Path, progress: ProgressSink,
+    *, sync: bool = False,
 ) -> None:
     """Download ``m`` into ``work`` and write its verified database to ``dest``.
 
     Raises VerificationError naming the failed check; ``dest`` is then unsound and unused.
+    With ``sync``, ``dest`` is on disk (fsync) when it returns.
     """
     stored = work / ("stored-" + Path(m.data_key).name)
     progress.stage("download", m.stored_bytes)
@@ -126,7 +160,19 @@ async def fetch(
         with contextlib.suppress(OSError):
             stored.unlink()
     progress.stage("integrity_check")
-    await asyncio.to_thread(integrity_check, m, dest)
+    if sync:  # the flush to disk overlaps with the check, which reads from the page cache
+        await asyncio.gather(asyncio.to_thread(integrity_check, m, dest),
+                             asyncio.to_thread(_fsync, dest))
+    else:
+        await asyncio.to_thread(integrity_check, m, dest)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def work_dir(temp_dir: str | None) -> Path:
@@ -182,7 +228,7 @@ async def restore_to_path(
     work = work_dir(temp_dir)
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     try:
-        await fetch(store, manifest, partial, work, sink)
+        await fetch(store, manifest, partial, work, sink, sync=True)
         if output.exists():
             raise SnapshotError(f"{output} appeared during the restore; not overwriting it")
         os.replace(partial, output)

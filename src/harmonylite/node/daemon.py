@@ -104,7 +104,7 @@ class Node:
                 stream = cfg.stream_name(shard)
                 consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
                                          self.positions.get(stream, 0), self._applied)
-                await consumer.subscribe()
+                await consumer.subscribe_with_retry()
                 self.consumers.append(consumer)
                 self._tasks.append(asyncio.create_task(consumer.run(self.stop_event)))
         if cfg.publish:

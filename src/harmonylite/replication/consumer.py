@@ -14,10 +14,13 @@ import time
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import ServiceUnavailableError
 
 from harmonylite.db.connection import DbThread
+from harmonylite.errors import NatsError
 from harmonylite.replication.apply import Applier, ApplyResult
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,20 @@ class ShardConsumer:
             return  # delivered again after a resubscribe; already queued or applied
         self._queued_upto = seq
         await self._queue.put((seq, msg.data, meta.timestamp.timestamp()))
+
+    async def subscribe_with_retry(self, timeout: float = 60.0) -> None:
+        """Subscribe, waiting while a JetStream cluster that just (re)started elects leaders."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self.subscribe()
+                return
+            except (NatsTimeoutError, TimeoutError, ServiceUnavailableError) as exc:
+                if loop.time() > deadline:
+                    raise NatsError(f"cannot consume {self.stream}: {exc}") from exc
+                log.warning("waiting for JetStream to serve %s: %s", self.stream, exc)
+                await asyncio.sleep(0.5)
 
     async def subscribe(self) -> None:
         """(Re)subscribe from the last sequence queued or applied."""

@@ -179,3 +179,23 @@ async def test_cli_save_while_capturing_exits_75(tmp_path: Path) -> None:
     code, out, err = results[1]
     assert code == 75 and "system busy capturing snapshot" in err and out == ""
     assert len(await list_snapshots(store)) == 1
+
+
+def test_check_sound_names_a_damaged_copy(tmp_path: Path) -> None:
+    import sqlite3 as sq
+
+    from harmonylite.snapshot.packing import check_sound
+
+    db = tmp_path / "copy.db"
+    conn = sq.connect(db)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    conn.execute("CREATE INDEX tv ON t(v)")
+    conn.executemany("INSERT INTO t VALUES (?, ?)", ((i, f"value {i}") for i in range(5000)))
+    conn.commit()
+    conn.close()
+    assert check_sound(db) == ""
+    raw = bytearray(db.read_bytes())
+    for off in range(len(raw) // 2, len(raw) // 2 + 64):
+        raw[off] ^= 0x5A
+    db.write_bytes(bytes(raw))
+    assert check_sound(db) != ""

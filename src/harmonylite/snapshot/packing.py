@@ -197,3 +197,17 @@ def check_object(manifest: Manifest, size: int, sha256: str | None) -> None:
             manifest.id, "sha256",
             f"stored object has sha256 {sha256}, expected {manifest.stored_sha256}",
         )
+
+
+def check_sound(db: Path) -> str:
+    """``PRAGMA integrity_check`` of a finished copy: "" when sound, else the first problems."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+        try:
+            conn.execute("PRAGMA cache_size = -16384")  # see restore.integrity_check
+            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return "" if rows == ["ok"] else "; ".join(rows[:5])

@@ -148,9 +148,19 @@ class SnapshotPipeline:
                 self.progress.stage("sanitize")
                 facts = await _in_thread(lambda: packing.sanitize(copy), cancel)
                 self.progress.stage("compress" if compression == "zstd" else "hash", facts.db_bytes)
-                packed = await _in_thread(
-                    lambda: packing.pack(copy, compression, self.progress.advance, cancel), cancel
-                )
+                # The copy is proven sound while it is compressed (both only read it): a
+                # snapshot whose manifest is committed passed integrity_check.
+                checking = asyncio.ensure_future(asyncio.to_thread(packing.check_sound, copy))
+                try:
+                    packed = await _in_thread(
+                        lambda: packing.pack(copy, compression, self.progress.advance, cancel),
+                        cancel,
+                    )
+                finally:
+                    problem = await checking
+                if problem:
+                    raise SnapshotError(f"the copy of {db_path} failed integrity_check: {problem}"
+                                        " (the source database may be damaged)")
             except packing.DiskFull as exc:
                 free = shutil.disk_usage(work).free
                 err = NoSpaceError(str(work), needed, free)

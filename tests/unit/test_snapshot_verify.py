@@ -124,6 +124,11 @@ async def test_corrupt_pages_fail_integrity_check(tmp_path: Path) -> None:
                    db_sha256=hashlib.sha256(raw).hexdigest())
     code, _, err = await _cli(cfg, "verify")
     assert code == 1 and "check integrity_check" in err
+    # restore --output proves the bytes by hash; --integrity-check runs the check again too.
+    code, _, err = await _cli(cfg, "restore", "--output", str(tmp_path / "r.db"),
+                              "--integrity-check")
+    assert code == 1 and "check integrity_check" in err
+    assert not (tmp_path / "r.db").exists()
 
 
 async def test_cli_save_list_verify_restore(tmp_path: Path) -> None:

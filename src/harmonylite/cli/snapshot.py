@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("-output", "--output", "-o", default=None, metavar="PATH",
                      help="write the restored database here (must not exist); nothing else is "
                      "touched. Without it: replace this node's db_path (the node must be stopped)")
+    res.add_argument("-integrity-check", "--integrity-check", action="store_true",
+                     help="with --output: run PRAGMA integrity_check on the result as well (the "
+                     "size and SHA-256 checks already prove it is the file that passed "
+                     "integrity_check when the snapshot was taken)")
     res.add_argument("-force", "--force", action="store_true",
                      help="without --output: restore even when pending local changes cannot be "
                      "published first (they are lost)")
@@ -201,7 +205,7 @@ async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | N
             manifest = await find_snapshot(store, args.id)
             path = await restore_to_path(store, manifest, Path(args.output),
                                          temp_dir=cfg.snapshot.temp_dir or None,
-                                         progress=progress)
+                                         progress=progress, integrity=args.integrity_check)
             out.write(f"{path}\n")
     return EXIT_OK
 

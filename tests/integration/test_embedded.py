@@ -56,3 +56,35 @@ def test_two_embedded_nodes_cluster_through_peers(tmp_path: Path) -> None:
     for port in ports:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_leaf_servers_connect_the_embedded_server_to_a_hub(tmp_path: Path) -> None:
+    import asyncio
+
+    from harmonylite.config import ClusterFlags, NatsConfig
+    from harmonylite.node.embedded_nats import EmbeddedNats, render_config
+    from servers import NatsServer
+
+    leaf_port = free_port()
+    hub = NatsServer(tmp_path / "hub", config=f"leafnodes {{ listen: 127.0.0.1:{leaf_port} }}\n")
+    hub.start()
+    try:
+        flags = ClusterFlags(leaf_servers=[f"127.0.0.1:{leaf_port}"])
+        conf = render_config(node_id=1, store_dir=tmp_path / "js", nats=NatsConfig(),
+                             cluster=flags)
+        assert f"nats://127.0.0.1:{leaf_port}" in conf
+
+        async def run() -> None:
+            server = EmbeddedNats(node_id=1, db_path=tmp_path / "data.db", nats=NatsConfig(),
+                                  cluster=flags)
+            await server.start()
+            try:
+                await asyncio.to_thread(
+                    wait_until, lambda: "Leafnode connection created"
+                    in hub.log_path.read_text(errors="replace"), 20, "the leaf connection")
+            finally:
+                await server.stop()
+
+        asyncio.run(run())
+    finally:
+        hub.stop()

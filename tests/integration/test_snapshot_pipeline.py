@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import sqlite3
 import subprocess
 import threading
 from pathlib import Path
 
+import nats
 import pytest
 from snapshot_helpers import (
     SEQS,
@@ -31,6 +33,7 @@ from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
 from harmonylite.snapshot.storage import ObjectStore, open_store
+from servers import NatsServer
 
 
 async def _store(cfg: Config) -> ObjectStore:
@@ -309,3 +312,57 @@ async def test_cancelled_save_leaves_nothing(tmp_path: Path) -> None:
     assert _keys(tmp_path / "store") == []
     assert work_dirs(temp) == []
     await SnapshotPipeline(cfg, store).save()  # the capture lock was released
+
+
+class _KillOnUpload:
+    """A progress sink that SIGKILLs the store's server as the upload starts."""
+
+    def __init__(self, server: NatsServer) -> None:
+        self.server = server
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        if name == "upload":
+            self.server.stop(signal.SIGKILL)
+
+    def advance(self, nbytes: int) -> None:
+        return None
+
+    def finish(self, message: str) -> None:
+        return None
+
+
+async def test_store_killed_mid_upload_keeps_old_snapshots(
+    tmp_path: Path, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "app.db"
+    conn = make_db(db, rows=100)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    cfg = make_cfg(db, tmp_path / "unused", temp_dir=temp, store="nats", compress=False)
+    url = nats_server.url
+
+    async def nats_store() -> tuple[nats.aio.client.Client, ObjectStore]:
+        nc = await nats.connect(url, max_reconnect_attempts=2, reconnect_time_wait=0.2)
+        return nc, await open_store(cfg.snapshot, js=nc.jetstream(), bucket=cfg.snapshot_bucket())
+
+    nc, store = await nats_store()
+    first = (await SnapshotPipeline(cfg, store).save()).manifest
+    conn.execute("BEGIN")
+    for _ in range(4000):  # ~32 MB of incompressible rows: the upload takes a while
+        conn.execute("INSERT INTO items(name, data) VALUES ('big', randomblob(8192))")
+    conn.execute("COMMIT")
+    caplog.clear()
+    with caplog.at_level(logging.INFO), pytest.raises(StorageError):
+        await SnapshotPipeline(cfg, store, progress=_KillOnUpload(nats_server)).save()
+    assert "Upload failed" in caplog.text and "Snapshot saved" not in caplog.text
+    assert work_dirs(temp) == []
+    await nc.close()
+    nats_server.start()
+    nc, store = await nats_store()
+    assert [m.id for m in await list_snapshots(store)] == [first.id]
+    await verify_snapshot(store, first)
+    keys = sorted(o.key for o in await store.list("snapshots/"))
+    assert keys == sorted([f"snapshots/{first.id}.db", f"snapshots/{first.id}.json"])
+    await store.aclose()
+    await nc.close()
+    conn.close()

@@ -24,6 +24,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
+from harmonylite.aio import wait_any
 from harmonylite.cdc import changelog
 from harmonylite.cdc.changelog import Change, TableShape
 from harmonylite.config import Config
@@ -240,18 +241,8 @@ class Publisher:
                 log.warning("publish failed, %d changes stay pending: %s", self.pending,
                             self.last_error)
                 self._report_oversized()
-                await _wait_either(stop, None, backoff)
+                await wait_any(stop, timeout=backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            await _wait_either(stop, self.wake, None)
+            await wait_any(stop, self.wake)
 
-
-async def _wait_either(a: asyncio.Event, b: asyncio.Event | None, timeout: float | None) -> None:
-    tasks = [asyncio.create_task(a.wait())]
-    if b is not None:
-        tasks.append(asyncio.create_task(b.wait()))
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()

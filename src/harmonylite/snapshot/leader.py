@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 
+from harmonylite.aio import wait_any
 from harmonylite.errors import LeaseLost, SnapshotBusy
 
 log = logging.getLogger(__name__)
@@ -280,12 +281,7 @@ class LeaderElection:
             ok = await self.tick()
             self._failures = 0 if ok else self._failures + 1
             delay = self.heartbeat if ok else backoff_seconds(self.heartbeat, self._failures - 1)
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
+            await wait_any(stop, self._wake, timeout=delay)
 
     # --- fencing and release ----------------------------------------------------------------
     async def confirm(self, term: int) -> None:

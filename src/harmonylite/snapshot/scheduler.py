@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from harmonylite.aio import wait_any
 from harmonylite.config import Config
 from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
 from harmonylite.ops.health import to_epoch
@@ -330,12 +331,7 @@ class Scheduler:
         if self._next_due is not None and self.election.is_leader and not self._capturing():
             delay = max(0.0, min(delay, self._next_due - self._clock()))
         self._wake.clear()
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await wait_any(stop, self._wake, timeout=delay)
 
     async def cancel_capture(self) -> None:
         if self._capture is not None and not self._capture.done():

@@ -16,8 +16,9 @@ import os
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from io import BufferedReader
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageUnavailable
 
@@ -43,6 +44,18 @@ def _check_key(key: str) -> str:
     if parts[-1].startswith(TEMP_PREFIX):
         raise ValueError(f"object key may not start with {TEMP_PREFIX!r}: {key!r}")
     return key
+
+
+def _copy_hashing(src: BufferedReader, out: BinaryIO, digest: Any) -> int:
+    """Copy ``src`` into ``out`` in chunks, feeding ``digest``; returns the bytes copied."""
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := src.readinto(buf):
+        out.write(view[:n])
+        digest.update(view[:n])
+        size += n
+    return size
 
 
 def _fsync_dir(path: Path) -> None:
@@ -115,12 +128,7 @@ class FileStore:
                     size = len(source)
                 else:
                     with open(source, "rb") as src:
-                        buf = bytearray(CHUNK)
-                        view = memoryview(buf)
-                        while n := src.readinto(buf):
-                            out.write(view[:n])
-                            digest.update(view[:n])
-                            size += n
+                        size = _copy_hashing(src, out, digest)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, dest)
@@ -145,7 +153,6 @@ class FileStore:
         if src_path.is_dir():
             raise ObjectNotFound(key)
         digest = hashlib.sha256()
-        size = 0
         with open(src_path, "rb") as src:
             st = os.fstat(src.fileno())
             try:
@@ -153,12 +160,7 @@ class FileStore:
             except OSError as exc:
                 raise _LocalError(exc) from exc
             with out:
-                buf = bytearray(CHUNK)
-                view = memoryview(buf)
-                while n := src.readinto(buf):
-                    out.write(view[:n])
-                    digest.update(view[:n])
-                    size += n
+                size = _copy_hashing(src, out, digest)
         return ObjectInfo(key, size, digest.hexdigest(), datetime.fromtimestamp(st.st_mtime, UTC))
 
     def _read(self, key: str) -> bytes:

@@ -212,6 +212,37 @@ async def test_s3_missing_bucket(seaweed: SeaweedFS) -> None:
     await store.aclose()
 
 
+@pytest.mark.parametrize("source", ["environment", "profile", "none"])
+async def test_s3_default_credential_chain(seaweed: SeaweedFS, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, source: str) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    creds = tmp_path / "credentials"
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role on loopback
+    if source == "environment":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-0x51")
+    elif source == "profile":
+        creds.write_text("[default]\naws_access_key_id = from-profile\n"
+                         "aws_secret_access_key = profile-secret-0x52\n")
+    # No keys in the configuration: boto3's default chain decides.
+    cfg = S3Config(endpoint=seaweed.endpoint, bucket=S3_BUCKET, path="chain",
+                   force_path_style=True, use_ssl=False, region="us-east-1")
+    store = await open_store(SnapshotConfig(store="s3", s3=cfg))
+    try:
+        if source == "none":
+            with pytest.raises(StorageAuthError) as err:
+                await store.upload_bytes(f"snapshots/{source}.json", b"{}")
+            assert "credentials" in str(err.value).lower()
+        else:
+            await store.upload_bytes(f"snapshots/{source}.json", b"{}")
+            assert await store.download_bytes(f"snapshots/{source}.json") == b"{}"
+    finally:
+        await store.aclose()
+
+
 def test_s3_endpoint_forms() -> None:
     assert endpoint_url("s3.us-east-1.amazonaws.com", True) == "https://s3.us-east-1.amazonaws.com"
     assert endpoint_url("minio:9000", False) == "http://minio:9000"

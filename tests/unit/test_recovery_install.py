@@ -103,3 +103,33 @@ def test_in_use_sees_an_idle_wal_connection(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "None"
+
+
+def test_a_write_between_the_publish_and_the_install_rolls_the_install_back(
+    tmp_path: Path,
+) -> None:
+    from harmonylite.cdc import changelog
+
+    live, snap = tmp_path / "live.db", tmp_path / "snap.db"
+    _db(live, 200)
+    conn = sqlite3.connect(str(live), isolation_level=None)
+    install(conn)
+    # Everything captured so far was published...
+    conn.execute("UPDATE __harmonylite__state SET v = (SELECT coalesce(max(id), 0) "
+                 "FROM __harmonylite__log) WHERE k = 'published'")
+    # ...then the application writes once more before the install takes the lock.
+    conn.execute("INSERT INTO t(v) VALUES ('written at the last moment')")
+    _snapshot_file(snap, 50)
+    check = lambda: inst.check_nothing_pending(live)  # noqa: E731
+    try:
+        inst.install_file(snap, live, {S1: 9}, locked_check=check)
+    except inst.PendingAppeared as exc:
+        assert exc.count == 1
+    else:
+        raise AssertionError("the install went ahead over an unpublished change")
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (201,)  # untouched
+    changelog.mark_published(conn, conn.execute("SELECT max(id) FROM __harmonylite__log")
+                             .fetchone()[0])
+    inst.install_file(snap, live, {S1: 9}, locked_check=check)
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (50,)
+    conn.close()

@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from harmonylite.cdc import changelog, ddl
@@ -68,10 +69,32 @@ def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None) -
         conn.close()
 
 
+class PendingAppeared(Exception):
+    """The application captured changes after the last publish; the install was rolled back."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        super().__init__(f"{count} local changes were captured after the last publish")
+
+
+def check_nothing_pending(db_path: Path) -> None:
+    """Raise PendingAppeared when ``db_path`` holds unpublished changes (a locked_check)."""
+    count = pending_changes(db_path)
+    if count:
+        raise PendingAppeared(count)
+
+
 def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
-                 step_pages: int = STEP_PAGES) -> None:
+                 step_pages: int = STEP_PAGES,
+                 locked_check: Callable[[], None] | None = None) -> None:
     """Replace the content of ``db_path`` (created when missing) with the verified database,
-    whose positions become ``sequences``; atomic, under the destination's locks."""
+    whose positions become ``sequences``; atomic, under the destination's locks.
+
+    ``locked_check`` runs once the copy holds the destination's write lock and before anything is
+    committed: no application can write any more, and what it wrote before is visible. If it
+    raises, the copy is rolled back and the exception propagates (the live database is as it
+    was). This closes the window between publishing the pending changes and the install.
+    """
     dest = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False)
     try:
         dest.execute("PRAGMA busy_timeout = 30000")
@@ -90,10 +113,17 @@ def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
             # Small steps and a tiny cache: uncommitted pages spill into the WAL before the pause.
             step_pages = 4
             dest.execute("PRAGMA cache_size = 8")
-        paused = False
+        paused = checked = False
+        if locked_check is not None:
+            # At least two steps, so the check runs while the copy is still uncommitted.
+            pages = max(1, _page_count(verified) - 1)
+            step_pages = min(step_pages, pages)
 
         def progress(status: int, remaining: int, total: int) -> None:
-            nonlocal paused
+            nonlocal paused, checked
+            if locked_check is not None and not checked and remaining > 0:
+                checked = True
+                locked_check()
             if mid is not None and not paused and 0 < remaining <= total // 2:
                 paused = True
                 _pause(mid)
@@ -112,6 +142,14 @@ def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
             log.debug("checkpoint after the restore deferred: %s", exc)
     finally:
         dest.close()
+
+
+def _page_count(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("PRAGMA page_count").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def pending_changes(db_path: Path) -> int:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 30.0
+INSTALL_ATTEMPTS = 5
 
 
 class RestoreRefused(HarmonyliteError):
@@ -137,12 +138,15 @@ async def restore_newest(
     seq_map_path: Path,
     before_install: Callable[[], Awaitable[None]] | None = None,
     progress: ProgressSink | None = None,
+    guard_pending: bool = False,
 ) -> Restored:
     """Install the first of ``candidates`` (newest first) that passes every check.
 
     Unsound snapshots are logged (id and failed check) and skipped; the live database is not
     touched until one is verified. ``before_install`` runs right before the install (to publish
-    pending changes); it may raise to refuse the restore.
+    pending changes); it may raise to refuse the restore. With ``guard_pending``, a change the
+    application captures after that publish (while the install waits for the write lock) rolls
+    the install back, and ``before_install`` runs again before the next try.
     """
     sink = progress or NullProgress()
     started = time.monotonic()
@@ -163,13 +167,23 @@ async def restore_newest(
                           manifest.id, exc, extra={"snapshot_id": manifest.id})
                 failures.append(f"{manifest.id} could not be downloaded ({exc})")
             else:
-                if before_install is not None:
-                    await before_install()
                 # A crash from here on must force the check again at the next start.
-                await asyncio.to_thread(install.remove_durably, seq_map_path)
-                sink.stage("install")
-                await asyncio.to_thread(install.install_file, verified, db_path,
-                                        manifest.sequences)
+                check = (lambda: install.check_nothing_pending(db_path)) if guard_pending \
+                    else None
+                for attempt in range(1, INSTALL_ATTEMPTS + 1):
+                    if before_install is not None:
+                        await before_install()
+                    await asyncio.to_thread(install.remove_durably, seq_map_path)
+                    sink.stage("install")
+                    try:
+                        await asyncio.to_thread(install.install_file, verified, db_path,
+                                                manifest.sequences, install.STEP_PAGES, check)
+                        break
+                    except install.PendingAppeared as exc:
+                        if attempt == INSTALL_ATTEMPTS:
+                            raise RestoreRefused(exc.count, "the application keeps writing "
+                                                 "while the node restores") from exc
+                        log.info("%s; publishing them before installing again", exc)
                 await asyncio.to_thread(write_seq_map, seq_map_path, manifest.sequences,
                                         durable=True)
                 took = time.monotonic() - started
@@ -266,7 +280,8 @@ async def recover(node: Node) -> None:
 
         restored = await restore_newest(cfg, store, candidates, db_path=db_path,
                                         seq_map_path=seq_map_path,
-                                        before_install=before_install)
+                                        before_install=before_install,
+                                        guard_pending=cfg.publish)
     finally:
         await store.aclose()
     manifest = restored.manifest

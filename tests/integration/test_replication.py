@@ -205,3 +205,23 @@ def test_garbage_message_is_logged_and_skipped(tmp_path: Path, nats_server: Nats
     assert converged(nodes)
     for n in nodes:
         assert n.stop(signal.SIGINT) == 0
+
+
+def test_changes_to_a_table_a_node_lacks_wait_until_it_exists(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    nodes = make_nodes(tmp_path, nats_server, 2, cleanup_interval=300)
+    a, b = nodes
+    a.execute("CREATE TABLE late(id INTEGER PRIMARY KEY, v TEXT)")  # only node a has it
+    a.start()
+    b.start()
+    a.execute("INSERT INTO late VALUES (1, 'one'), (2, 'two')")
+    a.execute("UPDATE late SET v = 'TWO' WHERE id = 2")
+    a.execute("INSERT INTO items VALUES (1, 1, 'after', 0)")
+    wait_until(lambda: snapshot_of(b) == [(1, 1, "after", 0.0)], 15, "later messages to apply")
+    assert "parked" in b.log_text()
+    b.execute("CREATE TABLE late(id INTEGER PRIMARY KEY, v TEXT)")
+    wait_until(lambda: b.query("SELECT * FROM late ORDER BY id") == [(1, "one"), (2, "TWO")],
+               15, "the parked changes once the table exists")
+    for n in nodes:
+        n.stop()

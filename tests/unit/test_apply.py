@@ -113,23 +113,34 @@ def test_pending_local_change_is_not_stepped_back(tmp_path: Path) -> None:
     assert dst.execute("SELECT a FROM v").fetchone() == ("local, not yet published",)
 
 
-def test_garbage_and_unknown_table_are_skipped_not_fatal(tmp_path: Path) -> None:
-    src, dst = pair(tmp_path, SCHEMA + "; CREATE TABLE only_src(id INTEGER PRIMARY KEY)")
+def test_garbage_is_skipped_and_unknown_tables_are_parked_until_they_exist(
+    tmp_path: Path,
+) -> None:
+    src, dst = pair(tmp_path, SCHEMA + "; CREATE TABLE only_src(id INTEGER PRIMARY KEY, v TEXT)")
     dst.execute("DROP TABLE only_src")
-    src.execute("INSERT INTO only_src VALUES (5)")
+    src.execute("INSERT INTO only_src VALUES (5, 'first')")
+    src.execute("UPDATE only_src SET v = 'second' WHERE id = 5")
     shapes = {s.name: s for s in changelog.registry(src).values()}
-    bad_table = encode(1, changelog.read_pending(src, 0, 10, changelog.registry(src)), shapes,
-                       True)
+    unknown_table = encode(1, changelog.read_pending(src, 0, 10, changelog.registry(src)), shapes,
+                           True)
     src.execute("INSERT INTO v VALUES (7, 1, 2, 3)")
-    good = encode(1, changelog.read_pending(src, 1, 10, changelog.registry(src)), shapes, False)
+    good = encode(1, changelog.read_pending(src, 2, 10, changelog.registry(src)), shapes, False)
     wrong_shape = cbor2.dumps({"v": 1, "n": 1, "t": {"v": ["id"]}, "k": {"v": ["id"]},
                                "c": [["v", 1, [1, 2]]]})
-    result = Applier().apply(dst, "s-1", [(1, b"\x00garbage"), (2, bad_table), (3, wrong_shape),
-                                          (4, good)])
-    assert [seq for seq, _ in result.failed] == [1, 2, 3]
-    assert "only_src" in result.failed[1][1]
+    applier = Applier()
+    result = applier.apply(dst, "s-1", [(1, b"\x00garbage"), (2, unknown_table),
+                                        (3, wrong_shape), (4, good)])
+    assert [seq for seq, _ in result.failed] == [1, 3]
+    assert result.parked == 2
     assert result.last_seq == 4
     assert dst.execute("SELECT * FROM v").fetchall() == [(7, 1, 2, 3)]
+    # Nothing is lost: once the table exists, its changes are applied in their order.
+    assert applier.retry_parked(dst) == 0
+    dst.execute("CREATE TABLE only_src(id INTEGER PRIMARY KEY, v TEXT)")
+    assert applier.retry_parked(dst) == 2
+    assert dst.execute("SELECT * FROM only_src").fetchall() == [(5, "second")]
+    assert dst.execute("SELECT count(*) FROM __harmonylite__parked").fetchone() == (0,)
+    assert changelog.pending_count(dst) == 0  # applied as the replicator: not captured again
 
 
 def test_decode_rejects_non_batches() -> None:

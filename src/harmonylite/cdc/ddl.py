@@ -15,6 +15,8 @@ Layout (one insert per captured row change, which keeps the trigger cheap):
   the database's epoch.
 - ``__harmonylite__seq(stream, seq)``: last applied sequence per stream, written in the applying
   transaction, so a snapshot copy knows exactly where it stands in the streams.
+- ``__harmonylite__parked``: incoming changes to a table this database does not have (yet), in
+  arrival order; applied once the table exists.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ TABLES = f"{PREFIX}tables"
 GUARD = f"{PREFIX}guard"
 STATE = f"{PREFIX}state"
 SEQ = f"{PREFIX}seq"
+PARKED = f"{PREFIX}parked"
 
 OP_INSERT = 1
 OP_UPDATE = 2
@@ -44,6 +47,9 @@ BASE_DDL = [
     f"INSERT OR IGNORE INTO {STATE}(k, v) VALUES ('published', 0)",
     f"CREATE TABLE IF NOT EXISTS {SEQ} (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL) "
     "WITHOUT ROWID",
+    f"CREATE TABLE IF NOT EXISTS {PARKED} (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, "
+    "seq INTEGER NOT NULL, tbl TEXT NOT NULL, op INTEGER NOT NULL, columns TEXT NOT NULL, "
+    "keys TEXT NOT NULL, vals BLOB NOT NULL)",
 ]
 
 GUARD_CLAUSE = f"WHEN (SELECT applying FROM {GUARD} WHERE id = 1) IS NOT 1"

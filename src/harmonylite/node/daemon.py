@@ -76,6 +76,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
+        self.applier: Applier | None = None
         self.metrics = Metrics.from_config(cfg.prometheus, node_id=cfg.node_id)
         self.metrics.track_nats_connected(lambda: self.nc is not None and self.nc.is_connected)
         self._servers: list[HttpServer] = []
@@ -99,7 +100,8 @@ class Node:
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
         self.positions = await self._load_positions()
         if cfg.replicate:
-            applier = Applier()
+            applier = self.applier = Applier()
+            self._tasks.append(asyncio.create_task(self._parked_loop(applier)))
             for shard in range(1, cfg.replication_log.shards + 1):
                 stream = cfg.stream_name(shard)
                 consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
@@ -198,6 +200,17 @@ class Node:
             elif time.monotonic() - since >= timeout:
                 log.info("no activity for %.1f s (sleep_timeout): stopping", timeout)
                 self.stop_event.set()
+
+    async def _parked_loop(self, applier: Applier) -> None:
+        """Changes to tables this database lacks are parked; apply them once a table appears,
+        even when no further message arrives to notice it."""
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), self.cfg.cleanup_interval / 1000)
+            try:
+                await self.writer.call(applier.retry_parked)
+            except sqlite3.Error as exc:
+                log.warning("cannot apply parked changes: %s", exc)
 
     async def _cleanup_loop(self) -> None:
         while not self.stop_event.is_set():

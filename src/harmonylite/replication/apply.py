@@ -8,9 +8,12 @@ be applied is rolled back alone, reported with its stream and sequence, and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from dataclasses import dataclass, field
+
+import cbor2
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.schema import ROWID, TableInfo, table_info
@@ -27,6 +30,8 @@ class ApplyResult:
     messages: int = 0
     rows: int = 0
     skipped_pending: int = 0
+    parked: int = 0  # changes to tables this database does not have, kept for later
+    unparked: int = 0
     failed: list[tuple[int, str]] = field(default_factory=list)  # (sequence, reason)
     origin_nodes: set[int] = field(default_factory=set)
     published_at: float | None = None  # JetStream time of the last message, for the lag metric
@@ -34,6 +39,9 @@ class ApplyResult:
 
 class UnknownTable(Exception):
     pass
+
+
+APPLIED, SKIPPED, PARKED = 0, 1, 2
 
 
 class Applier:
@@ -46,13 +54,16 @@ class Applier:
         self._shapes: dict[int, changelog.TableShape] = {}
         self._pending = changelog.PendingKeys()
 
-    def _refresh(self, conn: sqlite3.Connection) -> None:
+    def _refresh(self, conn: sqlite3.Connection) -> bool:
+        """Drop cached statements when the schema changed; True when it did."""
         version = conn.execute("PRAGMA schema_version").fetchone()[0]
-        if version != self._schema_version:
-            self._schema_version = version
-            self._tables.clear()
-            self._sql.clear()
-            self._shapes = changelog.registry(conn)
+        if version == self._schema_version:
+            return False
+        self._schema_version = version
+        self._tables.clear()
+        self._sql.clear()
+        self._shapes = changelog.registry(conn)
+        return True
 
     def _local(self, conn: sqlite3.Connection, table: str) -> TableInfo | None:
         if table not in self._tables:
@@ -83,7 +94,7 @@ class Applier:
             marks = ", ".join("?" for _ in cols)
             sql = (
                 f"UPDATE {t} SET {sets} WHERE rowid = ?" if cols else "",
-                f"INSERT OR IGNORE INTO {t}(rowid{', ' if cols else ''}{names}) "
+                f"INSERT INTO {t}(rowid{', ' if cols else ''}{names}) "
                 f"VALUES (?{', ' if cols else ''}{marks})",
             )
         else:
@@ -100,23 +111,64 @@ class Applier:
         self._sql[key] = sql
         return sql
 
+    def _park(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
+              ch: RowChange) -> None:
+        conn.execute(
+            f"INSERT INTO {ddl.PARKED}(stream, seq, tbl, op, columns, keys, vals) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (stream, seq, ch.table, ch.op, json.dumps(batch.columns[ch.table]),
+             json.dumps(batch.keys[ch.table]), cbor2.dumps(list(ch.values))),
+        )
+
+    def _unpark(self, conn: sqlite3.Connection, pending: changelog.PendingKeys) -> int:
+        """Apply, in arrival order, the parked changes whose table now exists."""
+        rows = conn.execute(
+            f"SELECT id, stream, seq, tbl, op, columns, keys, vals FROM {ddl.PARKED} ORDER BY id"
+        ).fetchall()
+        done: list[tuple[int]] = []
+        for pid, stream, seq, table, op, cols, keys, vals in rows:
+            if self._local(conn, table) is None:
+                continue
+            batch = Batch(0, {table: tuple(json.loads(cols))}, {table: tuple(json.loads(keys))},
+                          [])
+            conn.execute("SAVEPOINT parked")
+            try:
+                self._apply_change(conn, stream, seq, batch,
+                                   RowChange(table, op, tuple(cbor2.loads(vals))), pending)
+            except (sqlite3.Error, UnknownTable, ValueError) as exc:
+                conn.execute("ROLLBACK TO parked")
+                log.error("parked change from %s sequence %d to table %r cannot be applied, it "
+                          "stays parked: %s", stream, seq, table, exc)
+            else:
+                done.append((pid,))
+            conn.execute("RELEASE parked")
+        conn.executemany(f"DELETE FROM {ddl.PARKED} WHERE id = ?", done)
+        if done:
+            log.info("applied %d parked changes now that their tables exist", len(done))
+        return len(done)
+
     def _apply_change(
         self,
         conn: sqlite3.Connection,
+        stream: str,
+        seq: int,
         batch: Batch,
         ch: RowChange,
         pending: changelog.PendingKeys,
-    ) -> bool:
+    ) -> int:
         remote_cols = batch.columns[ch.table]
         local = self._local(conn, ch.table)
         if local is None:
-            raise UnknownTable(f"no table {ch.table!r} in the local database")
+            # Not lost: kept in order until the table exists here (its later changes are parked
+            # behind it, so applying them then gives the same final rows).
+            self._park(conn, stream, seq, batch, ch)
+            return PARKED
         key = tuple(ch.values[remote_cols.index(c)] for c in batch.keys[ch.table])
         if pending and (ch.table, key) in pending:
             # A local change to this row is not yet published; it will be published after this
             # message, so it is the row's final state everywhere. Applying this one now would only
             # make the row step back until then.
-            return False
+            return SKIPPED
         local_set = set(local.columns)
         if all(c in local_set for c in remote_cols):
             cols, vals = remote_cols, ch.values
@@ -132,11 +184,29 @@ class Applier:
             if stmts[0]:
                 cur = conn.execute(stmts[0], (*others, rowid))
                 if cur.rowcount:
-                    return True
+                    return APPLIED
             conn.execute(stmts[1], (rowid, *others))
         else:
             conn.execute(stmts[0], vals)
-        return True
+        return APPLIED
+
+    def retry_parked(self, conn: sqlite3.Connection) -> int:
+        """Apply parked changes whose table appeared since the last look (a cheap no-op when
+        the schema did not change)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            applied = 0
+            if self._refresh(conn):
+                conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
+                self._pending.refresh(conn, self._shapes)
+                applied = self._unpark(conn, self._pending)
+                conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return applied
 
     def apply(
         self, conn: sqlite3.Connection, stream: str, messages: list[tuple[int, bytes]]
@@ -145,10 +215,12 @@ class Applier:
         result = ApplyResult()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            self._refresh(conn)
+            schema_changed = self._refresh(conn)
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
             self._pending.refresh(conn, self._shapes)
             pending = self._pending
+            if schema_changed:
+                result.unparked = self._unpark(conn, pending)
             for seq, data in messages:
                 result.last_seq = seq
                 result.messages += 1
@@ -159,15 +231,25 @@ class Applier:
                     continue
                 result.origin_nodes.add(batch.node_id)
                 conn.execute("SAVEPOINT msg")
+                outcomes = [0, 0, 0]
                 try:
                     for ch in batch.changes:
-                        if self._apply_change(conn, batch, ch, pending):
-                            result.rows += 1
-                        else:
-                            result.skipped_pending += 1
+                        outcomes[self._apply_change(conn, stream, seq, batch, ch, pending)] += 1
                 except (sqlite3.Error, UnknownTable, ValueError) as exc:
                     conn.execute("ROLLBACK TO msg")
                     result.failed.append((seq, f"{type(exc).__name__}: {exc}"))
+                else:
+                    result.rows += outcomes[APPLIED]
+                    result.skipped_pending += outcomes[SKIPPED]
+                    result.parked += outcomes[PARKED]
+                    if outcomes[PARKED]:
+                        tables = sorted({c.table for c in batch.changes
+                                         if c.table not in self._tables
+                                         or self._tables[c.table] is None})
+                        log.warning("%s sequence %d: %d changes to %s parked: no such table "
+                                    "here yet; they are applied once it exists", stream, seq,
+                                    outcomes[PARKED], ", ".join(map(repr, tables)),
+                                    extra={"stream": stream, "sequence": seq})
                 conn.execute("RELEASE msg")
             if result.last_seq:
                 conn.execute(

@@ -61,6 +61,10 @@ class ConsoleFormatter(logging.Formatter):
             line += " " + fields
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        if self.colour:
+            # On a terminal a progress bar may own the current line: clear it first (the bar
+            # redraws itself below on its next update).
+            line = "\r\x1b[K" + line
         return line
 
 

@@ -225,3 +225,46 @@ def test_changes_to_a_table_a_node_lacks_wait_until_it_exists(
                15, "the parked changes once the table exists")
     for n in nodes:
         n.stop()
+
+
+def test_contended_rows_converge_under_concurrent_writers(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """Three nodes hammer the same ten rows at once (updates, deletes, re-inserts): whatever the
+    interleaving of publishes, acknowledgements and deliveries, every node ends identical."""
+    nodes = make_nodes(tmp_path, nats_server, 3, replication_log={"shards": 2})
+    for n in nodes:
+        n.start()
+    stop = threading.Event()
+
+    def hammer(node: NodeProc, seed: int) -> None:
+        rng = random.Random(seed)
+        conn = node.connect()
+        while not stop.is_set():
+            rid = rng.randrange(10)
+            op = rng.random()
+            if op < 0.7:
+                conn.execute("INSERT INTO items VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                             "owner = excluded.owner, name = excluded.name, qty = excluded.qty",
+                             (rid, node.node_id, f"n{node.node_id}", rng.random()))
+            elif op < 0.85:
+                conn.execute("DELETE FROM items WHERE id = ?", (rid,))
+            else:
+                conn.execute("BEGIN")
+                for k in range(10):
+                    conn.execute("UPDATE items SET qty = qty + 1 WHERE id = ?", (k,))
+                conn.execute("COMMIT")
+        conn.close()
+
+    threads = [threading.Thread(target=hammer, args=(n, i)) for i, n in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: sum(n.query("SELECT count(*) FROM __harmonylite__seq")[0][0]
+                           for n in nodes) > 0, 20, "replication to run")
+    stop.wait(4)  # the writers run for a fixed stretch of time
+    stop.set()
+    for t in threads:
+        t.join()
+    wait_until(lambda: converged(nodes), 40, "every node to hold the same rows")
+    for n in nodes:
+        n.stop()

@@ -113,6 +113,18 @@ def test_pending_local_change_is_not_stepped_back(tmp_path: Path) -> None:
     assert dst.execute("SELECT a FROM v").fetchone() == ("local, not yet published",)
 
 
+def test_local_change_already_sent_does_not_hide_later_remote_changes(tmp_path: Path) -> None:
+    """A local change being published may already sit in the stream before an incoming one: the
+    incoming change must be applied (our own message, if it comes later, is applied in turn)."""
+    src, dst = pair(tmp_path)
+    dst.execute("INSERT INTO v VALUES (1, 'local, in flight', NULL, NULL)")
+    in_flight = dst.execute("SELECT max(id) FROM __harmonylite__log").fetchone()[0]
+    changelog.set_intent(dst, in_flight)  # handed to the publisher, not yet acknowledged
+    src.execute("INSERT INTO v VALUES (1, 'remote, later in the stream', NULL, NULL)")
+    assert ship(src, dst, Applier(), 1) == 1
+    assert dst.execute("SELECT a FROM v").fetchone() == ("remote, later in the stream",)
+
+
 def test_garbage_is_skipped_and_unknown_tables_are_parked_until_they_exist(
     tmp_path: Path,
 ) -> None:

@@ -106,7 +106,13 @@ def prune(conn: sqlite3.Connection) -> int:
 
 
 class PendingKeys:
-    """(table, key) of every row with a change not yet published, kept up to date incrementally.
+    """(table, key) of every row whose newest local change has not been sent yet.
+
+    Only changes above the publisher's intent count: those are certain to reach the stream after
+    anything this node receives now. A change already handed to the publisher may sit anywhere in
+    the stream relative to an incoming one, so it must not hide it. (The publisher records its
+    intent in its own write transaction, which cannot commit while the applier holds the write
+    lock, so the two never disagree about which changes were sent.)
 
     Each refresh reads only the changes captured since the previous one, so checking a batch of
     incoming messages against the local pending changes costs nothing when there are none.
@@ -117,7 +123,7 @@ class PendingKeys:
         self._scanned = 0
 
     def refresh(self, conn: sqlite3.Connection, shapes: dict[int, TableShape]) -> None:
-        wm = watermark(conn)
+        wm = max(watermark(conn), intent(conn))
         if self._scanned < wm:
             self._scanned = wm
         rows = conn.execute(

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from nodes import stop_leftovers
 from servers import NatsServer
 
 # Every credential the suite hands to harmonylite (store settings, NATS logins). None of them may
@@ -48,6 +49,12 @@ def no_credentials_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Itera
         texts.append(path.read_text(errors="replace"))
     leaks = [(s, t[:200]) for t in texts for s in SECRETS if s in t]
     assert not leaks, f"credentials found in harmonylite logs: {leaks}"
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_nodes() -> Iterator[None]:
+    yield
+    stop_leftovers()
 
 
 @pytest.fixture

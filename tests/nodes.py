@@ -51,6 +51,18 @@ def wait_until(pred: Callable[[], bool], timeout: float = 20.0, what: str = "con
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+# Every node process a test starts, so that one left running by a failed test is stopped.
+RUNNING: list[NodeProc] = []
+
+
+def stop_leftovers() -> None:
+    while RUNNING:
+        node = RUNNING.pop()
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(10)
+
+
 class NodeProc:
     def __init__(self, workdir: Path, node_id: int, config: dict[str, Any],
                  extra_args: list[str] | None = None) -> None:
@@ -79,6 +91,7 @@ class NodeProc:
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
+        RUNNING.append(self)
 
     def wait_started(self, timeout: float = 60) -> NodeProc:
         try:

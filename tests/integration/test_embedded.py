@@ -88,3 +88,24 @@ def test_leaf_servers_connect_the_embedded_server_to_a_hub(tmp_path: Path) -> No
         asyncio.run(run())
     finally:
         hub.stop()
+
+
+def test_commands_use_a_running_nodes_embedded_server(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    node = NodeProc(tmp_path / "n1", 1, {"snapshot": {"enabled": True, "leader_ttl": 3000}})
+    node.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+    node.start()
+    wait_until(lambda: "Snapshot saved" in node.log_text(), 30, "the leader's first snapshot")
+    out = subprocess.run([sys.executable, "-m", "harmonylite", "-config", str(node.config_path),
+                          "snapshot", "list", "--json"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "embedded NATS server started" not in out.stderr  # no second server on the store
+    assert '"node_id": 1' in out.stdout
+    # A second node on the same database refuses instead of sharing the JetStream store.
+    twin = subprocess.run([sys.executable, "-m", "harmonylite", "-config",
+                           str(node.config_path)], capture_output=True, text=True, timeout=60)
+    assert twin.returncode == 1 and "already runs" in twin.stderr
+    assert node.stop() == 0

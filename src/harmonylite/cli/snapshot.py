@@ -82,9 +82,13 @@ async def default_js_context(cfg: Config) -> AsyncIterator[Any]:
         if not cfg.db_path:
             raise ConfigError("db_path", cfg.db_path, "is required to start the embedded NATS "
                               "server (or set nats.urls)")
-        embedded = EmbeddedNats(node_id=cfg.node_id, db_path=Path(cfg.db_path), nats=cfg.nats,
-                                cluster=cfg.cluster)
-        urls = [await embedded.start()]
+        running = EmbeddedNats.running_url(Path(cfg.db_path))
+        if running is not None:  # the node is up: use its server
+            urls = [running]
+        else:
+            embedded = EmbeddedNats(node_id=cfg.node_id, db_path=Path(cfg.db_path),
+                                    nats=cfg.nats, cluster=cfg.cluster)
+            urls = [await embedded.start()]
     try:
         nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}-snapshot", LinkState())
         try:
@@ -171,8 +175,13 @@ async def _same_js(js: Any) -> AsyncIterator[Any]:
 async def _save(cfg: Config, js_context: JsContext | None, progress: Progress) -> str:
     """`snapshot save`: under the cluster's upload lock (key ``snapshot`` in ``e-harmonylite``), so
     it never overlaps the leader's snapshot; SnapshotBusy (exit 75) when the lock is held. With the
-    embedded server and a non-NATS store there is no server to coordinate through: no lock."""
-    if cfg.snapshot.store != "nats" and not cfg.nats.urls and js_context is None:
+    embedded server, a non-NATS store and no node running here, there is no server to coordinate
+    through: no lock."""
+    from harmonylite.node.embedded_nats import EmbeddedNats
+
+    local_node_down = not cfg.db_path or EmbeddedNats.running_url(Path(cfg.db_path)) is None
+    if (cfg.snapshot.store != "nats" and not cfg.nats.urls and js_context is None
+            and local_node_down):
         async with snapshot_store(cfg) as store:
             return (await SnapshotPipeline(cfg, store, progress=progress).save()).manifest.id
     from harmonylite.snapshot.leader import upload_lock

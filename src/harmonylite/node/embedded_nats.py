@@ -91,9 +91,36 @@ class EmbeddedNats:
         self.proc: subprocess.Popen[bytes] | None = None
         self.client_url = ""
 
+    @staticmethod
+    def running_url(db_path: Path) -> str | None:
+        """Client URL of the embedded server a running node started for ``db_path``, if any.
+
+        Commands such as ``snapshot list`` use it instead of starting a second server on the same
+        JetStream store (two servers must never share one).
+        """
+        workdir = db_path.with_name(db_path.name + "-nats")
+        for ports in sorted((workdir / "ports").glob("*.ports")):
+            pid_text = ports.stem.rpartition("_")[2]
+            try:
+                pid = int(pid_text)
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                info = json.loads(ports.read_text())
+            except (ValueError, OSError):
+                continue
+            if str(workdir).encode() not in cmdline:
+                continue  # the pid was reused by something else
+            urls = info.get("nats") or []
+            if urls:
+                return str(urls[0]).replace("0.0.0.0", "127.0.0.1")
+        return None
+
     async def start(self, timeout: float = 30.0) -> str:
         """Start the server; returns the client URL once it accepts connections."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        other = self.running_url(self.workdir.with_name(self.workdir.name[: -len("-nats")]))
+        if other is not None:
+            raise NatsError(f"an embedded NATS server already runs on {self.workdir} ({other}): "
+                            "is another node running on this database?")
         ports_dir = self.workdir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()

@@ -22,6 +22,7 @@ from harmonylite.errors import NatsError
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], Awaitable[None]]
+MIN_RECONNECT_WAIT = 0.25
 
 
 @dataclass
@@ -60,7 +61,9 @@ async def connect(cfg: NatsConfig, urls: list[str], name: str, state: LinkState)
     options: dict[str, object] = {
         "servers": urls,
         "name": name,
-        "reconnect_time_wait": cfg.reconnect_wait_seconds,
+        # nats-py retries with no pause at all when this is 0: keep a floor, so a node whose
+        # server is gone waits instead of spinning a core.
+        "reconnect_time_wait": max(cfg.reconnect_wait_seconds, MIN_RECONNECT_WAIT),
         "max_reconnect_attempts": -1,
         "connect_timeout": 5,
         "disconnected_cb": disconnected,

@@ -3,6 +3,12 @@ harmonylite's triggers; HarmonyLite's per-table + global change-log layout for c
 
 Prints rows/s for each and the ratio to the plain table measured in the same round (median of
 rounds). Target: harmonylite >= 0.6x.
+
+Two measurements:
+- triggers only, no node running (the cost of capture alone);
+- the same inserts while a real node (and its nats-server) runs on the database: what an
+  application sees in production. The node publishes as the rows come in, and checkpoints the WAL
+  in the background, which takes that work out of the application's commits.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from harmonylite.cdc.install import install
 
@@ -70,6 +78,29 @@ def run(path: Path, setup: str) -> float:
     return ROWS / elapsed
 
 
+def with_node(tmp: Path, r: int, server: object) -> float:
+    """Rows/s of the application while a node runs on its database."""
+    from nodes import NodeProc
+
+    node = NodeProc(tmp / f"node-{r}", 1, {"nats": {"urls": [server.url],  # type: ignore[attr-defined]
+                                                    "stream_prefix": f"b{r}",
+                                                    "subject_prefix": f"b{r}"}})
+    conn = sqlite3.connect(node.db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(TABLE)
+    node.start()
+    try:
+        start = time.perf_counter()
+        for i in range(ROWS):
+            conn.execute("INSERT INTO t VALUES (?, ?, ?, ?, ?)",
+                         (i, f"item {i}", i % 97, i * 0.5, "some note text"))
+        return ROWS / (time.perf_counter() - start)
+    finally:
+        conn.close()
+        node.stop()
+
+
 def main() -> None:
     kinds = ["plain", "harmonylite", "harmonylite-go-layout", *REFERENCE]
     ratios: dict[str, list[float]] = {k: [] for k in kinds}
@@ -85,9 +116,23 @@ def main() -> None:
     for k in kinds:
         print(f"  {k:24s} {statistics.median(rates[k]):10,.0f} rows/s   "
               f"x{statistics.median(ratios[k]):.2f} of plain")
+    with tempfile.TemporaryDirectory() as tmp:
+        from servers import NatsServer
+
+        server = NatsServer(Path(tmp) / "nats").start()
+        live: list[float] = []
+        try:
+            for r in range(5):
+                plain = run(Path(tmp) / f"plain-{r}.db", "plain")
+                live.append(with_node(Path(tmp), r, server) / plain)
+        finally:
+            server.stop()
+    print(f"  {'harmonylite, node running':24s} x{statistics.median(live):.2f} of plain "
+          f"(median of 5 rounds: {', '.join(f'{x:.2f}' for x in live)})")
     ratio = statistics.median(ratios["harmonylite"])
-    verdict = "PASS" if ratio >= 0.6 else "FAIL"
-    print(f"RESULT cdc_overhead ratio={ratio:.2f} target>=0.60 {verdict}")
+    verdict = "PASS" if min(ratio, statistics.median(live)) >= 0.6 else "FAIL"
+    print(f"RESULT cdc_overhead ratio={ratio:.2f} (triggers only) "
+          f"{statistics.median(live):.2f} (node running) target>=0.60 {verdict}")
 
 
 if __name__ == "__main__":

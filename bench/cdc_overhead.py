@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from harmonylite.cdc.install import install
+from harmonylite.cdc.install import install  # noqa: E402
 
 ROWS = 10_000
 ROUNDS = 9

@@ -133,3 +133,17 @@ def test_a_write_between_the_publish_and_the_install_rolls_the_install_back(
     inst.install_file(snap, live, {S1: 9}, locked_check=check)
     assert conn.execute("SELECT count(*) FROM t").fetchone() == (50,)
     conn.close()
+
+
+def test_install_with_the_check_over_a_rollback_journal_database(tmp_path: Path) -> None:
+    live, snap = tmp_path / "live.db", tmp_path / "snap.db"
+    conn = sqlite3.connect(str(live), isolation_level=None)  # journal_mode = delete
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    conn.executemany("INSERT INTO t(v) VALUES (?)", [("x" * 200,) for _ in range(500)])
+    conn.close()
+    _snapshot_file(snap, 40)
+    inst.install_file(snap, live, {S1: 1}, locked_check=lambda: inst.check_nothing_pending(live))
+    conn = sqlite3.connect(str(live))
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (40,)
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()

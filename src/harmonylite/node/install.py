@@ -106,6 +106,10 @@ def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
             finally:
                 src.close()
             dest.execute("PRAGMA journal_mode = WAL")
+        elif str(dest.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            # The node runs every database in WAL mode; switching now also lets the check
+            # below read while the copy holds the write lock (a rollback journal would block it).
+            dest.execute("PRAGMA journal_mode = WAL")
         prepare(verified, sequences, None if fresh else page_size(dest))
         dest.execute("PRAGMA synchronous = FULL")  # the commit is on disk before we go on
         mid = _pause_hook("mid")

@@ -29,6 +29,7 @@ from .base import ObjectInfo
 
 CHUNK = 1024 * 1024
 TEMP_PREFIX = ".tmp-"
+READ_TRIES = 3  # attempts of a read (PROPFIND, GET, HEAD) that met a 5xx answer
 DAV = "{DAV:}"
 _PROPFIND_BODY = (
     b'<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:"><d:prop>'
@@ -120,10 +121,17 @@ class WebdavStore:
     async def _request(
         self, method: str, path: str, key: str, *, ok: tuple[int, ...], **kwargs: object
     ) -> httpx.Response:
-        try:
-            resp = await self._http.request(method, self._quote(path), **kwargs)  # type: ignore[arg-type]
-        except httpx.HTTPError as exc:
-            raise self._net_error(exc) from exc
+        # Reads are retried on a server error: some servers answer 500 to a listing that races
+        # a MOVE in the same collection. Writes are never repeated blindly.
+        tries = READ_TRIES if method in ("PROPFIND", "GET", "HEAD") else 1
+        for attempt in range(tries):
+            try:
+                resp = await self._http.request(method, self._quote(path), **kwargs)  # type: ignore[arg-type]
+            except httpx.HTTPError as exc:
+                raise self._net_error(exc) from exc
+            if resp.status_code < 500 or attempt == tries - 1:
+                break
+            await asyncio.sleep(0.05 * (attempt + 1))
         if resp.status_code not in ok:
             raise self._status_error(resp, key, method)
         return resp

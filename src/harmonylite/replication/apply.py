@@ -4,6 +4,8 @@ One transaction per group of messages: the changes, then the stream position in
 ``__harmonylite__seq``; so a crash re-applies at most an uncommitted suffix, which is harmless
 because changes carry whole rows (DESIGN rule 2). Each message gets a savepoint, so one that cannot
 be applied is rolled back alone, reported with its stream and sequence, and the rest go on.
+Changes to a table this database does not have are parked in ``__harmonylite__parked``, in
+arrival order, and applied once the table exists (``retry_parked``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class ApplyResult:
 
 
 class UnknownTable(Exception):
-    pass
+    """A statement was wanted for a table that vanished while the batch was being applied."""
 
 
 APPLIED, SKIPPED, PARKED = 0, 1, 2

@@ -109,3 +109,24 @@ def test_commands_use_a_running_nodes_embedded_server(tmp_path: Path) -> None:
                            str(node.config_path)], capture_output=True, text=True, timeout=60)
     assert twin.returncode == 1 and "already runs" in twin.stderr
     assert node.stop() == 0
+
+
+def test_a_dead_embedded_server_is_restarted_on_the_same_port(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from harmonylite.node.embedded_nats import EmbeddedNats
+
+    node = NodeProc(tmp_path / "n1", 1, {})
+    node.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+    node.start()
+    url = EmbeddedNats.running_url(node.db)
+    assert url is not None
+    ports = next((node.dir / "data.db-nats" / "ports").glob("*.ports"))
+    os.kill(int(ports.stem.rpartition("_")[2]), signal.SIGKILL)
+    wait_until(lambda: "restarting it" in node.log_text(), 20, "the node to notice")
+    wait_until(lambda: EmbeddedNats.running_url(node.db) == url, 30, "the server on its old port")
+    node.execute("INSERT INTO t VALUES (1)")  # published and applied through the new server
+    wait_until(lambda: node.query("SELECT seq FROM __harmonylite__seq") == [(1,)], 30,
+               "the change to go round")
+    assert node.stop() == 0

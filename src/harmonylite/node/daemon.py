@@ -150,6 +150,7 @@ class Node:
             self.embedded = EmbeddedNats(node_id=cfg.node_id, db_path=self.db_path,
                                          nats=cfg.nats, cluster=cfg.cluster)
             urls = [await self.embedded.start()]
+            self._tasks.append(asyncio.create_task(self.embedded.supervise(self.stop_event)))
         self.link.on_reconnect.append(self._resubscribe)
         self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
         self.js = self.nc.jetstream(publish_async_max_pending=1024)

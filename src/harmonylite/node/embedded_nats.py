@@ -58,10 +58,15 @@ def _url(addr: str) -> str:
 
 
 def render_config(
-    *, node_id: int, store_dir: Path, nats: NatsConfig, cluster: ClusterFlags
+    *, node_id: int, store_dir: Path, nats: NatsConfig, cluster: ClusterFlags,
+    port: int | None = None,
 ) -> str:
-    """nats-server configuration text (JSON is valid nats-server configuration syntax)."""
-    host, port = _split_host_port(nats.bind_address, "127.0.0.1")
+    """nats-server configuration text (JSON is valid nats-server configuration syntax).
+
+    ``port`` pins the client port (a restarted server keeps the one it had).
+    """
+    host, bound = _split_host_port(nats.bind_address, "127.0.0.1")
+    port = bound if port is None else port
     conf: dict[str, object] = {
         "server_name": f"harmonylite-{node_id}",
         "host": host,
@@ -114,7 +119,30 @@ class EmbeddedNats:
                 return str(urls[0]).replace("0.0.0.0", "127.0.0.1")
         return None
 
-    async def start(self, timeout: float = 30.0) -> str:
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Restart the server if it dies while the node runs, on the same client port, so the
+        node's connection (which reconnects for ever) finds it again."""
+        backoff = 1.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            proc = self.proc
+            if stop.is_set() or proc is None or proc.poll() is None:
+                continue
+            log.error("embedded NATS server exited with code %s; restarting it (log: %s)",
+                      proc.returncode, self.workdir / "server.log")
+            port = int(self.client_url.rsplit(":", 1)[1]) if self.client_url else None
+            try:
+                await self.start(port=port)
+                backoff = 1.0
+            except NatsError as exc:
+                log.error("cannot restart the embedded NATS server: %s; next try in %.0f s", exc,
+                          backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def start(self, timeout: float = 30.0, port: int | None = None) -> str:
         """Start the server; returns the client URL once it accepts connections."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         other = self.running_url(self.workdir.with_name(self.workdir.name[: -len("-nats")]))
@@ -130,7 +158,7 @@ class EmbeddedNats:
             conf_path = self.workdir / "server.conf"
             conf_path.write_text(
                 render_config(node_id=self.node_id, store_dir=self.workdir / "jetstream",
-                              nats=self.nats, cluster=self.cluster)
+                              nats=self.nats, cluster=self.cluster, port=port)
             )
         log_path = self.workdir / "server.log"
         args = [server_binary(), "-c", str(conf_path), "--ports_file_dir", str(ports_dir),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from harmonylite.cdc import ddl
 from harmonylite.cdc.schema import TableInfo, user_tables
-from harmonylite.db.connection import PREFIX, quote_ident
+from harmonylite.db.connection import PREFIX, quote_ident, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ def install(conn: sqlite3.Connection) -> InstallReport:
     or all of them.
     """
     report = InstallReport()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         for stmt in ddl.BASE_DDL:
             conn.execute(stmt)
         tables, report.skipped_virtual = user_tables(conn)
@@ -53,10 +52,6 @@ def install(conn: sqlite3.Connection) -> InstallReport:
             if table.rowid_keyed:
                 report.rowid_keyed.append(table.name)
         report.tables = tables
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     for name in report.rowid_keyed:
         log.warning(
             "table %r has no primary key: rows are keyed by rowid, and inserts made concurrently "
@@ -79,14 +74,9 @@ def harmonylite_objects(conn: sqlite3.Connection) -> list[tuple[str, str]]:
 
 def remove_all(conn: sqlite3.Connection) -> int:
     """Drop every harmonylite trigger and table; returns how many objects were dropped."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
         objects = harmonylite_objects(conn)
         for typ, name in sorted(objects, key=lambda o: o[0] != "trigger"):
             if typ in ("trigger", "table", "view"):
                 conn.execute(f"DROP {typ.upper()} IF EXISTS {quote_ident(name)}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return sum(1 for t, _ in objects if t in ("trigger", "table", "view"))

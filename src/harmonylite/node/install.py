@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harmonylite.cdc import changelog, ddl
+from harmonylite.db.connection import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,12 @@ def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None) -
         if page_bytes is not None and page_size(conn) != page_bytes:
             conn.execute(f"PRAGMA page_size = {int(page_bytes)}")
             conn.execute("VACUUM")
-        conn.execute("BEGIN IMMEDIATE")
-        for stmt in ddl.BASE_DDL:
-            conn.execute(stmt)
-        conn.execute(f"DELETE FROM {ddl.SEQ}")
-        conn.executemany(f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?)",
-                         sorted(sequences.items()))
-        conn.execute("COMMIT")
+        with write_transaction(conn):
+            for stmt in ddl.BASE_DDL:
+                conn.execute(stmt)
+            conn.execute(f"DELETE FROM {ddl.SEQ}")
+            conn.executemany(f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?)",
+                             sorted(sequences.items()))
     finally:
         conn.close()
 

@@ -19,7 +19,7 @@ import cbor2
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.schema import ROWID, TableInfo, table_info
-from harmonylite.db.connection import quote_ident
+from harmonylite.db.connection import quote_ident, write_transaction
 from harmonylite.errors import DecodeError
 from harmonylite.replication.event import Batch, RowChange, decode
 
@@ -195,19 +195,13 @@ class Applier:
     def retry_parked(self, conn: sqlite3.Connection) -> int:
         """Apply parked changes whose table appeared since the last look (a cheap no-op when
         the schema did not change)."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            applied = 0
+        applied = 0
+        with write_transaction(conn):
             if self._refresh(conn):
                 conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
                 self._pending.refresh(conn, self._shapes)
                 applied = self._unpark(conn, self._pending)
                 conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return applied
 
     def apply(
@@ -215,8 +209,7 @@ class Applier:
     ) -> ApplyResult:
         """Apply messages (sequence, payload) in order and record the stream position."""
         result = ApplyResult()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             schema_changed = self._refresh(conn)
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
             self._pending.refresh(conn, self._shapes)
@@ -260,9 +253,4 @@ class Applier:
                     (stream, result.last_seq),
                 )
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return result

@@ -28,7 +28,7 @@ from harmonylite.aio import wait_any
 from harmonylite.cdc import changelog
 from harmonylite.cdc.changelog import Change, TableShape
 from harmonylite.config import Config
-from harmonylite.db.connection import DbThread, open_connection
+from harmonylite.db.connection import DbThread, open_connection, write_transaction
 from harmonylite.ops.metrics import Metrics
 from harmonylite.replication.event import encode, shard_of
 
@@ -195,16 +195,10 @@ class Publisher:
         under a steady stream of commits the node takes the write lock once per batch, and only
         for two one-row updates (the reading happens before, without the lock)."""
         changes = changelog.read_pending(conn, upto, self.cfg.scan_max_changes, self._shapes)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             changelog.mark_published(conn, upto)
             if changes:
                 changelog.set_intent(conn, changes[-1].id)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return changes
 
     async def flush_once(self) -> int:

@@ -21,6 +21,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from harmonylite import __version__
+from harmonylite.aio import wait_any
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import InstallReport, install
 from harmonylite.config import Config
@@ -101,7 +102,6 @@ class Node:
         self.positions = await self._load_positions()
         if cfg.replicate:
             applier = self.applier = Applier()
-            self._tasks.append(asyncio.create_task(self._parked_loop(applier)))
             for shard in range(1, cfg.replication_log.shards + 1):
                 stream = cfg.stream_name(shard)
                 consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
@@ -121,12 +121,12 @@ class Node:
             self.watcher = ChangeWatcher(str(self.db_path), interval, wake)
             self.watcher.start()
             self._tasks.append(asyncio.create_task(publisher.run(self.stop_event)))
-            self._tasks.append(asyncio.create_task(self._cleanup_loop()))
             if cfg.snapshot.enabled:
                 from harmonylite.snapshot.service import SnapshotService
 
                 self.snapshots = SnapshotService(self)
                 self._tasks.append(asyncio.create_task(self.snapshots.run(self.stop_event)))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
         if cfg.sleep_timeout > 0 and self.snapshots is None:
             # (With snapshots, the service handles it: the leader takes a final snapshot first.)
             self._tasks.append(asyncio.create_task(self._sleep_when_idle()))
@@ -193,8 +193,7 @@ class Node:
         timeout = self.cfg.sleep_timeout / 1000
         seen, since = self.activity(), time.monotonic()
         while not self.stop_event.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), min(1.0, timeout))
+            await wait_any(self.stop_event, timeout=min(1.0, timeout))
             now = self.activity()
             if now != seen:
                 seen, since = now, time.monotonic()
@@ -202,27 +201,20 @@ class Node:
                 log.info("no activity for %.1f s (sleep_timeout): stopping", timeout)
                 self.stop_event.set()
 
-    async def _parked_loop(self, applier: Applier) -> None:
-        """Changes to tables this database lacks are parked; apply them once a table appears,
-        even when no further message arrives to notice it."""
+    async def _housekeeping(self) -> None:
+        """Every cleanup_interval: prune published changes (publishers) and apply parked changes
+        whose table appeared meanwhile (replicators), even when no new message would notice."""
         while not self.stop_event.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), self.cfg.cleanup_interval / 1000)
+            await wait_any(self.stop_event, timeout=self.cfg.cleanup_interval / 1000)
             try:
-                await self.writer.call(applier.retry_parked)
+                if self.publisher is not None:
+                    pruned = await self.writer.call(changelog.prune)
+                    if pruned:
+                        log.debug("pruned %d published changes", pruned)
+                if self.applier is not None:
+                    await self.writer.call(self.applier.retry_parked)
             except sqlite3.Error as exc:
-                log.warning("cannot apply parked changes: %s", exc)
-
-    async def _cleanup_loop(self) -> None:
-        while not self.stop_event.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), self.cfg.cleanup_interval / 1000)
-            try:
-                pruned = await self.writer.call(changelog.prune)
-                if pruned:
-                    log.debug("pruned %d published changes", pruned)
-            except sqlite3.Error as exc:
-                log.warning("cannot prune the change log: %s", exc)
+                log.warning("housekeeping of the change log failed: %s", exc)
 
     # --- state -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

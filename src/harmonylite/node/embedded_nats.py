@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from harmonylite.aio import wait_any
 from harmonylite.config import ClusterFlags, NatsConfig
 from harmonylite.errors import NatsError
 
@@ -124,8 +125,7 @@ class EmbeddedNats:
         node's connection (which reconnects for ever) finds it again."""
         backoff = 1.0
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+            await wait_any(stop, timeout=0.5)
             proc = self.proc
             if stop.is_set() or proc is None or proc.poll() is None:
                 continue
@@ -138,8 +138,7 @@ class EmbeddedNats:
             except NatsError as exc:
                 log.error("cannot restart the embedded NATS server: %s; next try in %.0f s", exc,
                           backoff)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
+                await wait_any(stop, timeout=backoff)
                 backoff = min(backoff * 2, 30.0)
 
     async def start(self, timeout: float = 30.0, port: int | None = None) -> str:

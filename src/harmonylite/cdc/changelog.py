@@ -7,6 +7,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from harmonylite.cdc import ddl
+from harmonylite.db.connection import fetch_all
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,10 @@ def read_pending(
     upto: int | None = None,
 ) -> list[Change]:
     """Up to ``limit`` changes with id > ``after`` (and <= ``upto``), oldest first."""
-    rows = conn.execute(
-        f"SELECT * FROM {ddl.LOG} WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+    rows = fetch_all(
+        conn, f"SELECT * FROM {ddl.LOG} WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
         (after, upto if upto is not None else 2**63 - 1, limit),
-    ).fetchall()
+    )
     out: list[Change] = []
     for row in rows:
         cid, tid, op = int(row[0]), int(row[1]), int(row[2])
@@ -126,9 +127,8 @@ class PendingKeys:
         wm = max(watermark(conn), intent(conn))
         if self._scanned < wm:
             self._scanned = wm
-        rows = conn.execute(
-            f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id", (self._scanned,)
-        ).fetchall()
+        rows = fetch_all(conn, f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id",
+                         (self._scanned,))
         for row in rows:
             tid = int(row[1])
             shape = shapes.get(tid)

@@ -17,6 +17,12 @@ Layout (one insert per captured row change, which keeps the trigger cheap):
   transaction, so a snapshot copy knows exactly where it stands in the streams.
 - ``__harmonylite__parked``: incoming changes to a table this database does not have (yet), in
   arrival order; applied once the table exists.
+- ``__harmonylite__dead_letter``: incoming changes that can never be applied here as they are
+  (malformed, a value out of range, a constraint that fails), with stream, sequence, origin,
+  table, key, error and the change itself, so nothing is skipped without a record.
+- ``__harmonylite__origins(origin, stream, hwm)``: per origin database and stream, the highest
+  change id applied, written in the applying transaction: a batch sent again, however late, is
+  not applied twice.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ GUARD = f"{PREFIX}guard"
 STATE = f"{PREFIX}state"
 SEQ = f"{PREFIX}seq"
 PARKED = f"{PREFIX}parked"
+DEAD_LETTER = f"{PREFIX}dead_letter"
+ORIGINS = f"{PREFIX}origins"
 
 OP_INSERT = 1
 OP_UPDATE = 2
@@ -50,6 +58,11 @@ BASE_DDL = [
     f"CREATE TABLE IF NOT EXISTS {PARKED} (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, "
     "seq INTEGER NOT NULL, tbl TEXT NOT NULL, op INTEGER NOT NULL, columns TEXT NOT NULL, "
     "keys TEXT NOT NULL, vals BLOB NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {DEAD_LETTER} (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, "
+    "seq INTEGER NOT NULL, origin INTEGER, tbl TEXT, key TEXT, error TEXT NOT NULL, "
+    "payload BLOB NOT NULL, created_at REAL NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {ORIGINS} (origin TEXT NOT NULL, stream TEXT NOT NULL, "
+    "hwm INTEGER NOT NULL, PRIMARY KEY (origin, stream)) WITHOUT ROWID",
 ]
 
 GUARD_CLAUSE = f"WHEN (SELECT applying FROM {GUARD} WHERE id = 1) IS NOT 1"

@@ -12,11 +12,45 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 PREFIX = "__harmonylite__"
+
+
+class RawText(bytes):
+    """A TEXT value whose bytes are not valid UTF-8 (kept as bytes; written back as TEXT)."""
+
+    __slots__ = ()
+
+
+def text_factory(data: bytes) -> str | RawText:
+    """sqlite3 text factory that never fails: invalid UTF-8 comes back as RawText."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return RawText(data)
+
+
+def fetch_all(conn: sqlite3.Connection, sql: str,
+              params: tuple[object, ...] = ()) -> list[Any]:
+    """``execute(sql, params).fetchall()`` that reads text which is not valid UTF-8 too.
+
+    The default text factory decodes in C; a Python one costs about twice as much per value, so
+    it is used only for a read that met such text (the application stored bytes as TEXT).
+    """
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "decode" not in str(exc):
+            raise
+    previous = conn.text_factory
+    conn.text_factory = text_factory
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.text_factory = previous
 
 
 def quote_ident(name: str) -> str:

@@ -2,10 +2,20 @@
 
 One transaction per group of messages: the changes, then the stream position in
 ``__harmonylite__seq``; so a crash re-applies at most an uncommitted suffix, which is harmless
-because changes carry whole rows (DESIGN rule 2). Each message gets a savepoint, so one that cannot
-be applied is rolled back alone, reported with its stream and sequence, and the rest go on.
+because changes carry whole rows (DESIGN rule 2).
+
+Errors are of two kinds (DESIGN rule 14). A transient one (the database busy or locked beyond the
+timeout, disk full, I/O) rolls the whole transaction back and is raised: the caller retries the
+same messages later, so nothing is skipped. Any other error concerns one change: the message is
+applied again change by change, each under its own savepoint, and a change that fails is written
+to the dead-letter table with its reason while every other change (other rows, other
+transactions batched with it) is applied. A message that is not a change batch at all is
+dead-lettered whole.
+
 Changes to a table this database does not have are parked in ``__harmonylite__parked``, in
-arrival order, and applied once the table exists (``retry_parked``).
+arrival order, and applied once the table exists (``retry_parked``). A change whose origin
+database already had a later change applied from this stream is a re-send and is ignored
+(``__harmonylite__origins``).
 """
 
 from __future__ import annotations
@@ -15,13 +25,12 @@ import logging
 import sqlite3
 from dataclasses import dataclass, field
 
-import cbor2
-
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.schema import ROWID, TableInfo, table_info
-from harmonylite.db.connection import quote_ident, write_transaction
+from harmonylite.db.connection import RawText, quote_ident, write_transaction
 from harmonylite.errors import DecodeError
-from harmonylite.replication.event import Batch, RowChange, decode
+from harmonylite.replication import deadletter
+from harmonylite.replication.event import Batch, RowChange, decode, dumps_values, loads_values
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +43,9 @@ class ApplyResult:
     skipped_pending: int = 0
     parked: int = 0  # changes to tables this database does not have, kept for later
     unparked: int = 0
+    duplicates: int = 0  # changes already applied from an earlier copy of the same batch
     failed: list[tuple[int, str]] = field(default_factory=list)  # (sequence, reason)
+    dead_letters: int = 0  # changes written to the dead-letter table
     origin_nodes: set[int] = field(default_factory=set)
     published_at: float | None = None  # JetStream time of the last message, for the lag metric
 
@@ -43,18 +54,49 @@ class UnknownTable(Exception):
     """A statement was wanted for a table that vanished while the batch was being applied."""
 
 
-APPLIED, SKIPPED, PARKED = 0, 1, 2
+APPLIED, SKIPPED, PARKED, DUPLICATE, DEAD = 0, 1, 2, 3, 4
+
+# SQLite primary result codes that say "not now" rather than "never": busy, locked, out of
+# memory, read-only, I/O error, disk full, cannot open, locking protocol, schema changed.
+TRANSIENT_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15, 17})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same work later may succeed (nothing about the change is wrong)."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return (int(code) & 0xFF) in TRANSIENT_CODES
+        text = str(exc).lower()
+        return isinstance(exc, sqlite3.OperationalError) and any(
+            w in text for w in ("locked", "busy", "disk", "i/o", "unable to open"))
+    return isinstance(exc, OSError | MemoryError | UnknownTable)
+
+
+def _raw_mask(values: tuple[object, ...]) -> tuple[bool, ...] | None:
+    """Which values are text that is not valid UTF-8 (None when none: the usual case)."""
+    if RawText not in map(type, values):
+        return None
+    return tuple(type(v) is RawText for v in values)
+
+
+def _mark(mask: tuple[bool, ...] | None, i: int) -> str:
+    # Bound as a blob, cast back to TEXT: SQLite keeps the bytes exactly.
+    return "CAST(? AS TEXT)" if mask is not None and mask[i] else "?"
 
 
 class Applier:
     """Holds prepared SQL per table shape; one instance per writer connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, skip_pending: bool = True) -> None:
         self._tables: dict[str, TableInfo | None] = {}
         self._schema_version = -1
-        self._sql: dict[tuple[str, tuple[str, ...], int], tuple[str, ...]] = {}
+        self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None],
+                        tuple[str, ...]] = {}
         self._shapes: dict[int, changelog.TableShape] = {}
         self._pending = changelog.PendingKeys()
+        # With publish = false local changes are never sent, so they must not hide incoming ones.
+        self.skip_pending = skip_pending
 
     def _refresh(self, conn: sqlite3.Connection) -> bool:
         """Drop cached statements when the schema changed; True when it did."""
@@ -76,9 +118,10 @@ class Applier:
         return self._tables[table]
 
     def _statements(
-        self, conn: sqlite3.Connection, table: str, columns: tuple[str, ...], op: int
+        self, conn: sqlite3.Connection, table: str, columns: tuple[str, ...], op: int,
+        mask: tuple[bool, ...] | None = None,
     ) -> tuple[str, ...]:
-        key = (table, columns, op)
+        key = (table, columns, op, mask)
         cached = self._sql.get(key)
         if cached is not None:
             return cached
@@ -87,13 +130,16 @@ class Applier:
             raise UnknownTable(f"no table {table!r} in the local database")
         t = quote_ident(table)
         if op == ddl.OP_DELETE:
-            where = " AND ".join(f"{quote_ident(c)} = ?" for c in local.pk)
+            # (mask, for a delete, covers the key values in key order)
+            where = " AND ".join(f"{quote_ident(c)} = {_mark(mask, i)}"
+                                 for i, c in enumerate(local.pk))
             sql: tuple[str, ...] = (f"DELETE FROM {t} WHERE {where}",)
         elif local.rowid_keyed:
-            cols = [c for c in columns if c != ROWID]
-            sets = ", ".join(f"{quote_ident(c)} = ?" for c in cols)
+            idx = [i for i, c in enumerate(columns) if c != ROWID]
+            cols = [columns[i] for i in idx]
+            sets = ", ".join(f"{quote_ident(columns[i])} = {_mark(mask, i)}" for i in idx)
             names = ", ".join(quote_ident(c) for c in cols)
-            marks = ", ".join("?" for _ in cols)
+            marks = ", ".join(_mark(mask, i) for i in idx)
             sql = (
                 f"UPDATE {t} SET {sets} WHERE rowid = ?" if cols else "",
                 f"INSERT INTO {t}(rowid{', ' if cols else ''}{names}) "
@@ -101,7 +147,7 @@ class Applier:
             )
         else:
             names = ", ".join(quote_ident(c) for c in columns)
-            marks = ", ".join("?" for _ in columns)
+            marks = ", ".join(_mark(mask, i) for i in range(len(columns)))
             rest = [c for c in columns if c not in local.pk]
             conflict = ", ".join(quote_ident(c) for c in local.pk)
             action = (
@@ -119,7 +165,7 @@ class Applier:
             f"INSERT INTO {ddl.PARKED}(stream, seq, tbl, op, columns, keys, vals) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (stream, seq, ch.table, ch.op, json.dumps(batch.columns[ch.table]),
-             json.dumps(batch.keys[ch.table]), cbor2.dumps(list(ch.values))),
+             json.dumps(batch.keys[ch.table]), dumps_values(ch.values)),
         )
 
     def _unpark(self, conn: sqlite3.Connection, pending: changelog.PendingKeys) -> int:
@@ -136,9 +182,12 @@ class Applier:
             conn.execute("SAVEPOINT parked")
             try:
                 self._apply_change(conn, stream, seq, batch,
-                                   RowChange(table, op, tuple(cbor2.loads(vals))), pending)
-            except (sqlite3.Error, UnknownTable, ValueError) as exc:
+                                   RowChange(table, op, loads_values(vals)), pending)
+            except Exception as exc:
                 conn.execute("ROLLBACK TO parked")
+                if is_transient(exc):
+                    conn.execute("RELEASE parked")
+                    raise
                 log.error("parked change from %s sequence %d to table %r cannot be applied, it "
                           "stays parked: %s", stream, seq, table, exc)
             else:
@@ -166,7 +215,7 @@ class Applier:
             self._park(conn, stream, seq, batch, ch)
             return PARKED
         key = tuple(ch.values[remote_cols.index(c)] for c in batch.keys[ch.table])
-        if pending and (ch.table, key) in pending:
+        if self.skip_pending and pending and (ch.table, key) in pending:
             # A local change to this row is not yet published; it will be published after this
             # message, so it is the row's final state everywhere. Applying this one now would only
             # make the row step back until then.
@@ -177,10 +226,12 @@ class Applier:
         else:  # columns this node does not have (yet) are left out rather than failing the row
             pairs = [(c, v) for c, v in zip(remote_cols, ch.values, strict=True) if c in local_set]
             cols, vals = tuple(c for c, _ in pairs), tuple(v for _, v in pairs)
-        stmts = self._statements(conn, ch.table, cols, ch.op)
         if ch.op == ddl.OP_DELETE:
+            stmts = self._statements(conn, ch.table, cols, ch.op, _raw_mask(key))
             conn.execute(stmts[0], key)
-        elif local.rowid_keyed:
+            return APPLIED
+        stmts = self._statements(conn, ch.table, cols, ch.op, _raw_mask(vals))
+        if local.rowid_keyed:
             rowid = vals[cols.index(ROWID)]
             others = [v for c, v in zip(cols, vals, strict=True) if c != ROWID]
             if stmts[0]:
@@ -207,45 +258,40 @@ class Applier:
     def apply(
         self, conn: sqlite3.Connection, stream: str, messages: list[tuple[int, bytes]]
     ) -> ApplyResult:
-        """Apply messages (sequence, payload) in order and record the stream position."""
+        """Apply messages (sequence, payload) in order and record the stream position.
+
+        Raises only transient errors (see :func:`is_transient`), after rolling everything back.
+        """
         result = ApplyResult()
         with write_transaction(conn):
             schema_changed = self._refresh(conn)
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
-            self._pending.refresh(conn, self._shapes)
+            if self.skip_pending:
+                self._pending.refresh(conn, self._shapes)
             pending = self._pending
             if schema_changed:
                 result.unparked = self._unpark(conn, pending)
+            marks = {str(o): int(h) for o, h in conn.execute(
+                f"SELECT origin, hwm FROM {ddl.ORIGINS} WHERE stream = ?", (stream,))}
+            moved: set[str] = set()
             for seq, data in messages:
                 result.last_seq = seq
                 result.messages += 1
                 try:
                     batch = decode(data)
                 except DecodeError as exc:
+                    deadletter.record_message(conn, stream, seq, data, str(exc))
                     result.failed.append((seq, str(exc)))
+                    result.dead_letters += 1
                     continue
                 result.origin_nodes.add(batch.node_id)
-                conn.execute("SAVEPOINT msg")
-                outcomes = [0, 0, 0]
-                try:
-                    for ch in batch.changes:
-                        outcomes[self._apply_change(conn, stream, seq, batch, ch, pending)] += 1
-                except (sqlite3.Error, UnknownTable, ValueError) as exc:
-                    conn.execute("ROLLBACK TO msg")
-                    result.failed.append((seq, f"{type(exc).__name__}: {exc}"))
-                else:
-                    result.rows += outcomes[APPLIED]
-                    result.skipped_pending += outcomes[SKIPPED]
-                    result.parked += outcomes[PARKED]
-                    if outcomes[PARKED]:
-                        tables = sorted({c.table for c in batch.changes
-                                         if c.table not in self._tables
-                                         or self._tables[c.table] is None})
-                        log.warning("%s sequence %d: %d changes to %s parked: no such table "
-                                    "here yet; they are applied once it exists", stream, seq,
-                                    outcomes[PARKED], ", ".join(map(repr, tables)),
-                                    extra={"stream": stream, "sequence": seq})
-                conn.execute("RELEASE msg")
+                self._apply_message(conn, stream, seq, batch, pending, marks, result)
+                if batch.origin and batch.ids:
+                    moved.add(batch.origin)
+            conn.executemany(
+                f"INSERT INTO {ddl.ORIGINS}(origin, stream, hwm) VALUES (?, ?, ?) "
+                "ON CONFLICT(origin, stream) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
+                [(o, stream, marks[o]) for o in moved])
             if result.last_seq:
                 conn.execute(
                     f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?) ON CONFLICT(stream) "
@@ -254,3 +300,74 @@ class Applier:
                 )
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
         return result
+
+    def _apply_message(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
+                       pending: changelog.PendingKeys, marks: dict[str, int],
+                       result: ApplyResult) -> None:
+        """One message under a savepoint; when a change fails, again change by change."""
+        conn.execute("SAVEPOINT msg")
+        try:
+            outcomes = self._apply_changes(conn, stream, seq, batch, pending, dict(marks),
+                                           isolate=False)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO msg")
+            if is_transient(exc):
+                conn.execute("RELEASE msg")
+                raise
+            outcomes = self._apply_changes(conn, stream, seq, batch, pending, marks,
+                                           isolate=True)
+        else:
+            if batch.origin and batch.ids:
+                marks[batch.origin] = max(marks.get(batch.origin, 0), max(batch.ids))
+        conn.execute("RELEASE msg")
+        result.rows += outcomes[APPLIED]
+        result.skipped_pending += outcomes[SKIPPED]
+        result.parked += outcomes[PARKED]
+        result.duplicates += outcomes[DUPLICATE]
+        result.dead_letters += outcomes[DEAD]
+        if outcomes[DEAD]:
+            result.failed.append((seq, f"{outcomes[DEAD]} changes dead-lettered"))
+        if outcomes[PARKED]:
+            tables = sorted({c.table for c in batch.changes
+                             if self._tables.get(c.table) is None})
+            log.warning("%s sequence %d: %d changes to %s parked: no such table here yet; "
+                        "they are applied once it exists", stream, seq, outcomes[PARKED],
+                        ", ".join(map(repr, tables)), extra={"stream": stream, "sequence": seq})
+
+    def _apply_changes(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
+                       pending: changelog.PendingKeys, marks: dict[str, int], *,
+                       isolate: bool) -> list[int]:
+        outcomes = [0, 0, 0, 0, 0]
+        origin = batch.origin if batch.ids else ""
+        hwm = marks.get(origin, 0) if origin else 0
+        for i, ch in enumerate(batch.changes):
+            if origin:
+                cid = batch.ids[i]
+                if cid <= hwm:
+                    outcomes[DUPLICATE] += 1
+                    continue
+                hwm = cid
+            if not isolate:
+                outcomes[self._apply_change(conn, stream, seq, batch, ch, pending)] += 1
+                continue
+            conn.execute("SAVEPOINT ch")
+            try:
+                outcome = self._apply_change(conn, stream, seq, batch, ch, pending)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO ch")
+                conn.execute("RELEASE ch")
+                if is_transient(exc):
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+                deadletter.record_change(conn, stream, seq, batch, i, reason)
+                log.error("change to table %r from node %d (%s sequence %d) cannot be applied "
+                          "and was put in the dead-letter table: %s", ch.table, batch.node_id,
+                          stream, seq, reason,
+                          extra={"stream": stream, "sequence": seq, "table": ch.table})
+                outcome = DEAD
+            else:
+                conn.execute("RELEASE ch")
+            outcomes[outcome] += 1
+        if origin:
+            marks[origin] = hwm
+        return outcomes

@@ -3,8 +3,16 @@
 One NATS message carries the changes of one publish batch that fall in one shard, in
 change-log order::
 
-    {"v": 1, "n": node_id, "t": {table: [columns…]}, "k": {table: [key columns…]},
-     "c": [[table, op, [values…]], …]}
+    {"v": 1, "n": node_id, "e": epoch, "t": {table: [columns…]}, "k": {table: [key columns…]},
+     "c": [[table, op, [values…]], …], "i": [change id, …]}
+
+``e`` (the origin database's epoch) and ``i`` (each change's id in the origin's change log,
+increasing) let a receiver ignore a change it already applied, however late it comes again
+(DESIGN rule 15); a batch without them is applied as it is.
+
+Text that is not valid UTF-8 (SQLite stores whatever bytes it is given) travels as CBOR tag
+``RAW_TEXT_TAG`` around its bytes and comes back as :class:`RawText`, so it is written back
+byte-exactly as TEXT.
 
 CBOR keeps every SQLite value exactly (int64, float, text with NUL, blobs, NULL). With
 compression on, the CBOR bytes are zstd frames; decoding recognises the zstd magic number, so a
@@ -21,6 +29,7 @@ import cbor2
 import zstandard
 
 from harmonylite.cdc.changelog import Change, TableShape
+from harmonylite.db.connection import RawText
 from harmonylite.errors import DecodeError
 
 FORMAT = 1
@@ -29,6 +38,33 @@ _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()
 # A decompressed batch larger than this is refused as garbage rather than allocated.
 MAX_DECODED = 256 * 1024 * 1024
+
+
+RAW_TEXT_TAG = 26984  # an unassigned CBOR tag: "text whose bytes are not valid UTF-8"
+
+
+def _tag_hook(tag: cbor2.CBORTag, immutable: bool) -> object:
+    if tag.tag == RAW_TEXT_TAG and isinstance(tag.value, bytes):
+        return RawText(tag.value)
+    return tag
+
+
+def _wrap_raw(values: list[object]) -> list[object]:
+    return [cbor2.CBORTag(RAW_TEXT_TAG, bytes(v)) if type(v) is RawText else v for v in values]
+
+
+def dump_values(values: Iterable[object]) -> list[object]:
+    """Values ready for cbor2 (text that is not UTF-8 tagged as such)."""
+    out = list(values)
+    return _wrap_raw(out) if RawText in map(type, out) else out
+
+
+def dumps_values(values: Iterable[object]) -> bytes:
+    return bytes(cbor2.dumps(dump_values(values)))
+
+
+def loads_values(data: bytes) -> tuple[object, ...]:
+    return tuple(cbor2.loads(data, tag_hook=_tag_hook))
 
 
 @dataclass(frozen=True)
@@ -44,6 +80,12 @@ class Batch:
     columns: dict[str, tuple[str, ...]]
     keys: dict[str, tuple[str, ...]]
     changes: list[RowChange]
+    epoch: str = ""
+    ids: tuple[int, ...] = ()  # per change, its id in the origin's change log (may be empty)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.node_id}:{self.epoch}" if self.epoch else ""
 
 
 def shard_of(table: str, key: Sequence[object], shards: int) -> int:
@@ -55,18 +97,25 @@ def shard_of(table: str, key: Sequence[object], shards: int) -> int:
 
 
 def encode(
-    node_id: int, changes: Iterable[Change], shapes: dict[str, TableShape], compress: bool
+    node_id: int, changes: Iterable[Change], shapes: dict[str, TableShape], compress: bool,
+    epoch: str = "",
 ) -> bytes:
     cols: dict[str, list[str]] = {}
     keys: dict[str, list[str]] = {}
     body: list[list[object]] = []
+    ids: list[int] = []
     for ch in changes:
         if ch.table not in cols:
             shape = shapes[ch.table]
             cols[ch.table] = list(shape.columns)
             keys[ch.table] = list(shape.pk)
-        body.append([ch.table, ch.op, list(ch.values)])
-    raw = cbor2.dumps({"v": FORMAT, "n": node_id, "t": cols, "k": keys, "c": body})
+        body.append([ch.table, ch.op, dump_values(ch.values)])
+        ids.append(ch.id)
+    doc: dict[str, object] = {"v": FORMAT, "n": node_id, "t": cols, "k": keys, "c": body}
+    if epoch:
+        doc["e"] = epoch
+        doc["i"] = ids
+    raw = cbor2.dumps(doc)
     return _compressor.compress(raw) if compress else raw
 
 
@@ -75,7 +124,7 @@ def decode(data: bytes) -> Batch:
     try:
         if data[:4] == ZSTD_MAGIC:
             data = _decompressor.decompress(data, max_output_size=MAX_DECODED)
-        obj = cbor2.loads(data)
+        obj = cbor2.loads(data, tag_hook=_tag_hook)
     except Exception as exc:  # cbor2 and zstandard raise many unrelated types on garbage
         raise DecodeError(f"not a harmonylite change batch: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("v") != FORMAT:
@@ -88,12 +137,18 @@ def decode(data: bytes) -> Batch:
         for table, op, values in obj["c"]:
             if table not in columns or op not in (1, 2, 3) or not isinstance(values, list):
                 raise DecodeError(f"malformed change for table {table!r}")
+            if table not in keys or any(k not in columns[table] for k in keys[table]):
+                raise DecodeError(f"change for table {table!r} names no usable key columns")
             if len(values) != len(columns[table]):
                 raise DecodeError(f"change for {table!r} has {len(values)} values, "
                                   f"expected {len(columns[table])}")
             changes.append(RowChange(str(table), int(op), tuple(values)))
+        epoch = str(obj.get("e") or "")
+        ids = tuple(int(i) for i in obj.get("i") or ())
+        if ids and len(ids) != len(changes):
+            raise DecodeError(f"batch has {len(ids)} change ids for {len(changes)} changes")
     except DecodeError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DecodeError(f"malformed change batch: {type(exc).__name__}: {exc}") from exc
-    return Batch(node, columns, keys, changes)
+    return Batch(node, columns, keys, changes, epoch, ids)

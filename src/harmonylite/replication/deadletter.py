@@ -1,0 +1,119 @@
+"""The dead-letter table: incoming changes that cannot be applied here, kept where an operator
+finds them (``harmonylite dead-letters``) instead of being skipped.
+
+A row holds the stream and sequence the change came in, its origin node, table and key, the
+error, and the change itself as a one-change batch in the wire format, so ``retry`` applies it
+with the ordinary applier once the cause is fixed. A message that is not a change batch at all is
+kept whole (``tbl`` NULL).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from harmonylite.cdc import ddl
+from harmonylite.db.connection import RawText, fetch_all
+from harmonylite.replication.event import Batch, RowChange, dump_values
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    stream: str
+    seq: int
+    origin: int | None
+    table: str | None
+    key: str | None
+    error: str
+    payload: bytes
+    created_at: float
+
+    def as_json(self, *, payload: bool = False) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "id": self.id, "stream": self.stream, "sequence": self.seq, "origin": self.origin,
+            "table": self.table, "key": self.key, "error": self.error,
+            "created_at": self.created_at,
+        }
+        if payload:
+            doc["payload_hex"] = self.payload.hex()
+        return doc
+
+
+def _key_text(values: tuple[object, ...]) -> str:
+    def plain(v: object) -> object:
+        if isinstance(v, RawText):
+            return {"raw_text_hex": bytes(v).hex()}
+        if isinstance(v, bytes):
+            return {"blob_hex": v.hex()}
+        if isinstance(v, float) and v != v:
+            return None
+        if isinstance(v, float) and v in (float("inf"), float("-inf")):
+            return repr(v)
+        return v
+
+    return json.dumps([plain(v) for v in values])
+
+
+def one_change_batch(batch: Batch, index: int) -> bytes:
+    """The change ``index`` of ``batch`` alone, in the wire format (uncompressed)."""
+    ch = batch.changes[index]
+    doc: dict[str, object] = {
+        "v": 1, "n": batch.node_id, "t": {ch.table: list(batch.columns[ch.table])},
+        "k": {ch.table: list(batch.keys.get(ch.table, ()))},
+        "c": [[ch.table, ch.op, dump_values(ch.values)]],
+    }
+    if batch.epoch and batch.ids:
+        doc["e"], doc["i"] = batch.epoch, [batch.ids[index]]
+    return bytes(cbor2.dumps(doc))
+
+
+def record_change(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, index: int,
+                  error: str) -> None:
+    ch: RowChange = batch.changes[index]
+    cols = batch.columns.get(ch.table, ())
+    keys = batch.keys.get(ch.table, ())
+    key = tuple(ch.values[cols.index(k)] for k in keys if k in cols)
+    conn.execute(
+        f"INSERT INTO {ddl.DEAD_LETTER}(stream, seq, origin, tbl, key, error, payload, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (stream, seq, batch.node_id, ch.table, _key_text(key), error,
+         one_change_batch(batch, index), time.time()),
+    )
+
+
+def record_message(conn: sqlite3.Connection, stream: str, seq: int, data: bytes,
+                   error: str) -> None:
+    conn.execute(
+        f"INSERT INTO {ddl.DEAD_LETTER}(stream, seq, origin, tbl, key, error, payload, "
+        "created_at) VALUES (?, ?, NULL, NULL, NULL, ?, ?, ?)",
+        (stream, seq, error, data, time.time()),
+    )
+
+
+def count(conn: sqlite3.Connection) -> int:
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM {ddl.DEAD_LETTER}").fetchone()[0])
+    except sqlite3.OperationalError:  # not installed yet
+        return 0
+
+
+def rows(conn: sqlite3.Connection, ident: int | None = None) -> list[DeadLetter]:
+    sql = (f"SELECT id, stream, seq, origin, tbl, key, error, payload, created_at "
+           f"FROM {ddl.DEAD_LETTER}")
+    params: tuple[object, ...] = ()
+    if ident is not None:
+        sql += " WHERE id = ?"
+        params = (ident,)
+    return [DeadLetter(int(r[0]), str(r[1]), int(r[2]), r[3], r[4], r[5], str(r[6]),
+                       bytes(r[7]), float(r[8]))
+            for r in fetch_all(conn, sql + " ORDER BY id", params)]
+
+
+def delete(conn: sqlite3.Connection, ident: int) -> None:
+    conn.execute(f"DELETE FROM {ddl.DEAD_LETTER} WHERE id = ?", (ident,))

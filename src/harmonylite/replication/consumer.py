@@ -21,6 +21,7 @@ from nats.js.errors import ServiceUnavailableError
 
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
+from harmonylite.replication import large_changes
 from harmonylite.replication.apply import Applier, ApplyResult
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,13 @@ class ShardConsumer:
         seq = meta.sequence.stream
         if seq <= self._queued_upto:
             return  # delivered again after a resubscribe; already queued or applied
+        # A large change arrives as a reference to an object: fetched here (retried until it
+        # succeeds), so everything after it waits and the applier sees an ordinary payload.
+        data = await large_changes.resolve(self.js, msg.data, msg.headers)
+        if seq <= self._queued_upto:
+            return  # queued meanwhile by a newer subscription (a resubscribe during the fetch)
         self._queued_upto = seq
-        await self._queue.put((seq, msg.data, meta.timestamp.timestamp()))
+        await self._queue.put((seq, data, meta.timestamp.timestamp()))
 
     async def subscribe_with_retry(self, timeout: float = 60.0) -> None:
         """Subscribe, waiting while a JetStream cluster that just (re)started elects leaders."""

@@ -8,6 +8,9 @@ The last change id of the batch is recorded before it is sent. If the process di
 acknowledgement and the watermark, the next start re-sends exactly that batch, cut the same way,
 so the message ids repeat and JetStream's duplicate window (2 minutes) drops the copies instead of
 appending old row states after newer ones.
+
+Messages are cut under the server's ``max_payload`` (learned from the connection's INFO); a message
+that still does not fit (one large change) is carried out of band, see ``large_changes``.
 """
 
 from __future__ import annotations
@@ -29,14 +32,20 @@ from harmonylite.cdc import changelog
 from harmonylite.cdc.changelog import Change, TableShape
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread, open_connection, write_transaction
+from harmonylite.errors import StorageUnavailable
 from harmonylite.ops.metrics import Metrics
 from harmonylite.replication.event import encode, shard_of
+from harmonylite.replication.large_changes import (
+    REF_HEADER,
+    LargeChangeStore,
+    bucket_name,
+    describe,
+    server_limit,
+    split_by_size,
+)
 
 log = logging.getLogger(__name__)
 
-# Split a shard's changes into several messages above this encoded size (the server's default
-# max_payload is 1 MiB).
-TARGET_MESSAGE_BYTES = 512 * 1024
 ACK_TIMEOUT = 5.0
 CHECKPOINT_EVERY = 0.01  # seconds between background WAL checkpoints while the database changes
 
@@ -49,6 +58,8 @@ class Outgoing:
     count: int
     first: tuple[str, tuple[object, ...]]  # table and key of its first change, for reports
     acked: bool = False
+    # Set once the payload is stored out of band: the small message published in its place.
+    reference: bytes | None = None
 
 
 @dataclass
@@ -121,6 +132,7 @@ class Publisher:
         self.last_error: str | None = None
         self._shapes: dict[int, TableShape] = {}
         self._inflight: InFlight | None = None
+        self._large: LargeChangeStore | None = None
 
     def _build(self, changes: list[Change]) -> InFlight:
         by_name = {s.name: s for s in self._shapes.values()}
@@ -132,8 +144,13 @@ class Publisher:
             groups.setdefault(shard_of(ch.table, key, shards), []).append(ch)
         flight = InFlight(upto=changes[-1].id)
         compress = self.cfg.replication_log.compress
+        limit = server_limit(self.js)
+
+        def size_of(part: list[Change]) -> int:
+            return len(encode(self.cfg.node_id, part, by_name, compress))
+
         for shard, group in sorted(groups.items()):
-            for part in self._split(group, by_name, compress):
+            for part in split_by_size(group, size_of, limit):
                 msg_id = f"{self.cfg.node_id}:{self.epoch}:{part[0].id}-{part[-1].id}:{shard}"
                 payload = encode(self.cfg.node_id, part, by_name, compress)
                 subject = self.cfg.subject(shard)
@@ -142,24 +159,40 @@ class Publisher:
                 flight.messages.append(Outgoing(msg_id, subject, payload, len(part), first))
         return flight
 
-    def _split(self, group: list[Change], by_name: dict[str, TableShape],
-               compress: bool) -> list[list[Change]]:
-        """Cut a shard's changes into messages of at most TARGET_MESSAGE_BYTES each."""
-        payload = encode(self.cfg.node_id, group, by_name, compress)
-        if len(payload) <= TARGET_MESSAGE_BYTES or len(group) == 1:
-            return [group]
-        mid = len(group) // 2
-        return self._split(group[:mid], by_name, compress) + self._split(group[mid:], by_name,
-                                                                          compress)
+    async def _out_of_band(self, m: Outgoing, limit: int) -> bytes:
+        """Store an oversized message's payload in the object store; return its reference."""
+        if self._large is None:
+            self._large = LargeChangeStore(self.js, bucket_name(self.cfg),
+                                           self.cfg.replication_log.replicas, self.cfg.node_id)
+        table, key = m.first
+        try:
+            ref = await self._large.put(m.payload, table, key)
+        except Exception as exc:
+            raise StorageUnavailable(
+                f"{describe(m.count, table, key, len(m.payload), limit)} and cannot be stored "
+                f"in object store bucket {self._large.bucket}: {exc}; they stay pending and are "
+                f"retried") from exc
+        log.info("%s: stored as object %s in bucket %s", describe(m.count, table, key,
+                 len(m.payload), limit), ref.name, ref.bucket,
+                 extra={"table": table, "size": len(m.payload)})
+        return ref.encode()
 
     async def _send(self, flight: InFlight) -> None:
         todo = [m for m in flight.messages if not m.acked]
         futures: list[asyncio.Future[Any]] = []
+        # Checked at send time, not only when cutting: after a reconnect the server may be one
+        # with a lower limit than the batch was cut for.
+        limit = server_limit(self.js)
         try:
             for m in todo:
+                headers = {"Nats-Msg-Id": m.msg_id}
+                if m.reference is None and len(m.payload) > limit:
+                    m.reference = await self._out_of_band(m, limit)
+                if m.reference is not None:
+                    headers[REF_HEADER] = "1"
+                body = m.payload if m.reference is None else m.reference
                 futures.append(await self.js.publish_async(
-                    m.subject, m.payload, headers={"Nats-Msg-Id": m.msg_id},
-                    wait_stall=ACK_TIMEOUT))
+                    m.subject, body, headers=headers, wait_stall=ACK_TIMEOUT))
             errors: list[BaseException] = []
             for m, fut in zip(todo, futures, strict=False):
                 try:
@@ -231,19 +264,6 @@ class Publisher:
             if n == 0:
                 return total
 
-    def _report_oversized(self) -> None:
-        """Name the change that can never fit in one message under the server's limit."""
-        limit = getattr(self.js._nc, "max_payload", 0) or 1024 * 1024
-        for m in self._inflight.messages if self._inflight else []:
-            if not m.acked and len(m.payload) > limit:
-                table, key = m.first
-                log.error(
-                    "change to table %r key %r is %d bytes, over the NATS server's max_payload of "
-                    "%d: it stays pending, and so do the changes after it, until the server's "
-                    "max_payload is raised", table, key, len(m.payload), limit,
-                    extra={"table": table, "size": len(m.payload)},
-                )
-
     async def run(self, stop: asyncio.Event) -> None:
         """Publish whenever woken, until ``stop``; back off while NATS is unreachable."""
         backoff = 0.1
@@ -261,7 +281,6 @@ class Publisher:
                     self.metrics.set_pending(self.pending)
                 log.warning("publish failed, %d changes stay pending: %s", self.pending,
                             self.last_error)
-                self._report_oversized()
                 await wait_any(stop, timeout=backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,7 +184,8 @@ def test_weird_identifiers_and_table_without_primary_key(
         n.stop()
 
 
-def test_garbage_message_is_logged_and_skipped(tmp_path: Path, nats_server: NatsServer) -> None:
+def test_garbage_message_is_dead_lettered_and_the_rest_applies(
+        tmp_path: Path, nats_server: NatsServer) -> None:
     nodes = make_nodes(tmp_path, nats_server, 2)
     a, b = (n.start() for n in nodes)
     a.execute("INSERT INTO items VALUES (1, 1, 'one', 1)")
@@ -201,7 +205,16 @@ def test_garbage_message_is_logged_and_skipped(tmp_path: Path, nats_server: Nats
     for n in nodes:
         text = n.log_text()
         assert f"harmonylite-changes-c-1 sequence {garbage_seq}" in text
-        assert "message skipped" in text
+        assert "dead-letters" in text
+        dead = n.query("SELECT stream, seq, tbl, error FROM __harmonylite__dead_letter "
+                       "ORDER BY seq")
+        assert [(s, q) for s, q, _, _ in dead] == [("harmonylite-changes-c-1", garbage_seq),
+                                                   ("harmonylite-changes-c-1", garbage_seq + 1)]
+        assert all(t is None and "change batch" in e for _, _, t, e in dead)
+    listing = subprocess.run(
+        [sys.executable, "-m", "harmonylite", "-config", str(b.config_path), "dead-letters",
+         "list", "--json"], capture_output=True, text=True, timeout=60, check=True)
+    assert [d["sequence"] for d in json.loads(listing.stdout)] == [garbage_seq, garbage_seq + 1]
     assert converged(nodes)
     for n in nodes:
         assert n.stop(signal.SIGINT) == 0

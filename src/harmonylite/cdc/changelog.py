@@ -153,3 +153,28 @@ def applied_sequences(conn: sqlite3.Connection) -> dict[str, int]:
     except sqlite3.OperationalError:
         return {}
     return {str(s): int(q) for s, q in rows}
+
+
+def record_gap(conn: sqlite3.Connection, stream: str, first: int, last: int) -> None:
+    """Remember that ``stream`` dropped messages ``first..last`` before this database applied
+    them. Kept in the database (not in memory), so a restart still knows the node diverged; a
+    restored snapshot replaces the database and with it the record."""
+    conn.execute(
+        f"INSERT INTO {ddl.STATE}(k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = "
+        "CASE WHEN v LIKE '%-%' THEN substr(v, 1, instr(v, '-')) || excluded.v "
+        "ELSE excluded.v END",
+        (f"gap:{stream}", f"{first}-{last}"),
+    )
+
+
+def recorded_gaps(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """stream -> (first, last) of the messages it dropped before this database applied them."""
+    try:
+        rows = conn.execute(f"SELECT k, v FROM {ddl.STATE} WHERE k LIKE 'gap:%'").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    out: dict[str, tuple[int, int]] = {}
+    for k, v in rows:
+        first, _, last = str(v).partition("-")
+        out[str(k)[4:]] = (int(first), int(last.rsplit("-", 1)[-1]))
+    return out

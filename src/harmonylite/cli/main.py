@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated leaf node remotes for the embedded NATS server")
     p.add_argument("-version", "--version", action="store_true", help="print the version")
     p.add_argument("verb", nargs=argparse.REMAINDER,
-                   help="snapshot list|save|verify|restore (see `harmonylite snapshot --help`)")
+                   help="snapshot list|save|verify|restore, dead-letters list|show|retry|drop")
     return p
 
 
@@ -88,8 +88,13 @@ def run(argv: Sequence[str]) -> int:
     if args.save_snapshot:
         verb = ["snapshot", "save"]
     if verb:
+        if verb[0] == "dead-letters":
+            from harmonylite.cli import dead_letters
+
+            return dead_letters.main(cfg, verb[1:])
         if verb[0] != "snapshot":
-            raise UsageError(f"unknown command {verb[0]!r}: the only verb is 'snapshot'")
+            raise UsageError(f"unknown command {verb[0]!r}: the verbs are 'snapshot' and "
+                             "'dead-letters'")
         from harmonylite.cli import snapshot
 
         return snapshot.main(cfg, verb[1:])

@@ -1,8 +1,14 @@
 """A running node: change capture, NATS, publisher, one consumer per shard, and shutdown.
 
-Every task belongs to the node and is awaited on the way out: on SIGINT/SIGTERM the publisher and
+Every task belongs to the node's supervisor (restarted with backoff if it raises, reported in
+health if it keeps failing) and is awaited on the way out: on SIGINT/SIGTERM the publisher and
 the consumers finish the batch in hand, pending changes get one last chance to go out, the
 consumers unsubscribe, the connection closes, and the embedded server (if any) stops.
+
+A gap found while running (a stream dropped messages this node had not applied) is recorded in
+the database; with snapshots on, the node then starts over in the same process, and the start-up
+recovery restores the newest snapshot that covers it. Without snapshots the gap stays in health
+(503) and the log until an operator restores the node.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import secrets
 import signal
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +35,10 @@ from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
 from harmonylite.node.embedded_nats import EmbeddedNats
+from harmonylite.node.supervisor import Supervisor
 from harmonylite.ops.health import HttpServer, probe_database, start_health_server
 from harmonylite.ops.metrics import Metrics, start_metrics_server
+from harmonylite.replication import deadletter
 from harmonylite.replication.apply import Applier, ApplyResult
 from harmonylite.replication.consumer import ShardConsumer
 from harmonylite.replication.nats_link import LinkState, connect, ensure_streams
@@ -42,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL = 0.005
+STALL_GRACE = 5.0  # seconds a consumer may be stalled before health turns 503
 
 
 def _epoch(conn: sqlite3.Connection) -> str:
@@ -74,7 +84,11 @@ class Node:
         self.consumers: list[ShardConsumer] = []
         self.install_report: InstallReport | None = None
         self.positions: dict[str, int] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = Supervisor(self.stop_event)
+        self.gaps: dict[str, tuple[int, int]] = {}  # found and not covered by a restore
+        self.dead_letters = 0
+        self.restart_reason: str | None = None  # set to start the node over in this process
+        self._background: set[asyncio.Task[None]] = set()
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
         self.applier: Applier | None = None
@@ -100,15 +114,18 @@ class Node:
         epoch = await self.writer.call(_epoch)
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
         self.positions = await self._load_positions()
+        self.dead_letters = await self.writer.call(deadletter.count)
         if cfg.replicate:
-            applier = self.applier = Applier()
+            await self._check_gaps_at_start()
+            applier = self.applier = Applier(skip_pending=cfg.publish)
             for shard in range(1, cfg.replication_log.shards + 1):
                 stream = cfg.stream_name(shard)
                 consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
-                                         self.positions.get(stream, 0), self._applied)
+                                         self.positions.get(stream, 0), self._applied,
+                                         on_gap=self._gap_found)
                 await consumer.subscribe_with_retry()
                 self.consumers.append(consumer)
-                self._tasks.append(asyncio.create_task(consumer.run(self.stop_event)))
+                self._spawn(f"consumer {stream}", consumer.run)
         if cfg.publish:
             self.publisher = Publisher(cfg, self.pub_db, self.js, epoch, metrics=self.metrics)
             publisher = self.publisher
@@ -120,16 +137,16 @@ class Node:
 
             self.watcher = ChangeWatcher(str(self.db_path), interval, wake)
             self.watcher.start()
-            self._tasks.append(asyncio.create_task(publisher.run(self.stop_event)))
+            self._spawn("publisher", publisher.run)
             if cfg.snapshot.enabled:
                 from harmonylite.snapshot.service import SnapshotService
 
                 self.snapshots = SnapshotService(self)
-                self._tasks.append(asyncio.create_task(self.snapshots.run(self.stop_event)))
-        self._tasks.append(asyncio.create_task(self._housekeeping()))
+                self._spawn("snapshots", self.snapshots.run)
+        self.supervisor.spawn("housekeeping", self._housekeeping)
         if cfg.sleep_timeout > 0 and self.snapshots is None:
             # (With snapshots, the service handles it: the leader takes a final snapshot first.)
-            self._tasks.append(asyncio.create_task(self._sleep_when_idle()))
+            self.supervisor.spawn("sleep timer", self._sleep_when_idle)
         log.info("node started", extra={"version": __version__, "publish": cfg.publish,
                                         "replicate": cfg.replicate,
                                         "shards": cfg.replication_log.shards})
@@ -150,11 +167,54 @@ class Node:
             self.embedded = EmbeddedNats(node_id=cfg.node_id, db_path=self.db_path,
                                          nats=cfg.nats, cluster=cfg.cluster)
             urls = [await self.embedded.start()]
-            self._tasks.append(asyncio.create_task(self.embedded.supervise(self.stop_event)))
+            self._spawn("embedded nats-server", self.embedded.supervise)
         self.link.on_reconnect.append(self._resubscribe)
         self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
         self.js = self.nc.jetstream(publish_async_max_pending=1024)
         await ensure_streams(self.js, cfg)
+
+    def _spawn(self, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        stop = self.stop_event
+        self.supervisor.spawn(name, lambda: run(stop))
+
+    async def _check_gaps_at_start(self) -> None:
+        """Streams that no longer hold what follows this node's positions, and gaps found
+        earlier, are recorded and reported; nothing runs on silently (DESIGN rule 16)."""
+        from harmonylite.node.recovery import gaps, stream_heads
+
+        assert self.js is not None
+        heads = await stream_heads(self.js, self.cfg.stream_names())
+        found = gaps(self.positions, heads)
+
+        def record(conn: sqlite3.Connection) -> None:
+            for g in found:
+                changelog.record_gap(conn, g.stream, g.first, g.last)
+
+        await self.writer.call(record)
+        self.gaps = await self.writer.call(changelog.recorded_gaps)
+        for stream, (first, last) in sorted(self.gaps.items()):
+            log.error("this node never applied messages %d..%d of stream %s (the stream dropped "
+                      "them): it may differ from the other nodes until it is restored from a "
+                      "snapshot that covers them", first, last, stream,
+                      extra={"stream": stream, "from_seq": first, "to_seq": last})
+
+    def _gap_found(self, stream: str, first: int, last: int) -> None:
+        """A consumer met a jump in sequences: record it, then recover or report it."""
+        self.metrics.gap_found()
+        prev = self.gaps.get(stream)
+        self.gaps[stream] = (prev[0] if prev else first, last)
+        task = asyncio.get_running_loop().create_task(
+            self.writer.call(lambda c: changelog.record_gap(c, stream, first, last)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        # A gap already known at start was the start-up recovery's to cover: starting over
+        # again would not cover it better.
+        known_at_start = prev is not None and first <= prev[1] + 1
+        if self.cfg.snapshot.enabled and self.restart_reason is None and not known_at_start:
+            self.restart_reason = f"gap in {stream} ({first}..{last})"
+            log.warning("starting the node over to restore a snapshot that covers the gap in "
+                        "%s", stream, extra={"stream": stream})
+            self.stop_event.set()
 
     async def _load_positions(self) -> dict[str, int]:
         in_db = await self.pub_db.call(changelog.applied_sequences)
@@ -173,6 +233,9 @@ class Node:
         self.metrics.replicated(done, published_at=result.published_at)
         if result.failed:
             self.metrics.apply_failed(len(result.failed))
+        if result.dead_letters:
+            self.dead_letters += result.dead_letters
+            self.metrics.dead_lettered(result.dead_letters)
         try:
             write_seq_map(self.seq_map_path, self.positions)
         except OSError as exc:
@@ -203,18 +266,28 @@ class Node:
 
     async def _housekeeping(self) -> None:
         """Every cleanup_interval: prune published changes (publishers) and apply parked changes
-        whose table appeared meanwhile (replicators), even when no new message would notice."""
+        whose table appeared meanwhile (replicators), even when no new message would notice.
+        With publish = false, captured changes are never sent: they are dropped here, so the
+        change log does not grow without bound."""
+        failing: str | None = None
         while not self.stop_event.is_set():
             await wait_any(self.stop_event, timeout=self.cfg.cleanup_interval / 1000)
             try:
-                if self.publisher is not None:
-                    pruned = await self.writer.call(changelog.prune)
-                    if pruned:
-                        log.debug("pruned %d published changes", pruned)
+                if not self.cfg.publish:
+                    await self.writer.call(_discard_unpublishable)
+                pruned = await self.writer.call(changelog.prune)
+                if pruned:
+                    log.debug("pruned %d published changes", pruned)
                 if self.applier is not None:
                     await self.writer.call(self.applier.retry_parked)
+                if failing is not None:
+                    log.info("housekeeping of the change log works again")
+                    failing = None
             except sqlite3.Error as exc:
-                log.warning("housekeeping of the change log failed: %s", exc)
+                if str(exc) != failing:  # once per state change, not every interval
+                    log.warning("housekeeping of the change log failed (retried every %.1f s): "
+                                "%s", self.cfg.cleanup_interval / 1000, exc)
+                failing = str(exc)
 
     # --- state -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -231,7 +304,42 @@ class Node:
             "published_total": self.publisher.published_total if self.publisher else 0,
             "replicated_total": self.replicated_total,
             "positions": dict(self.positions),
+            "replication": self.replication_state(),
+            "dead_letters": self.dead_letters,
+            "problems": self.problems(),
         }
+
+    def replication_state(self) -> dict[str, Any]:
+        now = time.time()
+        out: dict[str, Any] = {}
+        stalled = 0
+        for c in self.consumers:
+            lag = c.lag
+            stalled += c.stalled is not None
+            self.metrics.stream_state(c.stream, c.position, lag)
+            out[c.stream] = {
+                "applied_sequence": c.position,
+                "stream_last_sequence": c.stream_last_seq,
+                "lag_messages": lag,
+                "lag_seconds": round(now - c.last_message_at, 3)
+                if lag and c.last_message_at else 0.0,
+                "stalled": c.stalled,
+                "gap": list(self.gaps[c.stream]) if c.stream in self.gaps else None,
+            }
+        self.metrics.set_stalled(stalled)
+        return out
+
+    def problems(self) -> list[str]:
+        """Why replication is not healthy (each makes health 503)."""
+        out = list(self.supervisor.problems())
+        now = time.monotonic()
+        for c in self.consumers:
+            if c.stalled is not None and now - (c.stalled_since or now) >= STALL_GRACE:
+                out.append(f"apply stalled on {c.stream}: {c.stalled}")
+        for stream, (first, last) in sorted(self.gaps.items()):
+            out.append(f"stream {stream} dropped messages {first}..{last} before this node "
+                       "applied them: restore it from a snapshot that covers them")
+        return out
 
     async def health_status(self) -> dict[str, Any]:
         return {**self.status(), "version": __version__,
@@ -243,10 +351,7 @@ class Node:
         self.stop_event.set()
         for server in self._servers:
             await server.close()
-        if self._tasks:
-            for res in await asyncio.gather(*self._tasks, return_exceptions=True):
-                if isinstance(res, BaseException) and not isinstance(res, asyncio.CancelledError):
-                    log.error("task failed: %s", res, exc_info=res)
+        await self.supervisor.wait()
         if self.snapshots is not None:
             await self.snapshots.close()
         if self.publisher is not None and self.nc is not None and self.nc.is_connected:
@@ -273,16 +378,32 @@ class Node:
         self.pub_db.close()
 
 
+def _discard_unpublishable(conn: sqlite3.Connection) -> None:
+    top = conn.execute(f"SELECT max(id) FROM {ddl.LOG}").fetchone()[0]
+    if top is not None:
+        changelog.mark_published(conn, int(top))
+
+
 async def run_node(cfg: Config) -> int:
-    node = Node(cfg)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, node.stop_event.set)
-    try:
-        await node.start()
-        await node.stop_event.wait()
-        log.info("shutting down")
-    finally:
-        await node.close()
+    stopping = asyncio.Event()
+    while True:
+        node = Node(cfg)
+
+        def on_signal(node: Node = node) -> None:
+            stopping.set()
+            node.stop_event.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await node.start()
+            await node.stop_event.wait()
+            log.info("shutting down")
+        finally:
+            await node.close()
+        if node.restart_reason is None or stopping.is_set():
+            break
+        log.info("starting over: %s", node.restart_reason)
     log.info("stopped")
     return 0

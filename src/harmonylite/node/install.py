@@ -196,6 +196,18 @@ def applied_positions(db_path: Path) -> dict[str, int]:
         conn.close()
 
 
+def recorded_gaps(db_path: Path) -> dict[str, tuple[int, int]]:
+    """Gaps the node found while running (see :func:`changelog.record_gap`)."""
+    if not db_path.exists():
+        return {}
+    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        return changelog.recorded_gaps(conn)
+    finally:
+        conn.close()
+
+
 def in_use(db_path: Path) -> str | None:
     """Why the database looks open in another process (a running node), or None.
 

@@ -239,7 +239,14 @@ async def recover(node: Node) -> None:
     positions = {**(from_file or {}), **in_db}
     heads = await stream_heads(node.js, cfg.stream_names())
     behind = gaps(positions, heads)
+    # Gaps found while running: the positions moved past them, so only the record tells.
+    recorded = await asyncio.to_thread(install.recorded_gaps, db_path) if db_exists else {}
+    missed = sum(last - first + 1 for first, last in recorded.values())
     reasons = []
+    if recorded:
+        reasons.append("the streams dropped messages before this node applied them ("
+                       + ", ".join(f"{s} {f}..{la}" for s, (f, la) in sorted(recorded.items()))
+                       + ")")
     if not db_exists:
         reasons.append(f"database file {db_path} is missing")
     if from_file is None:
@@ -266,7 +273,7 @@ async def recover(node: Node) -> None:
             return
         newest = candidates[0]
         if db_exists:
-            keep, restore = lost(positions, heads), lost(newest.sequences, heads)
+            keep, restore = lost(positions, heads) + missed, lost(newest.sequences, heads)
             better = restore < keep if from_file is not None else restore <= keep
             if not better:
                 log.warning("not restoring: the newest snapshot %s would leave this node further "

@@ -122,6 +122,9 @@ def evaluate(
         reasons.append("NATS is disconnected")
     if not cdc_installed:
         reasons.append("change capture is not installed")
+    # Replication problems the node itself diagnosed: a stalled or dead consumer, a gap that
+    # nothing covered, a task that keeps failing.
+    reasons.extend(str(p) for p in status.get("problems") or ())
 
     uptime = _number(status.get("uptime_seconds")) or 0.0
     snap_in: Mapping[str, Any] = status.get("snapshot") or {}
@@ -156,6 +159,9 @@ def evaluate(
         },
         "reasons": reasons,
     }
+    for extra in ("replication", "dead_letters", "warnings"):
+        if extra in status:
+            body[extra] = status[extra]
     return healthy, body
 
 

@@ -107,6 +107,21 @@ class Metrics:
         self.replication_lag_seconds = Gauge(
             "replication_lag_seconds", "For the last applied message: apply time minus its "
             "publish time.", **ns)
+        self.dead_letters_total = Counter(
+            "dead_letters", "Incoming changes put in the dead-letter table (never applied).",
+            **ns)
+        self.apply_stalled = Gauge(
+            "apply_stalled", "Streams whose consumer cannot apply right now (transient error).",
+            **ns)
+        self.stream_lag_messages = Gauge(
+            "stream_lag_messages", "Messages the stream holds beyond this node's position.",
+            ["stream"], **ns)
+        self.stream_applied_sequence = Gauge(
+            "stream_applied_sequence", "Last stream sequence applied by this node.", ["stream"],
+            **ns)
+        self.stream_gaps_total = Counter(
+            "stream_gaps", "Times a stream was found to have dropped messages this node had not "
+            "applied.", **ns)
         self.nats_connected = Gauge(
             "nats_connected", "1 while the NATS connection is up, else 0.", **ns)
         self.nats_connected.set_function(self._nats_value)
@@ -136,6 +151,20 @@ class Metrics:
     def apply_failed(self, n: int = 1) -> None:
         if n > 0:
             self.apply_failures_total.inc(n)
+
+    def dead_lettered(self, n: int = 1) -> None:
+        if n > 0:
+            self.dead_letters_total.inc(n)
+
+    def stream_state(self, stream: str, applied: int, lag: int) -> None:
+        self.stream_applied_sequence.labels(stream).set(applied)
+        self.stream_lag_messages.labels(stream).set(lag)
+
+    def set_stalled(self, n: int) -> None:
+        self.apply_stalled.set(n)
+
+    def gap_found(self) -> None:
+        self.stream_gaps_total.inc()
 
     def set_nats_connected(self, connected: bool) -> None:
         self._nats_connected = bool(connected)

@@ -256,11 +256,14 @@ class Applier:
         return applied
 
     def apply(
-        self, conn: sqlite3.Connection, stream: str, messages: list[tuple[int, bytes]]
+        self, conn: sqlite3.Connection, stream: str, messages: list[tuple[int, bytes]],
+        *, replay: bool = False,
     ) -> ApplyResult:
         """Apply messages (sequence, payload) in order and record the stream position.
 
         Raises only transient errors (see :func:`is_transient`), after rolling everything back.
+        ``replay`` applies kept changes again (a dead letter's retry): no duplicate check, and
+        neither the stream position nor the origins' marks move.
         """
         result = ApplyResult()
         with write_transaction(conn):
@@ -285,6 +288,8 @@ class Applier:
                     result.dead_letters += 1
                     continue
                 result.origin_nodes.add(batch.node_id)
+                if replay:
+                    batch = Batch(batch.node_id, batch.columns, batch.keys, batch.changes)
                 self._apply_message(conn, stream, seq, batch, pending, marks, result)
                 if batch.origin and batch.ids:
                     moved.add(batch.origin)
@@ -292,7 +297,7 @@ class Applier:
                 f"INSERT INTO {ddl.ORIGINS}(origin, stream, hwm) VALUES (?, ?, ?) "
                 "ON CONFLICT(origin, stream) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
                 [(o, stream, marks[o]) for o in moved])
-            if result.last_seq:
+            if result.last_seq and not replay:
                 conn.execute(
                     f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?) ON CONFLICT(stream) "
                     "DO UPDATE SET seq = max(seq, excluded.seq)",

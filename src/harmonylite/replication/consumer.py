@@ -4,6 +4,12 @@ An ordered push consumer with a callback is the fastest way nats-py delivers (it
 message here); the applying task drains the queue in groups and applies each group in one
 transaction on the writer thread. The position is the stream sequence recorded with the data, so a
 restart resumes at exactly the next message.
+
+A group in hand is never dropped: a transient error (database locked, disk full…) stalls the
+consumer, which says so once, retries with a capped backoff and resumes by itself; the group
+survives a restart of the task by the supervisor. Stream sequences must be contiguous: a jump
+means the stream dropped messages this node never applied (a gap), which is reported at once
+(DESIGN rule 16).
 """
 
 from __future__ import annotations
@@ -19,21 +25,26 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import ServiceUnavailableError
 
+from harmonylite.aio import wait_any
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
 from harmonylite.replication import large_changes
-from harmonylite.replication.apply import Applier, ApplyResult
+from harmonylite.replication.apply import Applier, ApplyResult, is_transient
 
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 2000
 MAX_QUEUED = 8192
+STALL_BACKOFF_MAX = 5.0
+
+GapHandler = Callable[[str, int, int], None]
 
 
 class ShardConsumer:
     def __init__(self, js: JetStreamContext, stream: str, subject: str, writer: DbThread,
                  applier: Applier, position: int,
-                 on_applied: Callable[[str, int, ApplyResult], None]) -> None:
+                 on_applied: Callable[[str, int, ApplyResult], None],
+                 on_gap: GapHandler | None = None) -> None:
         self.js = js
         self.stream = stream
         self.subject = subject
@@ -46,9 +57,16 @@ class ShardConsumer:
         self._queue: asyncio.Queue[tuple[int, bytes, float]] = asyncio.Queue(MAX_QUEUED)
         self._sub: object | None = None
         self._on_applied = on_applied
+        self._on_gap = on_gap
+        self._holding: list[tuple[int, bytes, float]] = []  # the group being applied
         self.applied_messages = 0
         self.failed_messages = 0
         self.last_applied_at: float | None = None
+        self.stream_last_seq = position  # newest sequence the stream is known to hold
+        self.last_message_at: float | None = None  # JetStream time of the newest applied message
+        self.stalled: str | None = None  # why applying cannot proceed right now
+        self.stalled_since: float | None = None
+        self.gaps: list[tuple[int, int]] = []  # sequences the stream dropped before we had them
 
     async def _on_msg(self, msg: Msg) -> None:
         meta = msg.metadata
@@ -60,6 +78,9 @@ class ShardConsumer:
         data = await large_changes.resolve(self.js, msg.data, msg.headers)
         if seq <= self._queued_upto:
             return  # queued meanwhile by a newer subscription (a resubscribe during the fetch)
+        self.stream_last_seq = max(self.stream_last_seq, seq + meta.num_pending)
+        if seq > self._queued_upto + 1:
+            self._gap(self._queued_upto + 1, seq - 1)
         self._queued_upto = seq
         await self._queue.put((seq, data, meta.timestamp.timestamp()))
 
@@ -97,8 +118,22 @@ class ShardConsumer:
             except Exception as exc:  # the connection may be gone already
                 log.debug("unsubscribe from %s: %s", self.stream, exc)
 
+    def _gap(self, first: int, last: int) -> None:
+        self.gaps.append((first, last))
+        log.error("gap in stream %s: messages %d..%d were dropped by the stream before this node "
+                  "applied them", self.stream, first, last,
+                  extra={"stream": self.stream, "from_seq": first, "to_seq": last})
+        if self._on_gap is not None:
+            self._on_gap(self.stream, first, last)
+
+    @property
+    def lag(self) -> int:
+        return max(self.stream_last_seq - self.position, 0)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Apply queued messages in groups until ``stop``; a group in progress is finished."""
+        if self._holding:  # restarted by the supervisor with a group still in hand
+            await self._apply(self._holding, stop)
         while not stop.is_set():
             get = asyncio.create_task(self._queue.get())
             halt = asyncio.create_task(stop.wait())
@@ -110,21 +145,49 @@ class ShardConsumer:
             group = [get.result()]
             while len(group) < MAX_GROUP and not self._queue.empty():
                 group.append(self._queue.get_nowait())
-            await self._apply(group)
+            self._holding = group
+            await self._apply(group, stop)
 
-    async def _apply(self, group: list[tuple[int, bytes, float]]) -> None:
+    async def _apply(self, group: list[tuple[int, bytes, float]], stop: asyncio.Event) -> None:
         group = [m for m in group if m[0] > self.position]
         if not group:
+            self._holding = []
             return
         stream = self.stream
         msgs = [(seq, data) for seq, data, _ in group]
-        result = await self.writer.call(lambda conn: self.applier.apply(conn, stream, msgs))
+        backoff = 0.05
+        while True:
+            try:
+                result = await self.writer.call(
+                    lambda conn: self.applier.apply(conn, stream, msgs))
+                break
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise  # a bug: the supervisor logs it and restarts us, group still held
+                reason = f"{type(exc).__name__}: {exc}"
+                if self.stalled != reason:
+                    log.warning("apply stalled on %s at sequence %d: %s; retrying until it "
+                                "works", stream, msgs[0][0], reason,
+                                extra={"stream": stream, "sequence": msgs[0][0]})
+                    self.stalled_since = self.stalled_since or time.monotonic()
+                self.stalled = reason
+                await wait_any(stop, timeout=backoff)
+                if stop.is_set():
+                    return  # shutting down; the group is applied again on the next start
+                backoff = min(backoff * 2, STALL_BACKOFF_MAX)
+        if self.stalled is not None:
+            log.info("apply resumed on %s after %.1f s", stream,
+                     time.monotonic() - (self.stalled_since or time.monotonic()),
+                     extra={"stream": stream})
+            self.stalled = self.stalled_since = None
+        self._holding = []
         result.published_at = group[-1][2]
+        self.last_message_at = group[-1][2]
         self.position = max(self.position, result.last_seq)
         self.applied_messages += result.messages - len(result.failed)
         self.failed_messages += len(result.failed)
         self.last_applied_at = time.time()
         for seq, reason in result.failed:
-            log.error("message skipped: cannot apply %s sequence %d: %s", stream, seq, reason,
-                      extra={"stream": stream, "sequence": seq})
+            log.error("%s sequence %d was not applied whole: %s (see harmonylite dead-letters "
+                      "list)", stream, seq, reason, extra={"stream": stream, "sequence": seq})
         self._on_applied(stream, self.position, result)

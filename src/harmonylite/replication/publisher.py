@@ -101,6 +101,7 @@ class ChangeWatcher:
         try:
             last = conn.execute("PRAGMA data_version").fetchone()[0]
             dirty, checkpointed = False, time.monotonic()
+            failing: str | None = None
             while not self._stop.wait(self._interval):
                 try:
                     now = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -110,8 +111,15 @@ class ChangeWatcher:
                     if dirty and time.monotonic() - checkpointed >= self._checkpoint_every:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                         dirty, checkpointed = False, time.monotonic()
+                    if failing is not None:
+                        log.info("change watcher reads the database again")
+                        failing = None
                 except sqlite3.Error as exc:
-                    log.warning("change watcher cannot read the database: %s", exc)
+                    # Polled every few ms: say it once per state change, not on every poll.
+                    if str(exc) != failing:
+                        log.warning("change watcher cannot read the database (retrying): %s",
+                                    exc)
+                    failing = str(exc)
         finally:
             conn.close()
 
@@ -178,7 +186,24 @@ class Publisher:
         return ref.encode()
 
     async def _send(self, flight: InFlight) -> None:
-        todo = [m for m in flight.messages if not m.acked]
+        """Send the unacknowledged messages; within a shard, one after the other.
+
+        Receivers ignore a change whose origin already had a later change applied from that
+        stream (DESIGN rule 15), so a shard's messages must be stored in change order: a later
+        part is sent only once the earlier one is acknowledged. Shards go out together, and a
+        batch usually has one message per shard, so this costs a round trip only for batches
+        cut into several messages.
+        """
+        by_subject: dict[str, list[Outgoing]] = {}
+        for m in flight.messages:
+            if not m.acked:
+                by_subject.setdefault(m.subject, []).append(m)
+        rounds = [[q[i] for q in by_subject.values() if i < len(q)]
+                  for i in range(max(map(len, by_subject.values()), default=0))]
+        for todo in rounds:
+            await self._send_round(todo)
+
+    async def _send_round(self, todo: list[Outgoing]) -> None:
         futures: list[asyncio.Future[Any]] = []
         # Checked at send time, not only when cutting: after a reconnect the server may be one
         # with a lower limit than the batch was cut for.

@@ -1,0 +1,137 @@
+"""The seeded fault schedule and the thread that applies it.
+
+A fault is applied at its time during the write phase and healed after its duration (the heal is
+in a ``finally``, so a run that stops early heals too). Kinds:
+
+- ``kill``: SIGKILL a node, leave it down a while (its application keeps writing), restart it;
+- ``stop``: SIGSTOP a node, SIGCONT it later;
+- ``nats``: stop the nats-server (or, embedded, kill one node's server), start it again;
+- ``lock``: the application on a node holds the write lock longer than the node's busy timeout;
+- ``rollover_stop``: SIGSTOP a node for most of the run while the others write more than the
+  streams keep (profile ``rollover`` sets a small ``max_entries``).
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class Cluster(Protocol):
+    size: int
+
+    def kill(self, i: int) -> None: ...
+    def restart(self, i: int) -> None: ...
+    def pause(self, i: int) -> None: ...
+    def resume(self, i: int) -> None: ...
+    def nats_down(self, i: int) -> None: ...
+    def nats_up(self, i: int) -> None: ...
+    def db(self, i: int) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float
+    kind: str
+    node: int  # index of the node it hits
+    duration: float
+
+    def describe(self) -> str:
+        return f"t={self.at:5.1f}s {self.kind:<13} node {self.node + 1} for {self.duration:.1f}s"
+
+
+BUSY_TIMEOUT_S = 10.0  # the node's PRAGMA busy_timeout
+
+
+def schedule(seed: int, kinds: tuple[str, ...], seconds: float, nodes: int) -> list[Fault]:
+    rng = random.Random(seed ^ 0x5EED)
+    if not kinds:
+        return []
+    faults: list[Fault] = []
+    if "rollover_stop" in kinds:
+        faults.append(Fault(1.0, "rollover_stop", rng.randrange(nodes), seconds * 0.7))
+    if "lock" in kinds:
+        faults.append(Fault(seconds * 0.2, "lock", rng.randrange(nodes), BUSY_TIMEOUT_S + 3))
+    others = [k for k in kinds if k not in ("rollover_stop", "lock")]
+    t = 1.0 + rng.uniform(0, 2)
+    while others and t < seconds - 3:
+        kind = rng.choice(others)
+        duration = rng.uniform(1.0, 3.0) if kind != "kill" else rng.uniform(0.5, 3.0)
+        duration = min(duration, seconds - 1 - t)
+        faults.append(Fault(round(t, 2), kind, rng.randrange(nodes), round(duration, 2)))
+        t += duration + rng.uniform(1.5, 4.0)
+    return sorted(faults, key=lambda f: f.at)
+
+
+class FaultRunner(threading.Thread):
+    def __init__(self, cluster: Cluster, faults: list[Fault], t0: float,
+                 stop: threading.Event) -> None:
+        super().__init__(name="faults", daemon=True)
+        self.cluster, self.faults, self.t0, self.stop = cluster, faults, t0, stop
+        self.applied: list[str] = []
+        self.error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+
+    def run(self) -> None:
+        try:
+            for f in self.faults:
+                if self.stop.wait(max(0.0, self.t0 + f.at - time.monotonic())):
+                    break
+                if f.kind in ("lock", "rollover_stop"):  # long ones run beside the others
+                    th = threading.Thread(target=self._guarded, args=(f,), daemon=True)
+                    th.start()
+                    self._threads.append(th)
+                else:
+                    self.apply(f)
+            for th in self._threads:
+                th.join()
+        except BaseException as exc:
+            self.error = exc
+
+    def _guarded(self, f: Fault) -> None:
+        try:
+            self.apply(f)
+        except BaseException as exc:
+            self.error = exc
+
+    def apply(self, f: Fault) -> None:
+        c = self.cluster
+        self.applied.append(f.describe())
+        if f.kind == "kill":
+            c.kill(f.node)
+            try:
+                self.stop.wait(f.duration)
+            finally:
+                c.restart(f.node)
+        elif f.kind in ("stop", "rollover_stop"):
+            c.pause(f.node)
+            try:
+                time.sleep(f.duration)  # the fault's length, not a synchronisation
+            finally:
+                c.resume(f.node)
+        elif f.kind == "nats":
+            c.nats_down(f.node)
+            try:
+                time.sleep(f.duration)
+            finally:
+                c.nats_up(f.node)
+        elif f.kind == "lock":
+            hold_write_lock(c.db(f.node), f.duration)
+        else:
+            raise ValueError(f.kind)
+
+
+def hold_write_lock(db: Path, seconds: float) -> None:
+    """The application's long transaction: BEGIN IMMEDIATE, hold, roll back."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        time.sleep(seconds)
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()

@@ -1,0 +1,235 @@
+"""A cluster of real node processes driven by a seed: write phase with faults, quiescence, verdict.
+
+By default the nodes share one external nats-server; ``embedded=True`` gives every node its own
+embedded server, clustered through ``-cluster-addr`` / ``-cluster-peers``. Every process started
+here is stopped by its PID in ``close()``, also when the run fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import faults, oracle, schema
+from .profiles import Profile
+from .workload import History, Writer
+
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from nodes import NodeProc  # noqa: E402
+from servers import NatsServer, free_port  # noqa: E402
+
+
+@dataclass
+class Result:
+    seed: int
+    profile: str
+    nodes: int
+    write_seconds: float
+    counts: dict[str, int]
+    faults: list[str]
+    failures: list[oracle.Failure]
+    quiesce_seconds: float
+    rows: int
+    replay: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def replay_command(seed: int, profile: str, nodes: int, seconds: float, embedded: bool) -> str:
+    cmd = (f".venv/bin/python -m tests.convergence --seed {seed} --profile {profile} "
+           f"--nodes {nodes} --seconds {seconds:g}")
+    return cmd + (" --embedded" if embedded else "")
+
+
+class Harness:
+    def __init__(self, workdir: Path, profile: Profile, seed: int, size: int = 3,
+                 embedded: bool = False, shards: int = 2) -> None:
+        self.workdir, self.profile, self.seed, self.size = workdir, profile, seed, size
+        self.embedded = embedded
+        self.server: NatsServer | None = None
+        self.nodes: list[NodeProc] = []
+        self.history = History()
+        self.paused: set[int] = set()
+        self.down: set[int] = set()
+        self.dead: list[str] = []
+        self._locks = [threading.Lock() for _ in range(size)]
+        self._shards = shards
+
+    # --- cluster control (faults.Cluster) ------------------------------------------------
+    def db(self, i: int) -> Path:
+        return self.nodes[i].db
+
+    def kill(self, i: int) -> None:
+        with self._locks[i]:
+            self.nodes[i].kill()
+            self.down.add(i)
+
+    def restart(self, i: int) -> None:
+        with self._locks[i]:
+            node = self.nodes[i]
+            if node.proc is not None and node.proc.poll() is None:
+                node.stop()
+            node.start(120)
+            self.down.discard(i)
+
+    def pause(self, i: int) -> None:
+        with self._locks[i]:
+            proc = self.nodes[i].proc
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGSTOP)
+                for child in _children(proc.pid):
+                    os.kill(child, signal.SIGSTOP)
+                self.paused.add(i)
+
+    def resume(self, i: int) -> None:
+        with self._locks[i]:
+            proc = self.nodes[i].proc
+            if proc is not None and proc.poll() is None:
+                for child in _children(proc.pid):
+                    os.kill(child, signal.SIGCONT)
+                os.kill(proc.pid, signal.SIGCONT)
+            self.paused.discard(i)
+
+    def nats_down(self, i: int) -> None:
+        if self.server is not None:
+            self.server.stop()
+            return
+        proc = self.nodes[i].proc  # embedded: kill this node's server; the node restarts it
+        if proc is not None:
+            for child in _children(proc.pid):
+                os.kill(child, signal.SIGKILL)
+
+    def nats_up(self, i: int) -> None:
+        if self.server is not None and self.server.proc is None:
+            self.server.start()
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        extra_cfg: dict[str, Any] = {k: v for k, v in self.profile.node_config.items()
+                                     if k != "replication_log"}
+        rlog = {"shards": self._shards, **self.profile.node_config.get("replication_log", {})}
+        cluster_ports = [free_port() for _ in range(self.size)]
+        if not self.embedded:
+            self.server = NatsServer(self.workdir / "nats-store").start()
+        for i in range(self.size):
+            args: list[str] = []
+            if self.server is not None:
+                nats_cfg: dict[str, Any] = {"urls": [self.server.url]}
+            else:
+                nats_cfg = {"bind_address": "127.0.0.1:-1"}
+                peers = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(cluster_ports)
+                                 if j != i)
+                args = ["-cluster-addr", f"127.0.0.1:{cluster_ports[i]}", "-cluster-peers", peers]
+            cfg = {"nats": nats_cfg, "replication_log": rlog, **extra_cfg}
+            node = NodeProc(self.workdir / f"node{i + 1}", i + 1, cfg, extra_args=args)
+            conn = sqlite3.connect(node.db, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            schema.create_schema(conn, self.profile.features)
+            conn.close()
+            self.nodes.append(node)
+        for node in self.nodes:
+            node.start_async()
+        for node in self.nodes:
+            node.wait_started(120)
+
+    def close(self) -> None:
+        for i in list(self.paused):
+            self.resume(i)
+        for node in self.nodes:
+            try:
+                node.stop(timeout=20)
+            except Exception:
+                if node.proc is not None:
+                    node.proc.kill()
+                    node.proc.wait(10)
+                    node.proc = None
+        if self.server is not None:
+            self.server.stop()
+
+    # --- the run -------------------------------------------------------------------------
+    def run(self, write_seconds: float, quiesce_deadline: float = 180.0) -> Result:
+        stop = threading.Event()
+        t0 = time.monotonic()
+        on_mig = self.restart if self.profile.restart_after_migration else None
+        writers = [Writer(i, n.db, self.profile, self.seed, self.history, stop, t0, on_mig)
+                   for i, n in enumerate(self.nodes)]
+        plan = faults.schedule(self.seed, self.profile.faults, write_seconds, self.size)
+        runner = faults.FaultRunner(self, plan, t0, stop)
+        for w in writers:
+            w.start()
+        runner.start()
+        stop.wait(write_seconds)  # the write phase's length
+        stop.set()
+        for w in writers:
+            w.join(60)
+        runner.join(120)
+        notes = [f"writer {w.name}: {w.error!r}" for w in writers if w.error is not None]
+        if runner.error is not None:
+            notes.append(f"fault runner: {runner.error!r}")
+        q0 = time.monotonic()
+        self.heal()
+        dumps, pendings = self.quiesce(quiesce_deadline)
+        failures = oracle.check_all(dumps, pendings, self.history, self.dead)
+        if notes:
+            failures.append(oracle.Failure("harness", "the harness itself failed", notes))
+        return Result(self.seed, self.profile.name, self.size, write_seconds,
+                      dict(self.history.counts), runner.applied, failures,
+                      time.monotonic() - q0, sum(len(r) for _, r in dumps[0].values()),
+                      replay_command(self.seed, self.profile.name, self.size, write_seconds,
+                                     self.embedded), notes)
+
+    def heal(self) -> None:
+        for i in list(self.paused):
+            self.resume(i)
+        if self.server is not None and self.server.proc is None:
+            self.server.start()
+        for i, node in enumerate(self.nodes):
+            if node.proc is None or node.proc.poll() is not None:
+                if i not in self.down:
+                    self.dead.append(f"node {i + 1} exited; log tail: "
+                                     f"{node.log_text()[-400:]!r}")
+                self.restart(i)
+
+    def quiesce(self, deadline_s: float, stable_s: float = 12.0
+                ) -> tuple[list[oracle.Dump], list[int]]:
+        """Wait until every change is published and the nodes agree, or nothing moves."""
+        deadline = time.monotonic() + deadline_s
+        last: tuple[list[oracle.Dump], list[int]] | None = None
+        last_change = time.monotonic()
+        while True:
+            state = ([oracle.dump(n.db) for n in self.nodes], [oracle.pending(n.db)
+                                                               for n in self.nodes])
+            dumps, pendings = state
+            if not any(pendings) and all(d == dumps[0] for d in dumps[1:]) and state == last:
+                return state
+            if state != last:
+                last, last_change = state, time.monotonic()
+            now = time.monotonic()
+            if now - last_change > stable_s or now > deadline:
+                return state
+            time.sleep(1.0)  # poll interval; the exit conditions above are the deadlines
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(x) for x in fh.read().split()]
+    except OSError:
+        pass
+    return out

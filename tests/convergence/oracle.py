@@ -1,0 +1,189 @@
+"""The oracle: judges the end state after quiescence.
+
+Invariants (each failure names one):
+- ``identical``: every node's user tables are identical: same tables, same columns, same rows as
+  a multiset, values compared byte-exactly with their storage class (``typeof``/``hex``; reals by
+  their exact bits, so -0.0 differs from 0.0).
+- ``no-lost-write``: every final row equals some write committed to that row by some node, and a
+  row that some node committed is missing only if some node deleted it.
+- ``no-invented-row``: no final row exists that no node ever wrote.
+- ``no-duplicate``: no two rows share an identity (tables without a primary key included).
+- ``all-published``: every node's change log is fully published (nothing stuck pending).
+- ``application-ok``: the application's own statements (migrations) were not broken.
+- ``nodes-alive``: no node process died by itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import schema
+from .workload import History
+
+Dump = dict[str, tuple[tuple[str, ...], list[tuple[str, ...]]]]  # table -> (columns, rows)
+
+
+@dataclass
+class Failure:
+    invariant: str
+    summary: str
+    details: list[str] = field(default_factory=list)
+
+
+def _connect(db: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30, isolation_level=None)
+    return conn
+
+
+def dump(db: Path) -> Dump:
+    """Every user table, rows sorted, in one read transaction."""
+    conn = _connect(db)
+    try:
+        conn.execute("BEGIN")
+        out: Dump = {}
+        for name in schema.user_tables(conn):
+            cols = tuple(schema.columns(conn, name))
+            rows = conn.execute(f'SELECT {schema.select_exact(cols)} FROM "{name}"').fetchall()
+            out[name] = (cols, sorted(schema.encode_row(r) for r in rows))
+        conn.execute("COMMIT")
+        return out
+    finally:
+        conn.close()
+
+
+def pending(db: Path) -> int:
+    """Changes captured but not yet acknowledged by JetStream (0 when the log is absent)."""
+    conn = _connect(db)
+    try:
+        return int(conn.execute(
+            "SELECT count(*) FROM __harmonylite__log WHERE id > "
+            "(SELECT v FROM __harmonylite__state WHERE k = 'published')").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def _show(row: tuple[str, ...], cols: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"{c}={schema.pretty(v)}" for c, v in zip(cols, row, strict=False)) + ")"
+
+
+def check_identical(dumps: list[Dump]) -> list[Failure]:
+    failures = []
+    first = dumps[0]
+    names = sorted(set().union(*(d.keys() for d in dumps)))
+    for name in names:
+        missing = [i + 1 for i, d in enumerate(dumps) if name not in d]
+        if missing:
+            failures.append(Failure("identical", f"table {name!r} missing on node(s) {missing}"))
+            continue
+        cols0 = first[name][0]
+        for i, d in enumerate(dumps[1:], start=2):
+            if d[name][0] != cols0:
+                failures.append(Failure("identical", f"table {name!r} columns differ: node 1 "
+                                        f"{list(cols0)} vs node {i} {list(d[name][0])}"))
+        if any(d[name][0] != cols0 for d in dumps):
+            continue
+        counts = [Counter(d[name][1]) for d in dumps]
+        if all(c == counts[0] for c in counts[1:]):
+            continue
+        details = []
+        for row in sorted(set().union(*counts)):
+            have = [c.get(row, 0) for c in counts]
+            if len(set(have)) > 1:
+                details.append(f"{_show(row, cols0)} count per node {have}")
+        sizes = [len(d[name][1]) for d in dumps]
+        failures.append(Failure("identical", f"table {name!r} differs between nodes "
+                                f"(rows per node {sizes}, {len(details)} differing rows)",
+                                details))
+    return failures
+
+
+def check_history(d: Dump, history: History, node: int) -> list[Failure]:
+    lost: list[str] = []
+    invented: list[str] = []
+    dups: list[str] = []
+    for t in schema.TABLES:
+        if t.name not in d:
+            continue
+        cols, rows = d[t.name]
+        if not all(c in cols for c in t.key):
+            continue
+        kidx = [cols.index(c) for c in t.key]
+        cidx = [cols.index(c) for c in t.checked] if all(c in cols for c in t.checked) else None
+        final: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        for r in rows:
+            final.setdefault(schema.fold_key(tuple(r[i] for i in kidx), t.nocase_key), []).append(r)
+        for k, rs in final.items():
+            if len(rs) > 1:
+                dups.append(f"{t.name} key {[schema.pretty(v) for v in k]}: {len(rs)} rows")
+        for (tname, k), writes in history.writes.items():
+            if tname != t.name:
+                continue
+            found = final.get(k)
+            if found is None:
+                if all(img is not None for _, img in writes):
+                    lost.append(f"{t.name} key {[schema.pretty(v) for v in k]} missing; "
+                                f"committed by node(s) {sorted({n for n, _ in writes})}, "
+                                "never deleted")
+                continue
+            if cidx is None:
+                continue
+            images = {img for _, img in writes if img is not None}
+            for r in found:
+                got = tuple(r[i] for i in cidx)
+                if got not in images:
+                    lost.append(f"{t.name} final row {_show(got, t.checked)} is no committed "
+                                f"write to that row ({len(images)} committed images, "
+                                f"{sum(img is None for _, img in writes)} deletes)")
+        for k in final:
+            if (t.name, k) not in history.writes:
+                invented.append(f"{t.name} key {[schema.pretty(v) for v in k]} was never "
+                                "written by any node")
+    out = []
+    if lost:
+        out.append(Failure("no-lost-write", f"node {node}: {len(lost)} rows hold no committed "
+                           "value or vanished", lost))
+    if invented:
+        out.append(Failure("no-invented-row", f"node {node}: {len(invented)} rows nobody "
+                           "wrote", invented))
+    if dups:
+        out.append(Failure("no-duplicate", f"node {node}: {len(dups)} duplicated rows", dups))
+    return out
+
+
+def check_all(dumps: list[Dump], pendings: list[int], history: History,
+              dead: list[str]) -> list[Failure]:
+    failures = check_identical(dumps)
+    seen: set[tuple[str, str]] = set()
+    for i, d in enumerate(dumps, start=1):  # judge every node; report each finding once
+        for f in check_history(d, history, i):
+            sig = (f.invariant, "\n".join(f.details))
+            if sig not in seen:
+                seen.add(sig)
+                failures.append(f)
+    stuck = [(i + 1, p) for i, p in enumerate(pendings) if p]
+    if stuck:
+        failures.append(Failure("all-published", "changes never published: " + ", ".join(
+            f"node {i}: {p} pending" for i, p in stuck)))
+    app = [f"{k} (x{v})" for k, v in history.counts.items() if k.startswith("APP ERROR")]
+    if app:
+        failures.append(Failure("application-ok", "the application's statements failed", app))
+    if dead:
+        failures.append(Failure("nodes-alive", "node processes died by themselves", dead))
+    return failures
+
+
+def report(failures: list[Failure], seed: int, replay: str, max_lines: int = 12) -> str:
+    lines = []
+    for f in failures:
+        lines.append(f"INVARIANT FAILED: {f.invariant}: {f.summary}")
+        lines += [f"    {d}" for d in f.details[:max_lines]]
+        if len(f.details) > max_lines:
+            lines.append(f"    … {len(f.details) - max_lines} more")
+    lines.append(f"seed: {seed}")
+    lines.append(f"replay: {replay}")
+    return "\n".join(lines)

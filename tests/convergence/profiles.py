@@ -1,0 +1,86 @@
+"""Profiles: which tables, values, operations and faults a run uses.
+
+``basic`` is what today's code is expected to handle; every other profile adds one feature so that
+a failure names its bug class. ``all`` turns everything on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+BASE_OPS: dict[str, int] = {"insert": 4, "update": 4, "delete": 2, "upsert": 3}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    features: frozenset[str] = frozenset({"basic"})  # table groups (schema.Table.feature)
+    values: str = "plain"  # plain | full | huge
+    ops: dict[str, int] = field(default_factory=lambda: dict(BASE_OPS))
+    faults: tuple[str, ...] = ("kill",)  # kill | stop | nats | lock | rollover_stop
+    node_config: dict[str, Any] = field(default_factory=dict)
+    hot_keys: int = 12  # small key space: rows written by every node at once
+    migrations: bool = False
+    restart_after_migration: bool = False
+    write_seconds: float = 10.0  # default length of the write phase (overridden by --minutes)
+
+
+def _ops(**extra: int) -> dict[str, int]:
+    ops = dict(BASE_OPS)
+    ops.update(extra)
+    return ops
+
+
+_P = Profile
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    _P("basic", "PK tables (integer, composite, WITHOUT ROWID), plain values, insert/update/"
+       "delete/upsert, key changes, multi-table transactions and rollbacks from every node; "
+       "SIGKILL + restart",
+       ops=_ops(keychange=1, multi=2, rollback=1)),
+    _P("values", "basic + SQLite's whole value domain (NULL, int64 bounds, ±0.0, 1e308, inf, "
+       "text with NUL, invalid UTF-8, blobs, 200 KB values)", values="full", faults=()),
+    _P("huge", "basic + a value over NATS's 1 MB payload limit", values="huge", faults=()),
+    _P("unique", "a secondary UNIQUE column written with the same values from every node",
+       features=frozenset({"basic", "unique"}), faults=()),
+    _P("replace", "INSERT OR REPLACE over a table with a secondary UNIQUE column",
+       features=frozenset({"basic", "unique"}), ops=_ops(replace=6), faults=()),
+    _P("fk", "FOREIGN KEY ... ON DELETE CASCADE with PRAGMA foreign_keys=ON",
+       features=frozenset({"basic", "fk"}), faults=()),
+    _P("triggers", "an application trigger writing an audit row and updated_at",
+       features=frozenset({"basic", "triggers"}), faults=()),
+    _P("nocase", "a TEXT COLLATE NOCASE primary key written in different cases",
+       features=frozenset({"basic", "nocase"}), faults=()),
+    _P("nopk", "a table without a primary key: inserts, updates and deletes from every node",
+       features=frozenset({"basic", "nopk"}), faults=()),
+    _P("nopk_vacuum", "the table without a primary key, and VACUUM run by the application",
+       features=frozenset({"basic", "nopk"}), ops=_ops(vacuum=1), faults=()),
+    _P("schema", "rolling migrations online: ADD / RENAME / DROP COLUMN, CREATE TABLE then "
+       "fill at once, table rebuild (create-copy-drop-rename)",
+       features=frozenset({"basic", "schema"}), migrations=True, faults=(), write_seconds=14),
+    _P("schema_restart", "the rolling migrations, each node's harmonylite restarted after "
+       "its migration (the documented procedure)", features=frozenset({"basic", "schema"}),
+       migrations=True, restart_after_migration=True, faults=(), write_seconds=14),
+    _P("faults_stop", "basic + SIGSTOP/SIGCONT of nodes and a nats-server restart",
+       faults=("stop", "nats", "kill")),
+    _P("rollover", "small max_entries: a node stopped while the streams roll over",
+       faults=("rollover_stop",), node_config={"replication_log": {"max_entries": 64}},
+       write_seconds=12),
+    _P("lock", "the application holds the write lock longer than the node's busy timeout",
+       faults=("lock",), write_seconds=16),
+    _P("all", "everything at once", values="full",
+       features=frozenset({"basic", "unique", "fk", "triggers", "nocase", "nopk"}),
+       ops=_ops(keychange=1, multi=2, rollback=1, replace=2, vacuum=1),
+       faults=("kill", "stop", "nats", "lock"), write_seconds=20),
+)}
+
+
+def get(name: str) -> Profile:
+    if name not in PROFILES:
+        raise SystemExit(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+def with_seconds(profile: Profile, seconds: float) -> Profile:
+    return replace(profile, write_seconds=seconds)

@@ -65,7 +65,8 @@ def stop_leftovers() -> None:
 
 class NodeProc:
     def __init__(self, workdir: Path, node_id: int, config: dict[str, Any],
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
@@ -75,6 +76,7 @@ class NodeProc:
         cfg.setdefault("snapshot", {"enabled": False})
         write_toml(self.config_path, cfg)
         self.extra_args = extra_args or []
+        self.env = env  # extra environment variables for the process
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "node.log"
 
@@ -90,6 +92,7 @@ class NodeProc:
             [sys.executable, "-m", "harmonylite", "-config", str(self.config_path),
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env} if self.env else None,
         )
         RUNNING.append(self)
 

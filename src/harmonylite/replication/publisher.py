@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -47,6 +48,10 @@ from harmonylite.replication.large_changes import (
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 5.0
+# Tests set this to make the process die right after JetStream acknowledged a batch and before it
+# is marked published: the crash that a re-send after the duplicate window must survive.
+CRASH_AFTER_ACK = os.environ.get("HARMONYLITE_TEST_CRASH_AFTER_ACK") == "1"
+CRASH_EXIT_CODE = 86
 CHECKPOINT_EVERY = 0.01  # seconds between background WAL checkpoints while the database changes
 
 
@@ -155,12 +160,12 @@ class Publisher:
         limit = server_limit(self.js)
 
         def size_of(part: list[Change]) -> int:
-            return len(encode(self.cfg.node_id, part, by_name, compress))
+            return len(encode(self.cfg.node_id, part, by_name, compress, self.epoch))
 
         for shard, group in sorted(groups.items()):
             for part in split_by_size(group, size_of, limit):
                 msg_id = f"{self.cfg.node_id}:{self.epoch}:{part[0].id}-{part[-1].id}:{shard}"
-                payload = encode(self.cfg.node_id, part, by_name, compress)
+                payload = encode(self.cfg.node_id, part, by_name, compress, self.epoch)
                 subject = self.cfg.subject(shard)
                 shape = by_name[part[0].table]
                 first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
@@ -271,6 +276,8 @@ class Publisher:
             self._inflight = self._build(changes)
         flight = self._inflight
         await self._send(flight)
+        if CRASH_AFTER_ACK:  # test seam: die between the acknowledgement and the mark
+            os._exit(CRASH_EXIT_CODE)
         following = await self.db.call(lambda conn: self._mark_then_next(conn, flight.upto))
         self._inflight = self._build(following) if following else None
         count = sum(m.count for m in flight.messages)

@@ -94,6 +94,8 @@ class Node:
         self.applier: Applier | None = None
         self.metrics = Metrics.from_config(cfg.prometheus, node_id=cfg.node_id)
         self.metrics.track_nats_connected(lambda: self.nc is not None and self.nc.is_connected)
+        self.metrics.apply_stalled.set_function(
+            lambda: sum(c.stalled is not None for c in self.consumers))
         self._servers: list[HttpServer] = []
 
     # --- start -----------------------------------------------------------------------------
@@ -236,6 +238,9 @@ class Node:
         if result.dead_letters:
             self.dead_letters += result.dead_letters
             self.metrics.dead_lettered(result.dead_letters)
+        for c in self.consumers:
+            if c.stream == stream:
+                self.metrics.stream_state(stream, c.position, c.lag)
         try:
             write_seq_map(self.seq_map_path, self.positions)
         except OSError as exc:
@@ -312,11 +317,8 @@ class Node:
     def replication_state(self) -> dict[str, Any]:
         now = time.time()
         out: dict[str, Any] = {}
-        stalled = 0
         for c in self.consumers:
             lag = c.lag
-            stalled += c.stalled is not None
-            self.metrics.stream_state(c.stream, c.position, lag)
             out[c.stream] = {
                 "applied_sequence": c.position,
                 "stream_last_sequence": c.stream_last_seq,
@@ -326,7 +328,6 @@ class Node:
                 "stalled": c.stalled,
                 "gap": list(self.gaps[c.stream]) if c.stream in self.gaps else None,
             }
-        self.metrics.set_stalled(stalled)
         return out
 
     def problems(self) -> list[str]:

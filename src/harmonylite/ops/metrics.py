@@ -160,9 +160,6 @@ class Metrics:
         self.stream_applied_sequence.labels(stream).set(applied)
         self.stream_lag_messages.labels(stream).set(lag)
 
-    def set_stalled(self, n: int) -> None:
-        self.apply_stalled.set(n)
-
     def gap_found(self) -> None:
         self.stream_gaps_total.inc()
 

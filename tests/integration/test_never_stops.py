@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -18,9 +22,10 @@ from typing import Any
 
 import cbor2
 import nats
+import pytest
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
-from nodes import NodeProc, wait_until
+from nodes import NodeProc, stop_leftovers, wait_until
 from servers import NatsServer, free_port
 
 SCHEMA = "CREATE TABLE items(id INTEGER PRIMARY KEY, owner INTEGER, name TEXT, qty REAL)"
@@ -210,3 +215,71 @@ def test_publish_false_applies_incoming_changes_to_locally_written_rows(
     wait_until(lambda: b.query("SELECT count(*) FROM __harmonylite__log")[0][0] <= 1, 20,
                "change log pruned")
     assert rows(a) == [(1, 1, "from a", 2.0)]
+
+
+def test_full_disk_stalls_applying_and_it_resumes_when_space_is_freed(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        a = node(tmp_path, nats_server, 1).start()
+        b = node(tmp_path, nats_server, 2, health=True, db_path=str(disk / "data.db"))
+        shutil.copyfile(b.db, disk / "data.db")
+        b.db = disk / "data.db"
+        b.start()
+        filler = disk / "filler"
+        with filler.open("wb") as f:  # take every free byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        for i in range(1, 11):
+            a.execute("INSERT INTO items VALUES (?, 1, randomblob(100000), 1.0)", (i,))
+        wait_until(lambda: health(b)[0] == 503, 40, "health 503 on a full disk")
+        assert any("apply stalled" in r for r in health(b)[1]["reasons"])
+        filler.unlink()
+        wait_until(lambda: len(rows(b)) == 10, 40, "the rows once space is freed")
+        assert b.query("SELECT id, hex(name) FROM items ORDER BY id") == \
+            a.query("SELECT id, hex(name) FROM items ORDER BY id")
+        wait_until(lambda: health(b)[0] == 200, 20, "health back to 200")
+        assert b.log_text().count("apply stalled on") == 1
+        b.stop()
+    finally:
+        stop_leftovers()
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_dead_letter_retry_applies_once_the_cause_is_fixed(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    unique = "CREATE UNIQUE INDEX items_name ON items(name)"
+    a = node(tmp_path, nats_server, 1)
+    b = node(tmp_path, nats_server, 2)
+    b.execute(unique)
+    b.execute("INSERT INTO items VALUES (100, 2, 'taken', 0)")  # before capture: local only
+    a.start()
+    b.start()
+    a.execute("INSERT INTO items VALUES (1, 1, 'taken', 1.0)")
+    a.execute("INSERT INTO items VALUES (2, 1, 'free', 2.0)")
+    wait_until(lambda: len(rows(b)) == 2, 20, "the row that applies")
+    assert b.query("SELECT count(*) FROM __harmonylite__dead_letter")[0][0] == 1
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "harmonylite", "-config",
+                               str(b.config_path), "dead-letters", *args],
+                              capture_output=True, text=True, timeout=60)
+    listing = json.loads(cli("list", "--json").stdout)
+    assert [(d["table"], d["key"]) for d in listing] == [("items", "[1]")]
+    assert "UNIQUE" in listing[0]["error"]
+    assert cli("retry", str(listing[0]["id"])).returncode == 1  # still conflicting: kept
+    (again,) = json.loads(cli("list", "--json").stdout)
+    b.execute("DELETE FROM items WHERE id = 100")
+    assert cli("retry", "--all").returncode == 0
+    assert json.loads(cli("list", "--json").stdout) == []
+    assert b.query("SELECT id, name FROM items ORDER BY id") == [(1, "taken"), (2, "free")]
+    assert again["id"] != listing[0]["id"]

@@ -8,6 +8,7 @@ held, 1 otherwise (the failing seed, invariant and replay command are printed).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embedded", action="store_true", help="embedded clustered NATS servers")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--verbose", "-v", action="store_true", help="print faults and counters")
+    ap.add_argument("--src", type=Path, default=None,
+                    help="run the nodes from this source tree (e.g. a git worktree's src/)")
     args = ap.parse_args(argv)
+    if args.src is not None:  # node processes import harmonylite from there
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(args.src.resolve()), os.environ.get("PYTHONPATH", "")) if p)
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     names = list(profiles.PROFILES) if args.profile == "every" else args.profile.split(",")
     chosen = [profiles.get(n) for n in names]
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== round {round_ + 1}: seed {seed}, profile {profile.name}, {args.nodes} nodes, "
               f"{seconds:g}s of writes  ({workdir})", flush=True)
         r = run_round(seed, profile, args.nodes, seconds, args.embedded, workdir)
+        if args.src is not None:
+            r.replay += f" --src {args.src}"
         results.append(r)
         if args.verbose:
             print("   faults:\n" + "\n".join(f"     {f}" for f in r.faults) if r.faults else
@@ -76,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(oracle.report(r.failures, r.seed, r.replay))
+            for line in r.notes:
+                print(f"   {line}")
             print(f"   work directory kept: {workdir}")
         round_ += 1
         seed += 1

@@ -186,6 +186,9 @@ class Harness:
         failures = oracle.check_all(dumps, pendings, self.history, self.dead)
         if notes:
             failures.append(oracle.Failure("harness", "the harness itself failed", notes))
+        if failures:  # is what diverged visible to an operator?
+            notes = notes + [f"node {i + 1}: {oracle.visibility(n.db, n.log_path)}"
+                             for i, n in enumerate(self.nodes)]
         return Result(self.seed, self.profile.name, self.size, write_seconds,
                       dict(self.history.counts), runner.applied, failures,
                       time.monotonic() - q0, sum(len(r) for _, r in dumps[0].values()),

@@ -67,6 +67,22 @@ def pending(db: Path) -> int:
         conn.close()
 
 
+def visibility(db: Path, log: Path) -> str:
+    """Where an operator would see a change that was not applied: dead letters, the log."""
+    dead: int | str = 0
+    conn = _connect(db)
+    try:
+        dead = int(conn.execute("SELECT count(*) FROM __harmonylite__dead_letter").fetchone()[0])
+    except sqlite3.OperationalError:
+        dead = "no table"
+    finally:
+        conn.close()
+    text = log.read_text(errors="replace") if log.exists() else ""
+    words = ("skipped", "dead-letter", "dead letter", "gap", "stalled", "Traceback")
+    found = {w: text.count(w) for w in words if w in text}
+    return f"dead letters: {dead}; log mentions: {found or 'none'}"
+
+
 def _show(row: tuple[str, ...], cols: tuple[str, ...]) -> str:
     return "(" + ", ".join(f"{c}={schema.pretty(v)}" for c, v in zip(cols, row, strict=False)) + ")"
 

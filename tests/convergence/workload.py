@@ -52,6 +52,8 @@ class History:
             self.counts[what] += n
 
 
+COLLIDE_EVERY = 0.5  # seconds between the moments every node writes the same row
+
 FULL_DOMAIN: tuple[Value, ...] = (
     ("?", None), ("?", 0), ("?", -1), ("?", 2**63 - 1), ("?", -(2**63)), ("?", 0.0),
     ("?", -0.0), ("?", 1.5), ("?", 1e308), ("?", -1e308), ("?", float("inf")),
@@ -105,17 +107,21 @@ class Writer(threading.Thread):
                                         check_same_thread=False)
             if "fk" in self.profile.features:
                 self.conn.execute("PRAGMA foreign_keys = ON")
-            next_collide = 1
+            slot = 1
             while not self.stop.is_set():
                 elapsed = time.monotonic() - self.t0
                 if self.profile.migrations:
                     self._maybe_migrate(elapsed)
-                if elapsed >= next_collide * 1.5:  # every node writes the same row at once
-                    self.transaction([self._collide_op(next_collide)], commit=True)
-                    next_collide += 1
-                    continue
                 self.one_transaction()
-                time.sleep(self.rng.uniform(0.005, 0.04))  # pacing, not synchronisation
+                pause = self.rng.uniform(0.005, 0.04)  # pacing, not synchronisation
+                until_slot = self.t0 + slot * COLLIDE_EVERY - time.monotonic()
+                if until_slot < pause:
+                    # Every node writes the same row / unique value at the same instant.
+                    self.stop.wait(max(0.0, until_slot))
+                    self.transaction([self._collide_op(slot)], commit=True)
+                    slot += 1
+                    continue
+                self.stop.wait(pause)
         except BaseException as exc:  # reported by the harness
             self.error = exc
         finally:
@@ -183,8 +189,12 @@ class Writer(threading.Thread):
             return {"a": num % 7 if not fresh else num, "b": f"b{hot % 3}"}
         if t.name == "wr":
             return {"k": f"k{num}"}
-        if t.name == "tags":
-            return {"name": rng.choice(("alpha", "Alpha", "ALPHA", "beta", "Beta", "gamma"))}
+        if t.name == "tags":  # the word may be shared, its case is this node's own
+            word = rng.choice(("alpha", "beta", "gamma", "delta"))
+            if hot_only:  # a new word that every node writes at once, each in its own case
+                word = f"w{rng.randrange(10**6)}x"
+            return {"name": "".join(ch.upper() if self.rng.random() < 0.5 else ch
+                                    for ch in word)}
         if t.name == "events":
             if rng.random() < 0.5 and self.history.events:
                 origin, n = rng.choice(self.history.events)
@@ -195,14 +205,18 @@ class Writer(threading.Thread):
             return {"id": 100 + hot}
         return {"id": num}
 
-    def _values(self, t: schema.Table, rng: random.Random) -> dict[str, Value]:
+    def _values(self, t: schema.Table, rng: random.Random,
+                shared: random.Random | None = None) -> dict[str, Value]:
         kind = self.profile.values
         vals: dict[str, Value] = {}
         for c in t.checked:
             if c in t.key:
                 continue
             if c == "email":
-                vals[c] = ("?", f"u{rng.randrange(6)}@x")
+                email = f"u{rng.randrange(6)}@x"
+                if shared is not None:  # a value no row holds yet, written by every node
+                    email = f"c{shared.randrange(10**9)}@x"
+                vals[c] = ("?", email)
             elif c == "pid":
                 vals[c] = ("?", rng.randrange(self.profile.hot_keys))
             elif c == "n":
@@ -220,8 +234,12 @@ class Writer(threading.Thread):
     def _op_on(self, t: schema.Table, kind: str, krng: random.Random,
                hot_only: bool = False) -> Step:
         rng = self.rng
-        key = self._key(t, krng, hot_only)
-        vals = self._values(t, rng)
+        if hot_only and t.name == "users":  # same unique value, a different row per node
+            key = self._key(t, rng)
+            vals = self._values(t, rng, shared=krng)
+        else:
+            key = self._key(t, krng, hot_only)
+            vals = self._values(t, rng)
         if not t.has_pk and kind in ("upsert", "replace", "keychange"):
             kind = "insert" if key["origin"] == self.node_id else "update"
         if t.name == "events" and kind == "insert" and key["origin"] != self.node_id:
@@ -266,8 +284,9 @@ class Writer(threading.Thread):
     def _collide_op(self, slot: int) -> Step:
         shared = random.Random(self.collide_rng_seed * 31 + slot)  # same table and key everywhere
         t = shared.choice(self.tables)
-        kind = shared.choice([k for k in ("upsert", "insert", "update", "replace")
-                              if k in self.profile.ops])
+        kinds = ("upsert", "insert", "replace") if t.name in ("users", "tags") else (
+            "upsert", "insert", "update", "replace")
+        kind = shared.choice([k for k in kinds if k in self.profile.ops])
         return self._op_on(t, kind, shared, hot_only=True)
 
     def _watched(self, conn: sqlite3.Connection, watches: list[Watch], sql: str,

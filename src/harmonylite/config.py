@@ -76,6 +76,8 @@ class SnapshotConfig:
     keep: int = 3
     compress: bool = True
     temp_dir: str = ""
+    restore_timeout: int = 300_000  # ms a restore keeps trying while the application writes
+    request_timeout: int = 120_000  # ms a node behind the streams waits for a fresh snapshot
     nats: NatsStoreConfig = field(default_factory=NatsStoreConfig)
     s3: S3Config = field(default_factory=S3Config)
     sftp: SftpConfig = field(default_factory=SftpConfig)
@@ -98,6 +100,9 @@ class NatsConfig:
     key_file: str = ""
     connect_retries: int = 5
     reconnect_wait_seconds: int = 2
+    # nats-py shuffles the URL list by default; HarmonyLite's users expect the first URL first
+    # (their own server, usually), so the list is tried in order unless this is set.
+    randomize_urls: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,8 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "snapshot.interval": (0, None),
     "snapshot.leader_ttl": (3000, None),
     "snapshot.keep": (1, 10_000),
+    "snapshot.restore_timeout": (0, None),
+    "snapshot.request_timeout": (0, None),
     "snapshot.nats.replicas": (1, 5),
     "nats.connect_retries": (0, None),
     "nats.reconnect_wait_seconds": (0, None),

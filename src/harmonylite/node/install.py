@@ -1,15 +1,19 @@
 """Installing a verified snapshot database into ``db_path`` under SQLite's own locking.
 
-The verified file first gets the change-log tables and the manifest's stream positions
-(``__harmonylite__seq``), so data and positions arrive together. It is then copied into the live
-database with SQLite's backup API: the copy runs inside one write transaction of the destination,
-through its WAL (or rollback journal), so a crash at any moment leaves the old database or the new
-one, never a mix, and connections other processes hold see the new content at their next
-transaction. Nothing here runs on the event loop; callers use worker threads.
+The verified file first gets change capture (the change-log tables and every table's triggers),
+the manifest's stream positions (``__harmonylite__seq``), the origins' high-water marks and the
+parked changes the snapshot carries, so data, positions and capture arrive together: an
+application that writes the moment the install commits is captured, before any node code runs.
+It is then copied into the live database with SQLite's backup API: the copy runs inside one write
+transaction of the destination, through its WAL (or rollback journal), so a crash at any moment
+leaves the old database or the new one, never a mix, and connections other processes hold see
+the new content at their next transaction. Nothing here runs on the event loop; callers use
+worker threads.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import logging
@@ -17,9 +21,12 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc.install import install as install_capture
 from harmonylite.db.connection import write_transaction
 
 log = logging.getLogger(__name__)
@@ -50,23 +57,58 @@ def page_size(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA page_size").fetchone()[0])
 
 
-def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None) -> None:
-    """Add the change-log tables and the positions to the verified copy (and give it the
-    destination's page size: a WAL destination only takes pages of its own size)."""
+@dataclass(frozen=True)
+class Carried:
+    """What a snapshot carries besides its tables (see :class:`Manifest`)."""
+
+    origins: dict[str, dict[str, int]] = field(default_factory=dict)
+    parked: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None,
+            carried: Carried | None = None) -> None:
+    """Add change capture, the positions and what the snapshot carries to the verified copy
+    (and give it the destination's page size: a WAL destination only takes pages of its own
+    size)."""
+    carried = carried or Carried()
     conn = sqlite3.connect(str(verified), isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = DELETE")
         if page_bytes is not None and page_size(conn) != page_bytes:
             conn.execute(f"PRAGMA page_size = {int(page_bytes)}")
             conn.execute("VACUUM")
+        install_capture(conn)
         with write_transaction(conn):
-            for stmt in ddl.BASE_DDL:
-                conn.execute(stmt)
             conn.execute(f"DELETE FROM {ddl.SEQ}")
             conn.executemany(f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?)",
                              sorted(sequences.items()))
+            conn.execute(f"DELETE FROM {ddl.ORIGINS}")
+            conn.executemany(f"INSERT INTO {ddl.ORIGINS}(origin, stream, hwm) VALUES (?, ?, ?)",
+                             [(o, s, h) for s, marks in sorted(carried.origins.items())
+                              for o, h in sorted(marks.items())])
+            conn.execute(f"DELETE FROM {ddl.PARKED}")
+            conn.executemany(
+                f"INSERT INTO {ddl.PARKED}(stream, seq, tbl, op, columns, keys, vals) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(p["stream"], int(p["seq"]), p["tbl"], int(p["op"]), p["columns"], p["keys"],
+                  base64.b64decode(p["vals"])) for p in carried.parked])
     finally:
         conn.close()
+
+
+def prepare_for(verified: Path, db_path: Path, sequences: dict[str, int],
+                 carried: Carried | None = None) -> None:
+    """:func:`prepare` the verified copy for installing into ``db_path`` (its page size)."""
+    page_bytes: int | None = None
+    if db_path.exists():
+        conn = sqlite3.connect(str(db_path), isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            if int(conn.execute("PRAGMA page_count").fetchone()[0]) > 0:
+                page_bytes = page_size(conn)
+        finally:
+            conn.close()
+    prepare(verified, sequences, page_bytes, carried)
 
 
 class PendingAppeared(Exception):
@@ -86,7 +128,8 @@ def check_nothing_pending(db_path: Path) -> None:
 
 def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
                  step_pages: int = STEP_PAGES,
-                 locked_check: Callable[[], None] | None = None) -> None:
+                 locked_check: Callable[[], None] | None = None,
+                 carried: Carried | None = None, prepared: bool = False) -> None:
     """Replace the content of ``db_path`` (created when missing) with the verified database,
     whose positions become ``sequences``; atomic, under the destination's locks.
 
@@ -94,6 +137,8 @@ def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
     committed: no application can write any more, and what it wrote before is visible. If it
     raises, the copy is rolled back and the exception propagates (the live database is as it
     was). This closes the window between publishing the pending changes and the install.
+    ``prepared``: :func:`prepare_for` already ran on ``verified`` (so that the moment between
+    the caller's last publish and the write lock stays as short as possible).
     """
     dest = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False)
     try:
@@ -110,7 +155,8 @@ def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
             # The node runs every database in WAL mode; switching now also lets the check
             # below read while the copy holds the write lock (a rollback journal would block it).
             dest.execute("PRAGMA journal_mode = WAL")
-        prepare(verified, sequences, None if fresh else page_size(dest))
+        if not prepared:
+            prepare(verified, sequences, None if fresh else page_size(dest), carried)
         dest.execute("PRAGMA synchronous = FULL")  # the commit is on disk before we go on
         mid = _pause_hook("mid")
         if mid is not None:

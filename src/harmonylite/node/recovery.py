@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from harmonylite.aio import wait_any
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import (
     HarmonyliteError,
     NatsError,
+    NoSpaceError,
     SnapshotError,
     StorageError,
     VerificationError,
@@ -51,17 +54,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 30.0
-INSTALL_ATTEMPTS = 5
+
+
+NATS_HINT = "bring NATS back and start again so they are published first"
 
 
 class RestoreRefused(HarmonyliteError):
     """A restore would discard local changes that could not be published."""
 
-    def __init__(self, pending: int, reason: str) -> None:
+    def __init__(self, pending: int, reason: str, hint: str = NATS_HINT) -> None:
         self.pending = pending
         super().__init__(
             f"refusing to restore: {pending} local changes not yet published would be lost "
-            f"({reason}); bring NATS back and start again so they are published first")
+            f"({reason}); {hint}")
+
+
+class InstallTimedOut(HarmonyliteError):
+    """The application held the write lock, or kept writing, for all of snapshot.restore_timeout."""
 
 
 class NoSoundSnapshot(SnapshotError):
@@ -162,28 +171,21 @@ async def restore_newest(
                           manifest.id, exc.check, exc,
                           extra={"snapshot_id": manifest.id, "check": exc.check})
                 failures.append(f"{manifest.id} failed {exc.check}")
+            except NoSpaceError:
+                raise  # the local disk: an older snapshot would not fit either
             except StorageError as exc:
                 log.error("snapshot %s cannot be downloaded: %s; trying the previous one",
                           manifest.id, exc, extra={"snapshot_id": manifest.id})
                 failures.append(f"{manifest.id} could not be downloaded ({exc})")
             else:
+                carried = install.Carried(manifest.origins, manifest.parked)
+                await asyncio.to_thread(install.prepare_for, verified, db_path,
+                                        manifest.sequences, carried)
                 # A crash from here on must force the check again at the next start.
                 check = (lambda: install.check_nothing_pending(db_path)) if guard_pending \
                     else None
-                for attempt in range(1, INSTALL_ATTEMPTS + 1):
-                    if before_install is not None:
-                        await before_install()
-                    await asyncio.to_thread(install.remove_durably, seq_map_path)
-                    sink.stage("install")
-                    try:
-                        await asyncio.to_thread(install.install_file, verified, db_path,
-                                                manifest.sequences, install.STEP_PAGES, check)
-                        break
-                    except install.PendingAppeared as exc:
-                        if attempt == INSTALL_ATTEMPTS:
-                            raise RestoreRefused(exc.count, "the application keeps writing "
-                                                 "while the node restores") from exc
-                        log.info("%s; publishing them before installing again", exc)
+                await _install_until_done(cfg, verified, db_path, seq_map_path, manifest,
+                                          before_install, check, sink)
                 await asyncio.to_thread(write_seq_map, seq_map_path, manifest.sequences,
                                         durable=True)
                 took = time.monotonic() - started
@@ -199,6 +201,47 @@ async def restore_newest(
         raise NoSoundSnapshot(failures)
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+async def _install_until_done(
+    cfg: Config, verified: Path, db_path: Path, seq_map_path: Path, manifest: Manifest,
+    before_install: Callable[[], Awaitable[None]] | None, check: Callable[[], None] | None,
+    sink: ProgressSink,
+) -> None:
+    """Install, trying again while the application holds the write lock or writes between
+    the last publish and the lock, for at most ``snapshot.restore_timeout``."""
+    bound = cfg.snapshot.restore_timeout / 1000.0
+    deadline = time.monotonic() + bound
+    attempt = 0
+    while True:
+        attempt += 1
+        if before_install is not None:
+            await before_install()
+        await asyncio.to_thread(install.remove_durably, seq_map_path)
+        sink.stage("install")
+        try:
+            await asyncio.to_thread(install.install_file, verified, db_path, manifest.sequences,
+                                    install.STEP_PAGES, check, None, True)
+            return
+        except install.PendingAppeared as exc:
+            if time.monotonic() >= deadline:
+                raise RestoreRefused(
+                    exc.count, f"the application kept writing for {bound:.0f} s while the node "
+                    f"restored {db_path} ({attempt} tries)",
+                    "stop the writes for a moment, or raise snapshot.restore_timeout") from exc
+            log.info("%s; publishing them before installing again (try %d)", exc, attempt)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise InstallTimedOut(
+                    f"cannot restore {db_path}: another connection held its write lock for "
+                    f"{bound:.0f} s (snapshot.restore_timeout); the database was left as it was"
+                ) from exc
+            log.warning("waiting for the write lock on %s to install snapshot %s: %s; still "
+                        "trying for %.0f s more (snapshot.restore_timeout)", db_path,
+                        manifest.id, exc, max(0.0, deadline - time.monotonic()),
+                        extra={"path": str(db_path), "snapshot_id": manifest.id})
 
 
 async def publish_pending(cfg: Config, js: JetStreamContext, db_path: Path,
@@ -228,6 +271,34 @@ def _log_gaps(found: list[Gap], what: str) -> None:
 
 
 # --- the decision at start -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Choice:
+    covering: list[Manifest]  # at or ahead of the database, and inside every stream: usable
+    usable: list[Manifest]  # at or ahead of the database (may leave a stream gap)
+    skipped: list[tuple[Manifest, str]]  # behind the database: never installed
+
+
+def choose(candidates: list[Manifest], floor: dict[str, int], heads: dict[str, int]) -> Choice:
+    """Split ``candidates`` (newest first) by what installing each would do to this node."""
+    usable: list[Manifest] = []
+    skipped: list[tuple[Manifest, str]] = []
+    for m in candidates:
+        behind = sorted((s, m.sequences.get(s, 0), p) for s, p in floor.items()
+                        if m.sequences.get(s, 0) < p)
+        if behind:
+            skipped.append((m, ", ".join(f"{s} at {q} < {p} in this node's database"
+                                         for s, q, p in behind)))
+        else:
+            usable.append(m)
+    covering = [m for m in usable if not gaps(m.sequences, heads)]
+    return Choice(covering, usable, skipped)
+
+
+def _need(heads: dict[str, int]) -> dict[str, int]:
+    """Per stream, the sequence a snapshot must reach to be inside what the stream holds."""
+    return {s: first - 1 for s, first in heads.items() if first > 1}
+
+
 async def recover(node: Node) -> None:
     """Restore from a snapshot when needed (see the module docstring); else do nothing."""
     cfg = node.cfg
@@ -241,7 +312,6 @@ async def recover(node: Node) -> None:
     behind = gaps(positions, heads)
     # Gaps found while running: the positions moved past them, so only the record tells.
     recorded = await asyncio.to_thread(install.recorded_gaps, db_path) if db_exists else {}
-    missed = sum(last - first + 1 for first, last in recorded.values())
     reasons = []
     if recorded:
         reasons.append("the streams dropped messages before this node applied them ("
@@ -257,6 +327,9 @@ async def recover(node: Node) -> None:
     if not reasons:
         return
     log.info("checking for a snapshot: %s", "; ".join(reasons))
+    diverged = db_exists and bool(behind or recorded)
+    # Never go backwards: a snapshot behind what this database already holds would lose rows.
+    floor = positions if db_exists else {}
     store = await open_store(cfg.snapshot, js=node.js, bucket=cfg.snapshot_bucket())
     try:
         try:
@@ -268,24 +341,34 @@ async def recover(node: Node) -> None:
             log.error("cannot list snapshots (%s); replaying from this node's positions", exc)
             _log_gaps(behind, "no snapshot could be checked")
             return
-        if not candidates:
-            await asyncio.to_thread(_no_snapshot, db_path, seq_map_path, db_exists, heads, behind)
-            return
-        newest = candidates[0]
-        if db_exists:
-            keep, restore = lost(positions, heads) + missed, lost(newest.sequences, heads)
-            better = restore < keep if from_file is not None else restore <= keep
-            if not better:
-                log.warning("not restoring: the newest snapshot %s would leave this node further "
-                            "behind the streams than its database", newest.id,
-                            extra={"snapshot_id": newest.id})
-                _log_gaps(behind, "no snapshot covers them")
+        choice = choose(candidates, floor, heads)
+        for m, why in choice.skipped:
+            log.warning("skipping snapshot %s: it is behind this node's database (%s)", m.id,
+                        why, extra={"snapshot_id": m.id})
+        targets = choice.covering
+        if not targets and (diverged or not db_exists) and (candidates or gaps({}, heads)):
+            targets, heads = await _ask_and_wait(node, store, floor)
+        if not targets:
+            if db_exists:
+                if choice.usable and not diverged:
+                    log.warning("not restoring: snapshot %s would leave this node behind what "
+                                "the streams hold, and its database is not",
+                                choice.usable[0].id, extra={"snapshot_id": choice.usable[0].id})
+                elif not candidates:
+                    log.warning("no snapshot in the store; replaying the streams from this "
+                                "node's positions")
+                _log_gaps(gaps(positions, heads), "no snapshot covers them")
+                _log_uncovered(recorded, "no snapshot covers them")
                 return
+            if not choice.usable:
+                await asyncio.to_thread(_no_snapshot, db_path, seq_map_path, heads)
+                return
+            targets = choice.usable  # better than an empty database; the gap stays loud
 
         async def before_install() -> None:
             await _publish_before_restore(node)
 
-        restored = await restore_newest(cfg, store, candidates, db_path=db_path,
+        restored = await restore_newest(cfg, store, targets, db_path=db_path,
                                         seq_map_path=seq_map_path,
                                         before_install=before_install,
                                         guard_pending=cfg.publish)
@@ -294,6 +377,56 @@ async def recover(node: Node) -> None:
     manifest = restored.manifest
     node.metrics.restored(manifest.id, manifest.created_at)
     _log_gaps(gaps(manifest.sequences, heads), f"snapshot {manifest.id} is older than them")
+
+
+def _log_uncovered(recorded: dict[str, tuple[int, int]], what: str) -> None:
+    _log_gaps([Gap(s, f, la) for s, (f, la) in sorted(recorded.items())], what)
+
+
+async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int]
+                        ) -> tuple[list[Manifest], dict[str, int]]:
+    """No snapshot covers this node: ask the leader for one and wait (snapshot.request_timeout),
+    looking at the streams and the store again every second. Returns the covering snapshots
+    found (empty when none came) and the streams' heads at the last look."""
+    from harmonylite.snapshot import request
+
+    cfg = node.cfg
+    assert node.js is not None
+    bound = cfg.snapshot.request_timeout / 1000.0
+    deadline = time.monotonic() + bound
+    heads = await stream_heads(node.js, cfg.stream_names())
+    log.warning("no snapshot covers what this node lacks (%s); asked the snapshot leader for "
+                "one, waiting up to %.0f s (snapshot.request_timeout)",
+                ", ".join(f"{s} up to {q}" for s, q in sorted(_need(heads).items())) or "-",
+                bound)
+    asked = False
+    try:
+        while True:
+            try:
+                await request.ask(node.js, cfg.snapshot.leader_ttl, cfg.node_id, _need(heads))
+                asked = True
+            except Exception as exc:
+                log.warning("cannot ask the leader for a snapshot: %s", exc)
+            try:
+                found = choose(await list_snapshots(store), floor, heads).covering
+            except StorageError as exc:
+                log.warning("cannot list snapshots: %s", exc)
+                found = []
+            if found:
+                log.info("snapshot %s covers this node now", found[0].id,
+                         extra={"snapshot_id": found[0].id})
+                return found, heads
+            if time.monotonic() >= deadline or node.stop_event.is_set():
+                return [], heads
+            # The polling period of an outside resource (the store), not a synchronisation.
+            await wait_any(node.stop_event, timeout=1.0)
+            heads = await stream_heads(node.js, cfg.stream_names())
+    finally:
+        if asked:
+            try:
+                await request.withdraw(node.js, cfg.snapshot.leader_ttl)
+            except Exception as exc:  # it expires with the bucket's TTL anyway
+                log.debug("cannot withdraw the snapshot request: %s", exc)
 
 
 async def _publish_before_restore(node: Node) -> None:
@@ -310,12 +443,7 @@ async def _publish_before_restore(node: Node) -> None:
     await publish_pending(node.cfg, node.js, node.db_path, pending)
 
 
-def _no_snapshot(db_path: Path, seq_map_path: Path, db_exists: bool, heads: dict[str, int],
-                 behind: list[Gap]) -> None:
-    if db_exists:
-        log.warning("no snapshot in the store; replaying the streams from this node's positions")
-        _log_gaps(behind, "no snapshot covers them")
-        return
+def _no_snapshot(db_path: Path, seq_map_path: Path, heads: dict[str, int]) -> None:
     log.warning("no snapshot in the store: starting with an empty database %s and replaying the "
                 "streams from sequence 1", db_path)
     install.create_empty(db_path)

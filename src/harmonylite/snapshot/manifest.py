@@ -2,7 +2,13 @@
 
 A store holds, per snapshot, ``snapshots/{id}.db.zst`` (or ``.db``) and ``snapshots/{id}.json``.
 The manifest is written last, so a data object without its manifest is not a snapshot: listing
-reads manifests only. Ids are ``{YYYYmmddTHHMMSSZ}-{node_id}-{8 hex}`` and sort by time.
+reads manifests only.
+
+Snapshots are ordered by their position in the streams (the sum of their ``sequences``), never by
+a wall clock: a node with a fast clock must not make its snapshot "newest" for ever. Ids are
+``p{position, 15 digits}-{YYYYmmddTHHMMSSZ}-{node_id}-{8 hex}`` so that they sort the same way;
+ids of the older form ``{YYYYmmddTHHMMSSZ}-{node_id}-{8 hex}`` stay readable (and sort before
+every new one, which they precede).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from harmonylite import __version__
@@ -25,13 +31,24 @@ FORMAT = 1
 PREFIX = "snapshots/"
 MANIFEST_SUFFIX = ".json"
 COMPRESSIONS = ("zstd", "none")
-_ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-(\d+)-([0-9a-f]{8})$")
+_ID_RE = re.compile(r"^(?:p\d{15}-)?(\d{8}T\d{6}Z)-(\d+)-([0-9a-f]{8})$")
+POSITION_DIGITS = 15
+# A data object without a manifest is deleted by retention only when the store says it is this
+# much older than the oldest kept manifest (both times come from the store's own clock).
+LEFTOVER_GRACE = timedelta(hours=1)
 
 
-def new_snapshot_id(node_id: int, now: datetime | None = None) -> str:
-    """``{UTC time as YYYYmmddTHHMMSSZ}-{node_id}-{8 hex}``."""
+def position(sequences: dict[str, int]) -> int:
+    """Where a snapshot stands in the streams: one number that grows with every stream."""
+    return sum(max(0, int(v)) for v in sequences.values())
+
+
+def new_snapshot_id(node_id: int, now: datetime | None = None,
+                    sequences: dict[str, int] | None = None) -> str:
+    """``p{position}-{UTC time as YYYYmmddTHHMMSSZ}-{node_id}-{8 hex}``: sorts by position."""
     when = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"{when:%Y%m%dT%H%M%SZ}-{node_id}-{secrets.token_hex(4)}"
+    pos = min(position(sequences or {}), 10**POSITION_DIGITS - 1)
+    return f"p{pos:0{POSITION_DIGITS}d}-{when:%Y%m%dT%H%M%SZ}-{node_id}-{secrets.token_hex(4)}"
 
 
 def is_snapshot_id(text: str) -> bool:
@@ -85,6 +102,28 @@ class Manifest:
     tables: list[str] = field(default_factory=list)
     version: str = __version__
     format: int = FORMAT
+    # Optional, written only when not empty (older readers ignore them): per stream, per origin
+    # database, the highest change id the snapshot has applied (a restored node then ignores
+    # batches re-sent later, like its peers), and changes received but parked because the table
+    # did not exist (their sequences are claimed, so the changes must travel with the snapshot).
+    origins: dict[str, dict[str, int]] = field(default_factory=dict)
+    parked: list[dict[str, Any]] = field(default_factory=list)
+    # Optional too: each stream's last sequence when the capture began. The difference to
+    # ``sequences`` is how far behind the streams the snapshot was (see ``behind``).
+    heads: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def position(self) -> int:
+        return position(self.sequences)
+
+    @property
+    def behind(self) -> dict[str, int]:
+        """Messages each stream held beyond this snapshot when it was captured ({}: unknown)."""
+        return {s: max(0, h - self.sequences.get(s, 0)) for s, h in self.heads.items()}
+
+    def at_or_ahead(self, positions: dict[str, int]) -> bool:
+        """True when this snapshot is at or ahead of ``positions`` on every stream."""
+        return all(self.sequences.get(s, 0) >= p for s, p in positions.items())
 
     @property
     def data_key(self) -> str:
@@ -96,6 +135,9 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        for optional in ("origins", "parked", "heads"):
+            if not out[optional]:
+                del out[optional]
         # "format" first, as in the contract's listing of the keys.
         return {"format": out.pop("format"), **out}
 
@@ -128,6 +170,10 @@ class Manifest:
                 tables=[str(t) for t in data.get("tables", [])],
                 version=str(data.get("version", "")),
                 format=int(fmt),
+                origins={str(s): {str(o): int(h) for o, h in dict(m).items()}
+                         for s, m in dict(data.get("origins", {})).items()},
+                parked=[dict(p) for p in data.get("parked", [])],
+                heads={str(k): int(v) for k, v in dict(data.get("heads", {})).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"malformed snapshot manifest: {exc!r}") from exc
@@ -143,8 +189,9 @@ class Manifest:
         return cls.from_dict(data)
 
 
-def _newest_first(manifests: list[Manifest]) -> list[Manifest]:
-    return sorted(manifests, key=lambda m: (_created(m), m.id), reverse=True)
+def newest_first(manifests: list[Manifest]) -> list[Manifest]:
+    """By position in the streams; a wall clock only breaks ties between equal positions."""
+    return sorted(manifests, key=lambda m: (m.position, _created(m), m.id), reverse=True)
 
 
 async def list_snapshots(store: ObjectStore) -> list[Manifest]:
@@ -168,7 +215,7 @@ async def list_snapshots(store: ObjectStore) -> list[Manifest]:
             log.warning("skipping snapshot manifest %s: it names id %s", info.key, manifest.id)
             continue
         manifests.append(manifest)
-    return _newest_first(manifests)
+    return newest_first(manifests)
 
 
 async def find_snapshot(store: ObjectStore, ref: str = "latest") -> Manifest:
@@ -180,12 +227,17 @@ async def find_snapshot(store: ObjectStore, ref: str = "latest") -> Manifest:
         return found[0]
     if not is_snapshot_id(ref):
         raise SnapshotError(
-            f"invalid snapshot id {ref!r}: expected latest or YYYYmmddTHHMMSSZ-NODE-XXXXXXXX"
+            f"invalid snapshot id {ref!r}: expected latest or an id as `snapshot list` prints it"
         )
     try:
-        return Manifest.from_json(await store.download_bytes(manifest_key(ref)))
+        named = Manifest.from_json(await store.download_bytes(manifest_key(ref)))
     except ObjectNotFound as exc:
         raise SnapshotError(f"no committed snapshot {ref} in the store") from exc
+    if named.id != ref:
+        # Its data key derives from the id inside: "ok" would vouch for another snapshot.
+        raise SnapshotError(f"the manifest stored as snapshot {ref} names snapshot {named.id}: "
+                            "it is not the snapshot asked for")
+    return named
 
 
 async def delete_snapshot(store: ObjectStore, manifest: Manifest) -> None:
@@ -197,8 +249,9 @@ async def delete_snapshot(store: ObjectStore, manifest: Manifest) -> None:
 async def prune(store: ObjectStore, keep: int) -> list[str]:
     """Delete committed snapshots beyond the newest ``keep`` (oldest first); returns their ids.
 
-    Data objects without a manifest that are older than the oldest kept snapshot are leftovers of
-    failed runs and are deleted too.
+    Data objects without a manifest are leftovers of failed runs when the store's own clock
+    puts them well (LEFTOVER_GRACE) before the oldest kept manifest: a capture still uploading
+    is never removed, whatever the clocks of the nodes say.
     """
     committed = await list_snapshots(store)
     doomed = list(reversed(committed[keep:]))
@@ -208,13 +261,22 @@ async def prune(store: ObjectStore, keep: int) -> list[str]:
         removed.append(manifest.id)
     kept = committed[:keep]
     if kept:
-        oldest_kept = kept[-1].id[:16]  # its UTC second
+        listing = await store.list(PREFIX)
+        stamps = {i.key: i.modified for i in listing}
         known = {m.id for m in committed}
-        for info in await store.list(PREFIX):
+        kept_times = [stamps.get(m.manifest_key) for m in kept]
+        if any(t is None for t in kept_times):
+            return removed  # the store does not say when: keep what might be in flight
+        horizon = min(t for t in kept_times if t is not None) - LEFTOVER_GRACE
+        for info in listing:
             sid = snapshot_id_of_key(info.key)
             if sid is None or sid in known or info.key.endswith(MANIFEST_SUFFIX):
                 continue
-            if sid[:16] < oldest_kept:
+            if info.modified is not None and _utc(info.modified) < _utc(horizon):
                 log.info("deleting leftover snapshot data object %s", info.key)
                 await store.delete(info.key)
     return removed
+
+
+def _utc(when: datetime) -> datetime:
+    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)

@@ -6,17 +6,19 @@ is reported as :class:`DiskFull` naming the step; the pipeline turns it into NoS
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
+from harmonylite.cdc import ddl
 from harmonylite.cdc.changelog import applied_sequences
 from harmonylite.cdc.install import remove_all
 from harmonylite.cdc.schema import schema_hash, user_tables
@@ -59,6 +61,15 @@ def _connect(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+def live_sequences(db_path: str | Path) -> dict[str, int]:
+    """The stream positions the live database has applied (cheap: one small table)."""
+    conn = _connect(db_path)
+    try:
+        return applied_sequences(conn)
+    finally:
+        conn.close()
+
+
 def vacuum_into(db_path: str | Path, copy: Path, cancel: threading.Event) -> None:
     """A transactionally consistent copy of the live database (WAL content included).
 
@@ -86,10 +97,42 @@ class Facts:
     sequences: dict[str, int]
     schema_hash: str
     tables: list[str]
+    origins: dict[str, dict[str, int]] = field(default_factory=dict)
+    parked: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (name,)).fetchone() is not None
+
+
+def carried_state(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, int]],
+                                                     list[dict[str, Any]]]:
+    """What the copy has received beyond its user tables, which the sequences it claims imply:
+    per stream the origins' high-water marks, and the parked changes (for a table it lacks).
+
+    Dead letters and recorded gaps stay behind: they describe this node's own failures, and
+    another node must not inherit them.
+    """
+    origins: dict[str, dict[str, int]] = {}
+    if _table_exists(conn, ddl.ORIGINS):
+        for origin, stream, hwm in conn.execute(f"SELECT origin, stream, hwm FROM {ddl.ORIGINS}"):
+            origins.setdefault(str(stream), {})[str(origin)] = int(hwm)
+    parked: list[dict[str, Any]] = []
+    if _table_exists(conn, ddl.PARKED):
+        rows = conn.execute(f"SELECT stream, seq, tbl, op, columns, keys, vals FROM {ddl.PARKED} "
+                            "ORDER BY id")
+        for stream, seq, tbl, op, columns, keys, vals in rows:
+            raw = vals if isinstance(vals, bytes) else str(vals).encode()
+            parked.append({"stream": str(stream), "seq": int(seq), "tbl": str(tbl), "op": int(op),
+                           "columns": str(columns), "keys": str(keys),
+                           "vals": base64.b64encode(raw).decode("ascii")})
+    return origins, parked
 
 
 def sanitize(copy: Path) -> Facts:
-    """Read the stream sequences the copy contains, then drop every harmonylite object.
+    """Read the stream sequences the copy contains (and what comes with them, see
+    :func:`carried_state`), then drop every harmonylite object.
 
     Freed pages are zeroed (``secure_delete``) instead of running a second VACUUM: zstd squeezes
     zero pages to almost nothing, at a fraction of the VACUUM's cost. The copy is a throwaway
@@ -102,6 +145,7 @@ def sanitize(copy: Path) -> Facts:
         conn.execute("PRAGMA journal_mode = OFF")
         conn.execute("PRAGMA synchronous = OFF")
         sequences = applied_sequences(conn)
+        origins, parked = carried_state(conn)
         conn.execute("PRAGMA secure_delete = ON")
         remove_all(conn)
         tables, virtual = user_tables(conn)
@@ -114,7 +158,7 @@ def sanitize(copy: Path) -> Facts:
         raise SnapshotError(f"sanitizing the snapshot copy failed: {exc}") from exc
     finally:
         conn.close()
-    return Facts(copy.stat().st_size, sequences, digest, names)
+    return Facts(copy.stat().st_size, sequences, digest, names, origins, parked)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,15 @@ def is_capturing() -> bool:
     return _CAPTURE_LOCK.locked()
 
 
+class SnapshotUnchanged(SnapshotError):
+    """The database stands exactly where the newest snapshot does: nothing new to store."""
+
+    def __init__(self, sequences: dict[str, int]) -> None:
+        self.sequences = sequences
+        super().__init__("not taking a snapshot: the database is at the newest snapshot's "
+                         f"position ({sequences or 'no stream applied'})")
+
+
 @dataclass(frozen=True)
 class SaveResult:
     manifest: Manifest
@@ -113,25 +122,31 @@ class SnapshotPipeline:
 
     # -- the pipeline -------------------------------------------------------------------------
 
-    async def save(self, fence: Fence | None = None) -> SaveResult:
+    async def save(self, fence: Fence | None = None, *,
+                   unless_at: dict[str, int] | None = None) -> SaveResult:
         """Take one snapshot, upload, verify and commit it, then apply retention.
 
         ``fence`` is awaited right before the manifest is written; it raises LeaseLost (or any
         error) to abort the commit, e.g. when the snapshot lease is no longer ours.
+        ``unless_at`` (the newest snapshot's sequences) raises SnapshotUnchanged instead of
+        storing a copy at exactly that position: it would add nothing to recovery.
         Raises SnapshotBusy when a capture already runs in this process.
         """
         if not _CAPTURE_LOCK.acquire(blocking=False):
             log.warning(BUSY_MESSAGE)
             raise SnapshotBusy()
         try:
-            return await self._save(fence)
+            return await self._save(fence, unless_at)
         finally:
             _CAPTURE_LOCK.release()
 
-    async def _save(self, fence: Fence | None) -> SaveResult:
+    async def _save(self, fence: Fence | None, unless_at: dict[str, int] | None) -> SaveResult:
         started = time.monotonic()
         created = datetime.now(UTC)
-        sid = new_snapshot_id(self.cfg.node_id, created)
+        if unless_at is not None:
+            live = await asyncio.to_thread(packing.live_sequences, self.cfg.db_path)
+            if live == unless_at:
+                raise SnapshotUnchanged(live)
         compression = "zstd" if self.cfg.snapshot.compress else "none"
         cancel = threading.Event()
         work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=self.cfg.snapshot.temp_dir or None))
@@ -140,13 +155,15 @@ class SnapshotPipeline:
             needed = self.space_needed(source)
             try:
                 self.check_free_space(work, needed)
-                copy = work / f"{sid}.db"
+                copy = work / "copy.db"
                 self.progress.stage("copy", source)
                 db_path = self.cfg.db_path
                 await _in_thread(lambda: packing.vacuum_into(db_path, copy, cancel), cancel)
                 self.progress.advance(source)
                 self.progress.stage("sanitize")
                 facts = await _in_thread(lambda: packing.sanitize(copy), cancel)
+                if unless_at is not None and facts.sequences == unless_at:
+                    raise SnapshotUnchanged(facts.sequences)
                 self.progress.stage("compress" if compression == "zstd" else "hash", facts.db_bytes)
                 # The copy is proven sound while it is compressed (both only read it): a
                 # snapshot whose manifest is committed passed integrity_check.
@@ -169,6 +186,7 @@ class SnapshotPipeline:
             except NoSpaceError as exc:
                 log.error("%s", exc)
                 raise
+            sid = new_snapshot_id(self.cfg.node_id, created, facts.sequences)
             manifest = Manifest(
                 id=sid,
                 node_id=self.cfg.node_id,
@@ -181,6 +199,8 @@ class SnapshotPipeline:
                 sequences=facts.sequences,
                 schema_hash=facts.schema_hash,
                 tables=facts.tables,
+                origins=facts.origins,
+                parked=facts.parked,
             )
             await self._upload_and_commit(manifest, packed.path, fence)
             pruned = await self._prune()

@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from harmonylite.errors import NoSpaceError, SnapshotError, VerificationError
+from harmonylite.errors import NoSpaceError, SnapshotError, StorageError, VerificationError
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.packing import CHUNK, check_sound
 from harmonylite.snapshot.pipeline import WORK_PREFIX
@@ -139,8 +139,19 @@ async def fetch(
     byte for byte, the copy that passed ``integrity_check`` before its manifest was committed.
     """
     stored = work / ("stored-" + Path(m.data_key).name)
+    check_local_space(work, dest.parent, m)
     progress.stage("download", m.stored_bytes)
-    await store.download(m.data_key, stored)
+    try:
+        await store.download(m.data_key, stored)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise _no_space(work, m) from exc
+        raise
+    except StorageError as exc:
+        # A backend reports its own failures; when the local disk is what filled up, say so.
+        if _local_full(work, m.stored_bytes):
+            raise _no_space(work, m) from exc
+        raise
     progress.advance(m.stored_bytes)
     progress.stage("decompress" if m.compression == "zstd" else "hash", m.stored_bytes)
     try:
@@ -163,6 +174,36 @@ async def fetch(
                              asyncio.to_thread(_fsync, dest))
     else:
         await asyncio.to_thread(integrity_check, m, dest)
+
+
+SPACE_MARGIN_BYTES = 1024 * 1024
+
+
+def _needed(m: Manifest) -> int:
+    return m.stored_bytes + m.db_bytes + SPACE_MARGIN_BYTES
+
+
+def _no_space(work: Path, m: Manifest) -> NoSpaceError:
+    return NoSpaceError(str(work), _needed(m), shutil.disk_usage(work).free)
+
+
+def _local_full(path: Path, bytes_needed: int) -> bool:
+    try:
+        return shutil.disk_usage(path).free < bytes_needed
+    except OSError:
+        return False
+
+
+def check_local_space(work: Path, dest_dir: Path, m: Manifest) -> None:
+    """NoSpaceError naming the local directory, the bytes needed and free, before downloading:
+    a full local disk is not the store's fault, nor the snapshot's."""
+    same = os.stat(work).st_dev == os.stat(dest_dir).st_dev
+    wants = [(work, _needed(m))] if same else [(work, m.stored_bytes + SPACE_MARGIN_BYTES),
+                                                (dest_dir, m.db_bytes + SPACE_MARGIN_BYTES)]
+    for path, needed in wants:
+        free = shutil.disk_usage(path).free
+        if free < needed:
+            raise NoSpaceError(str(path), needed, free)
 
 
 def _fsync(path: Path) -> None:

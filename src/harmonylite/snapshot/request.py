@@ -1,0 +1,65 @@
+"""Asking the snapshot leader for a fresh snapshot: key ``snapshot-request`` in ``e-harmonylite``.
+
+A node whose streams dropped messages it never applied needs a snapshot at or past each stream's
+first sequence. When none in the store covers it, it writes what it needs (per stream, the
+sequence the snapshot must reach) under this key, again on every look at the store, and waits.
+The leader reads the key each time it checks its triggers and takes a snapshot when its own
+database can satisfy the request. The bucket's TTL (the lease TTL) removes a request whose node
+stopped asking; the node deletes it once served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError
+
+from harmonylite.snapshot.leader import bounded, open_bucket
+
+log = logging.getLogger(__name__)
+
+REQUEST_KEY = "snapshot-request"
+OP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    node_id: int
+    need: dict[str, int]  # stream -> the last sequence the snapshot must contain, at least
+    revision: int
+
+    def satisfied_by(self, sequences: dict[str, int]) -> bool:
+        return all(sequences.get(s, 0) >= q for s, q in self.need.items())
+
+
+async def ask(js: Any, ttl_ms: int, node_id: int, need: dict[str, int]) -> None:
+    """Write (or refresh) the request for a snapshot reaching ``need`` on every stream."""
+    kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
+    value = json.dumps({"node_id": node_id, "need": need}).encode()
+    await bounded(kv.put(REQUEST_KEY, value), OP_TIMEOUT)
+
+
+async def withdraw(js: Any, ttl_ms: int) -> None:
+    kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
+    await bounded(kv.delete(REQUEST_KEY), OP_TIMEOUT)
+
+
+async def read(kv: Any, timeout: float = OP_TIMEOUT) -> SnapshotRequest | None:
+    """The open request, if any (for the leader)."""
+    try:
+        entry = await bounded(kv.get(REQUEST_KEY), timeout)
+    except KeyNotFoundError:
+        return None
+    if entry is None or not entry.value:
+        return None
+    try:
+        data = json.loads(entry.value)
+        need = {str(s): int(q) for s, q in dict(data.get("need", {})).items()}
+        node_id = int(data.get("node_id", 0))
+    except (ValueError, TypeError, AttributeError) as exc:
+        log.warning("ignoring an unreadable snapshot request: %s", exc)
+        return None
+    return SnapshotRequest(node_id, need, int(entry.revision))

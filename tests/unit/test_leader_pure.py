@@ -50,9 +50,11 @@ def test_lease_value_names_the_node() -> None:
 
 
 def test_message_count_threshold_per_stream() -> None:
-    assert count_threshold(1024, 1) == 1024
-    assert count_threshold(1024, 4) == 256
-    assert count_threshold(3, 8) == 1
+    # Half of what every stream keeps, whatever the number of shards.
+    assert count_threshold(1024, 1) == 512
+    assert count_threshold(1024, 4) == 512
+    assert count_threshold(60, 1) == 30
+    assert count_threshold(1, 8) == 1
 
 
 def test_streams_past_compares_with_the_snapshot_sequences() -> None:
@@ -68,4 +70,4 @@ def test_snapshot_age_and_check_period() -> None:
     assert snapshot_age("2023-11-14T22:13:10.000000Z", now) == 10.0
     assert snapshot_age("garbage", now) == 0.0
     assert snapshot_age("2099-01-01T00:00:00Z", now) == 0.0
-    assert check_period(1.0) == 1.0 and check_period(10.0) == 5.0 and check_period(0.2) == 1.0
+    assert check_period(1.0) == 1.0 and check_period(10.0) == 1.0 and check_period(0.2) == 0.5

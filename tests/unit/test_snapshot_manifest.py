@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,24 +28,51 @@ from harmonylite.snapshot.storage.file import FileStore
 T0 = datetime(2024, 5, 17, 8, 30, 0, tzinfo=UTC)
 
 
-def _manifest(when: datetime, node_id: int = 3, compression: str = "zstd") -> Manifest:
+def _manifest(when: datetime, node_id: int = 3, compression: str = "zstd",
+              seqs: dict[str, int] | None = None) -> Manifest:
+    seqs = {"s-1": 5} if seqs is None else seqs
     return Manifest(
-        id=new_snapshot_id(node_id, when), node_id=node_id, created_at=rfc3339(when),
+        id=new_snapshot_id(node_id, when, seqs), node_id=node_id, created_at=rfc3339(when),
         db_bytes=4096, db_sha256="a" * 64, stored_bytes=100, stored_sha256="b" * 64,
-        compression=compression, sequences={"s-1": 5}, schema_hash="c" * 64, tables=["t"],
+        compression=compression, sequences=seqs, schema_hash="c" * 64, tables=["t"],
     )
 
 
 def test_id_format_and_order() -> None:
-    sid = new_snapshot_id(42, T0)
-    assert sid.startswith("20240517T083000Z-42-")
+    sid = new_snapshot_id(42, T0, {"s-1": 7, "s-2": 5})
+    assert sid.startswith("p000000000000012-20240517T083000Z-42-")
     assert is_snapshot_id(sid)
     assert len(sid.rsplit("-", 1)[1]) == 8
-    assert new_snapshot_id(42, T0) != sid  # random suffix
-    later = new_snapshot_id(42, T0 + timedelta(seconds=1))
-    assert sorted([later, sid]) == [sid, later]
+    assert new_snapshot_id(42, T0, {"s-1": 7, "s-2": 5}) != sid  # random suffix
+    # Ids sort by position in the streams, whatever the clock said.
+    further = new_snapshot_id(42, T0 - timedelta(days=1), {"s-1": 8, "s-2": 5})
+    assert sorted([further, sid]) == [sid, further]
+    # Ids of the older, time-first form stay readable and sort before every new one.
+    assert is_snapshot_id("20240517T083000Z-42-0a1b2c3d")
+    assert sorted([sid, "20240517T083000Z-42-0a1b2c3d"])[0] == "20240517T083000Z-42-0a1b2c3d"
     assert not is_snapshot_id("latest")
     assert not is_snapshot_id("20240517T083000Z-42-XYZ")
+
+
+async def test_newest_is_the_furthest_in_the_streams_not_the_latest_clock(tmp_path: Path
+                                                                          ) -> None:
+    store = FileStore(tmp_path)
+    ahead = _manifest(T0, seqs={"s-1": 50})
+    future = _manifest(T0 + timedelta(minutes=10), seqs={"s-1": 20})  # a node with a fast clock
+    for m in (future, ahead):
+        await _commit(store, m)
+    assert [m.id for m in await list_snapshots(store)] == [ahead.id, future.id]
+    assert await prune(store, keep=1) == [future.id]
+
+
+async def test_a_manifest_naming_another_id_is_refused(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    real = _manifest(T0)
+    await _commit(store, real)
+    impostor = new_snapshot_id(3, T0)
+    await store.upload_bytes(manifest_key(impostor), real.to_json())
+    with pytest.raises(SnapshotError, match=f"names snapshot {real.id}"):
+        await find_snapshot(store, impostor)
 
 
 def test_keys() -> None:
@@ -133,6 +162,10 @@ async def test_prune_deletes_oldest_and_old_orphans(tmp_path: Path) -> None:
     new_orphan = _manifest(T0 + timedelta(hours=1))  # an upload that may still be committing
     for o in (old_orphan, new_orphan):
         await store.upload_bytes(o.data_key, b"partial")
+    # Leftovers are judged by the store's own clock (not by the time in an id, which is a
+    # node's clock): the old one was stored two hours before the kept manifests.
+    stale = time.time() - 7200
+    os.utime(tmp_path / old_orphan.data_key, (stale, stale))
     removed = await prune(store, keep=2)
     assert removed == [ms[0].id, ms[1].id, ms[2].id]
     assert [m.id for m in await list_snapshots(store)] == [ms[4].id, ms[3].id]

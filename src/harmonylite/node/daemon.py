@@ -140,7 +140,10 @@ class Node:
             self.watcher = ChangeWatcher(str(self.db_path), interval, wake)
             self.watcher.start()
             self._spawn("publisher", publisher.run)
-            if cfg.snapshot.enabled:
+            # A node that applies nothing from the streams (replicate = false) holds none of the
+            # cluster's state: it is no snapshot leader candidate (its snapshots would claim no
+            # position, and none would ever cover a stream).
+            if cfg.snapshot.enabled and cfg.replicate:
                 from harmonylite.snapshot.service import SnapshotService
 
                 self.snapshots = SnapshotService(self)

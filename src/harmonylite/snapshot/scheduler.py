@@ -4,15 +4,19 @@ Triggers (only while this node holds the lease):
 
 - **interval**: ``snapshot.interval`` ms after the newest committed snapshot, whichever node took it
   (the store is listed at start and each time this node becomes leader); 0 disables the timer.
-- **messages**: ``max_entries / shards`` messages have passed on a stream since the newest
-  snapshot's sequences (each stream's last sequence against the manifest, checked every few
-  seconds), so a snapshot always exists inside the streams' retention.
+- **messages**: ``max_entries / 2`` messages have passed on any stream since the newest
+  snapshot's sequences (each stream's last sequence against the manifest, checked every second),
+  so a snapshot always exists inside the streams' retention (each stream keeps ``max_entries``).
+- **request**: a node behind the streams asked for a snapshot (key ``snapshot-request``, see
+  :mod:`harmonylite.snapshot.request`) that the newest one does not satisfy.
+
+No capture is stored at exactly the newest snapshot's position (``SnapshotUnchanged``).
 - **sleep timeout**: after ``sleep_timeout`` ms without anything published or replicated, the leader
   takes a final snapshot and the node stops (exit 0); a non-leader just stops.
 
 One capture runs at a time. A trigger that comes while one runs (or while a manual save holds the
 upload lock) is skipped with ``system busy capturing snapshot``. A failed attempt is logged and
-counted, and not retried before the next trigger: one interval later, or ``max_entries / shards``
+counted, and not retried before the next trigger: one interval later, or ``max_entries / 2``
 further messages. Losing the lease cancels a running capture; its fence would refuse the commit
 anyway. Every node lists the store now and then and reports the newest snapshot to the metrics, so
 health knows the age of the recovery point.
@@ -31,9 +35,10 @@ from harmonylite.aio import wait_any
 from harmonylite.config import Config
 from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
 from harmonylite.ops.health import to_epoch
+from harmonylite.snapshot import request
 from harmonylite.snapshot.leader import LeaderElection, UploadLock, bounded, describe
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
-from harmonylite.snapshot.pipeline import SaveResult, SnapshotPipeline
+from harmonylite.snapshot.pipeline import SaveResult, SnapshotPipeline, SnapshotUnchanged
 from harmonylite.snapshot.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,14 @@ LIST_TIMEOUT_SECONDS = 60.0
 
 
 def count_threshold(max_entries: int, shards: int) -> int:
-    """Messages per stream after which a snapshot is due (HarmonyLite: max_entries / shards)."""
-    return max(1, max_entries // max(1, shards))
+    """Messages on any stream after which a snapshot is due: half of what a stream keeps.
+
+    Every stream keeps ``max_entries`` messages (not a share of them per shard), and a snapshot
+    must exist well inside what the streams still hold, so half leaves the other half for the
+    capture, the upload and a restoring node to catch up. ``shards`` no longer divides it.
+    """
+    del shards
+    return max(1, max_entries // 2)
 
 
 def streams_past(last: dict[str, int], base: dict[str, int], threshold: int) -> list[str]:
@@ -59,8 +70,9 @@ def snapshot_age(created_at: str, now: float) -> float:
 
 
 def check_period(heartbeat: float) -> float:
-    """How often the message counts are compared: every heartbeat, between 1 and 5 s."""
-    return max(1.0, min(5.0, heartbeat))
+    """How often the message counts (and snapshot requests) are looked at: promptly, since a
+    busy stream can pass half its retention in seconds; one stream_info per stream is cheap."""
+    return max(0.5, min(1.0, heartbeat))
 
 
 class Scheduler:
@@ -105,6 +117,7 @@ class Scheduler:
         self._activity_mark: object = None
         self._wake = asyncio.Event()
         self._store_error: str | None = None
+        self._served_request = -1  # revision of the last snapshot request looked at
 
     # --- leadership -------------------------------------------------------------------------
     def leadership_changed(self, is_leader: bool) -> None:
@@ -178,8 +191,22 @@ class Scheduler:
             return None
         past = streams_past(last, self._count_base, self.threshold)
         if not past:
-            return None
+            return await self._requested()
         return f"{self.threshold} messages on {', '.join(past)}"
+
+    async def _requested(self) -> str | None:
+        """A node behind the streams asked for a snapshot the newest one does not satisfy."""
+        try:
+            req = await request.read(await self.election.kv(), self.election.op_timeout)
+        except Exception as exc:
+            log.debug("cannot read the snapshot request: %s", describe(exc))
+            return None
+        if req is None or req.revision == self._served_request:
+            return None
+        self._served_request = req.revision
+        if self.newest is not None and req.satisfied_by(self.newest.sequences):
+            return None
+        return f"requested by node {req.node_id}"
 
     def _interval_trigger(self, now: float) -> str | None:
         if self.interval <= 0:
@@ -241,7 +268,12 @@ class Scheduler:
 
         log.info("taking a snapshot (%s)", reason, extra={"trigger": reason, "term": term})
         try:
-            result = await SnapshotPipeline(self.cfg, store).save(fence=fence)
+            result = await SnapshotPipeline(self.cfg, store).save(
+                fence=fence, unless_at=self.newest.sequences if self.newest else None)
+        except SnapshotUnchanged as exc:
+            log.info("%s (%s trigger)", exc, reason)
+            await self._rearm_count()
+            return
         except SnapshotBusy as exc:
             log.warning("%s; %s trigger skipped", exc, reason)
             return

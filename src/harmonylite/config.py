@@ -8,7 +8,6 @@ caller can log them once logging is set up.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -173,7 +172,9 @@ class Config:
 
 # Allowed ranges for integer keys: dotted key -> (minimum, maximum or None).
 _INT_RANGES: dict[str, tuple[int, int | None]] = {
-    "node_id": (0, 2**63 - 1),
+    # HarmonyLite's node ids are unsigned 64-bit (its default, a hash of the machine id, is
+    # often above 2**63 - 1); 0 means "derive it from the machine id".
+    "node_id": (0, 2**64 - 1),
     "scan_max_changes": (1, 1_000_000),
     "cleanup_interval": (1, None),
     "sleep_timeout": (0, None),
@@ -229,8 +230,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         raise TypeError(tp)
     if not ok:
         raise ConfigError(key, value, f"must be {_type_name(tp)}")
-    if key in _INT_RANGES:
-        lo, hi = _INT_RANGES[key]
+    if key.lstrip("-").replace("-", "_") in _INT_RANGES:
+        lo, hi = _INT_RANGES[key.lstrip("-").replace("-", "_")]
         if value < lo or (hi is not None and value > hi):
             allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
             raise ConfigError(key, value, f"must be an integer {allowed}")
@@ -258,20 +259,28 @@ def _build(cls: type[Any], data: dict[str, Any], prefix: str, warnings: list[str
     return cls(**kwargs)
 
 
+def fnv64(data: bytes) -> int:
+    """FNV-1 64-bit (HarmonyLite hashes the machine id with it for its default node id)."""
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+        h ^= byte
+    return h
+
+
 def default_node_id() -> int:
-    """A stable id derived from the machine id (FNV-1a-like via sha256, kept positive)."""
-    for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+    """HarmonyLite's default: FNV-1 64 of the machine id (dbus's file first, as it reads them),
+    so a node taken over from HarmonyLite keeps its id; the host name when there is none."""
+    for candidate in ("/var/lib/dbus/machine-id", "/etc/machine-id"):
         try:
             text = Path(candidate).read_text().strip()
         except OSError:
             continue
         if text:
-            digest = hashlib.sha256(text.encode()).digest()
-            return int.from_bytes(digest[:8], "big") >> 1 or 1
+            return fnv64(text.encode()) or 1
     import socket
 
-    digest = hashlib.sha256(socket.gethostname().encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1 or 1
+    return fnv64(socket.gethostname().encode()) or 1
 
 
 def parse_config(
@@ -284,8 +293,8 @@ def parse_config(
     warnings: list[str] = []
     cfg: Config = _build(Config, data, "", warnings)
     changes: dict[str, Any] = {}
-    if node_id is not None:
-        changes["node_id"] = _check_type("node_id", node_id, int)
+    if node_id:  # -node-id 0 means "no override", as in HarmonyLite
+        changes["node_id"] = _check_type("-node-id", node_id, int)
     elif cfg.node_id == 0:
         changes["node_id"] = default_node_id()
     if cluster is not None:
@@ -322,10 +331,14 @@ def load_config(
     *,
     node_id: int | None = None,
     cluster: ClusterFlags | None = None,
+    required: bool = False,
 ) -> tuple[Config, list[str]]:
-    """Read a TOML file; a missing file means every default."""
+    """Read a TOML file; a missing file means every default unless ``required`` (a path the
+    operator named explicitly), which is then an error saying so."""
     p = Path(path)
     if not p.exists():
+        if required:
+            raise ConfigError("-config", str(p), "the file does not exist")
         return parse_config({}, node_id=node_id, cluster=cluster)
     try:
         with p.open("rb") as fh:

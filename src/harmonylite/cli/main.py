@@ -28,10 +28,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="harmonylite", description="Leaderless SQLite replication over NATS "
                 "JetStream, with verified snapshots.", allow_abbrev=False)
-    p.add_argument("-config", "--config", default="config.toml", metavar="PATH",
-                   help="TOML configuration (default config.toml; missing file = all defaults)")
+    p.add_argument("-config", "--config", default=None, metavar="PATH",
+                   help="TOML configuration (default config.toml, where a missing file means "
+                   "all defaults; a file named here must exist)")
     p.add_argument("-node-id", "--node-id", type=int, default=None, metavar="N",
-                   help="override node_id")
+                   help="override node_id (0: no override, as in HarmonyLite)")
     p.add_argument("-cleanup", "--cleanup", action="store_true",
                    help="remove every harmonylite trigger and table from the database, then exit")
     p.add_argument("-save-snapshot", "--save-snapshot", action="store_true",
@@ -42,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated cluster addresses of the other embedded servers")
     p.add_argument("-leaf-servers", "--leaf-servers", default="", metavar="LIST",
                    help="comma-separated leaf node remotes for the embedded NATS server")
+    p.add_argument("-schema-status", "--schema-status", action="store_true",
+                   help="same as the verb 'schema status'")
+    p.add_argument("-schema-status-cluster", "--schema-status-cluster", action="store_true",
+                   help="same as the verb 'schema status --cluster'")
+    p.add_argument("-pprof", "--pprof", default="", metavar="ADDR",
+                   help="accepted for HarmonyLite compatibility: Go's pprof server has no "
+                   "equivalent here (a warning says so; profile with py-spy instead)")
     p.add_argument("-version", "--version", action="store_true", help="print the version")
     p.add_argument("verb", nargs=argparse.REMAINDER,
                    help="snapshot list|save|verify|restore, dead-letters list|show|retry|drop")
@@ -58,22 +66,41 @@ def _load(args: argparse.Namespace) -> Config:
     setup_logging(cfg.node_id, cfg.logging.format, cfg.logging.verbose)
     for w in warnings:
         log.warning(w)
+    if args.pprof:
+        log.warning("-pprof %s ignored: Go's pprof server has no Python equivalent here; "
+                    "profile a running node with py-spy (py-spy top --pid PID)", args.pprof)
     return cfg
 
 
 def _cleanup(cfg: Config) -> int:
     from harmonylite.cdc.install import remove_all
+    from harmonylite.cdc.takeover import take_over
     from harmonylite.db.connection import open_connection
 
     if not cfg.db_path or not Path(cfg.db_path).exists():
         raise HarmonyliteError(f"database file {cfg.db_path or '(db_path not set)'} does not exist")
     conn = open_connection(cfg.db_path)
     try:
-        dropped = remove_all(conn)
+        # HarmonyLite's layout too; its unpublished changes are named in the log as they go.
+        dropped = len(take_over(conn, keep_pending=False).dropped)
+        dropped += remove_all(conn)
     finally:
         conn.close()
     log.info("removed %d harmonylite objects from %s", dropped, cfg.db_path)
     return EXIT_OK
+
+
+def _schema(cfg: Config, argv: list[str]) -> int:
+    try:
+        from harmonylite.cli import schema  # type: ignore[attr-defined, unused-ignore]
+    except ImportError as exc:
+        if exc.name != "harmonylite.cli.schema":
+            raise
+        print("harmonylite: schema status is not available in this version of harmonylite",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    code: int = schema.main(cfg, argv)
+    return code
 
 
 def run(argv: Sequence[str]) -> int:
@@ -87,14 +114,18 @@ def run(argv: Sequence[str]) -> int:
     verb: list[str] = list(args.verb)
     if args.save_snapshot:
         verb = ["snapshot", "save"]
+    if args.schema_status or args.schema_status_cluster:
+        verb = ["schema", "status", *(["--cluster"] if args.schema_status_cluster else [])]
     if verb:
         if verb[0] == "dead-letters":
             from harmonylite.cli import dead_letters
 
             return dead_letters.main(cfg, verb[1:])
+        if verb[0] == "schema":
+            return _schema(cfg, verb[1:])
         if verb[0] != "snapshot":
-            raise UsageError(f"unknown command {verb[0]!r}: the verbs are 'snapshot' and "
-                             "'dead-letters'")
+            raise UsageError(f"unknown command {verb[0]!r}: the verbs are 'snapshot', "
+                             "'dead-letters' and 'schema'")
         from harmonylite.cli import snapshot
 
         return snapshot.main(cfg, verb[1:])

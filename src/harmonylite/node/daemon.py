@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 
 from harmonylite import __version__
 from harmonylite.aio import wait_any
-from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc import changelog, ddl, takeover
 from harmonylite.cdc.install import InstallReport, install
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
@@ -104,6 +104,10 @@ class Node:
         await self._start_servers()
         await self._connect()
         assert self.js is not None
+        if self.db_path.exists():
+            # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
+            # its positions read) before anything could restore over it.
+            await self.writer.call(lambda c: takeover.take_over(c, self.seq_map_path))
         if cfg.replicate and cfg.snapshot.enabled:
             # Restore from a snapshot when this node is new, lost its data or fell behind what
             # the streams still hold (and publish its pending changes first).
@@ -113,6 +117,7 @@ class Node:
         if not self.db_path.exists():
             raise HarmonyliteError(f"database file {self.db_path} does not exist")
         self.install_report = await self.writer.call(install)
+        await self.writer.call(takeover.replay_pending)  # HarmonyLite's, through our capture
         epoch = await self.writer.call(_epoch)
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
         self.positions = await self._load_positions()

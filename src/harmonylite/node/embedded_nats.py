@@ -19,10 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from harmonylite.aio import wait_any
 from harmonylite.config import ClusterFlags, NatsConfig
 from harmonylite.errors import NatsError
+from harmonylite.node import nats_conf
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,16 @@ def render_config(
     *, node_id: int, store_dir: Path, nats: NatsConfig, cluster: ClusterFlags,
     port: int | None = None,
 ) -> str:
-    """nats-server configuration text (JSON is valid nats-server configuration syntax).
+    """The generated nats-server configuration text (JSON is valid nats-server syntax), without
+    ``nats.server_config``; ``port`` pins the client port (a restarted server keeps its own)."""
+    return json.dumps(generated_config(node_id=node_id, store_dir=store_dir, nats=nats,
+                                       cluster=cluster, port=port), indent=2)
 
-    ``port`` pins the client port (a restarted server keeps the one it had).
-    """
+
+def generated_config(
+    *, node_id: int, store_dir: Path, nats: NatsConfig, cluster: ClusterFlags,
+    port: int | None = None,
+) -> dict[str, Any]:
     host, bound = _split_host_port(nats.bind_address, "127.0.0.1")
     port = bound if port is None else port
     conf: dict[str, object] = {
@@ -85,7 +93,64 @@ def render_config(
         }
     if cluster.leaf_servers:
         conf["leafnodes"] = {"remotes": [{"url": _url(u)} for u in cluster.leaf_servers]}
-    return json.dumps(conf, indent=2)
+    return conf
+
+
+# Where each generated setting comes from, to name it when nats.server_config overrides it.
+_SOURCES = {"host": "nats.bind_address", "port": "nats.bind_address",
+            "cluster": "-cluster-addr/-cluster-peers", "leafnodes": "-leaf-servers"}
+
+
+def build_config(
+    *, node_id: int, store_dir: Path, nats: NatsConfig, cluster: ClusterFlags,
+    port: int | None = None,
+) -> tuple[str, Path]:
+    """The configuration text to run with, and the JetStream store it names.
+
+    ``nats.server_config`` is laid over the generated settings key by key; where both give a
+    value the file's wins (HarmonyLite processes the file after its flags) and a warning names
+    the setting, the value given up and where it came from.
+    """
+    conf = generated_config(node_id=node_id, store_dir=store_dir, nats=nats, cluster=cluster,
+                            port=port)
+    if nats.server_config:
+        path = Path(nats.server_config)
+        own_js = conf["jetstream"]
+        conf, conflicts = nats_conf.merge(conf, nats_conf.read_file(path))
+        js = nats_conf.lookup(conf, "jetstream")
+        if not isinstance(js, dict):
+            # `jetstream: enabled` (or true) keeps our store; JetStream off cannot replicate.
+            flag = js.text.lower() if isinstance(js, nats_conf.Raw) else str(js).lower()
+            if flag not in ("true", "enabled", "on", "yes"):
+                raise NatsError(f"nats.server_config {path} turns JetStream off "
+                                f"(jetstream: {flag}); harmonylite needs it")
+            conf = {k: v for k, v in conf.items() if k.lower() != "jetstream"}
+            conf["jetstream"] = own_js
+            conflicts = [c for c in conflicts if c[0].lower() != "jetstream"]
+        for key, mine, theirs in conflicts:
+            source = _SOURCES.get(key.split(".")[0].lower())
+            # A flag or key the operator gave is worth a warning; our own default is not.
+            log.log(logging.WARNING if source else logging.INFO,
+                    "nats.server_config %s sets %s = %s, overriding %s from %s", path, key,
+                    nats_conf.shown(theirs), nats_conf.shown(mine),
+                    source or "harmonylite's default")
+    store = nats_conf.lookup(conf, "jetstream", "store_dir") or \
+        nats_conf.lookup(conf, "jetstream", "store")
+    store_text = store.text if isinstance(store, nats_conf.Raw) else str(store)
+    return nats_conf.render(conf), Path(store_text)
+
+
+def _failure_reason(log_path: Path, since: int) -> str:
+    """The fatal and error lines nats-server wrote to its log in this run (it logs why it quit
+    there, e.g. "address already in use", and prints nothing on stderr)."""
+    try:
+        with log_path.open("rb") as fh:
+            fh.seek(since)
+            lines = fh.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    bad = [ln.split("] ", 1)[-1].strip() for ln in lines if "[FTL]" in ln or "[ERR]" in ln]
+    return "; ".join(bad[-3:])
 
 
 class EmbeddedNats:
@@ -96,6 +161,7 @@ class EmbeddedNats:
         self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
         self.client_url = ""
+        self.store_dir = self.workdir / "jetstream"
 
     @staticmethod
     def running_url(db_path: Path) -> str | None:
@@ -151,15 +217,13 @@ class EmbeddedNats:
         ports_dir = self.workdir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
-        if self.nats.server_config:
-            conf_path = Path(self.nats.server_config)
-        else:
-            conf_path = self.workdir / "server.conf"
-            conf_path.write_text(
-                render_config(node_id=self.node_id, store_dir=self.workdir / "jetstream",
-                              nats=self.nats, cluster=self.cluster, port=port)
-            )
+        conf_path = self.workdir / "server.conf"
+        text, self.store_dir = build_config(node_id=self.node_id,
+                                            store_dir=self.workdir / "jetstream",
+                                            nats=self.nats, cluster=self.cluster, port=port)
+        conf_path.write_text(text)
         log_path = self.workdir / "server.log"
+        log_size = log_path.stat().st_size if log_path.exists() else 0
         args = [server_binary(), "-c", str(conf_path), "--ports_file_dir", str(ports_dir),
                 "-l", str(log_path)]
         self.proc = subprocess.Popen(
@@ -169,7 +233,8 @@ class EmbeddedNats:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise NatsError(f"embedded nats-server exited ({self.proc.returncode}): {err}"
+                reason = _failure_reason(log_path, log_size) or err.strip() or "no reason given"
+                raise NatsError(f"embedded nats-server exited ({self.proc.returncode}): {reason}"
                                 f" (log: {log_path})")
             files = list(ports_dir.glob("*.ports"))
             if files:
@@ -178,8 +243,9 @@ class EmbeddedNats:
                     urls = info.get("nats") or []
                     if urls:
                         self.client_url = str(urls[0]).replace("0.0.0.0", "127.0.0.1")
-                        log.info("embedded NATS server started", extra={"url": self.client_url,
-                                                                        "store": str(self.workdir)})
+                        log.info("embedded NATS server started on %s, JetStream store %s",
+                                 self.client_url, self.store_dir,
+                                 extra={"url": self.client_url, "store": str(self.store_dir)})
                         return self.client_url
             await asyncio.sleep(0.05)
         await self.stop()

@@ -62,7 +62,8 @@ def _split(text: str) -> list[str]:
 
 def _load(args: argparse.Namespace) -> Config:
     cluster = ClusterFlags(args.cluster_addr, _split(args.cluster_peers), _split(args.leaf_servers))
-    cfg, warnings = load_config(args.config, node_id=args.node_id, cluster=cluster)
+    cfg, warnings = load_config(args.config or "config.toml", node_id=args.node_id,
+                                cluster=cluster, required=args.config is not None)
     setup_logging(cfg.node_id, cfg.logging.format, cfg.logging.verbose)
     for w in warnings:
         log.warning(w)

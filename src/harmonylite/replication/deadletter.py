@@ -19,6 +19,7 @@ import cbor2
 
 from harmonylite.cdc import ddl
 from harmonylite.db.connection import RawText, fetch_all
+from harmonylite.node_ids import from_sqlite, to_sqlite
 from harmonylite.replication.event import Batch, RowChange, dump_values
 
 
@@ -82,7 +83,7 @@ def record_change(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
     conn.execute(
         f"INSERT INTO {ddl.DEAD_LETTER}(stream, seq, origin, tbl, key, error, payload, "
         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (stream, seq, batch.node_id, ch.table, _key_text(key), error,
+        (stream, seq, to_sqlite(batch.node_id), ch.table, _key_text(key), error,
          one_change_batch(batch, index), time.time()),
     )
 
@@ -110,7 +111,8 @@ def rows(conn: sqlite3.Connection, ident: int | None = None) -> list[DeadLetter]
     if ident is not None:
         sql += " WHERE id = ?"
         params = (ident,)
-    return [DeadLetter(int(r[0]), str(r[1]), int(r[2]), r[3], r[4], r[5], str(r[6]),
+    return [DeadLetter(int(r[0]), str(r[1]), int(r[2]), from_sqlite(r[3]), r[4], r[5],
+                       str(r[6]),
                        bytes(r[7]), float(r[8]))
             for r in fetch_all(conn, sql + " ORDER BY id", params)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageError, S
 from .base import ObjectInfo
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 _SDK_ERRORS = (
     ClientError, BotoCoreError, Boto3Error, s3transfer.exceptions.RetriesExceededError,
     s3transfer.exceptions.S3UploadFailedError, s3transfer.exceptions.S3DownloadFailedError,
@@ -103,7 +105,41 @@ class S3Store:
 
     @classmethod
     async def open(cls, cfg: S3Config) -> S3Store:
-        return await asyncio.to_thread(cls, cfg)
+        store = await asyncio.to_thread(cls, cfg)
+        await asyncio.to_thread(store._ensure_bucket)
+        return store
+
+    def _ensure_bucket(self) -> None:
+        """Create the bucket when it does not exist, as HarmonyLite does; credentials that may
+        not create it get an error naming the bucket and the permission. Any other answer is
+        left to the first real call, which reports it in context."""
+        try:
+            if self._bucket_exists():
+                return
+        except (ClientError, BotoCoreError) as exc:
+            log.debug("cannot check S3 bucket %r: %s", self.bucket, self._clean(str(exc)))
+            return
+        args: dict[str, Any] = {"Bucket": self.bucket}
+        region = self._client.meta.region_name
+        if region and region != "us-east-1":  # us-east-1 refuses an explicit constraint
+            args["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self._client.create_bucket(**args)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return  # another node created it meanwhile
+            if code in _AUTH or status in ("401", "403"):
+                raise StorageAuthError(self._clean(
+                    f"S3 bucket {self.bucket!r} does not exist and these credentials may not "
+                    f"create it (permission s3:CreateBucket: {code or status}); create the "
+                    f"bucket or grant s3:CreateBucket ({self._where()})")) from exc
+            raise self._translate(exc, self.bucket) from exc
+        except BotoCoreError as exc:
+            raise self._translate(exc, self.bucket) from exc
+        log.info("created S3 bucket %r (it did not exist) at %s", self.bucket,
+                 self.endpoint or "AWS", extra={"bucket": self.bucket})
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import cbor2
 
 from harmonylite.cdc import changelog
 from harmonylite.cdc.install import install
+from harmonylite.cdc.rows import read_changes
 from harmonylite.db.connection import open_connection
 from harmonylite.replication import deadletter
 from harmonylite.replication.apply import Applier, is_transient
@@ -26,10 +27,9 @@ def db(path: Path, schema: str) -> sqlite3.Connection:
 
 
 def captured(src: sqlite3.Connection, epoch: str = "e1") -> bytes:
-    shapes = changelog.registry(src)
-    changes = changelog.read_pending(src, changelog.watermark(src), 10_000, shapes)
+    changes, shapes = read_changes(src, changelog.watermark(src), 10_000)
     changelog.mark_published(src, changes[-1].id)
-    return encode(1, changes, {s.name: s for s in shapes.values()}, True, epoch)
+    return encode(1, changes, shapes, True, epoch)
 
 
 def raw_batch(changes: list[list[object]], cols: dict[str, list[str]],

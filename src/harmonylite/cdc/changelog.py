@@ -15,6 +15,7 @@ class TableShape:
     name: str
     columns: tuple[str, ...]
     pk: tuple[str, ...]
+    schema_hash: str = ""  # of the table's columns and key, as sent with its changes
 
     @property
     def pk_indexes(self) -> tuple[int, ...]:
@@ -26,7 +27,17 @@ class Change:
     id: int
     table: str
     op: int
-    values: tuple[object, ...]  # aligned with the table's captured columns; deletes carry the key
+    values: tuple[object, ...]  # aligned with the table's columns; deletes carry only the key
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the change log: which table (by tid), which operation, which key."""
+
+    id: int
+    tid: int
+    op: int
+    key: tuple[object, ...]
 
 
 def registry(conn: sqlite3.Connection) -> dict[int, TableShape]:
@@ -46,24 +57,27 @@ def watermark(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def read_pending(
+def read_entries(
     conn: sqlite3.Connection, after: int, limit: int, shapes: dict[int, TableShape],
     upto: int | None = None,
-) -> list[Change]:
-    """Up to ``limit`` changes with id > ``after`` (and <= ``upto``), oldest first."""
+) -> list[Entry]:
+    """Up to ``limit`` change-log entries with id > ``after`` (and <= ``upto``), oldest first."""
     rows = fetch_all(
         conn, f"SELECT * FROM {ddl.LOG} WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
         (after, upto if upto is not None else 2**63 - 1, limit),
     )
-    out: list[Change] = []
-    for row in rows:
-        cid, tid, op = int(row[0]), int(row[1]), int(row[2])
-        shape = shapes.get(tid)
-        if shape is None:
-            shapes.update(registry(conn))
-            shape = shapes[tid]
-        out.append(Change(cid, shape.name, op, tuple(row[3 : 3 + len(shape.columns)])))
-    return out
+    return [_entry(conn, row, shapes) for row in rows]
+
+
+def _entry(conn: sqlite3.Connection, row: tuple[object, ...],
+           shapes: dict[int, TableShape]) -> Entry:
+    tid = int(row[1])  # type: ignore[call-overload]
+    shape = shapes.get(tid)
+    if shape is None:
+        shapes.update(registry(conn))
+        shape = shapes[tid]
+    return Entry(int(row[0]), tid, int(row[2]),  # type: ignore[call-overload]
+                 tuple(row[3 : 3 + len(shape.pk)]))
 
 
 def intent(conn: sqlite3.Connection) -> int:
@@ -130,13 +144,9 @@ class PendingKeys:
         rows = fetch_all(conn, f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id",
                          (self._scanned,))
         for row in rows:
-            tid = int(row[1])
-            shape = shapes.get(tid)
-            if shape is None:
-                shapes.update(registry(conn))
-                shape = shapes[tid]
-            self._latest[(shape.name, tuple(row[3 + i] for i in shape.pk_indexes))] = int(row[0])
-            self._scanned = int(row[0])
+            entry = _entry(conn, row, shapes)
+            self._latest[(shapes[entry.tid].name, entry.key)] = entry.id
+            self._scanned = entry.id
         if self._latest and min(self._latest.values()) <= wm:
             self._latest = {k: v for k, v in self._latest.items() if v > wm}
 

@@ -2,11 +2,16 @@
 
 Layout (one insert per captured row change, which keeps the trigger cheap):
 
-- ``__harmonylite__log(id INTEGER PRIMARY KEY, tid, op, c0, c1, …)``: one row per change, for every
-  table. ``c0…`` are declared without a type, so SQLite stores each value exactly as given
-  (integer, real, text, blob or NULL). The table grows columns when a wider table is captured.
-- ``__harmonylite__tables(tid, name, columns, pk)``: what ``tid`` means and which column each
-  ``cN`` holds.
+- ``__harmonylite__log(id INTEGER PRIMARY KEY, tid, op, k0, k1, …)``: one row per change, for
+  every table: which table, which operation, and the row's key (``k0…`` in primary-key order,
+  declared without a type so SQLite keeps each value exactly). The triggers name only key
+  columns, so the application can add, rename and drop its other columns freely, and the
+  publisher reads the row as it is when it publishes (DESIGN rule 17): a change captured before a
+  schema change is sent with the row's columns of now, never shifted. The table grows key columns
+  when a table with a wider key is captured. (Databases captured with the earlier layout, whole
+  rows in ``c0…``, are converted on install.)
+- ``__harmonylite__tables(tid, name, columns, pk)``: what ``tid`` means, the key columns that
+  ``k0…`` hold, and the columns the table had when capture was last installed.
 - ``__harmonylite__guard(applying)``: one row. The replicator sets ``applying = 1`` inside its own
   transaction and back to 0 before committing, so no other connection ever sees 1; triggers skip
   capture while it is 1 (the replicator's writes are not captured again). A missing row means
@@ -68,12 +73,12 @@ BASE_DDL = [
 GUARD_CLAUSE = f"WHEN (SELECT applying FROM {GUARD} WHERE id = 1) IS NOT 1"
 
 
-def value_column(i: int) -> str:
-    return f"c{i}"
+def key_column(i: int) -> str:
+    return f"k{i}"
 
 
-def add_columns_ddl(have: int, need: int) -> list[str]:
-    return [f"ALTER TABLE {LOG} ADD COLUMN {value_column(i)}" for i in range(have, need)]
+def add_key_columns_ddl(have: int, need: int) -> list[str]:
+    return [f"ALTER TABLE {LOG} ADD COLUMN {key_column(i)}" for i in range(have, need)]
 
 
 def trigger_names(tid: int) -> list[str]:
@@ -84,32 +89,38 @@ def _ref(alias: str, column: str) -> str:
     return f"{alias}.{quote_ident(column)}"
 
 
-def trigger_ddl(tid: int, table: TableInfo) -> list[str]:
-    """CREATE TRIGGER statements for one table (DROP first so a schema change is picked up)."""
+def trigger_ddl(tid: int, table: TableInfo) -> list[tuple[str, str]]:
+    """(name, CREATE TRIGGER statement) of the three capture triggers of one table.
+
+    They name only the key columns: SQLite rewrites them when a key column is renamed, and an
+    application dropping or renaming any other column never trips over them.
+    """
     ins, upd, dele = trigger_names(tid)
     tname = quote_ident(table.name)
-    all_cols = ", ".join(value_column(i) for i in range(len(table.columns)))
-    new_vals = ", ".join(_ref("NEW", c) for c in table.columns)
-    pk_cols = ", ".join(value_column(i) for i in table.pk_indexes)
-    old_pk = ", ".join(_ref("OLD", c) for c in table.pk)
-    pk_changed = " OR ".join(f"{_ref('OLD', c)} IS NOT {_ref('NEW', c)}" for c in table.pk)
-    stmts = [f"DROP TRIGGER IF EXISTS {quote_ident(n)}" for n in (ins, upd, dele)]
-    stmts.append(
-        f"CREATE TRIGGER {quote_ident(ins)} AFTER INSERT ON {tname} {GUARD_CLAUSE} BEGIN "
-        f"INSERT INTO {LOG}(tid, op, {all_cols}) VALUES ({tid}, {OP_INSERT}, {new_vals}); END"
-    )
-    stmts.append(
-        f"CREATE TRIGGER {quote_ident(upd)} AFTER UPDATE ON {tname} {GUARD_CLAUSE} BEGIN "
-        # A changed key is a delete of the old key followed by an upsert of the new one.
-        f"INSERT INTO {LOG}(tid, op, {pk_cols}) SELECT {tid}, {OP_DELETE}, {old_pk} "
-        f"WHERE {pk_changed}; "
-        f"INSERT INTO {LOG}(tid, op, {all_cols}) VALUES ({tid}, {OP_UPDATE}, {new_vals}); END"
-    )
-    stmts.append(
-        f"CREATE TRIGGER {quote_ident(dele)} AFTER DELETE ON {tname} {GUARD_CLAUSE} BEGIN "
-        f"INSERT INTO {LOG}(tid, op, {pk_cols}) VALUES ({tid}, {OP_DELETE}, {old_pk}); END"
-    )
-    return stmts
+    keys = ", ".join(key_column(i) for i in range(len(table.pk)))
+    new_key = ", ".join(_ref("NEW", c) for c in table.pk)
+    old_key = ", ".join(_ref("OLD", c) for c in table.pk)
+    key_changed = " OR ".join(f"{_ref('OLD', c)} IS NOT {_ref('NEW', c)}" for c in table.pk)
+    return [
+        (ins, f"CREATE TRIGGER {quote_ident(ins)} AFTER INSERT ON {tname} {GUARD_CLAUSE} BEGIN "
+              f"INSERT INTO {LOG}(tid, op, {keys}) VALUES ({tid}, {OP_INSERT}, {new_key}); END"),
+        (upd, f"CREATE TRIGGER {quote_ident(upd)} AFTER UPDATE ON {tname} {GUARD_CLAUSE} BEGIN "
+              # A changed key is a delete of the old key followed by an upsert of the new one.
+              f"INSERT INTO {LOG}(tid, op, {keys}) SELECT {tid}, {OP_DELETE}, {old_key} "
+              f"WHERE {key_changed}; "
+              f"INSERT INTO {LOG}(tid, op, {keys}) VALUES ({tid}, {OP_UPDATE}, {new_key}); END"),
+        (dele, f"CREATE TRIGGER {quote_ident(dele)} AFTER DELETE ON {tname} {GUARD_CLAUSE} "
+               f"BEGIN INSERT INTO {LOG}(tid, op, {keys}) VALUES ({tid}, {OP_DELETE}, "
+               f"{old_key}); END"),
+    ]
+
+
+def backfill_sql(tid: int, table: TableInfo) -> str:
+    """Capture every current row of a table as an upsert (capture starting on a live table)."""
+    keys = ", ".join(key_column(i) for i in range(len(table.pk)))
+    cols = ", ".join(quote_ident(c) for c in table.pk)
+    return (f"INSERT INTO {LOG}(tid, op, {keys}) SELECT {tid}, {OP_INSERT}, {cols} "
+            f"FROM {quote_ident(table.name)}")
 
 
 def table_registry_upsert(table: TableInfo, columns_json: str, pk_json: str) -> str:

@@ -19,11 +19,28 @@ class InstallReport:
     tables: list[TableInfo] = field(default_factory=list)
     rowid_keyed: list[str] = field(default_factory=list)
     skipped_virtual: list[str] = field(default_factory=list)
+    # Tables whose current rows were captured as changes: new since capture started, or rebuilt
+    # (their triggers had gone with the old table), so rows written meanwhile are not lost.
+    backfilled: dict[str, int] = field(default_factory=dict)
 
 
-def _log_width(conn: sqlite3.Connection) -> int:
+def _log_columns(conn: sqlite3.Connection, prefix: str) -> int:
     cols = conn.execute(f"PRAGMA table_info({ddl.LOG})").fetchall()
-    return sum(1 for c in cols if c[1].startswith("c") and c[1][1:].isdigit())
+    return sum(1 for c in cols if c[1].startswith(prefix) and c[1][1:].isdigit())
+
+
+def _upgrade_layout(conn: sqlite3.Connection) -> None:
+    """Move the keys of changes captured with the earlier layout (whole rows in c0…) to k0…."""
+    if conn.execute(f"SELECT v FROM {ddl.STATE} WHERE k = 'layout'").fetchone():
+        return
+    if _log_columns(conn, "c"):
+        for tid, cols, pk in conn.execute(f"SELECT tid, columns, pk FROM {ddl.TABLES}"):
+            columns, keys = json.loads(cols), json.loads(pk)
+            sets = ", ".join(f"{ddl.key_column(i)} = c{columns.index(k)}"
+                             for i, k in enumerate(keys) if k in columns)
+            if sets:
+                conn.execute(f"UPDATE {ddl.LOG} SET {sets} WHERE tid = ?", (tid,))
+    conn.execute(f"INSERT INTO {ddl.STATE}(k, v) VALUES ('layout', 2)")
 
 
 def install(conn: sqlite3.Connection) -> InstallReport:
@@ -32,26 +49,66 @@ def install(conn: sqlite3.Connection) -> InstallReport:
     Runs in one IMMEDIATE transaction so an application writing meanwhile sees either no triggers
     or all of them.
     """
-    report = InstallReport()
     with write_transaction(conn):
-        for stmt in ddl.BASE_DDL:
-            conn.execute(stmt)
-        tables, report.skipped_virtual = user_tables(conn)
-        width = max((len(t.columns) for t in tables), default=0)
-        for stmt in ddl.add_columns_ddl(_log_width(conn), width):
-            conn.execute(stmt)
-        for table in tables:
-            conn.execute(
-                ddl.table_registry_upsert(table, json.dumps(table.columns), json.dumps(table.pk))
-            )
-            tid = conn.execute(
-                f"SELECT tid FROM {ddl.TABLES} WHERE name = ?", (table.name,)
-            ).fetchone()[0]
-            for stmt in ddl.trigger_ddl(tid, table):
-                conn.execute(stmt)
-            if table.rowid_keyed:
-                report.rowid_keyed.append(table.name)
-        report.tables = tables
+        report = install_in_transaction(conn)
+    report_install(report)
+    return report
+
+
+def install_in_transaction(conn: sqlite3.Connection) -> InstallReport:
+    """:func:`install` inside a write transaction the caller holds (the applier does, when the
+    schema changed under it)."""
+    report = InstallReport()
+    for stmt in ddl.BASE_DDL:
+        conn.execute(stmt)
+    tables, report.skipped_virtual = user_tables(conn)
+    width = max((len(t.pk) for t in tables), default=0)
+    for stmt in ddl.add_key_columns_ddl(_log_columns(conn, "k"), width):
+        conn.execute(stmt)
+    _upgrade_layout(conn)
+    # Capture that starts on a table while the node runs (or after it was stopped) finds rows
+    # written without it; the very first install does not: those rows are the node's starting
+    # point (provisioned from a snapshot, or the same data everywhere).
+    started = conn.execute(f"SELECT v FROM {ddl.STATE} WHERE k = 'capture_started'").fetchone()
+    known = {str(n): (str(c), str(p)) for n, c, p in conn.execute(
+        f"SELECT name, columns, pk FROM {ddl.TABLES}")}
+    have = {str(n): str(q) for n, q in conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, ?) = ?",
+        (len(PREFIX) + 1, PREFIX + "t"))}
+    wanted: set[str] = set()
+    for table in tables:
+        shape = (json.dumps(table.columns), json.dumps(table.pk))
+        if known.get(table.name) != shape:
+            conn.execute(ddl.table_registry_upsert(table, *shape))
+        tid = conn.execute(
+            f"SELECT tid FROM {ddl.TABLES} WHERE name = ?", (table.name,)
+        ).fetchone()[0]
+        triggers = ddl.trigger_ddl(tid, table)
+        rebuilt = table.name in known and any(name not in have for name, _ in triggers)
+        # Only what differs is created again: an install that changes nothing writes nothing
+        # and leaves schema_version alone (schema watchers would otherwise chase their tails).
+        for name, create in triggers:
+            if have.get(name) != create:
+                conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(name)}")
+                conn.execute(create)
+            wanted.add(name)
+        if started and (table.name not in known or rebuilt):
+            count = conn.execute(ddl.backfill_sql(tid, table)).rowcount
+            if count:
+                report.backfilled[table.name] = count
+        if table.rowid_keyed:
+            report.rowid_keyed.append(table.name)
+    # Triggers of a table renamed or dropped since: SQLite moved them along with a renamed
+    # table, where they would capture its changes under the old name too.
+    for name in sorted(set(have) - wanted):
+        conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(name)}")
+    if not started:
+        conn.execute(f"INSERT INTO {ddl.STATE}(k, v) VALUES ('capture_started', 1)")
+    report.tables = tables
+    return report
+
+
+def report_install(report: InstallReport) -> None:
     for name in report.rowid_keyed:
         log.warning(
             "table %r has no primary key: rows are keyed by rowid, and inserts made concurrently "
@@ -60,7 +117,9 @@ def install(conn: sqlite3.Connection) -> InstallReport:
         )
     for name in report.skipped_virtual:
         log.warning("virtual table %r cannot carry triggers and is not replicated", name)
-    return report
+    for name, count in sorted(report.backfilled.items()):
+        log.info("capture started on table %r: its %d current rows are published", name, count,
+                 extra={"table": name, "rows": count})
 
 
 def harmonylite_objects(conn: sqlite3.Connection) -> list[tuple[str, str]]:

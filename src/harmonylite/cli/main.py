@@ -135,18 +135,25 @@ def run(argv: Sequence[str]) -> int:
     return asyncio.run(run_node(cfg))
 
 
+def _safe(exc: BaseException) -> str:
+    """The error's text without credentials (a NATS URL may carry a password or token)."""
+    from harmonylite.snapshot.storage import redact
+
+    return redact(str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except (ConfigError, UsageError) as exc:
-        print(f"harmonylite: {exc}", file=sys.stderr)
+        print(f"harmonylite: {_safe(exc)}", file=sys.stderr)
         code = EXIT_USAGE
     except SnapshotBusy as exc:
-        print(f"harmonylite: {exc}", file=sys.stderr)
+        print(f"harmonylite: {_safe(exc)}", file=sys.stderr)
         code = EXIT_BUSY
     except (HarmonyliteError, sqlite3.Error, OSError) as exc:
         log.error("%s", exc)
-        print(f"harmonylite: {exc}", file=sys.stderr)
+        print(f"harmonylite: {_safe(exc)}", file=sys.stderr)
         code = EXIT_FAILURE
     except KeyboardInterrupt:
         code = EXIT_OK

@@ -20,17 +20,17 @@ database already had a later change applied from this stream is a re-send and is
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from dataclasses import dataclass, field
 
 from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.cdc.schema import ROWID, TableInfo, table_info
 from harmonylite.db.connection import RawText, quote_ident, write_transaction
 from harmonylite.errors import DecodeError
-from harmonylite.replication import deadletter
-from harmonylite.replication.event import Batch, RowChange, decode, dumps_values, loads_values
+from harmonylite.replication import deadletter, parking
+from harmonylite.replication.event import Batch, RowChange, decode
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,27 @@ class Applier:
                         tuple[str, ...]] = {}
         self._shapes: dict[int, changelog.TableShape] = {}
         self._pending = changelog.PendingKeys()
+        self._parked_tables: set[str] = set()
+        self._unpark_wanted = False
         # With publish = false local changes are never sent, so they must not hide incoming ones.
         self.skip_pending = skip_pending
 
     def _refresh(self, conn: sqlite3.Connection) -> bool:
-        """Drop cached statements when the schema changed; True when it did."""
+        """When the schema changed (the application's DDL): bring capture up to date in this
+        transaction (new and rebuilt tables, before any parked change lands in them) and drop
+        cached statements. True when it changed."""
         version = conn.execute("PRAGMA schema_version").fetchone()[0]
         if version == self._schema_version:
             return False
+        if self._schema_version != -1:
+            report = install_in_transaction(conn)
+            report_install(report)
+            version = conn.execute("PRAGMA schema_version").fetchone()[0]
         self._schema_version = version
         self._tables.clear()
         self._sql.clear()
         self._shapes = changelog.registry(conn)
+        parking.ensure_origin_column(conn)
         return True
 
     def _local(self, conn: sqlite3.Connection, table: str) -> TableInfo | None:
@@ -159,44 +168,36 @@ class Applier:
         self._sql[key] = sql
         return sql
 
-    def _park(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
-              ch: RowChange) -> None:
-        conn.execute(
-            f"INSERT INTO {ddl.PARKED}(stream, seq, tbl, op, columns, keys, vals) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (stream, seq, ch.table, ch.op, json.dumps(batch.columns[ch.table]),
-             json.dumps(batch.keys[ch.table]), dumps_values(ch.values)),
-        )
-
     def _unpark(self, conn: sqlite3.Connection, pending: changelog.PendingKeys) -> int:
-        """Apply, in arrival order, the parked changes whose table now exists."""
-        rows = conn.execute(
-            f"SELECT id, stream, seq, tbl, op, columns, keys, vals FROM {ddl.PARKED} ORDER BY id"
-        ).fetchall()
-        done: list[tuple[int]] = []
-        for pid, stream, seq, table, op, cols, keys, vals in rows:
-            if self._local(conn, table) is None:
-                continue
-            batch = Batch(0, {table: tuple(json.loads(cols))}, {table: tuple(json.loads(keys))},
-                          [])
+        """Apply, in arrival order, the parked changes that fit this database now."""
+        self._unpark_wanted = False
+
+        def columns_of(table: str) -> set[str] | None:
+            local = self._local(conn, table)
+            return set(local.columns) if local is not None else None
+
+        def apply_one(item: parking.Parked, subset: bool) -> bool:
             conn.execute("SAVEPOINT parked")
             try:
-                self._apply_change(conn, stream, seq, batch,
-                                   RowChange(table, op, loads_values(vals)), pending)
+                self._apply_change(conn, item.stream, item.seq, item.batch(), item.change(),
+                                   pending, parked=True)
             except Exception as exc:
                 conn.execute("ROLLBACK TO parked")
+                conn.execute("RELEASE parked")
                 if is_transient(exc):
-                    conn.execute("RELEASE parked")
                     raise
-                log.error("parked change from %s sequence %d to table %r cannot be applied, it "
-                          "stays parked: %s", stream, seq, table, exc)
-            else:
-                done.append((pid,))
+                log.error("parked change from %s sequence %d to table %r cannot be applied; it "
+                          "and the later changes to that table stay parked: %s", item.stream,
+                          item.seq, item.table, exc, extra={"table": item.table})
+                return False
             conn.execute("RELEASE parked")
-        conn.executemany(f"DELETE FROM {ddl.PARKED} WHERE id = ?", done)
-        if done:
-            log.info("applied %d parked changes now that their tables exist", len(done))
-        return len(done)
+            return True
+
+        applied = parking.release(conn, columns_of, apply_one)
+        self._parked_tables = parking.parked_tables(conn)
+        if applied:
+            log.info("applied %d parked changes now that this database can take them", applied)
+        return applied
 
     def _apply_change(
         self,
@@ -206,14 +207,23 @@ class Applier:
         batch: Batch,
         ch: RowChange,
         pending: changelog.PendingKeys,
+        *,
+        parked: bool = False,
     ) -> int:
         remote_cols = batch.columns[ch.table]
         local = self._local(conn, ch.table)
+        if not parked:
+            fits = local is not None and all(c in local.columns for c in remote_cols)
+            if not fits or ch.table in self._parked_tables:
+                # Not lost: kept in order until this database can take it (a table or a column
+                # it lacks; or earlier changes to the table waiting), see ``parking``.
+                parking.park(conn, stream, seq, batch, ch)
+                self._parked_tables.add(ch.table)
+                if fits:
+                    self._unpark_wanted = True  # it may unblock changes parked before it
+                return PARKED
         if local is None:
-            # Not lost: kept in order until the table exists here (its later changes are parked
-            # behind it, so applying them then gives the same final rows).
-            self._park(conn, stream, seq, batch, ch)
-            return PARKED
+            raise UnknownTable(f"no table {ch.table!r} in the local database")
         key = tuple(ch.values[remote_cols.index(c)] for c in batch.keys[ch.table])
         if self.skip_pending and pending and (ch.table, key) in pending:
             # A local change to this row is not yet published; it will be published after this
@@ -223,7 +233,7 @@ class Applier:
         local_set = set(local.columns)
         if all(c in local_set for c in remote_cols):
             cols, vals = remote_cols, ch.values
-        else:  # columns this node does not have (yet) are left out rather than failing the row
+        else:  # a parked change whose sender has dropped these columns since (see parking)
             pairs = [(c, v) for c, v in zip(remote_cols, ch.values, strict=True) if c in local_set]
             cols, vals = tuple(c for c, _ in pairs), tuple(v for _, v in pairs)
         if ch.op == ddl.OP_DELETE:
@@ -272,7 +282,8 @@ class Applier:
             if self.skip_pending:
                 self._pending.refresh(conn, self._shapes)
             pending = self._pending
-            if schema_changed:
+            self._parked_tables = parking.parked_tables(conn)
+            if schema_changed and self._parked_tables:
                 result.unparked = self._unpark(conn, pending)
             marks = {str(o): int(h) for o, h in conn.execute(
                 f"SELECT origin, hwm FROM {ddl.ORIGINS} WHERE stream = ?", (stream,))}
@@ -297,6 +308,8 @@ class Applier:
                 f"INSERT INTO {ddl.ORIGINS}(origin, stream, hwm) VALUES (?, ?, ?) "
                 "ON CONFLICT(origin, stream) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
                 [(o, stream, marks[o]) for o in moved])
+            if self._unpark_wanted:
+                result.unparked += self._unpark(conn, pending)
             if result.last_seq and not replay:
                 conn.execute(
                     f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?) ON CONFLICT(stream) "
@@ -333,11 +346,12 @@ class Applier:
         if outcomes[DEAD]:
             result.failed.append((seq, f"{outcomes[DEAD]} changes dead-lettered"))
         if outcomes[PARKED]:
-            tables = sorted({c.table for c in batch.changes
-                             if self._tables.get(c.table) is None})
-            log.warning("%s sequence %d: %d changes to %s parked: no such table here yet; "
-                        "they are applied once it exists", stream, seq, outcomes[PARKED],
-                        ", ".join(map(repr, tables)), extra={"stream": stream, "sequence": seq})
+            tables = sorted({c.table for c in batch.changes if c.table in self._parked_tables})
+            log.warning("%s sequence %d: %d changes to %s parked: this database cannot take "
+                        "them yet (a table or a column it lacks, or earlier changes to the "
+                        "table waiting); they are applied once it can", stream, seq,
+                        outcomes[PARKED], ", ".join(map(repr, tables)),
+                        extra={"stream": stream, "sequence": seq})
 
     def _apply_changes(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
                        pending: changelog.PendingKeys, marks: dict[str, int], *,

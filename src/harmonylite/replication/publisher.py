@@ -26,11 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from harmonylite.aio import wait_any
 from harmonylite.cdc import changelog
 from harmonylite.cdc.changelog import Change, TableShape
+from harmonylite.cdc.rows import RowReader
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread, open_connection, write_transaction
 from harmonylite.errors import StorageUnavailable
@@ -47,7 +50,16 @@ from harmonylite.replication.large_changes import (
 
 log = logging.getLogger(__name__)
 
-ACK_TIMEOUT = 5.0
+# An acknowledgement normally takes milliseconds, even from an R3 stream; one that has not come
+# in 2 s was lost with a server or a leader (a retry is safe: the message id de-duplicates it).
+ACK_TIMEOUT = 2.0
+RETRY_FIRST = 0.05  # first wait after a failed publish; doubles up to RETRY_MAX
+RETRY_MAX = 1.0
+# While the cluster answers "no responders" (a stream between leaders) the answer is immediate
+# and cheap: retry at this pace for NO_LEADER_FAST_FOR seconds, so publishing resumes within a
+# tenth of a second of the election, then fall back to the doubling wait.
+NO_LEADER_RETRY = 0.1
+NO_LEADER_FAST_FOR = 30.0
 # Tests set this to make the process die right after JetStream acknowledged a batch and before it
 # is marked published: the crash that a re-send after the duplicate window must survive.
 CRASH_AFTER_ACK = os.environ.get("HARMONYLITE_TEST_CRASH_AFTER_ACK") == "1"
@@ -70,7 +82,18 @@ class Outgoing:
 @dataclass
 class InFlight:
     upto: int
+    entries: int  # change-log entries it covers (several changes to a row collapse into one)
     messages: list[Outgoing] = field(default_factory=list)
+
+
+@dataclass
+class Pending:
+    """Change-log entries up to ``upto``, as the changes to send and their tables' shapes."""
+
+    upto: int
+    changes: list[Change]
+    shapes: dict[str, TableShape]
+    entries: int = 0
 
 
 class ChangeWatcher:
@@ -143,19 +166,20 @@ class Publisher:
         self.last_published_at: float | None = None
         self.pending = 0
         self.last_error: str | None = None
-        self._shapes: dict[int, TableShape] = {}
+        self._registry: dict[int, TableShape] = {}
+        self._rows = RowReader()
         self._inflight: InFlight | None = None
         self._large: LargeChangeStore | None = None
 
-    def _build(self, changes: list[Change]) -> InFlight:
-        by_name = {s.name: s for s in self._shapes.values()}
+    def _build(self, batch: Pending) -> InFlight:
+        by_name, changes = batch.shapes, batch.changes
         shards = self.cfg.replication_log.shards
         groups: dict[int, list[Change]] = {}
         for ch in changes:
             shape = by_name[ch.table]
             key = [ch.values[i] for i in shape.pk_indexes]
             groups.setdefault(shard_of(ch.table, key, shards), []).append(ch)
-        flight = InFlight(upto=changes[-1].id)
+        flight = InFlight(upto=batch.upto, entries=batch.entries)
         compress = self.cfg.replication_log.compress
         limit = server_limit(self.js)
 
@@ -238,55 +262,67 @@ class Publisher:
                 if not fut.done():
                     fut.cancel()
 
-    def _next_batch(self, conn: sqlite3.Connection) -> list[Change]:
-        """The next changes to send, recorded as the publisher's intent before they go out."""
-        if not self._shapes:
-            self._shapes.update(changelog.registry(conn))
-        wm, upto = changelog.watermark(conn), changelog.intent(conn)
-        if upto > wm:
-            # A batch was being published when the process stopped: send exactly the same
-            # changes again, cut the same way, so their message ids match and JetStream drops
-            # any copy it already stored.
-            return changelog.read_pending(conn, wm, 2**62, self._shapes, upto)
-        changes = changelog.read_pending(conn, wm, self.cfg.scan_max_changes, self._shapes)
-        if changes:
-            changelog.set_intent(conn, changes[-1].id)
-        return changes
+    def _read(self, conn: sqlite3.Connection, after: int, limit: int,
+              upto: int | None = None) -> Pending:
+        entries = changelog.read_entries(conn, after, limit, self._registry, upto)
+        if not entries:
+            return Pending(0, [], {})
+        changes, shapes = self._rows.changes(conn, entries, self._registry)
+        return Pending(entries[-1].id, changes, shapes, len(entries))
 
-    def _mark_then_next(self, conn: sqlite3.Connection, upto: int) -> list[Change]:
+    def _next_batch(self, conn: sqlite3.Connection) -> Pending:
+        """The next changes to send, recorded as the publisher's intent before they go out.
+
+        The rows are read in the same write transaction that records the intent: no change can
+        commit between reading a row and recording what is sent (the applier's check of local
+        changes not yet sent relies on that)."""
+        with write_transaction(conn):
+            if not self._registry:
+                self._registry.update(changelog.registry(conn))
+            wm, upto = changelog.watermark(conn), changelog.intent(conn)
+            if upto > wm:
+                # A batch was being published when the process stopped: send the same changes
+                # again, cut the same way, so their message ids match and JetStream drops any
+                # copy it already stored (receivers ignore one it does not: see apply).
+                return self._read(conn, wm, 2**62, upto)
+            batch = self._read(conn, wm, self.cfg.scan_max_changes)
+            if batch.upto:
+                changelog.set_intent(conn, batch.upto)
+            return batch
+
+    def _mark_then_next(self, conn: sqlite3.Connection, upto: int) -> Pending:
         """Mark a batch published and take the next one with a single short write transaction:
-        under a steady stream of commits the node takes the write lock once per batch, and only
-        for two one-row updates (the reading happens before, without the lock)."""
-        changes = changelog.read_pending(conn, upto, self.cfg.scan_max_changes, self._shapes)
+        under a steady stream of commits the node takes the write lock once per batch."""
         with write_transaction(conn):
             changelog.mark_published(conn, upto)
-            if changes:
-                changelog.set_intent(conn, changes[-1].id)
-        return changes
+            batch = self._read(conn, upto, self.cfg.scan_max_changes)
+            if batch.upto:
+                changelog.set_intent(conn, batch.upto)
+        return batch
 
     async def flush_once(self) -> int:
         """Publish one batch; returns the number of changes published (0 when none pending)."""
         if self._inflight is None:
-            changes = await self.db.call(self._next_batch)
-            if not changes:
+            batch = await self.db.call(self._next_batch)
+            if not batch.upto:
                 if self.pending and self.metrics is not None:
                     self.metrics.set_pending(0)
                 self.pending = 0
                 return 0
-            self._inflight = self._build(changes)
+            self._inflight = self._build(batch)
         flight = self._inflight
         await self._send(flight)
         if CRASH_AFTER_ACK:  # test seam: die between the acknowledgement and the mark
             os._exit(CRASH_EXIT_CODE)
         following = await self.db.call(lambda conn: self._mark_then_next(conn, flight.upto))
-        self._inflight = self._build(following) if following else None
+        self._inflight = self._build(following) if following.upto else None
         count = sum(m.count for m in flight.messages)
         self.published_total += count
         if self.metrics is not None:
             self.metrics.published(count)
         self.last_published_at = time.time()
         self.last_error = None
-        return count
+        return flight.entries
 
     async def flush(self) -> int:
         total = 0
@@ -297,13 +333,22 @@ class Publisher:
                 return total
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish whenever woken, until ``stop``; back off while NATS is unreachable."""
-        backoff = 0.1
+        """Publish whenever woken, until ``stop``; back off while NATS is unreachable.
+
+        The retry wait starts short and caps at ``RETRY_MAX``: after a stream leader change the
+        cluster is back within seconds, and a long doubling wait (it used to reach 5 s) added
+        more stall than the election itself. Failures are logged once per outage, not per try.
+        """
+        backoff = RETRY_FIRST
+        failing_since: float | None = None
         while not stop.is_set():
             self.wake.clear()
             try:
                 await self.flush()
-                backoff = 0.1
+                backoff = RETRY_FIRST
+                if failing_since is not None:
+                    log.info("publishing resumed after %.1f s", time.monotonic() - failing_since)
+                    failing_since = None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -311,10 +356,20 @@ class Publisher:
                 self.pending = await self.db.call(changelog.pending_count)
                 if self.metrics is not None:
                     self.metrics.set_pending(self.pending)
-                log.warning("publish failed, %d changes stay pending: %s", self.pending,
-                            self.last_error)
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("publish failed, %d changes stay pending (retrying until it "
+                                "works): %s", self.pending, self.last_error)
+                else:
+                    log.debug("publish still failing, %d changes pending: %s", self.pending,
+                              self.last_error)
+                no_leader = isinstance(exc, NoStreamResponseError | ServiceUnavailableError
+                                       | NoRespondersError)
+                if no_leader and time.monotonic() - failing_since < NO_LEADER_FAST_FOR:
+                    await wait_any(stop, timeout=NO_LEADER_RETRY)
+                    continue
                 await wait_any(stop, timeout=backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, RETRY_MAX)
                 continue
             await wait_any(stop, self.wake)
 

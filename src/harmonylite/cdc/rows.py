@@ -1,0 +1,121 @@
+"""Turning change-log entries into changes: the row of each key, as it is now.
+
+The triggers record only table, key and operation; the publisher reads each row when it
+publishes (DESIGN rule 17). Applying is state-based, so sending a row's newest state in place of
+an intermediate one is safe, and several changes to one row in a batch collapse into one. The
+columns are the table's columns now: a column the application added, renamed or dropped since the
+change was captured can never shift values into other columns.
+
+Reads run inside the publisher's transaction that also records what it sends, so the rows and the
+log agree (nothing commits in between).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+
+from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc.changelog import Change, Entry, TableShape
+from harmonylite.cdc.schema import ROWID, table_info
+from harmonylite.db.connection import RawText, fetch_all, quote_ident
+
+log = logging.getLogger(__name__)
+
+
+def table_hash(conn: sqlite3.Connection, name: str) -> str:
+    """A short hash of a table's columns (names, declared types) and key: equal on two nodes
+    when their tables have the same shape."""
+    cols = conn.execute(f"PRAGMA table_xinfo({quote_ident(name)})").fetchall()
+    text = "\0".join(f"{c[1]}:{str(c[2]).upper()}:{c[5]}" for c in cols if c[6] == 0)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RowReader:
+    """Reads current rows by key; the table shapes are cached per schema version."""
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._shapes: dict[str, TableShape | None] = {}
+        self._select: dict[str, str] = {}
+        self._keys: dict[str, list[str]] = {}
+        self._warned: set[str] = set()
+
+    def _refresh(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA schema_version").fetchone()[0]
+        if version != self._version:
+            self._version = version
+            self._shapes.clear()
+            self._select.clear()
+            self._keys.clear()
+
+    def shape(self, conn: sqlite3.Connection, table: str) -> TableShape | None:
+        if table not in self._shapes:
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+            ).fetchone()
+            if not exists:
+                self._shapes[table] = None
+                return None
+            info = table_info(conn, table)
+            shape = TableShape(table, info.columns, info.pk, table_hash(conn, table))
+            self._shapes[table] = shape
+            cols = ", ".join("rowid" if c == ROWID and info.rowid_keyed else quote_ident(c)
+                             for c in info.columns)
+            self._select[table] = f"SELECT {cols} FROM {quote_ident(table)} WHERE "
+            self._keys[table] = [
+                "rowid" if c == ROWID and info.rowid_keyed else quote_ident(c) for c in info.pk]
+        return self._shapes[table]
+
+    def _query(self, table: str, key: tuple[object, ...]) -> str:
+        # Text that is not UTF-8 travels as bytes: cast back to TEXT to find its row.
+        return self._select[table] + " AND ".join(
+            f"{k} IS CAST(? AS TEXT)" if type(v) is RawText else f"{k} IS ?"
+            for k, v in zip(self._keys[table], key, strict=True))
+
+    def changes(self, conn: sqlite3.Connection, entries: list[Entry],
+                registry: dict[int, TableShape]) -> tuple[list[Change], dict[str, TableShape]]:
+        """The changes to send for ``entries`` (the last per row, with the row as it is now),
+        and the shape of each table they touch."""
+        self._refresh(conn)
+        last: dict[tuple[int, tuple[object, ...]], Entry] = {}
+        for e in entries:
+            last.pop((e.tid, e.key), None)  # keep the order of each row's last change
+            last[(e.tid, e.key)] = e
+        out: list[Change] = []
+        shapes: dict[str, TableShape] = {}
+        for e in last.values():
+            name = registry[e.tid].name
+            shape = self.shape(conn, name)
+            if shape is None or len(shape.pk) != len(e.key):
+                if name not in self._warned:
+                    self._warned.add(name)
+                    log.warning("changes to table %r are not published: the table no longer "
+                                "exists here (dropped or renamed)", name, extra={"table": name})
+                continue
+            shapes[name] = shape
+            row = None
+            if e.op != ddl.OP_DELETE:
+                found = fetch_all(conn, self._query(name, e.key), e.key)
+                row = tuple(found[0]) if found else None
+            if row is None:  # deleted (now, if not then): send the key alone
+                out.append(Change(e.id, name, ddl.OP_DELETE, _key_only(shape, e.key)))
+            else:
+                out.append(Change(e.id, name, e.op, row))
+        return out, shapes
+
+
+def _key_only(shape: TableShape, key: tuple[object, ...]) -> tuple[object, ...]:
+    values: list[object] = [None] * len(shape.columns)
+    for i, v in zip(shape.pk_indexes, key, strict=True):
+        values[i] = v
+    return tuple(values)
+
+
+def read_changes(conn: sqlite3.Connection, after: int, limit: int,
+                 upto: int | None = None) -> tuple[list[Change], dict[str, TableShape]]:
+    """Entries after ``after`` as changes to send, with their tables' shapes (one-off reads)."""
+    registry = changelog.registry(conn)
+    entries = changelog.read_entries(conn, after, limit, registry, upto)
+    return RowReader().changes(conn, entries, registry)

@@ -1,0 +1,108 @@
+"""Parked changes: incoming changes this database cannot take yet, kept in order per table.
+
+A change is parked when its table does not exist here, or when it carries a column this table
+lacks (a rolling migration: the sender migrated first). Once a table has parked changes, every
+later change to it is parked behind them, so applying them in arrival order gives the same rows
+as applying them when they came. Nothing is dropped: the parked queue of a table is applied as
+soon as its changes fit — the table created, the column added (the node notices the schema
+change without a restart).
+
+One more way out keeps a table from waiting for ever when the receiver dropped a column first:
+a parked change whose extra columns its *sender* no longer sends (a later parked change from the
+same origin fits this table) is applied without those columns, which its sender dropped too.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from harmonylite.cdc import ddl
+from harmonylite.replication.event import Batch, RowChange, dumps_values, loads_values
+
+
+@dataclass(frozen=True)
+class Parked:
+    id: int
+    stream: str
+    seq: int
+    origin: int | None
+    table: str
+    op: int
+    columns: tuple[str, ...]
+    keys: tuple[str, ...]
+    values: tuple[object, ...]
+
+    def batch(self) -> Batch:
+        return Batch(self.origin or 0, {self.table: self.columns}, {self.table: self.keys}, [])
+
+    def change(self) -> RowChange:
+        return RowChange(self.table, self.op, self.values)
+
+
+def ensure_origin_column(conn: sqlite3.Connection) -> None:
+    """Databases parked into before the origin was recorded get the column (NULL there)."""
+    cols = {c[1] for c in conn.execute(f"PRAGMA table_info({ddl.PARKED})")}
+    if "origin" not in cols:
+        conn.execute(f"ALTER TABLE {ddl.PARKED} ADD COLUMN origin INTEGER")
+
+
+def park(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, ch: RowChange) -> None:
+    conn.execute(
+        f"INSERT INTO {ddl.PARKED}(stream, seq, origin, tbl, op, columns, keys, vals) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (stream, seq, batch.node_id & (2**63 - 1), ch.table, ch.op,
+         json.dumps(batch.columns[ch.table]), json.dumps(batch.keys[ch.table]),
+         dumps_values(ch.values)),
+    )
+
+
+def parked_tables(conn: sqlite3.Connection) -> set[str]:
+    return {str(t) for (t,) in conn.execute(f"SELECT DISTINCT tbl FROM {ddl.PARKED}")}
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    try:
+        rows = conn.execute(f"SELECT tbl, count(*) FROM {ddl.PARKED} GROUP BY tbl").fetchall()
+    except sqlite3.OperationalError:  # not installed yet
+        return {}
+    return {str(t): int(n) for t, n in rows}
+
+
+def _queues(conn: sqlite3.Connection) -> dict[str, list[Parked]]:
+    queues: dict[str, list[Parked]] = {}
+    for pid, stream, seq, origin, table, op, cols, keys, vals in conn.execute(
+            f"SELECT id, stream, seq, origin, tbl, op, columns, keys, vals FROM {ddl.PARKED} "
+            "ORDER BY id"):
+        queues.setdefault(str(table), []).append(Parked(
+            int(pid), str(stream), int(seq), origin, str(table), int(op),
+            tuple(json.loads(cols)), tuple(json.loads(keys)), loads_values(vals)))
+    return queues
+
+
+# Applies one parked change; ``subset`` allows columns this table lacks (left out). Returns
+# False when the change cannot be applied (it stays parked, and its table's queue waits).
+ApplyParked = Callable[[Parked, bool], bool]
+
+
+def release(conn: sqlite3.Connection, columns_of: Callable[[str], set[str] | None],
+            apply: ApplyParked) -> int:
+    """Apply, table by table and in arrival order, the parked changes that fit now; stop a
+    table's queue at the first that does not. Returns how many were applied."""
+    done: list[tuple[int]] = []
+    for table, queue in _queues(conn).items():
+        local = columns_of(table)
+        if local is None:
+            continue
+        for i, item in enumerate(queue):
+            fits = set(item.columns) <= local
+            dropped_by_sender = not fits and any(
+                later.origin == item.origin and set(later.columns) <= local
+                for later in queue[i + 1:])
+            if not (fits or dropped_by_sender) or not apply(item, dropped_by_sender):
+                break
+            done.append((item.id,))
+    conn.executemany(f"DELETE FROM {ddl.PARKED} WHERE id = ?", done)
+    return len(done)

@@ -30,7 +30,7 @@ from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshot
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.progress import Progress
 from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
-from harmonylite.snapshot.storage import ObjectStore, open_store
+from harmonylite.snapshot.storage import ObjectStore, open_store, redact
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,21 @@ async def _save(cfg: Config, js_context: JsContext | None, progress: Progress) -
     from harmonylite.snapshot.leader import upload_lock
 
     ctx = js_context() if js_context is not None else default_js_context(cfg)
-    async with ctx as js, upload_lock(js, cfg.node_id, cfg.snapshot.leader_ttl) as lock, \
+    async with ctx as js, upload_lock(
+            js, cfg.node_id, cfg.snapshot.leader_ttl, replicas=cfg.replication_log.replicas,
+            update_existing=cfg.replication_log.update_existing) as lock, \
             snapshot_store(cfg, lambda: _same_js(js)) as store:
         result = await SnapshotPipeline(cfg, store, progress=progress).save(fence=lock.confirm)
         return result.manifest.id
+
+
+def describe_freshness(manifest: Manifest) -> str:
+    """How far behind the stream heads a snapshot was captured (manifests before heads: unknown)."""
+    if not manifest.heads:
+        return "behind stream heads: unknown (manifest records no heads)"
+    behind = manifest.behind
+    parts = ", ".join(f"{s} {n}" for s, n in sorted(behind.items()))
+    return f"behind stream heads: {max(behind.values(), default=0)} messages at most ({parts})"
 
 
 async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
@@ -210,6 +221,7 @@ async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | N
             await verify_snapshot(store, manifest, temp_dir=cfg.snapshot.temp_dir or None,
                                   progress=progress)
             out.write(f"{manifest.id} ok\n")
+            out.write(describe_freshness(manifest) + "\n")
         else:
             manifest = await find_snapshot(store, args.id)
             path = await restore_to_path(store, manifest, Path(args.output),
@@ -230,16 +242,16 @@ async def run(cfg: Config, argv: Sequence[str], *, js_context: JsContext | None 
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (UsageError, ConfigError) as exc:
-        err.write(f"harmonylite: {exc}\n")
+        err.write(f"harmonylite: {redact(str(exc))}\n")
         return EXIT_USAGE
     except SnapshotBusy as exc:
-        err.write(f"harmonylite: {exc}\n")
+        err.write(f"harmonylite: {redact(str(exc))}\n")
         return EXIT_BUSY
     except VerificationError as exc:
-        err.write(f"harmonylite: verification failed: check {exc.check}: {exc}\n")
+        err.write(f"harmonylite: verification failed: check {exc.check}: {redact(str(exc))}\n")
         return EXIT_FAILURE
     except (HarmonyliteError, OSError) as exc:
-        err.write(f"harmonylite: {exc}\n")
+        err.write(f"harmonylite: {redact(str(exc))}\n")
         return EXIT_FAILURE
 
 

@@ -480,11 +480,24 @@ async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,
                 raise refused from exc
             log.warning("--force: %d local changes not yet published are discarded (%s)",
                         pending, exc)
+    floor = await asyncio.to_thread(install.applied_positions, db_path)
     async with store_context() as store:
         if ref in ("", "latest"):
-            candidates = await list_snapshots(store)
+            choice = choose(await list_snapshots(store), floor, {})
+            for m, why in choice.skipped:
+                log.warning("skipping snapshot %s: it is behind this node's database (%s)",
+                            m.id, why, extra={"snapshot_id": m.id})
+            candidates = choice.usable
+            if not candidates and choice.skipped:
+                raise SnapshotError("every snapshot is behind this node's database; restoring "
+                                    "one would lose rows (name an id with --force to do it)")
         else:
             candidates = [await find_snapshot(store, ref)]
+            behind = choose(candidates, floor, {}).skipped
+            if behind and not force:
+                raise SnapshotError(f"snapshot {ref} is behind this node's database "
+                                    f"({behind[0][1]}); restoring it would lose rows (--force "
+                                    "to do it anyway)")
 
         async def still_stopped() -> None:
             busy = await asyncio.to_thread(install.in_use, db_path)

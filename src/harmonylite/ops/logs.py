@@ -26,8 +26,19 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STD_ATTRS and k != "node_id"}
 
 
+def _redact(text: str) -> str:
+    # Every line passes here: credentials in URLs (NATS, stores) never reach the log, whichever
+    # module (or library) wrote the message.
+    from harmonylite.snapshot.storage import redact
+
+    return redact(text)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        return _redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
@@ -51,6 +62,9 @@ class ConsoleFormatter(logging.Formatter):
         self.colour = colour
 
     def format(self, record: logging.LogRecord) -> str:
+        return _redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         level = record.levelname[:4]
         if self.colour:

@@ -28,15 +28,19 @@ _SECRET_PARAM = re.compile(
     re.IGNORECASE,
 )
 REDACTED = "***"
+# NATS takes a token as the whole user part: ``nats://TOKEN@host``.
+_NATS_TOKEN = re.compile(r"(?P<scheme>(?:nats|tls|ws|wss)://)[^:/@\s]+@", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """Remove passwords and secrets from every URL in ``text``.
 
     ``sftp://user:pass@host/p`` becomes ``sftp://user:***@host/p`` and ``?login=u&secret=p``
-    becomes ``?login=u&secret=***``.
+    becomes ``?login=u&secret=***``; a NATS token URL ``nats://TOKEN@host`` becomes
+    ``nats://***@host``.
     """
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    text = _NATS_TOKEN.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
     return _SECRET_PARAM.sub(lambda m: f"{m['key']}{REDACTED}", text)
 
 

@@ -7,8 +7,8 @@ in a ``finally``, so a run that stops early heals too). Kinds:
 - ``stop``: SIGSTOP a node, SIGCONT it later;
 - ``nats``: stop the nats-server (or, embedded, kill one node's server), start it again;
 - ``lock``: the application on a node holds the write lock longer than the node's busy timeout;
-- ``rollover_stop``: SIGSTOP a node for most of the run while the others write more than the
-  streams keep (profile ``rollover`` sets a small ``max_entries``).
+- ``rollover_stop`` / ``rollover_kill``: SIGSTOP (or SIGKILL) a node for most of the run while
+  the others write more than the streams keep (profile ``rollover`` sets a small ``max_entries``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Fault:
         return f"t={self.at:5.1f}s {self.kind:<13} node {self.node + 1} for {self.duration:.1f}s"
 
 
+LONG = ("rollover_stop", "rollover_kill", "lock")  # run beside the short faults
 BUSY_TIMEOUT_S = 10.0  # the node's PRAGMA busy_timeout
 
 
@@ -53,11 +54,12 @@ def schedule(seed: int, kinds: tuple[str, ...], seconds: float, nodes: int) -> l
     if not kinds:
         return []
     faults: list[Fault] = []
-    if "rollover_stop" in kinds:
-        faults.append(Fault(1.0, "rollover_stop", rng.randrange(nodes), seconds * 0.7))
+    for kind in ("rollover_stop", "rollover_kill"):
+        if kind in kinds:
+            faults.append(Fault(1.0, kind, rng.randrange(nodes), seconds * 0.7))
     if "lock" in kinds:
         faults.append(Fault(seconds * 0.2, "lock", rng.randrange(nodes), BUSY_TIMEOUT_S + 3))
-    others = [k for k in kinds if k not in ("rollover_stop", "lock")]
+    others = [k for k in kinds if k not in LONG]
     t = 1.0 + rng.uniform(0, 2)
     while others and t < seconds - 3:
         kind = rng.choice(others)
@@ -82,7 +84,7 @@ class FaultRunner(threading.Thread):
             for f in self.faults:
                 if self.stop.wait(max(0.0, self.t0 + f.at - time.monotonic())):
                     break
-                if f.kind in ("lock", "rollover_stop"):  # long ones run beside the others
+                if f.kind in LONG:
                     th = threading.Thread(target=self._guarded, args=(f,), daemon=True)
                     th.start()
                     self._threads.append(th)
@@ -102,7 +104,7 @@ class FaultRunner(threading.Thread):
     def apply(self, f: Fault) -> None:
         c = self.cluster
         self.applied.append(f.describe())
-        if f.kind == "kill":
+        if f.kind in ("kill", "rollover_kill"):
             c.kill(f.node)
             try:
                 self.stop.wait(f.duration)

@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,7 @@ class Harness:
 
     # --- the run -------------------------------------------------------------------------
     def run(self, write_seconds: float, quiesce_deadline: float = 180.0) -> Result:
+        self.profile = replace(self.profile, write_seconds=write_seconds)
         stop = threading.Event()
         t0 = time.monotonic()
         on_mig = self.restart if self.profile.restart_after_migration else None

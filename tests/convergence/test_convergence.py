@@ -1,6 +1,6 @@
 """Seeded convergence runs: real node processes, real nats-server, real SQLite files.
 
-The ``CI_SEEDS`` pass on today's code and run in the normal suite (about a minute in all).
+The ``CI_SEEDS`` pass on today's code and run in the normal suite (about 70 s in all).
 ``BUG_SEEDS`` are the regression cases of the bug classes the checker found (see FINDINGS.md);
 they are expected to fail until their issue is fixed, and run only when asked for:
 ``HARMONYLITE_CONVERGENCE_BUGS=1 pytest tests/convergence`` or ``-m convergence_known_bug``.
@@ -22,6 +22,9 @@ pytestmark = [pytest.mark.convergence, pytest.mark.timeout(400)]
 CI_SEEDS = [
     ("basic", 1, 8.0),
     ("basic", 2, 8.0),
+    ("values", 11, 8.0),
+    ("fk", 11, 8.0),
+    ("faults_stop", 11, 8.0),
 ]
 
 # (profile, seed, seconds, issue, bug class)
@@ -32,6 +35,11 @@ BUG_SEEDS = [
     ("nocase", 8, 8.0, 11, "a NOCASE key written in two cases diverges"),
     ("nopk_vacuum", 5, 8.0, 11, "VACUUM renumbers rowids of a table without a primary key"),
     ("schema", 5, 8.0, 12, "online schema changes are not followed"),
+    ("nopk", 11, 8.0, 11, "rowid collisions in a table without a primary key"),
+    ("values", 11, 8.0, 10, "non-UTF-8 text stalls publishing (passes since the fix)"),
+    ("huge", 11, 8.0, 10, "a value over the payload limit stalls publishing"),
+    ("lock", 11, 8.0, 10, "a long application lock drops incoming changes"),
+    ("rollover", 11, 8.0, 13, "a node down across a stream roll-over never converges"),
 ]
 
 

@@ -149,7 +149,8 @@ def _failure_reason(log_path: Path, since: int) -> str:
             lines = fh.read().decode(errors="replace").splitlines()
     except FileNotFoundError:
         return ""
-    bad = [ln.split("] ", 1)[-1].strip() for ln in lines if "[FTL]" in ln or "[ERR]" in ln]
+    bad = [ln.split(tag, 1)[1].strip() for ln in lines for tag in ("[FTL] ", "[ERR] ")
+           if tag in ln]
     return "; ".join(bad[-3:])
 
 

@@ -35,6 +35,7 @@ from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
 from harmonylite.node.embedded_nats import EmbeddedNats
+from harmonylite.node.schema_follow import SchemaFollower
 from harmonylite.node.supervisor import Supervisor
 from harmonylite.ops.health import HttpServer, probe_database, start_health_server
 from harmonylite.ops.metrics import Metrics, start_metrics_server
@@ -92,8 +93,11 @@ class Node:
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
         self.applier: Applier | None = None
+        self.schema: SchemaFollower | None = None
         self.metrics = Metrics.from_config(cfg.prometheus, node_id=cfg.node_id)
         self.metrics.track_nats_connected(lambda: self.nc is not None and self.nc.is_connected)
+        self.metrics.parked_changes.set_function(
+            lambda: self.schema.status()["parked_changes"] if self.schema is not None else 0)
         self.metrics.apply_stalled.set_function(
             lambda: sum(c.stalled is not None for c in self.consumers))
         self._servers: list[HttpServer] = []
@@ -133,6 +137,11 @@ class Node:
                 await consumer.subscribe_with_retry()
                 self.consumers.append(consumer)
                 self._spawn(f"consumer {stream}", consumer.run)
+                # Re-creates the subscription whenever it is lost (server gone, leader change).
+                self._spawn(f"subscription {stream}", consumer.keep)
+        self.schema = SchemaFollower(self.writer, self.applier, self.js, cfg.node_id,
+                                     cfg.replication_log.replicas)
+        self._spawn("schema", self.schema.run)
         if cfg.publish:
             self.publisher = Publisher(cfg, self.pub_db, self.js, epoch, metrics=self.metrics)
             publisher = self.publisher
@@ -142,7 +151,8 @@ class Node:
             def wake() -> None:
                 loop.call_soon_threadsafe(publisher.wake.set)
 
-            self.watcher = ChangeWatcher(str(self.db_path), interval, wake)
+            self.watcher = ChangeWatcher(str(self.db_path), interval, wake,
+                                         on_schema=self.schema.notify_threadsafe())
             self.watcher.start()
             self._spawn("publisher", publisher.run)
             # A node that applies nothing from the streams (replicate = false) holds none of the
@@ -255,11 +265,10 @@ class Node:
             log.error("cannot write %s: %s", self.seq_map_path, exc)
 
     async def _resubscribe(self) -> None:
+        # Each consumer's keeper re-creates its subscription, retrying until it works: a cluster
+        # that just lost the server we were on may need seconds to elect the streams' leaders.
         for consumer in self.consumers:
-            try:
-                await consumer.subscribe()
-            except Exception as exc:
-                log.warning("cannot resubscribe to %s: %s", consumer.stream, exc)
+            consumer.resubscribe()
 
     def activity(self) -> tuple[int, int]:
         return (self.publisher.published_total if self.publisher else 0, self.replicated_total)
@@ -293,6 +302,8 @@ class Node:
                     log.debug("pruned %d published changes", pruned)
                 if self.applier is not None:
                     await self.writer.call(self.applier.retry_parked)
+                if self.schema is not None:
+                    await self.schema.refresh()
                 if failing is not None:
                     log.info("housekeeping of the change log works again")
                     failing = None
@@ -319,6 +330,7 @@ class Node:
             "positions": dict(self.positions),
             "replication": self.replication_state(),
             "dead_letters": self.dead_letters,
+            "schema": self.schema.status() if self.schema is not None else {},
             "problems": self.problems(),
         }
 
@@ -334,6 +346,7 @@ class Node:
                 "lag_seconds": round(now - c.last_message_at, 3)
                 if lag and c.last_message_at else 0.0,
                 "stalled": c.stalled,
+                "consuming": c.not_consuming is None,
                 "gap": list(self.gaps[c.stream]) if c.stream in self.gaps else None,
             }
         return out
@@ -345,6 +358,8 @@ class Node:
         for c in self.consumers:
             if c.stalled is not None and now - (c.stalled_since or now) >= STALL_GRACE:
                 out.append(f"apply stalled on {c.stream}: {c.stalled}")
+            if c.not_consuming is not None:
+                out.append(f"stream {c.stream} is not being consumed: {c.not_consuming}")
         for stream, (first, last) in sorted(self.gaps.items()):
             out.append(f"stream {stream} dropped messages {first}..{last} before this node "
                        "applied them: restore it from a snapshot that covers them")

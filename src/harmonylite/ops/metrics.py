@@ -119,6 +119,9 @@ class Metrics:
         self.stream_applied_sequence = Gauge(
             "stream_applied_sequence", "Last stream sequence applied by this node.", ["stream"],
             **ns)
+        self.parked_changes = Gauge(
+            "parked_changes", "Incoming changes waiting for this database's schema (a table or "
+            "column it lacks).", **ns)
         self.stream_gaps_total = Counter(
             "stream_gaps", "Times a stream was found to have dropped messages this node had not "
             "applied.", **ns)

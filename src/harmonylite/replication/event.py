@@ -4,7 +4,9 @@ One NATS message carries the changes of one publish batch that fall in one shard
 change-log order::
 
     {"v": 1, "n": node_id, "e": epoch, "t": {table: [columns…]}, "k": {table: [key columns…]},
-     "c": [[table, op, [values…]], …], "i": [change id, …]}
+     "h": {table: schema hash}, "c": [[table, op, [values…]], …], "i": [change id, …]}
+
+``h`` is each table's shape on the sender (see ``cdc.rows.table_hash``), for the schema view.
 
 ``e`` (the origin database's epoch) and ``i`` (each change's id in the origin's change log,
 increasing) let a receiver ignore a change it already applied, however late it comes again
@@ -104,17 +106,22 @@ def encode(
     keys: dict[str, list[str]] = {}
     body: list[list[object]] = []
     ids: list[int] = []
+    hashes: dict[str, str] = {}
     for ch in changes:
         if ch.table not in cols:
             shape = shapes[ch.table]
             cols[ch.table] = list(shape.columns)
             keys[ch.table] = list(shape.pk)
+            if shape.schema_hash:
+                hashes[ch.table] = shape.schema_hash
         body.append([ch.table, ch.op, dump_values(ch.values)])
         ids.append(ch.id)
     doc: dict[str, object] = {"v": FORMAT, "n": node_id, "t": cols, "k": keys, "c": body}
     if epoch:
         doc["e"] = epoch
         doc["i"] = ids
+    if hashes:
+        doc["h"] = hashes
     raw = cbor2.dumps(doc)
     return _compressor.compress(raw) if compress else raw
 

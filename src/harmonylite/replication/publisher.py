@@ -109,11 +109,13 @@ class ChangeWatcher:
     """
 
     def __init__(self, db_path: str, interval: float, wake: Callable[[], None],
-                 checkpoint_every: float = CHECKPOINT_EVERY) -> None:
+                 checkpoint_every: float = CHECKPOINT_EVERY,
+                 on_schema: Callable[[], None] | None = None) -> None:
         self._db_path = db_path
         self._interval = interval
         self._wake = wake
         self._checkpoint_every = checkpoint_every
+        self._on_schema = on_schema
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="change-watcher", daemon=True)
 
@@ -128,6 +130,7 @@ class ChangeWatcher:
         conn = open_connection(self._db_path)
         try:
             last = conn.execute("PRAGMA data_version").fetchone()[0]
+            schema = conn.execute("PRAGMA schema_version").fetchone()[0]
             dirty, checkpointed = False, time.monotonic()
             failing: str | None = None
             while not self._stop.wait(self._interval):
@@ -136,6 +139,12 @@ class ChangeWatcher:
                     if now != last:
                         last, dirty = now, True
                         self._wake()
+                        # A DDL commit moves data_version too: only then is the schema read.
+                        version = conn.execute("PRAGMA schema_version").fetchone()[0]
+                        if version != schema:
+                            schema = version
+                            if self._on_schema is not None:
+                                self._on_schema()
                     if dirty and time.monotonic() - checkpointed >= self._checkpoint_every:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                         dirty, checkpointed = False, time.monotonic()

@@ -1,0 +1,89 @@
+"""Each node's schema, as the cluster sees it: table hashes, columns and parked changes.
+
+Every node puts its view in the NATS Key-Value bucket ``harmonylite-schema-registry`` under
+``node-<id>`` at start, after each schema change and when its parked changes change, so
+``harmonylite schema status --cluster`` shows every node side by side and marks the tables whose
+shape differs (a rolling migration in progress, or one forgotten on a node).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from harmonylite import __version__
+from harmonylite.cdc.rows import table_hash
+from harmonylite.cdc.schema import user_tables
+from harmonylite.replication import parking
+
+BUCKET = "harmonylite-schema-registry"
+
+
+def node_key(node_id: int) -> str:
+    return f"node-{node_id}"
+
+
+@dataclass(frozen=True)
+class TableView:
+    name: str
+    hash: str
+    columns: tuple[str, ...]
+    pk: tuple[str, ...]
+
+
+def local_view(conn: sqlite3.Connection, node_id: int) -> dict[str, Any]:
+    """This database's schema and parked changes, as put in the registry."""
+    tables, _ = user_tables(conn)
+    return {
+        "node_id": node_id,
+        "version": __version__,
+        "updated_at": round(time.time(), 3),
+        "tables": {t.name: {"hash": table_hash(conn, t.name), "columns": list(t.columns),
+                            "pk": list(t.pk)} for t in tables},
+        "parked": parking.counts(conn),
+    }
+
+
+def mismatches(views: dict[str, dict[str, Any]]) -> dict[str, dict[str, str | None]]:
+    """Tables whose hash differs between nodes (or that some nodes lack): table -> node -> hash."""
+    names = sorted({t for v in views.values() for t in v.get("tables", {})})
+    out: dict[str, dict[str, str | None]] = {}
+    for name in names:
+        hashes = {node: (v.get("tables", {}).get(name) or {}).get("hash")
+                  for node, v in views.items()}
+        if len(set(hashes.values())) > 1:
+            out[name] = hashes
+    return out
+
+
+async def publish_view(js: Any, node_id: int, view: dict[str, Any], replicas: int) -> None:
+    """Put this node's view in the registry bucket (created with the configured replicas)."""
+    from nats.js.api import KeyValueConfig
+    from nats.js.errors import BucketNotFoundError
+
+    try:
+        kv = await js.key_value(BUCKET)
+    except BucketNotFoundError:
+        kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1,
+                                                      replicas=replicas))
+    await kv.put(node_key(node_id), json.dumps(view, sort_keys=True).encode())
+
+
+async def cluster_views(js: Any) -> dict[str, dict[str, Any]]:
+    """Every node's view from the registry (empty when no node published one yet)."""
+    from nats.js.errors import BucketNotFoundError, NoKeysError
+
+    try:
+        kv = await js.key_value(BUCKET)
+        keys = await kv.keys()
+    except (BucketNotFoundError, NoKeysError):
+        return {}
+    views: dict[str, dict[str, Any]] = {}
+    for key in sorted(keys):
+        entry = await kv.get(key)
+        if entry.value:
+            views[key] = json.loads(entry.value)
+    return views

@@ -1,0 +1,104 @@
+"""`harmonylite schema status [--cluster] [--json]` (also `-schema-status`, `-schema-status-cluster`).
+
+Without ``--cluster``: this node's tables with their schema hash and columns, and its parked
+changes per table (read from the database; the node may be running). With ``--cluster``: every
+node's view from the KV bucket ``harmonylite-schema-registry``, side by side, tables whose shape
+differs between nodes marked with ``*``. Exit 0; 1 when the cluster view cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from harmonylite.cdc import schema_registry
+from harmonylite.config import Config
+from harmonylite.db.connection import open_connection
+from harmonylite.errors import HarmonyliteError, UsageError
+
+EXIT_OK = 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"schema: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="harmonylite schema", allow_abbrev=False,
+                description="Schema of this node, or of every node of the cluster.")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+    st = verbs.add_parser("status", help="tables, schema hashes and parked changes")
+    st.add_argument("-cluster", "--cluster", action="store_true",
+                    help="every node side by side, from the schema registry")
+    st.add_argument("-json", "--json", action="store_true", help="print JSON")
+    return p
+
+
+def _local(cfg: Config) -> dict[str, Any]:
+    if not cfg.db_path or not Path(cfg.db_path).exists():
+        raise HarmonyliteError(f"database file {cfg.db_path or '(db_path not set)'} does not exist")
+    conn = open_connection(cfg.db_path)
+    try:
+        return schema_registry.local_view(conn, cfg.node_id)
+    finally:
+        conn.close()
+
+
+def format_local(view: dict[str, Any]) -> str:
+    lines = [f"node {view['node_id']}"]
+    parked: dict[str, int] = view.get("parked", {})
+    for name, t in sorted(view["tables"].items()):
+        lines.append(f"  {name}\t{t['hash']}\tparked {parked.get(name, 0)}\t"
+                     f"({', '.join(t['columns'])})")
+    for name in sorted(set(parked) - set(view["tables"])):
+        lines.append(f"  {name}\t(missing here)\tparked {parked[name]}")
+    return "\n".join(lines)
+
+
+def format_cluster(views: dict[str, dict[str, Any]]) -> str:
+    nodes = sorted(views)
+    differs = schema_registry.mismatches(views)
+    tables = sorted({t for v in views.values() for t in v.get("tables", {})}
+                    | {t for v in views.values() for t in v.get("parked", {})})
+    lines = ["table\t" + "\t".join(nodes)]
+    for name in tables:
+        cells = []
+        for node in nodes:
+            t = views[node].get("tables", {}).get(name)
+            parked = views[node].get("parked", {}).get(name, 0)
+            cell = t["hash"] if t else "(missing)"
+            cells.append(cell + (f" parked {parked}" if parked else ""))
+        lines.append(("* " if name in differs else "  ") + name + "\t" + "\t".join(cells))
+    if differs:
+        lines.append(f"* {len(differs)} tables differ between nodes")
+    return "\n".join(lines)
+
+
+async def _cluster(cfg: Config) -> dict[str, dict[str, Any]]:
+    from harmonylite.cli.snapshot import default_js_context
+
+    async with default_js_context(cfg) as js:
+        return await schema_registry.cluster_views(js)
+
+
+def main(cfg: Config, argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    if args.cluster:
+        views = asyncio.run(_cluster(cfg))
+        if args.json:
+            print(json.dumps({"nodes": views, "mismatched": schema_registry.mismatches(views)},
+                             indent=2, sort_keys=True))
+        else:
+            print(format_cluster(views) if views else "no node has published its schema yet")
+        return EXIT_OK
+    view = _local(cfg)
+    print(json.dumps(view, indent=2, sort_keys=True) if args.json else format_local(view))
+    if not args.json and view.get("parked"):
+        print(f"{sum(view['parked'].values())} changes parked", file=sys.stderr)
+    return EXIT_OK

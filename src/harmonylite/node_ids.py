@@ -22,5 +22,5 @@ def from_sqlite(value: object) -> int | None:
     """The node id a :func:`to_sqlite` value stands for (None stays None)."""
     if value is None:
         return None
-    number = int(value)  # type: ignore[call-overload]
+    number = int(str(value))
     return number + _U64 if number < 0 else number

@@ -180,3 +180,23 @@ def test_cleanup_removes_both_layouts(tmp_path: Path) -> None:
     assert "discarding HarmonyLite's pending change: insert 'books' key [1]" in out.stderr
     assert node.query("SELECT type, name FROM sqlite_master WHERE name LIKE '__harmonylite%'") \
         == []
+
+
+def test_a_missing_s3_bucket_is_created(tmp_path: Path) -> None:
+    from storage_servers import SeaweedFS
+
+    weed = SeaweedFS(tmp_path / "weed").start()
+    try:
+        s3 = {"endpoint": weed.endpoint, "bucket": "not-yet-there", "force_path_style": True,
+              "use_ssl": False, "access_key": weed.access_key, "secret": weed.secret_key,
+              "region": "us-east-1"}
+        node = NodeProc(tmp_path / "n1", 1, {"snapshot": {"enabled": True, "store": "s3",
+                                                          "s3": s3}})
+        node.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+        out = cli("-config", str(node.config_path), "-save-snapshot")
+        assert out.returncode == 0, out.stderr
+        assert "created S3 bucket 'not-yet-there'" in out.stderr
+        listed = weed.client().list_objects_v2(Bucket="not-yet-there")
+        assert any(o["Key"].endswith(".json") for o in listed.get("Contents", []))
+    finally:
+        weed.stop()

@@ -1,4 +1,6 @@
-"""`harmonylite schema status [--cluster] [--json]` (also `-schema-status`, `-schema-status-cluster`).
+"""`harmonylite schema status [--cluster] [--json]`.
+
+Also reached by HarmonyLite's flags `-schema-status` and `-schema-status-cluster`.
 
 Without ``--cluster``: this node's tables with their schema hash and columns, and its parked
 changes per table (read from the database; the node may be running). With ``--cluster``: every

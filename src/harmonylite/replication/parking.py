@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from harmonylite.cdc import ddl
+from harmonylite.node_ids import from_sqlite, to_sqlite
 from harmonylite.replication.event import Batch, RowChange, dumps_values, loads_values
 
 
@@ -53,7 +54,7 @@ def park(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, ch: RowC
     conn.execute(
         f"INSERT INTO {ddl.PARKED}(stream, seq, origin, tbl, op, columns, keys, vals) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (stream, seq, batch.node_id & (2**63 - 1), ch.table, ch.op,
+        (stream, seq, to_sqlite(batch.node_id), ch.table, ch.op,
          json.dumps(batch.columns[ch.table]), json.dumps(batch.keys[ch.table]),
          dumps_values(ch.values)),
     )
@@ -77,7 +78,7 @@ def _queues(conn: sqlite3.Connection) -> dict[str, list[Parked]]:
             f"SELECT id, stream, seq, origin, tbl, op, columns, keys, vals FROM {ddl.PARKED} "
             "ORDER BY id"):
         queues.setdefault(str(table), []).append(Parked(
-            int(pid), str(stream), int(seq), origin, str(table), int(op),
+            int(pid), str(stream), int(seq), from_sqlite(origin), str(table), int(op),
             tuple(json.loads(cols)), tuple(json.loads(keys)), loads_values(vals)))
     return queues
 

@@ -10,6 +10,15 @@ consumer, which says so once, retries with a capped backoff and resumes by itsel
 survives a restart of the task by the supervisor. Stream sequences must be contiguous: a jump
 means the stream dropped messages this node never applied (a gap), which is reported at once
 (DESIGN rule 16).
+
+A consumer always comes back (:meth:`ShardConsumer.keep`). On a JetStream cluster the server-side
+consumer lives on one server: it goes away with that server, with a stream leader change or when
+a re-subscribe after a reconnect times out. The keeper re-creates it from the last sequence
+queued or applied, retrying quickly at first (a cluster that just lost a server elects new leaders
+within seconds) and then every ``RESUB_MAX`` seconds, forever. It also watches the stream: a
+consumer that receives nothing for ``SILENT_AFTER`` seconds while the stream holds messages it has
+not queued is presumed dead and re-created. Each change of state is logged once, and
+``not_consuming`` names the reason for health meanwhile.
 """
 
 from __future__ import annotations
@@ -30,12 +39,20 @@ from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
 from harmonylite.replication import large_changes
 from harmonylite.replication.apply import Applier, ApplyResult, is_transient
+from harmonylite.replication.nats_link import describe_error
 
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 2000
 MAX_QUEUED = 8192
 STALL_BACKOFF_MAX = 5.0
+RESUB_FIRST = 0.2  # first retry of a lost consumer; doubles up to RESUB_MAX
+RESUB_MAX = 2.0  # bounded low: a consumer resumes within about the election time plus this
+CHECK_EVERY = 1.0  # seconds between looks at the stream's head
+SILENT_AFTER = 4.0  # nothing received this long while the stream is ahead: consumer presumed dead
+SUBSCRIBE_TIMEOUT = 2.0  # a stream without a leader never answers: do not wait long
+INFO_TIMEOUT = 2.0
+UNREADABLE_AFTER = 3.0  # a stream that does not answer this long is reported as not consumed
 
 GapHandler = Callable[[str, int, int], None]
 
@@ -67,22 +84,39 @@ class ShardConsumer:
         self.stalled: str | None = None  # why applying cannot proceed right now
         self.stalled_since: float | None = None
         self.gaps: list[tuple[int, int]] = []  # sequences the stream dropped before we had them
+        self.not_consuming: str | None = None  # why no subscription is delivering right now
+        self.not_consuming_since: float | None = None
+        self.resubscribes = 0
+        self.head_seen_at: float | None = None  # monotonic time the stream's head was last read
+        self._resub = asyncio.Event()  # set to have the keeper re-create the subscription
+        self._last_received = time.monotonic()
+        self._in_callback = False
+        self._silent = False  # the last loss was a subscription that delivered nothing
+        self._unreadable_since: float | None = None  # since when the stream does not answer
 
     async def _on_msg(self, msg: Msg) -> None:
+        self._last_received = time.monotonic()
+        if self._silent:
+            self._found()
         meta = msg.metadata
         seq = meta.sequence.stream
         if seq <= self._queued_upto:
             return  # delivered again after a resubscribe; already queued or applied
-        # A large change arrives as a reference to an object: fetched here (retried until it
-        # succeeds), so everything after it waits and the applier sees an ordinary payload.
-        data = await large_changes.resolve(self.js, msg.data, msg.headers)
-        if seq <= self._queued_upto:
-            return  # queued meanwhile by a newer subscription (a resubscribe during the fetch)
-        self.stream_last_seq = max(self.stream_last_seq, seq + meta.num_pending)
-        if seq > self._queued_upto + 1:
-            self._gap(self._queued_upto + 1, seq - 1)
-        self._queued_upto = seq
-        await self._queue.put((seq, data, meta.timestamp.timestamp()))
+        self._in_callback = True  # a long fetch or a full queue is not a dead consumer
+        try:
+            # A large change arrives as a reference to an object: fetched here (retried until it
+            # succeeds), so everything after it waits and the applier sees an ordinary payload.
+            data = await large_changes.resolve(self.js, msg.data, msg.headers)
+            if seq <= self._queued_upto:
+                return  # queued meanwhile by a newer subscription (a resubscribe during the fetch)
+            self.stream_last_seq = max(self.stream_last_seq, seq + meta.num_pending)
+            if seq > self._queued_upto + 1:
+                self._gap(self._queued_upto + 1, seq - 1)
+            self._queued_upto = seq
+            await self._queue.put((seq, data, meta.timestamp.timestamp()))
+        finally:
+            self._in_callback = False
+            self._last_received = time.monotonic()
 
     async def subscribe_with_retry(self, timeout: float = 60.0) -> None:
         """Subscribe, waiting while a JetStream cluster that just (re)started elects leaders."""
@@ -108,6 +142,7 @@ class ShardConsumer:
             self.subject, stream=self.stream, cb=self._on_msg, ordered_consumer=True,
             config=cfg, idle_heartbeat=2.0, pending_msgs_limit=-1, pending_bytes_limit=-1,
         )
+        self._last_received = time.monotonic()
         log.debug("consuming %s from sequence %d", self.stream, start)
 
     async def unsubscribe(self) -> None:
@@ -117,6 +152,89 @@ class ShardConsumer:
                 await sub.unsubscribe()  # type: ignore[attr-defined]
             except Exception as exc:  # the connection may be gone already
                 log.debug("unsubscribe from %s: %s", self.stream, exc)
+
+    def resubscribe(self) -> None:
+        """Have the keeper re-create the subscription now (after a reconnect, say)."""
+        self._resub.set()
+
+    async def keep(self, stop: asyncio.Event) -> None:
+        """Keep a subscription delivering until ``stop``: re-create it whenever it is lost."""
+        backoff = RESUB_FIRST
+        while not stop.is_set():
+            if self._sub is None or self._resub.is_set():
+                self._resub.clear()
+                began = time.monotonic()
+                try:
+                    await asyncio.wait_for(self.subscribe(), SUBSCRIBE_TIMEOUT)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # Whatever failed (timeout, 503 without a leader, a closed connection), the
+                    # only way forward is to try again: never give up on a stream.
+                    self._sub = None
+                    self._lost(f"cannot subscribe: {describe_error(exc)}")
+                    # Attempts start every ``backoff`` seconds: one that timed out has already
+                    # waited, so the next follows at once once the cluster can answer.
+                    spent = time.monotonic() - began
+                    await wait_any(stop, timeout=max(RESUB_FIRST, backoff - spent))
+                    backoff = min(backoff * 2, RESUB_MAX)
+                    continue
+                backoff = RESUB_FIRST
+                self.resubscribes += 1
+                if not self._silent:
+                    self._found()  # a silent consumer is back only once something arrives
+            await wait_any(stop, self._resub, timeout=CHECK_EVERY)
+            if not stop.is_set() and not self._resub.is_set():
+                await self._check_head()
+
+    async def _check_head(self) -> None:
+        """Read the stream's head; re-create a consumer that is silent while the stream is ahead."""
+        try:
+            info = await asyncio.wait_for(self.js.stream_info(self.stream), INFO_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # No leader, no quorum: nothing can be consumed from the stream meanwhile. Said in
+            # health once it lasts, and head_seen_at ages for the snapshot leader's check.
+            now = time.monotonic()
+            self._unreadable_since = self._unreadable_since or now
+            if now - self._unreadable_since >= UNREADABLE_AFTER:
+                self._lost(f"the stream does not answer ({describe_error(exc)})")
+            return
+        self._unreadable_since = None
+        now = time.monotonic()
+        head = int(info.state.last_seq)
+        self.head_seen_at = now
+        self.stream_last_seq = max(self.stream_last_seq, head)
+        silent = now - self._last_received
+        if (head > self._queued_upto and self._queue.empty() and not self._in_callback
+                and silent >= SILENT_AFTER):
+            self._lost(f"received nothing for {silent:.0f} s while the stream is at {head} and "
+                       f"this node at {self._queued_upto}")
+            self._silent = True
+            self._resub.set()
+        elif self.not_consuming is not None and self._sub is not None and (
+                not self._silent or head <= self._queued_upto):
+            self._found()  # the stream answers again and nothing is missing from our feed
+
+    def _lost(self, reason: str) -> None:
+        if self.not_consuming is None:
+            self.not_consuming_since = time.monotonic()
+            log.warning("not consuming %s: %s; re-creating the consumer from sequence %d until "
+                        "it works", self.stream, reason, self._queued_upto + 1,
+                        extra={"stream": self.stream, "sequence": self._queued_upto + 1})
+        else:
+            log.debug("still not consuming %s: %s", self.stream, reason)
+        self.not_consuming = reason
+
+    def _found(self) -> None:
+        self._silent = False
+        if self.not_consuming is None:
+            return
+        took = time.monotonic() - (self.not_consuming_since or time.monotonic())
+        log.info("consuming %s again from sequence %d after %.1f s", self.stream,
+                 self._queued_upto + 1, took, extra={"stream": self.stream})
+        self.not_consuming = self.not_consuming_since = None
 
     def _gap(self, first: int, last: int) -> None:
         self.gaps.append((first, last))

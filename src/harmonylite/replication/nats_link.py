@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[], Awaitable[None]]
 MIN_RECONNECT_WAIT = 0.25
+NO_SUITABLE_PEERS = 10005  # JetStream error code
 
 
 @dataclass
@@ -70,6 +71,8 @@ async def connect(cfg: NatsConfig, urls: list[str], name: str, state: LinkState)
         "reconnected_cb": reconnected,
         "error_cb": error_cb,
         "tls": _tls_context(cfg),
+        # First URL first, also on reconnects (see docs/jetstream-cluster.md).
+        "dont_randomize": not cfg.randomize_urls,
     }
     if cfg.user_name:
         options["user"] = cfg.user_name
@@ -93,6 +96,15 @@ async def connect(cfg: NatsConfig, urls: list[str], name: str, state: LinkState)
             if attempt < cfg.connect_retries:
                 await asyncio.sleep(max(cfg.reconnect_wait_seconds, 0.2))
     raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {last}") from last
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, stable description of a NATS error, for logs that say each state once."""
+    if isinstance(exc, APIError):
+        return f"{exc.code or ''} {exc.description or type(exc).__name__}".strip()
+    if isinstance(exc, NatsTimeoutError | TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
 
 
 def stream_config(cfg: Config, shard: int) -> StreamConfig:
@@ -140,7 +152,10 @@ async def ensure_streams(js: JetStreamContext, cfg: Config, timeout: float = 60.
                 # A fresh JetStream cluster times out or answers 503 until it has elected its meta
                 # leader: keep trying until the deadline. Anything else (a subject taken by
                 # another stream, bad limits) will not get better by waiting.
-                transient = not isinstance(exc, APIError) or exc.code in (None, 408, 500, 503)
+                # "No suitable peers" (10005) is a cluster still gathering its servers: an R3
+                # stream can be placed once three have joined.
+                transient = not isinstance(exc, APIError) or exc.code in (
+                    None, 408, 500, 503) or exc.err_code == NO_SUITABLE_PEERS
                 if not transient:
                     raise NatsError(f"cannot create stream {want.name}: {exc}") from exc
                 if loop.time() > deadline:
@@ -150,3 +165,29 @@ async def ensure_streams(js: JetStreamContext, cfg: Config, timeout: float = 60.
                     log.warning("waiting for JetStream to create stream %s: %s", want.name, exc)
                     next_note = loop.time() + 5
                 await asyncio.sleep(0.5)
+
+
+async def ensure_replicas(js: JetStreamContext, stream: str, want: int, update: bool,
+                          what: str, timeout: float = 5.0) -> int:
+    """Make the stream behind a KV or object store bucket follow the configured replicas.
+
+    A bucket created earlier (or by an older version, with one replica) keeps its replica count
+    until told otherwise: it is raised when ``update`` (``replication_log.update_existing``)
+    allows, and reported otherwise. Returns the replica count the bucket has now.
+    """
+    info = await asyncio.wait_for(js.stream_info(stream), timeout)
+    have = info.config.num_replicas or 1
+    if have >= want:
+        return have
+    if not update:
+        log.warning("%s (stream %s) has %d replica(s), configured %d: a server failure can lose "
+                    "it; set replication_log.update_existing = true to change it", what, stream,
+                    have, want, extra={"stream": stream, "replicas": have, "configured": want})
+        return have
+    config = info.config
+    config.num_replicas = want
+    await asyncio.wait_for(js.update_stream(config), timeout)
+    log.info("%s (stream %s) now has %d replicas (it had %d)", what, stream, want, have,
+             extra={"stream": stream, "replicas": want})
+    return want
+

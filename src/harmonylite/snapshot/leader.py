@@ -33,6 +33,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 
 from harmonylite.aio import wait_any
 from harmonylite.errors import LeaseLost, SnapshotBusy
+from harmonylite.replication.nats_link import ensure_replicas
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +89,30 @@ async def bounded(aw: Awaitable[T], timeout: float) -> T:
     return await asyncio.wait_for(aw, timeout)
 
 
-async def open_bucket(js: Any, ttl_ms: int, timeout: float) -> Any:
-    """The KV bucket ``e-harmonylite``, created with max_age = ``ttl_ms`` when missing."""
+async def open_bucket(js: Any, ttl_ms: int, timeout: float, *, replicas: int = 1,
+                      update_existing: bool = False) -> Any:
+    """The KV bucket ``e-harmonylite``, created with max_age = ``ttl_ms`` when missing.
+
+    It is created with ``replicas`` (``replication_log.replicas``): on a JetStream cluster an R1
+    lease bucket dies with its one server, and every snapshot with it. An existing bucket with
+    fewer replicas is raised when ``update_existing`` allows it, reported otherwise.
+    """
     try:
         kv = await bounded(js.key_value(BUCKET), timeout)
     except BucketNotFoundError:
-        cfg = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl_ms / 1000.0)
+        cfg = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl_ms / 1000.0, replicas=replicas)
         try:
             kv = await bounded(js.create_key_value(cfg), timeout)
-            log.info("created KV bucket %s (lease TTL %.1f s)", BUCKET, ttl_ms / 1000)
-        except Exception:
+            log.info("created KV bucket %s (lease TTL %.1f s, %d replicas)", BUCKET,
+                     ttl_ms / 1000, replicas)
+            return kv
+        except Exception as exc:
             # Created concurrently by another node (possibly with another TTL): use theirs.
+            log.debug("creating KV bucket %s: %s; opening it", BUCKET, exc)
             kv = await bounded(js.key_value(BUCKET), timeout)
+    if replicas > 1:
+        await ensure_replicas(js, f"KV_{BUCKET}", replicas, update_existing,
+                              f"KV bucket {BUCKET}", timeout)
     return kv
 
 
@@ -128,6 +141,9 @@ class LeaderElection:
         on_change: Callable[[bool], None] | None = None,
         heartbeat: float | None = None,
         op_timeout: float | None = None,
+        replicas: int = 1,
+        update_existing: bool = False,
+        eligible: Callable[[], str | None] | None = None,
     ) -> None:
         self.js = js
         self.nc = nc
@@ -149,6 +165,12 @@ class LeaderElection:
         self._wake = asyncio.Event()
         self._leader_event = asyncio.Event()
         self._failures = 0
+        self.replicas = replicas
+        self.update_existing = update_existing
+        # Why this node must not hold the lease now (None: it may): a node that is not applying,
+        # or is far behind the streams, would snapshot a frozen database.
+        self._eligible = eligible or (lambda: None)
+        self.ineligible: str | None = None
 
     # --- state ------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -185,7 +207,8 @@ class LeaderElection:
     # --- KV ---------------------------------------------------------------------------------
     async def kv(self) -> Any:
         if self._kv is None:
-            kv = await open_bucket(self.js, self.ttl_ms, self.op_timeout)
+            kv = await open_bucket(self.js, self.ttl_ms, self.op_timeout,
+                                   replicas=self.replicas, update_existing=self.update_existing)
             await self._check_ttl()
             self._kv = kv
             await self._watch()
@@ -260,6 +283,10 @@ class LeaderElection:
             if not self._is_connected():
                 self.step_down("NATS disconnected")
                 return False
+            if self._not_eligible():
+                if self.is_leader:
+                    await self._hand_over(self.ineligible or "")
+                return True
             try:
                 kv = await self.kv()
                 if self.is_leader:
@@ -275,6 +302,34 @@ class LeaderElection:
                 self._kv = None  # reopen (recreate if it is gone) the bucket next time
                 return False
 
+    def stale(self) -> str | None:
+        """Why this node may not lead (or capture) right now; None when it may."""
+        return self._eligible()
+
+    def _not_eligible(self) -> bool:
+        """Ask the node whether it may lead; log each change of the answer once."""
+        reason = self._eligible()
+        if reason != self.ineligible:
+            if reason is not None:
+                log.info("not taking the snapshot lease while %s", reason,
+                         extra={"node_id": self.node_id})
+            elif self.ineligible is not None:
+                log.info("eligible for the snapshot lease again", extra={"node_id": self.node_id})
+            self.ineligible = reason
+        return reason is not None
+
+    async def _hand_over(self, reason: str) -> None:
+        """Give the lease up at once (deleted at our revision, so a fresher node takes it)."""
+        revision = self.revision
+        self.step_down(reason)
+        if revision is None or self._kv is None:
+            return
+        try:
+            await bounded(self._kv.delete(LEASE_KEY, last=revision), self.op_timeout)
+        except Exception as exc:  # no quorum, say: the lease then expires with the bucket TTL
+            log.debug("cannot delete the snapshot lease (it expires by itself): %s",
+                      describe(exc))
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._wake.clear()
@@ -289,6 +344,9 @@ class LeaderElection:
         async with self._ops:
             if not self.is_leader or self.term != term:
                 raise LeaseLost(f"snapshot lease not held since term {term} began")
+            reason = self._eligible()
+            if reason is not None:
+                raise LeaseLost(f"this node fell behind during the capture: {reason}")
             try:
                 await self._renew(await self.kv())
             except Exception as exc:
@@ -397,12 +455,14 @@ class UploadLock:
 
 
 @contextlib.asynccontextmanager
-async def upload_lock(js: Any, node_id: int, ttl_ms: int, *, purpose: str = "manual save"
+async def upload_lock(js: Any, node_id: int, ttl_ms: int, *, purpose: str = "manual save",
+                      replicas: int = 1, update_existing: bool = False
                       ) -> AsyncIterator[UploadLock]:
     """Hold the upload lock for the block (SnapshotBusy when held); for ``snapshot save``."""
     heartbeat = heartbeat_seconds(ttl_ms)
     timeout = op_timeout_seconds(heartbeat)
-    kv = await open_bucket(js, ttl_ms, max(timeout, 2.0))
+    kv = await open_bucket(js, ttl_ms, max(timeout, 2.0), replicas=replicas,
+                           update_existing=update_existing)
     lock = UploadLock(kv, node_id, heartbeat=heartbeat, op_timeout=max(timeout, 2.0),
                       purpose=purpose)
     await lock.acquire()

@@ -20,12 +20,19 @@ counted, and not retried before the next trigger: one interval later, or ``max_e
 further messages. Losing the lease cancels a running capture; its fence would refuse the commit
 anyway. Every node lists the store now and then and reports the newest snapshot to the metrics, so
 health knows the age of the recovery point.
+
+A capture starts only while the node is fresh (``LeaderElection.stale()``: applying, near the
+stream heads), and the manifest records the heads it was captured against (``heads``), so
+``snapshot verify`` can say how far behind the streams it was. Errors of the store while a
+cluster re-forms (a 503 on every listing) are logged once per state change and retried with a
+growing wait, not in a tight loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -38,13 +45,29 @@ from harmonylite.ops.health import to_epoch
 from harmonylite.snapshot import request
 from harmonylite.snapshot.leader import LeaderElection, UploadLock, bounded, describe
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
-from harmonylite.snapshot.pipeline import SaveResult, SnapshotPipeline, SnapshotUnchanged
+from harmonylite.snapshot.pipeline import Fence, SaveResult, SnapshotPipeline, SnapshotUnchanged
 from harmonylite.snapshot.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
 StoreOpener = Callable[[], Awaitable[ObjectStore]]
 LIST_TIMEOUT_SECONDS = 60.0
+REFRESH_BACKOFF_MAX = 30.0  # longest wait between listings while the store keeps failing
+
+
+class HeadsPipeline(SnapshotPipeline):
+    """The pipeline, recording in the manifest the stream heads the capture started against."""
+
+    def __init__(self, cfg: Config, store: ObjectStore, heads: dict[str, int]) -> None:
+        super().__init__(cfg, store)
+        self.heads = heads
+
+    async def _upload_and_commit(self, manifest: Manifest, path: Any,
+                                 fence: Fence | None) -> None:
+        # Heads may be read a moment before the copy's own sequences: never report less than
+        # what the copy holds.
+        heads = {s: max(h, manifest.sequences.get(s, 0)) for s, h in self.heads.items()}
+        await super()._upload_and_commit(dataclasses.replace(manifest, heads=heads), path, fence)
 
 
 def count_threshold(max_entries: int, shards: int) -> int:
@@ -87,6 +110,7 @@ class Scheduler:
         activity: Callable[[], object] | None = None,
         on_sleep: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        heads: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.election = election
@@ -118,6 +142,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._store_error: str | None = None
         self._served_request = -1  # revision of the last snapshot request looked at
+        self._list_error: str | None = None
+        self._list_failures = 0
+        self._heads = heads or dict
 
     # --- leadership -------------------------------------------------------------------------
     def leadership_changed(self, is_leader: bool) -> None:
@@ -159,8 +186,16 @@ class Scheduler:
         try:
             found = await bounded(list_snapshots(store), LIST_TIMEOUT_SECONDS)
         except Exception as exc:
-            log.warning("cannot list snapshots: %s", describe(exc))
+            # Once per state change: a cluster re-forming answers 503 for seconds.
+            if self._list_error is None:
+                log.warning("cannot list snapshots (retrying with a growing wait): %s",
+                            describe(exc))
+            self._list_error = describe(exc)
+            self._list_failures += 1
             return False
+        if self._list_error is not None:
+            log.info("snapshots can be listed again")
+            self._list_error, self._list_failures = None, 0
         self._last_refresh = self._clock()
         if not found:
             if self.newest is None and self.interval > 0 and self._next_due is None:
@@ -248,6 +283,11 @@ class Scheduler:
         store = await self._store()
         if store is None:
             return
+        stale = self.election.stale()
+        if stale is not None:
+            log.info("no snapshot (%s trigger) while %s", reason, stale)
+            return
+        heads = self._heads()
         try:
             lock = UploadLock(await self.election.kv(), self.cfg.node_id,
                               heartbeat=self.election.heartbeat,
@@ -268,7 +308,7 @@ class Scheduler:
 
         log.info("taking a snapshot (%s)", reason, extra={"trigger": reason, "term": term})
         try:
-            result = await SnapshotPipeline(self.cfg, store).save(
+            result = await HeadsPipeline(self.cfg, store, heads).save(
                 fence=fence, unless_at=self.newest.sequences if self.newest else None)
         except SnapshotUnchanged as exc:
             log.info("%s (%s trigger)", exc, reason)
@@ -360,7 +400,10 @@ class Scheduler:
 
     async def _wait(self, stop: asyncio.Event) -> None:
         delay = self.check_every
-        if self._next_due is not None and self.election.is_leader and not self._capturing():
+        if self._list_failures:
+            # The store keeps failing: nothing is due until it answers again.
+            delay = min(REFRESH_BACKOFF_MAX, self.check_every * 2 ** min(self._list_failures, 5))
+        elif self._next_due is not None and self.election.is_leader and not self._capturing():
             delay = max(0.0, min(delay, self._next_due - self._clock()))
         self._wake.clear()
         await wait_any(stop, self._wake, timeout=delay)

@@ -4,11 +4,17 @@ Started by the node when ``publish`` and ``snapshot.enabled`` are both on; ``run
 node stops, ``close`` releases what it holds (the lease is deleted, so another publisher takes over
 at once). The lease is in :mod:`harmonylite.snapshot.leader`, the triggers in
 :mod:`harmonylite.snapshot.scheduler`.
+
+A node holds the lease (and so captures) only while it is fresh: every stream is being consumed
+and applied, its head was read in the last ``HEAD_FRESH_SECONDS``, and this node is within
+``max_behind`` messages of it. A node cut off from its streams (lost consumers, a cluster without
+quorum, a stalled apply) would otherwise go on snapshotting a frozen database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from harmonylite.snapshot.leader import LeaderElection
@@ -18,6 +24,13 @@ from harmonylite.snapshot.storage import ObjectStore, open_store
 if TYPE_CHECKING:
     from harmonylite.node.daemon import Node
 
+HEAD_FRESH_SECONDS = 5.0  # a stream head read longer ago than this is unknown
+
+
+def max_behind(max_entries: int) -> int:
+    """Messages a snapshot may trail a stream's head by: a small part of what streams keep."""
+    return max(16, min(500, max_entries // 4))
+
 
 class SnapshotService:
     def __init__(self, node: Node) -> None:
@@ -26,11 +39,38 @@ class SnapshotService:
         self.election = LeaderElection(
             node.js, cfg.node_id, cfg.snapshot.leader_ttl, nc=node.nc,
             is_connected=lambda: node.nc is not None and node.nc.is_connected,
-            on_change=self._leader_changed)
+            on_change=self._leader_changed, replicas=cfg.replication_log.replicas,
+            update_existing=cfg.replication_log.update_existing, eligible=self.stale_reason)
+        self.max_behind = max_behind(cfg.replication_log.max_entries)
         self.scheduler = Scheduler(cfg, self.election, self._open_store, js=node.js,
                                    metrics=node.metrics, activity=self._activity,
-                                   on_sleep=node.stop_event.set)
+                                   on_sleep=node.stop_event.set, heads=self.heads)
         node.link.on_reconnect.append(self._reconnected)
+
+    def stale_reason(self) -> str | None:
+        """Why a snapshot of this node's database now would be stale (None: it would not)."""
+        node = self.node
+        if not node.cfg.replicate:
+            return None  # it applies nothing from the streams: nothing to be behind
+        if node.gaps:
+            return f"this node misses messages of {', '.join(sorted(node.gaps))}"
+        if not node.consumers:
+            return "the consumers are not running yet"
+        now = time.monotonic()
+        for c in node.consumers:
+            if c.not_consuming is not None:
+                return f"{c.stream} is not being consumed"
+            if c.stalled is not None:
+                return f"apply is stalled on {c.stream}"
+            if c.head_seen_at is None or now - c.head_seen_at > HEAD_FRESH_SECONDS:
+                return f"the head of {c.stream} cannot be read"
+            if c.lag > self.max_behind:
+                return f"this node is {c.lag} messages behind {c.stream}"
+        return None
+
+    def heads(self) -> dict[str, int]:
+        """Each stream's last sequence as this node last read it."""
+        return {c.stream: c.stream_last_seq for c in self.node.consumers}
 
     def _leader_changed(self, is_leader: bool) -> None:
         self.node.metrics.leader_changed(is_leader)

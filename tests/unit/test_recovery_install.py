@@ -9,7 +9,7 @@ from pathlib import Path
 
 from harmonylite.cdc.install import install
 from harmonylite.node import install as inst
-from harmonylite.node.recovery import Gap, gaps, lost
+from harmonylite.node.coverage import Gap, gaps, lost
 
 S1, S2 = "harmonylite-changes-c-1", "harmonylite-changes-c-2"
 

@@ -151,7 +151,7 @@ async def _dispatch(cfg: Config, args: argparse.Namespace, js_context: JsContext
 async def _restore_db_path(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
                            out: TextIO, err: TextIO) -> int:
     """The forced restore of this node's db_path (docs/recovery.md)."""
-    from harmonylite.node.recovery import forced_restore
+    from harmonylite.node.forced_restore import forced_restore
 
     if not cfg.db_path:
         raise ConfigError("db_path", cfg.db_path, "is required to restore without --output")

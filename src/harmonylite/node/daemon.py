@@ -200,7 +200,7 @@ class Node:
     async def _check_gaps_at_start(self) -> None:
         """Streams that no longer hold what follows this node's positions, and gaps found
         earlier, are recorded and reported; nothing runs on silently (DESIGN rule 16)."""
-        from harmonylite.node.recovery import gaps, stream_heads
+        from harmonylite.node.coverage import gaps, stream_heads
 
         assert self.js is not None
         heads = await stream_heads(self.js, self.cfg.stream_names())

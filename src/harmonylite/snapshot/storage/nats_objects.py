@@ -74,6 +74,12 @@ class NatsObjectStore:
                     bucket=bucket, replicas=replicas, description="harmonylite snapshots"
                 )
                 obj = await js.create_object_store(bucket, config=config)
+            else:
+                if replicas > 1:  # an older bucket with fewer replicas is reported
+                    from harmonylite.replication.nats_link import ensure_replicas
+
+                    await ensure_replicas(js, f"OBJ_{bucket}", replicas, False,
+                                          f"object store bucket {bucket}")
         except nats.js.errors.InvalidBucketNameError as exc:
             raise StorageUnavailable(f"invalid object store bucket name {bucket!r}") from exc
         except (nats.errors.Error, TimeoutError) as exc:

@@ -130,3 +130,95 @@ def test_a_dead_embedded_server_is_restarted_on_the_same_port(tmp_path: Path) ->
     wait_until(lambda: node.query("SELECT seq FROM __harmonylite__seq") == [(1,)], 30,
                "the change to go round")
     assert node.stop() == 0
+
+
+class _ServerCount:
+    """Samples the nats-server processes whose command line names ``workdir``, in a thread, and
+    keeps the most seen at once (two on one JetStream store would corrupt it)."""
+
+    def __init__(self, workdir: Path) -> None:
+        import threading
+
+        self.mark = str(workdir).encode()
+        self.most = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def count(self) -> int:
+        n = 0
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue  # exited meanwhile
+            if b"nats-server" in cmdline and self.mark in cmdline:
+                n += 1
+        return n
+
+    def _run(self) -> None:
+        while not self.done.wait(0.01):
+            self.most = max(self.most, self.count())
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join(10)
+        return self.most
+
+
+def test_commands_and_a_starting_node_share_one_server_per_store(tmp_path: Path) -> None:
+    """Two `snapshot save` and a `snapshot list` at once on a stopped node with the embedded
+    server and the NATS store, and the node started while they run: one server on the store at
+    any moment, no command cut off, the node waits for them, and every snapshot is whole."""
+    import subprocess
+    import sys
+
+    from harmonylite.node.embedded_nats import EmbeddedNats
+
+    node = NodeProc(tmp_path / "n1", 1, {"snapshot": {"enabled": True, "leader_ttl": 3000}})
+    node.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
+    # Enough data that a save is still uploading when the node starts.
+    node.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 24) "
+                 "INSERT INTO t SELECT i, randomblob(1 << 20) FROM n")
+    servers = _ServerCount(node.dir / "data.db-nats")
+
+    def snapshot(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "harmonylite", "-config",
+                                 str(node.config_path), "snapshot", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    commands = [snapshot("save"), snapshot("save"), snapshot("list", "--json")]
+    try:
+        wait_until(lambda: EmbeddedNats.running_url(node.db) is not None, 30,
+                   "a command to start the embedded server")
+        node.start_async()  # while the commands run on the server
+        results = [p.communicate(timeout=60) for p in commands]
+        codes = [p.returncode for p in commands]
+        # Exit 75 stays the answer for a capture already running; nothing else fails.
+        assert codes[0] in (0, 75) and codes[1] in (0, 75) and 0 in codes[:2], results
+        assert codes[2] == 0, results[2][1]
+        saved = [out.strip() for (out, _), code in zip(results[:2], codes[:2], strict=True)
+                 if code == 0]
+        node.wait_started(60)
+        url = EmbeddedNats.running_url(node.db)
+        # A command while the node runs uses the node's server, and leaves it running.
+        for sid in saved:
+            res = subprocess.run([sys.executable, "-m", "harmonylite", "-config",
+                                  str(node.config_path), "snapshot", "verify", sid],
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            assert "embedded NATS server started" not in res.stderr
+        assert EmbeddedNats.running_url(node.db) == url
+        node.execute("INSERT INTO t VALUES (100, x'00')")
+        wait_until(lambda: node.query("SELECT seq FROM __harmonylite__seq") == [(1,)], 30,
+                   "the change to go round the node's server")
+        assert "restarting it" not in node.log_text()
+    finally:
+        for proc in commands:
+            if proc.poll() is None:
+                proc.kill()
+        most = servers.stop()
+    assert most == 1, f"{most} nats-servers ran on one JetStream store at once"
+    assert node.stop() == 0

@@ -82,13 +82,12 @@ async def default_js_context(cfg: Config) -> AsyncIterator[Any]:
         if not cfg.db_path:
             raise ConfigError("db_path", cfg.db_path, "is required to start the embedded NATS "
                               "server (or set nats.urls)")
-        running = EmbeddedNats.running_url(Path(cfg.db_path))
-        if running is not None:  # the node is up: use its server
-            urls = [running]
-        else:
-            embedded = EmbeddedNats(node_id=cfg.node_id, db_path=Path(cfg.db_path),
-                                    nats=cfg.nats, cluster=cfg.cluster)
-            urls = [await embedded.start()]
+        # The server already running on the store (the node's, or another command's) or one
+        # started here: never a second one on the same JetStream directory, and never stopped
+        # while another process uses it (node/server_lock.py).
+        embedded = EmbeddedNats(node_id=cfg.node_id, db_path=Path(cfg.db_path),
+                                nats=cfg.nats, cluster=cfg.cluster)
+        urls = [await embedded.open()]
     try:
         nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}-snapshot", LinkState())
         try:
@@ -97,7 +96,7 @@ async def default_js_context(cfg: Config) -> AsyncIterator[Any]:
             await nc.close()
     finally:
         if embedded is not None:
-            await embedded.stop()
+            await embedded.close()
 
 
 @asynccontextmanager

@@ -186,7 +186,7 @@ class Node:
         if not urls:
             self.embedded = EmbeddedNats(node_id=cfg.node_id, db_path=self.db_path,
                                          nats=cfg.nats, cluster=cfg.cluster)
-            urls = [await self.embedded.start()]
+            urls = [await self.embedded.start(stop=self.stop_event)]
             self._spawn("embedded nats-server", self.embedded.supervise)
         self.link.on_reconnect.append(self._resubscribe)
         self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)

@@ -25,6 +25,7 @@ from harmonylite.aio import wait_any
 from harmonylite.config import ClusterFlags, NatsConfig
 from harmonylite.errors import NatsError
 from harmonylite.node import nats_conf
+from harmonylite.node.server_lock import POLL, StoreLock, pid_alive, runs_on
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,8 @@ class EmbeddedNats:
         self.proc: subprocess.Popen[bytes] | None = None
         self.client_url = ""
         self.store_dir = self.workdir / "jetstream"
+        self.lock: StoreLock | None = None  # held while this process runs or uses the server
+        self._role = "node"
 
     @staticmethod
     def running_url(db_path: Path) -> str | None:
@@ -208,20 +211,108 @@ class EmbeddedNats:
                 await wait_any(stop, timeout=backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    async def start(self, timeout: float = 30.0, port: int | None = None) -> str:
-        """Start the server; returns the client URL once it accepts connections."""
+    async def start(self, timeout: float = 30.0, port: int | None = None,
+                    stop: asyncio.Event | None = None) -> str:
+        """A node's server: own the store (waiting while a CLI command runs the server on it,
+        refusing when another node does, see :mod:`harmonylite.node.server_lock`), start the
+        server and return its client URL once it accepts connections. ``stop`` ends the wait."""
+        text, store = self._build(port)
+        if self.lock is None or not self.lock.owned:
+            self.lock = StoreLock(store)
+            await self._own(self.lock, "node", stop)
+        return await self._run(text, timeout)
+
+    async def open(self, timeout: float = 30.0) -> str:
+        """A CLI command's server: the one already running on the store (a node's, or another
+        command's) or, when none runs, one started here. Either way it stays up until
+        :meth:`close`, whoever started it."""
+        text, store = self._build(None)
+        lock = self.lock = StoreLock(store)
+        await lock.share(timeout)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                previous = lock.try_own("command")
+                if previous is not None:
+                    await self._owned(lock, previous, "command")
+                    return await self._run(text, timeout)
+                info = lock.owner_info()
+                url = info.get("url")
+                if isinstance(url, str) and url and pid_alive(int(info.get("pid", 0))):
+                    self.client_url = url
+                    return url
+                if time.monotonic() >= deadline:
+                    raise NatsError(f"the embedded NATS server on {store} (run by pid "
+                                    f"{info.get('pid', '?')}) did not accept connections "
+                                    f"within {timeout:.0f} s")
+                await asyncio.sleep(POLL)  # the owner is starting it
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def close(self) -> None:
+        """A command is done with the server: stop it if this process started it (once no other
+        process uses it), else only let go of it."""
+        await self.stop()
+
+    def _build(self, port: int | None) -> tuple[str, Path]:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        text, self.store_dir = build_config(node_id=self.node_id,
+                                            store_dir=self.workdir / "jetstream",
+                                            nats=self.nats, cluster=self.cluster, port=port)
+        return text, self.store_dir
+
+    async def _own(self, lock: StoreLock, role: str, stop: asyncio.Event | None) -> None:
+        waiting = False
+        while True:
+            previous = lock.try_own(role)
+            if previous is not None:
+                await self._owned(lock, previous, role)
+                return
+            info = lock.owner_info()
+            pid = info.get("pid", "?")
+            if info.get("role") == "node":
+                raise NatsError(f"an embedded NATS server already runs on {self.workdir} "
+                                f"({info.get('url') or 'starting'}, node pid {pid}): is another "
+                                "node running on this database?")
+            if not waiting:
+                waiting = True
+                log.warning("waiting for harmonylite command pid %s to finish with the embedded "
+                            "NATS server on JetStream store %s", pid, lock.store_dir,
+                            extra={"pid": pid, "store": str(lock.store_dir)})
+            if stop is not None and stop.is_set():
+                raise NatsError(f"stopped while waiting for pid {pid} to finish with the "
+                                f"embedded NATS server on {lock.store_dir}")
+            await asyncio.sleep(POLL)
+
+    async def _owned(self, lock: StoreLock, previous: dict[str, Any], role: str,
+                     timeout: float = 30.0) -> None:
+        """This process owns the store now; the previous owner's server may still be shutting
+        down (its owner was killed: the server got SIGTERM), and must be gone before ours
+        starts on the same JetStream directory."""
+        self._role = role
+        pid, workdir = previous.get("server_pid"), previous.get("workdir")
+        deadline = time.monotonic() + timeout
+        while isinstance(pid, int) and isinstance(workdir, str) and runs_on(pid, Path(workdir)):
+            if time.monotonic() >= deadline:
+                await self.stop()
+                raise NatsError(f"the previous embedded nats-server (pid {pid}) on "
+                                f"{lock.store_dir} still runs after {timeout:.0f} s")
+            await asyncio.sleep(POLL)
+        # A server started by a harmonylite that did not take the lock yet.
         other = self.running_url(self.workdir.with_name(self.workdir.name[: -len("-nats")]))
         if other is not None:
+            await self.stop()
             raise NatsError(f"an embedded NATS server already runs on {self.workdir} ({other}): "
                             "is another node running on this database?")
+
+    async def _run(self, text: str, timeout: float) -> str:
+        """Start the server with configuration ``text``; returns the client URL once it accepts
+        connections."""
         ports_dir = self.workdir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
         conf_path = self.workdir / "server.conf"
-        text, self.store_dir = build_config(node_id=self.node_id,
-                                            store_dir=self.workdir / "jetstream",
-                                            nats=self.nats, cluster=self.cluster, port=port)
         conf_path.write_text(text)
         log_path = self.workdir / "server.log"
         log_size = log_path.stat().st_size if log_path.exists() else 0
@@ -244,6 +335,9 @@ class EmbeddedNats:
                     urls = info.get("nats") or []
                     if urls:
                         self.client_url = str(urls[0]).replace("0.0.0.0", "127.0.0.1")
+                        assert self.lock is not None
+                        self.lock.publish(self.client_url, self.proc.pid, self._role,
+                                          str(self.workdir))
                         log.info("embedded NATS server started on %s, JetStream store %s",
                                  self.client_url, self.store_dir,
                                  extra={"url": self.client_url, "store": str(self.store_dir)})
@@ -253,13 +347,23 @@ class EmbeddedNats:
         raise NatsError(f"embedded nats-server did not start within {timeout}s (log: {log_path})")
 
     async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server if this process runs it, once no other process uses it; let go of
+        the store's locks either way."""
+        lock, self.lock = self.lock, None
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
-        except TimeoutError:
-            proc.kill()
-            await asyncio.to_thread(proc.wait)
-        log.info("embedded NATS server stopped")
+            if lock is not None and lock.owned:
+                await lock.wait_for_users()
+            if proc is None or proc.poll() is not None:
+                return
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+            except TimeoutError:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+            log.info("embedded NATS server stopped")
+        finally:
+            if lock is not None:
+                lock.disown()
+                lock.unshare()

@@ -279,32 +279,43 @@ class Publisher:
         changes, shapes = self._rows.changes(conn, entries, self._registry)
         return Pending(entries[-1].id, changes, shapes, len(entries))
 
+    def _read_consistent(self, conn: sqlite3.Connection, after: int, limit: int,
+                         upto: int | None = None) -> Pending:
+        """Read entries and their rows in one read transaction (one view of the database),
+        without the write lock: the application keeps committing meanwhile."""
+        conn.execute("BEGIN")
+        try:
+            return self._read(conn, after, limit, upto)
+        finally:
+            conn.execute("COMMIT")
+
     def _next_batch(self, conn: sqlite3.Connection) -> Pending:
         """The next changes to send, recorded as the publisher's intent before they go out.
 
-        The rows are read in the same write transaction that records the intent: no change can
-        commit between reading a row and recording what is sent (the applier's check of local
-        changes not yet sent relies on that)."""
-        with write_transaction(conn):
-            if not self._registry:
-                self._registry.update(changelog.registry(conn))
-            wm, upto = changelog.watermark(conn), changelog.intent(conn)
-            if upto > wm:
-                # A batch was being published when the process stopped: send the same changes
-                # again, cut the same way, so their message ids match and JetStream drops any
-                # copy it already stored (receivers ignore one it does not: see apply).
-                return self._read(conn, wm, 2**62, upto)
-            batch = self._read(conn, wm, self.cfg.scan_max_changes)
-            if batch.upto:
+        Rows are read before the intent is recorded. Until it is, the applier treats every
+        entry of the batch as a local change not yet sent and leaves those rows alone, so the
+        state read is the state sent; a write after the read has its own, later entry."""
+        if not self._registry:
+            self._registry.update(changelog.registry(conn))
+        wm, upto = changelog.watermark(conn), changelog.intent(conn)
+        if upto > wm:
+            # A batch was being published when the process stopped: send the same changes
+            # again, cut the same way, so their message ids match and JetStream drops any copy
+            # it already stored (receivers ignore one it does not: see apply).
+            return self._read_consistent(conn, wm, 2**62, upto)
+        batch = self._read_consistent(conn, wm, self.cfg.scan_max_changes)
+        if batch.upto:
+            with write_transaction(conn):
                 changelog.set_intent(conn, batch.upto)
-            return batch
+        return batch
 
     def _mark_then_next(self, conn: sqlite3.Connection, upto: int) -> Pending:
         """Mark a batch published and take the next one with a single short write transaction:
-        under a steady stream of commits the node takes the write lock once per batch."""
+        under a steady stream of commits the node takes the write lock once per batch, and only
+        for two one-row updates (the reading happens before, without the lock)."""
+        batch = self._read_consistent(conn, upto, self.cfg.scan_max_changes)
         with write_transaction(conn):
             changelog.mark_published(conn, upto)
-            batch = self._read(conn, upto, self.cfg.scan_max_changes)
             if batch.upto:
                 changelog.set_intent(conn, batch.upto)
         return batch

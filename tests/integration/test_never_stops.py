@@ -81,7 +81,8 @@ def test_poison_batches_are_dead_lettered_and_every_node_keeps_applying(
     seqs = publish_raw(nats_server.url, [too_big, no_keys])
     a.execute("INSERT INTO items VALUES (1, 1, 'after', 1.0)")
     for n in (a, b):
-        wait_until(lambda n=n: rows(n) == [(1, 1, "after", 1.0)], 20, "the row after poison")
+        wait_until(lambda n=n: rows(n) == [(1, 1, "after", 1.0)] and n.query(
+            "SELECT seq FROM __harmonylite__seq") == [(3,)], 20, "the row after poison")
         dead = n.query("SELECT seq, origin, error FROM __harmonylite__dead_letter ORDER BY seq")
         assert [d[0] for d in dead] == seqs
         assert "OverflowError" in dead[0][2]
@@ -257,29 +258,31 @@ def test_full_disk_stalls_applying_and_it_resumes_when_space_is_freed(
 
 def test_dead_letter_retry_applies_once_the_cause_is_fixed(
         tmp_path: Path, nats_server: NatsServer) -> None:
-    unique = "CREATE UNIQUE INDEX items_name ON items(name)"
     a = node(tmp_path, nats_server, 1)
-    b = node(tmp_path, nats_server, 2)
-    b.execute(unique)
-    b.execute("INSERT INTO items VALUES (100, 2, 'taken', 0)")  # before capture: local only
+    b = NodeProc(tmp_path / "node2", 2, {"nats": {"urls": [nats_server.url]}})
+    b.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, owner INTEGER, name TEXT NOT NULL, "
+              "qty REAL)")  # stricter than node 1's
     a.start()
     b.start()
-    a.execute("INSERT INTO items VALUES (1, 1, 'taken', 1.0)")
-    a.execute("INSERT INTO items VALUES (2, 1, 'free', 2.0)")
-    wait_until(lambda: len(rows(b)) == 2, 20, "the row that applies")
-    assert b.query("SELECT count(*) FROM __harmonylite__dead_letter")[0][0] == 1
+    a.execute("INSERT INTO items VALUES (1, 1, NULL, 1.0)")
+    a.execute("INSERT INTO items VALUES (2, 1, 'named', 2.0)")
+    wait_until(lambda: len(rows(b)) == 1 and b.query(
+        "SELECT count(*) FROM __harmonylite__dead_letter")[0][0] == 1, 20, "one applied, one not")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "harmonylite", "-config",
                                str(b.config_path), "dead-letters", *args],
                               capture_output=True, text=True, timeout=60)
     listing = json.loads(cli("list", "--json").stdout)
-    assert [(d["table"], d["key"]) for d in listing] == [("items", "[1]")]
-    assert "UNIQUE" in listing[0]["error"]
-    assert cli("retry", str(listing[0]["id"])).returncode == 1  # still conflicting: kept
+    assert [(d["table"], d["key"], d["origin"]) for d in listing] == [("items", "[1]", 1)]
+    assert "NOT NULL" in listing[0]["error"]
+    assert cli("retry", str(listing[0]["id"])).returncode == 1  # still refused: kept
     (again,) = json.loads(cli("list", "--json").stdout)
-    b.execute("DELETE FROM items WHERE id = 100")
+    assert again["id"] != listing[0]["id"] and "NOT NULL" in again["error"]
+    # the operator relaxes the column (a table rebuild, followed online), then retries
+    subprocess.run([str(Path(sys.executable).parent / "sqlite-utils"), "transform", str(b.db),
+                    "items", "--not-null-false", "name"], check=True)
     assert cli("retry", "--all").returncode == 0
     assert json.loads(cli("list", "--json").stdout) == []
-    assert b.query("SELECT id, name FROM items ORDER BY id") == [(1, "taken"), (2, "free")]
-    assert again["id"] != listing[0]["id"]
+    assert rows(b) == [(1, 1, None, 1.0), (2, 1, "named", 2.0)]
+    assert cli("drop", "--all").returncode == 0

@@ -13,7 +13,7 @@ from harmonylite.cdc import changelog
 from harmonylite.cdc.install import install
 from harmonylite.cdc.rows import read_changes
 from harmonylite.db.connection import open_connection
-from harmonylite.replication import deadletter
+from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier, is_transient
 from harmonylite.replication.event import decode, encode
 
@@ -62,20 +62,35 @@ def test_key_map_missing_its_table_is_dead_lettered_whole(tmp_path: Path) -> Non
 
 
 def test_failing_constraint_takes_no_unrelated_change_with_it(tmp_path: Path) -> None:
-    schema = "CREATE TABLE u(id INTEGER PRIMARY KEY, email TEXT UNIQUE);" \
-             "CREATE TABLE other(id INTEGER PRIMARY KEY, v)"
-    src = db(tmp_path / "src.db", schema)
-    dst = db(tmp_path / "dst.db", schema)
-    dst.execute("UPDATE __harmonylite__guard SET applying = 1")
-    dst.execute("INSERT INTO u VALUES (50, 'x@example.com')")
-    dst.execute("UPDATE __harmonylite__guard SET applying = 0")
+    src = db(tmp_path / "src.db", "CREATE TABLE u(id INTEGER PRIMARY KEY, email TEXT);"
+             "CREATE TABLE other(id INTEGER PRIMARY KEY, v)")
+    dst = db(tmp_path / "dst.db", "CREATE TABLE u(id INTEGER PRIMARY KEY, email TEXT NOT NULL);"
+             "CREATE TABLE other(id INTEGER PRIMARY KEY, v)")
     with src:
-        src.execute("INSERT INTO u VALUES (7, 'x@example.com')")
+        src.execute("INSERT INTO u VALUES (7, NULL)")
         src.executemany("INSERT INTO other VALUES (?, ?)", [(i, i) for i in range(30)])
     result = Applier().apply(dst, "s-1", [(1, captured(src))])
     assert dst.execute("SELECT count(*) FROM other").fetchone() == (30,)
     assert result.dead_letters == 1
-    assert "UNIQUE" in deadletter.rows(dst)[0].error
+    assert "NOT NULL" in deadletter.rows(dst)[0].error
+
+
+def test_a_unique_value_taken_by_a_later_change_displaces_the_row_and_records_it(
+        tmp_path: Path) -> None:
+    schema = "CREATE TABLE u(id INTEGER PRIMARY KEY, email TEXT UNIQUE, name TEXT)"
+    src = db(tmp_path / "src.db", schema)
+    dst = db(tmp_path / "dst.db", schema)
+    dst.execute("UPDATE __harmonylite__guard SET applying = 1")
+    dst.execute("INSERT INTO u VALUES (50, 'x@example.com', 'held here')")
+    dst.execute("UPDATE __harmonylite__guard SET applying = 0")
+    src.execute("INSERT INTO u VALUES (7, 'x@example.com', 'later')")
+    result = Applier().apply(dst, "s-1", [(3, captured(src))])
+    assert result.dead_letters == 0
+    assert dst.execute("SELECT * FROM u").fetchall() == [(7, "x@example.com", "later")]
+    (c,) = conflicts.rows(dst)
+    assert (c.table, c.key, c.winner_key, c.stream, c.seq, c.winner_origin) == \
+        ("u", "[50]", "[7]", "s-1", 3, 1)
+    assert c.displaced == {"id": 50, "email": "x@example.com", "name": "held here"}
 
 
 def test_a_batch_sent_again_later_is_not_applied_twice(tmp_path: Path) -> None:

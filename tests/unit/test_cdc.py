@@ -57,9 +57,13 @@ def test_composite_key_order_and_rowid_tables(conn: sqlite3.Connection,
     assert "no primary key" in caplog.text
     shapes = changelog.shapes_by_name(conn)
     assert shapes["pairs"].pk == ("b", "a")
-    assert shapes["nokey"].columns == ("rowid", "x")
+    assert shapes["nokey"].columns == shapes["nokey"].pk == ("x",)  # identified by content
     conn.execute("INSERT INTO nokey VALUES ('q')")
-    assert pending(conn)[-1].values == (1, "q")
+    conn.execute("INSERT INTO nokey VALUES ('q')")  # equal rows repeat: nothing collapses
+    conn.execute("UPDATE nokey SET x = 'r' WHERE rowid = 1")
+    assert [(c.op, c.values) for c in pending(conn)] == [
+        (ddl.OP_INSERT, ("q",)), (ddl.OP_INSERT, ("q",)), (ddl.OP_DELETE, ("q",)),
+        (ddl.OP_UPDATE, ("r",))]
     conn.execute("INSERT INTO pairs VALUES ('x', 5, 'v')")
     assert entries(conn)[-1] == (ddl.OP_INSERT, (5, "x"))  # key order, not column order
 

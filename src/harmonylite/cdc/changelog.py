@@ -16,6 +16,8 @@ class TableShape:
     columns: tuple[str, ...]
     pk: tuple[str, ...]
     schema_hash: str = ""  # of the table's columns and key, as sent with its changes
+    content_keyed: bool = False  # no primary key: the whole row is the key
+    single_order: bool = False  # a secondary UNIQUE constraint: all its changes in one stream
 
     @property
     def pk_indexes(self) -> tuple[int, ...]:

@@ -25,6 +25,8 @@ Layout (one insert per captured row change, which keeps the trigger cheap):
 - ``__harmonylite__dead_letter``: incoming changes that can never be applied here as they are
   (malformed, a value out of range, a constraint that fails), with stream, sequence, origin,
   table, key, error and the change itself, so nothing is skipped without a record.
+- ``__harmonylite__conflicts``: rows removed on this node because a change later in the
+  stream's order took a UNIQUE value they held (see ``replication.conflicts``).
 - ``__harmonylite__origins(origin, stream, hwm)``: per origin database and stream, the highest
   change id applied, written in the applying transaction: a batch sent again, however late, is
   not applied twice.
@@ -42,6 +44,7 @@ STATE = f"{PREFIX}state"
 SEQ = f"{PREFIX}seq"
 PARKED = f"{PREFIX}parked"
 DEAD_LETTER = f"{PREFIX}dead_letter"
+PREFIX_CONFLICTS = f"{PREFIX}conflicts"
 ORIGINS = f"{PREFIX}origins"
 
 OP_INSERT = 1
@@ -68,6 +71,10 @@ BASE_DDL = [
     "payload BLOB NOT NULL, created_at REAL NOT NULL)",
     f"CREATE TABLE IF NOT EXISTS {ORIGINS} (origin TEXT NOT NULL, stream TEXT NOT NULL, "
     "hwm INTEGER NOT NULL, PRIMARY KEY (origin, stream)) WITHOUT ROWID",
+    f"CREATE TABLE IF NOT EXISTS {PREFIX_CONFLICTS} (id INTEGER PRIMARY KEY, "
+    "tbl TEXT NOT NULL, key TEXT NOT NULL, columns TEXT NOT NULL, displaced BLOB NOT NULL, "
+    "winner_origin INTEGER, winner_key TEXT, stream TEXT NOT NULL, seq INTEGER NOT NULL, "
+    "created_at REAL NOT NULL)",
 ]
 
 GUARD_CLAUSE = f"WHEN (SELECT applying FROM {GUARD} WHERE id = 1) IS NOT 1"
@@ -101,6 +108,11 @@ def trigger_ddl(tid: int, table: TableInfo) -> list[tuple[str, str]]:
     new_key = ", ".join(_ref("NEW", c) for c in table.pk)
     old_key = ", ".join(_ref("OLD", c) for c in table.pk)
     key_changed = " OR ".join(f"{_ref('OLD', c)} IS NOT {_ref('NEW', c)}" for c in table.pk)
+    if table.content_keyed:
+        # A table without a primary key: the key is the whole row, so an update is always the
+        # old row removed and the new one added. (The triggers name every column here: such a
+        # table cannot drop a column while captured; see docs/conflicts.md.)
+        key_changed = "1"
     return [
         (ins, f"CREATE TRIGGER {quote_ident(ins)} AFTER INSERT ON {tname} {GUARD_CLAUSE} BEGIN "
               f"INSERT INTO {LOG}(tid, op, {keys}) VALUES ({tid}, {OP_INSERT}, {new_key}); END"),

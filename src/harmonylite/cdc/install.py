@@ -7,7 +7,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass, field
 
-from harmonylite.cdc import ddl
+from harmonylite.cdc import app_triggers, ddl
 from harmonylite.cdc.schema import TableInfo, user_tables
 from harmonylite.db.connection import PREFIX, quote_ident, write_transaction
 
@@ -22,6 +22,8 @@ class InstallReport:
     # Tables whose current rows were captured as changes: new since capture started, or rebuilt
     # (their triggers had gone with the old table), so rows written meanwhile are not lost.
     backfilled: dict[str, int] = field(default_factory=dict)
+    # Application triggers given the guard, so they skip the replicator's writes.
+    wrapped_triggers: list[str] = field(default_factory=list)
 
 
 def _log_columns(conn: sqlite3.Connection, prefix: str) -> int:
@@ -102,6 +104,7 @@ def install_in_transaction(conn: sqlite3.Connection) -> InstallReport:
     # table, where they would capture its changes under the old name too.
     for name in sorted(set(have) - wanted):
         conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(name)}")
+    report.wrapped_triggers = app_triggers.wrap_all(conn)
     if not started:
         conn.execute(f"INSERT INTO {ddl.STATE}(k, v) VALUES ('capture_started', 1)")
     report.tables = tables
@@ -111,12 +114,16 @@ def install_in_transaction(conn: sqlite3.Connection) -> InstallReport:
 def report_install(report: InstallReport) -> None:
     for name in report.rowid_keyed:
         log.warning(
-            "table %r has no primary key: rows are keyed by rowid, and inserts made concurrently "
-            "on two nodes can collide on the same rowid",
-            name,
+            "table %r has no primary key: its rows are identified by their whole content (an "
+            "update replicates as the old row removed and the new one added), and while it is "
+            "captured a column of it cannot be dropped; declare a primary key if you can",
+            name, extra={"table": name},
         )
     for name in report.skipped_virtual:
         log.warning("virtual table %r cannot carry triggers and is not replicated", name)
+    for name in report.wrapped_triggers:
+        log.info("application trigger %r fires only for this node's own writes, not when "
+                 "changes from other nodes are applied", name, extra={"trigger": name})
     for name, count in sorted(report.backfilled.items()):
         log.info("capture started on table %r: its %d current rows are published", name, count,
                  extra={"table": name, "rows": count})
@@ -134,6 +141,8 @@ def harmonylite_objects(conn: sqlite3.Connection) -> list[tuple[str, str]]:
 def remove_all(conn: sqlite3.Connection) -> int:
     """Drop every harmonylite trigger and table; returns how many objects were dropped."""
     with write_transaction(conn):
+        # First the application's triggers as it wrote them: they must not name our guard.
+        app_triggers.unwrap_all(conn)
         objects = harmonylite_objects(conn)
         for typ, name in sorted(objects, key=lambda o: o[0] != "trigger"):
             if typ in ("trigger", "table", "view"):

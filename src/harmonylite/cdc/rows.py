@@ -18,7 +18,7 @@ import sqlite3
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.changelog import Change, Entry, TableShape
-from harmonylite.cdc.schema import ROWID, table_info
+from harmonylite.cdc.schema import table_info
 from harmonylite.db.connection import RawText, fetch_all, quote_ident
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,19 @@ class RowReader:
                 self._shapes[table] = None
                 return None
             info = table_info(conn, table)
-            shape = TableShape(table, info.columns, info.pk, table_hash(conn, table))
+            shape = TableShape(table, info.columns, info.pk, table_hash(conn, table),
+                               content_keyed=info.content_keyed,
+                               single_order=bool(info.unique_indexes))
             self._shapes[table] = shape
-            cols = ", ".join("rowid" if c == ROWID and info.rowid_keyed else quote_ident(c)
-                             for c in info.columns)
+            cols = ", ".join(quote_ident(c) for c in info.columns)
             self._select[table] = f"SELECT {cols} FROM {quote_ident(table)} WHERE "
-            self._keys[table] = [
-                "rowid" if c == ROWID and info.rowid_keyed else quote_ident(c) for c in info.pk]
+            self._keys[table] = [quote_ident(c) for c in info.pk]
         return self._shapes[table]
+
+    def _warn_once(self, name: str, text: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning(text, name, extra={"table": name})
 
     def _query(self, table: str, key: tuple[object, ...]) -> str:
         # Text that is not UTF-8 travels as bytes: cast back to TEXT to find its row.
@@ -79,22 +84,32 @@ class RowReader:
         """The changes to send for ``entries`` (the last per row, with the row as it is now),
         and the shape of each table they touch."""
         self._refresh(conn)
-        last: dict[tuple[int, tuple[object, ...]], Entry] = {}
+        last: dict[tuple[int, tuple[object, ...]] | int, Entry] = {}
         for e in entries:
+            if registry[e.tid].pk == registry[e.tid].columns:
+                # The key is the whole row (no primary key, or one of every column): the entry
+                # carries the row, and equal rows may repeat, so nothing collapses.
+                last[e.id] = e
+                continue
             last.pop((e.tid, e.key), None)  # keep the order of each row's last change
             last[(e.tid, e.key)] = e
         out: list[Change] = []
         shapes: dict[str, TableShape] = {}
-        for e in last.values():
+        for e in sorted(last.values(), key=lambda e: e.id):
             name = registry[e.tid].name
             shape = self.shape(conn, name)
             if shape is None or len(shape.pk) != len(e.key):
-                if name not in self._warned:
-                    self._warned.add(name)
-                    log.warning("changes to table %r are not published: the table no longer "
-                                "exists here (dropped or renamed)", name, extra={"table": name})
+                self._warn_once(name, "changes to table %r are not published: the table no "
+                                "longer exists here (dropped or renamed)")
                 continue
             shapes[name] = shape
+            if shape.content_keyed:
+                if shape.pk != registry[e.tid].pk:  # columns changed since it was captured
+                    self._warn_once(name, "a captured change to table %r was made with other "
+                                    "columns than the table has now: it is not published")
+                    continue
+                out.append(Change(e.id, name, e.op, e.key))
+                continue
             row = None
             if e.op != ddl.OP_DELETE:
                 found = fetch_all(conn, self._query(name, e.key), e.key)

@@ -14,11 +14,17 @@ ROWID = "rowid"
 @dataclass(frozen=True)
 class TableInfo:
     name: str
-    # Columns captured by the triggers, in change-log order. Tables without a primary key lead
-    # with the implicit rowid, which then serves as the key.
     columns: tuple[str, ...]
+    # The row's identity across nodes: the primary key; for a table without one, every column
+    # (a rowid is no identity: VACUUM renumbers it, and two nodes hand out the same ones).
     pk: tuple[str, ...]
-    rowid_keyed: bool
+    rowid_keyed: bool  # no declared primary key: rows are identified by their content
+    nullable_key: bool = False  # a key column may hold NULL (SQLite allows it in rowid tables)
+    unique_indexes: tuple[tuple[str, ...], ...] = ()  # secondary UNIQUE constraints (columns)
+
+    @property
+    def content_keyed(self) -> bool:
+        return self.rowid_keyed
 
     @property
     def pk_indexes(self) -> tuple[int, ...]:
@@ -51,13 +57,41 @@ def user_tables(conn: sqlite3.Connection) -> tuple[list[TableInfo], list[str]]:
 
 
 def table_info(conn: sqlite3.Connection, name: str) -> TableInfo:
-    cols = conn.execute(f"PRAGMA table_xinfo({quote_ident(name)})").fetchall()
+    q = quote_ident(name)
+    cols = conn.execute(f"PRAGMA table_xinfo({q})").fetchall()
     # table_xinfo: cid, name, type, notnull, dflt, pk, hidden (2/3 = generated columns)
-    columns = [c[1] for c in cols if c[6] == 0]
-    pk = [c[1] for c in sorted((c for c in cols if c[5] > 0), key=lambda c: c[5])]
-    if not pk:
-        return TableInfo(name, (ROWID, *columns), (ROWID,), True)
-    return TableInfo(name, tuple(columns), tuple(pk), False)
+    columns = tuple(c[1] for c in cols if c[6] == 0)
+    keyed = sorted((c for c in cols if c[5] > 0), key=lambda c: c[5])
+    uniques = unique_indexes(conn, name)
+    if not keyed:
+        return TableInfo(name, columns, columns, True, False, uniques)
+    pk = tuple(c[1] for c in keyed)
+    integer_pk = len(keyed) == 1 and str(keyed[0][2]).upper() == "INTEGER"
+    # In a rowid table, a key column not declared NOT NULL may hold NULL (a bug SQLite keeps for
+    # compatibility); WITHOUT ROWID tables and INTEGER PRIMARY KEY never do.
+    nullable = not integer_pk and any(c[3] == 0 for c in keyed) and _has_rowid(conn, q)
+    return TableInfo(name, columns, pk, False, nullable, uniques)
+
+
+def _has_rowid(conn: sqlite3.Connection, quoted: str) -> bool:
+    try:
+        conn.execute(f"SELECT rowid FROM {quoted} LIMIT 0")
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+def unique_indexes(conn: sqlite3.Connection, name: str) -> tuple[tuple[str, ...], ...]:
+    """Column lists of the table's UNIQUE indexes other than its primary key (indexes on
+    expressions are listed with an empty column list: their values are not plain columns)."""
+    out = []
+    for _seq, index, unique, origin, _partial in conn.execute(
+            f"PRAGMA index_list({quote_ident(name)})").fetchall():
+        if not unique or origin == "pk":
+            continue
+        cols = [c[2] for c in conn.execute(f"PRAGMA index_info({quote_ident(index)})")]
+        out.append(() if any(c is None for c in cols) else tuple(cols))
+    return tuple(out)
 
 
 def schema_hash(conn: sqlite3.Connection) -> str:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import install_in_transaction, report_install
-from harmonylite.cdc.schema import ROWID, TableInfo, table_info
-from harmonylite.db.connection import RawText, quote_ident, write_transaction
+from harmonylite.cdc.schema import TableInfo, table_info
+from harmonylite.db.connection import write_transaction
 from harmonylite.errors import DecodeError
-from harmonylite.replication import deadletter, parking
+from harmonylite.replication import conflicts, deadletter, parking, statements
 from harmonylite.replication.event import Batch, RowChange, decode
 
 log = logging.getLogger(__name__)
@@ -73,18 +73,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError | MemoryError | UnknownTable)
 
 
-def _raw_mask(values: tuple[object, ...]) -> tuple[bool, ...] | None:
-    """Which values are text that is not valid UTF-8 (None when none: the usual case)."""
-    if RawText not in map(type, values):
-        return None
-    return tuple(type(v) is RawText for v in values)
-
-
-def _mark(mask: tuple[bool, ...] | None, i: int) -> str:
-    # Bound as a blob, cast back to TEXT: SQLite keeps the bytes exactly.
-    return "CAST(? AS TEXT)" if mask is not None and mask[i] else "?"
-
-
 class Applier:
     """Holds prepared SQL per table shape; one instance per writer connection."""
 
@@ -92,9 +80,10 @@ class Applier:
         self._tables: dict[str, TableInfo | None] = {}
         self._schema_version = -1
         self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None],
-                        tuple[str, ...]] = {}
+                        statements.Statements] = {}
         self._shapes: dict[int, changelog.TableShape] = {}
         self._pending = changelog.PendingKeys()
+        self.displaced = 0  # rows removed by UNIQUE conflicts (recorded), since start
         self._parked_tables: set[str] = set()
         self._unpark_wanted = False
         # With publish = false local changes are never sent, so they must not hide incoming ones.
@@ -126,47 +115,13 @@ class Applier:
             self._tables[table] = table_info(conn, table) if exists else None
         return self._tables[table]
 
-    def _statements(
-        self, conn: sqlite3.Connection, table: str, columns: tuple[str, ...], op: int,
-        mask: tuple[bool, ...] | None = None,
-    ) -> tuple[str, ...]:
-        key = (table, columns, op, mask)
+    def _statements(self, local: TableInfo, columns: tuple[str, ...], op: int,
+                    mask: tuple[bool, ...] | None) -> statements.Statements:
+        key = (local.name, columns, op, mask)
         cached = self._sql.get(key)
-        if cached is not None:
-            return cached
-        local = self._local(conn, table)
-        if local is None:
-            raise UnknownTable(f"no table {table!r} in the local database")
-        t = quote_ident(table)
-        if op == ddl.OP_DELETE:
-            # (mask, for a delete, covers the key values in key order)
-            where = " AND ".join(f"{quote_ident(c)} = {_mark(mask, i)}"
-                                 for i, c in enumerate(local.pk))
-            sql: tuple[str, ...] = (f"DELETE FROM {t} WHERE {where}",)
-        elif local.rowid_keyed:
-            idx = [i for i, c in enumerate(columns) if c != ROWID]
-            cols = [columns[i] for i in idx]
-            sets = ", ".join(f"{quote_ident(columns[i])} = {_mark(mask, i)}" for i in idx)
-            names = ", ".join(quote_ident(c) for c in cols)
-            marks = ", ".join(_mark(mask, i) for i in idx)
-            sql = (
-                f"UPDATE {t} SET {sets} WHERE rowid = ?" if cols else "",
-                f"INSERT INTO {t}(rowid{', ' if cols else ''}{names}) "
-                f"VALUES (?{', ' if cols else ''}{marks})",
-            )
-        else:
-            names = ", ".join(quote_ident(c) for c in columns)
-            marks = ", ".join(_mark(mask, i) for i in range(len(columns)))
-            rest = [c for c in columns if c not in local.pk]
-            conflict = ", ".join(quote_ident(c) for c in local.pk)
-            action = (
-                "DO UPDATE SET " + ", ".join(f"{quote_ident(c)} = excluded.{quote_ident(c)}"
-                                             for c in rest)
-                if rest else "DO NOTHING"
-            )
-            sql = (f"INSERT INTO {t}({names}) VALUES ({marks}) ON CONFLICT({conflict}) {action}",)
-        self._sql[key] = sql
-        return sql
+        if cached is None:
+            cached = self._sql[key] = statements.build(local, columns, op, mask)
+        return cached
 
     def _unpark(self, conn: sqlite3.Connection, pending: changelog.PendingKeys) -> int:
         """Apply, in arrival order, the parked changes that fit this database now."""
@@ -225,7 +180,8 @@ class Applier:
         if local is None:
             raise UnknownTable(f"no table {ch.table!r} in the local database")
         key = tuple(ch.values[remote_cols.index(c)] for c in batch.keys[ch.table])
-        if self.skip_pending and pending and (ch.table, key) in pending:
+        if self.skip_pending and pending and not local.content_keyed \
+                and (ch.table, key) in pending:
             # A local change to this row is not yet published; it will be published after this
             # message, so it is the row's final state everywhere. Applying this one now would only
             # make the row step back until then.
@@ -237,20 +193,24 @@ class Applier:
             pairs = [(c, v) for c, v in zip(remote_cols, ch.values, strict=True) if c in local_set]
             cols, vals = tuple(c for c, _ in pairs), tuple(v for _, v in pairs)
         if ch.op == ddl.OP_DELETE:
-            stmts = self._statements(conn, ch.table, cols, ch.op, _raw_mask(key))
-            conn.execute(stmts[0], key)
+            local_key = tuple(ch.values[remote_cols.index(c)] for c in local.pk)
+            st = self._statements(local, cols, ch.op, statements.raw_mask(local_key))
+            statements.run(conn, local, st, cols, vals, local_key)
             return APPLIED
-        stmts = self._statements(conn, ch.table, cols, ch.op, _raw_mask(vals))
-        if local.rowid_keyed:
-            rowid = vals[cols.index(ROWID)]
-            others = [v for c, v in zip(cols, vals, strict=True) if c != ROWID]
-            if stmts[0]:
-                cur = conn.execute(stmts[0], (*others, rowid))
-                if cur.rowcount:
-                    return APPLIED
-            conn.execute(stmts[1], (rowid, *others))
-        else:
-            conn.execute(stmts[0], vals)
+        local_key = tuple(vals[cols.index(c)] for c in local.pk) if all(
+            c in cols for c in local.pk) else key
+        st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
+        try:
+            statements.run(conn, local, st, cols, vals, local_key)
+        except sqlite3.IntegrityError as exc:
+            # A UNIQUE value another row holds here: the change later in the table's one order
+            # wins, the same way on every node (see ``conflicts``).
+            if "UNIQUE" not in str(exc) or not conflicts.displace(
+                    conn, local, cols, vals, local_key, stream=stream, seq=seq,
+                    origin=batch.node_id):
+                raise
+            self.displaced += 1
+            statements.run(conn, local, st, cols, vals, local_key)
         return APPLIED
 
     def retry_parked(self, conn: sqlite3.Connection) -> int:

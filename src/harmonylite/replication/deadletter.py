@@ -46,7 +46,7 @@ class DeadLetter:
         return doc
 
 
-def _key_text(values: tuple[object, ...]) -> str:
+def key_text(values: tuple[object, ...]) -> str:
     def plain(v: object) -> object:
         if isinstance(v, RawText):
             return {"raw_text_hex": bytes(v).hex()}
@@ -83,7 +83,7 @@ def record_change(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
     conn.execute(
         f"INSERT INTO {ddl.DEAD_LETTER}(stream, seq, origin, tbl, key, error, payload, "
         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (stream, seq, to_sqlite(batch.node_id), ch.table, _key_text(key), error,
+        (stream, seq, to_sqlite(batch.node_id), ch.table, key_text(key), error,
          one_change_batch(batch, index), time.time()),
     )
 

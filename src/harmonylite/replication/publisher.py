@@ -186,7 +186,9 @@ class Publisher:
         groups: dict[int, list[Change]] = {}
         for ch in changes:
             shape = by_name[ch.table]
-            key = [ch.values[i] for i in shape.pk_indexes]
+            # A table with a secondary UNIQUE constraint needs one order for all its rows (a
+            # value moving between rows): the whole table goes to one shard.
+            key = [] if shape.single_order else [ch.values[i] for i in shape.pk_indexes]
             groups.setdefault(shard_of(ch.table, key, shards), []).append(ch)
         flight = InFlight(upto=batch.upto, entries=batch.entries)
         compress = self.cfg.replication_log.compress

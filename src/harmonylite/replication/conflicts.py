@@ -1,0 +1,109 @@
+"""Rows displaced by a UNIQUE conflict: removed the same way on every node, and recorded.
+
+A table with a secondary UNIQUE constraint has all its changes in one stream (see the
+publisher), so every node applies them in one order. When a change carries a UNIQUE value that
+another row holds here (two nodes took the same e-mail at once; an ``INSERT OR REPLACE`` that
+removed a row without a delete trigger), the change later in that order wins: the rows holding
+the value are removed and the change applied. Every node meets the same conflict at the same
+point of the stream and removes the same rows, so all end identical. Each removed row is kept in
+``__harmonylite__conflicts`` (table, key, its values, the winning change's origin, stream and
+sequence), shown by ``harmonylite conflicts list``: nothing disappears without a trace.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from harmonylite.cdc import ddl
+from harmonylite.cdc.schema import TableInfo
+from harmonylite.db.connection import fetch_all, quote_ident
+from harmonylite.node_ids import from_sqlite, to_sqlite
+from harmonylite.replication.deadletter import key_text
+from harmonylite.replication.event import dumps_values, loads_values
+from harmonylite.replication.statements import raw_mask
+
+
+def displace(conn: sqlite3.Connection, local: TableInfo, columns: tuple[str, ...],
+             values: tuple[object, ...], key: tuple[object, ...], *, stream: str, seq: int,
+             origin: int) -> int:
+    """Remove (and record) the rows other than ``key`` that hold a UNIQUE value of ``values``.
+    Returns how many were removed."""
+    t = quote_ident(local.name)
+    cols = ", ".join(quote_ident(c) for c in local.columns)
+    removed = 0
+    for index in local.unique_indexes:
+        if not index or any(c not in columns for c in index):
+            continue
+        vals = tuple(values[columns.index(c)] for c in index)
+        if any(v is None for v in vals):
+            continue  # NULL never conflicts
+        mask = raw_mask(vals)
+        where = " AND ".join(
+            f"{quote_ident(c)} = {'CAST(? AS TEXT)' if mask and mask[i] else '?'}"
+            for i, c in enumerate(index))
+        for rowid, *row in fetch_all(conn, f"SELECT rowid, {cols} FROM {t} WHERE {where}",
+                                     vals):
+            row_key = tuple(row[local.columns.index(c)] for c in local.pk)
+            if not local.content_keyed and row_key == key:
+                continue  # the row the change is for
+            conn.execute(
+                f"INSERT INTO {ddl.PREFIX_CONFLICTS}(tbl, key, columns, displaced, "
+                "winner_origin, winner_key, stream, seq, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (local.name, key_text(row_key), json.dumps(list(local.columns)),
+                 dumps_values(row), to_sqlite(origin), key_text(key), stream, seq, time.time()))
+            conn.execute(f"DELETE FROM {t} WHERE rowid = ?", (rowid,))
+            removed += 1
+    return removed
+
+
+@dataclass(frozen=True)
+class Conflict:
+    id: int
+    table: str
+    key: str
+    displaced: dict[str, Any]
+    winner_origin: int | None
+    winner_key: str | None
+    stream: str
+    seq: int
+    created_at: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "table": self.table, "key": self.key,
+                "displaced": self.displaced, "winning_origin": self.winner_origin,
+                "winning_key": self.winner_key, "stream": self.stream, "sequence": self.seq,
+                "created_at": self.created_at}
+
+
+def _plain(v: object) -> object:
+    if isinstance(v, bytes):
+        return {"hex": v.hex()}
+    return v
+
+
+def rows(conn: sqlite3.Connection) -> list[Conflict]:
+    try:
+        found = conn.execute(
+            f"SELECT id, tbl, key, columns, displaced, winner_origin, winner_key, stream, seq, "
+            f"created_at FROM {ddl.PREFIX_CONFLICTS} ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # not installed yet
+        return []
+    out = []
+    for i, tbl, key, cols, displaced, origin, wkey, stream, seq, at in found:
+        values = loads_values(displaced)
+        out.append(Conflict(int(i), str(tbl), str(key),
+                            {c: _plain(v) for c, v in zip(json.loads(cols), values, strict=False)},
+                            from_sqlite(origin), wkey, str(stream), int(seq), float(at)))
+    return out
+
+
+def count(conn: sqlite3.Connection) -> int:
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM {ddl.PREFIX_CONFLICTS}").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0

@@ -1,0 +1,97 @@
+"""The SQL that applies one change, per table and column set (cached by the applier).
+
+Three kinds of table:
+
+- **keyed** (a primary key that never holds NULL): one upsert,
+  ``INSERT … ON CONFLICT(pk) DO UPDATE SET every column … WHERE the row differs``. Key columns
+  are set too, so a key that compares equal under its collation (``'Key'`` and ``'KEY'`` with
+  NOCASE) ends with the same bytes on every node; the differ test compares with ``COLLATE
+  BINARY``; an upsert that changes nothing writes nothing (no page, no trigger).
+- **nullable key** (SQLite lets a non-INTEGER key column of a rowid table hold NULL, which
+  never matches ``ON CONFLICT`` or ``=``): look the row up with ``IS``, update or insert.
+- **content** (no primary key): the whole row is the key; an insert adds a row, a delete removes
+  one row with exactly those values.
+
+Text that is not valid UTF-8 is bound as bytes and cast back to TEXT (``CAST(? AS TEXT)``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from harmonylite.cdc import ddl
+from harmonylite.cdc.schema import TableInfo
+from harmonylite.db.connection import RawText, quote_ident
+
+
+def raw_mask(values: tuple[object, ...]) -> tuple[bool, ...] | None:
+    """Which values are text that is not valid UTF-8 (None when none: the usual case)."""
+    if RawText not in map(type, values):
+        return None
+    return tuple(type(v) is RawText for v in values)
+
+
+def _mark(mask: tuple[bool, ...] | None, i: int) -> str:
+    return "CAST(? AS TEXT)" if mask is not None and mask[i] else "?"
+
+
+@dataclass(frozen=True)
+class Statements:
+    upsert: str = ""  # keyed tables
+    exists: str = ""  # nullable key: is the row there?
+    update: str = ""  # nullable key: values, then key
+    insert: str = ""  # nullable key and content tables
+    delete: str = ""  # binds the key
+
+
+def build(local: TableInfo, columns: tuple[str, ...], op: int,
+          mask: tuple[bool, ...] | None) -> Statements:
+    """Statements for a change of ``columns`` (a subset of the table's, in the sender's order).
+
+    For a delete, ``mask`` covers the key values in key order; otherwise the column values."""
+    t = quote_ident(local.name)
+    if op == ddl.OP_DELETE:
+        where = " AND ".join(f"{quote_ident(c)} IS {_mark(mask, i)}"
+                             for i, c in enumerate(local.pk))
+        if local.content_keyed:  # equal rows may repeat: remove one of them
+            return Statements(delete=f"DELETE FROM {t} WHERE rowid = (SELECT rowid FROM {t} "
+                                     f"WHERE {where} LIMIT 1)")
+        return Statements(delete=f"DELETE FROM {t} WHERE {where}")
+    names = ", ".join(quote_ident(c) for c in columns)
+    marks = ", ".join(_mark(mask, i) for i in range(len(columns)))
+    insert = f"INSERT INTO {t}({names}) VALUES ({marks})"
+    if local.content_keyed:
+        return Statements(insert=insert)
+    same = " AND ".join(f"{t}.{quote_ident(c)} IS excluded.{quote_ident(c)} COLLATE BINARY"
+                        for c in columns)
+    if local.nullable_key:
+        key_at = [columns.index(c) for c in local.pk]
+        where = " AND ".join(f"{quote_ident(c)} IS {_mark(mask, i)}"
+                             for c, i in zip(local.pk, key_at, strict=True))
+        sets = ", ".join(f"{quote_ident(c)} = {_mark(mask, i)}" for i, c in enumerate(columns))
+        differ = " OR ".join(f"{quote_ident(c)} IS NOT {_mark(mask, i)} COLLATE BINARY"
+                             for i, c in enumerate(columns))
+        return Statements(exists=f"SELECT 1 FROM {t} WHERE {where}",
+                          update=f"UPDATE {t} SET {sets} WHERE {where} AND ({differ})",
+                          insert=insert)
+    conflict = ", ".join(quote_ident(c) for c in local.pk)
+    sets = ", ".join(f"{quote_ident(c)} = excluded.{quote_ident(c)}" for c in columns)
+    return Statements(upsert=f"{insert} ON CONFLICT({conflict}) DO UPDATE SET {sets} "
+                             f"WHERE NOT ({same})")
+
+
+def run(conn: sqlite3.Connection, local: TableInfo, st: Statements, columns: tuple[str, ...],
+        values: tuple[object, ...], key: tuple[object, ...]) -> None:
+    """Execute a change built by :func:`build` (``key`` in the table's key order)."""
+    if st.delete:
+        conn.execute(st.delete, key)
+    elif st.upsert:
+        conn.execute(st.upsert, values)
+    elif st.exists:
+        if conn.execute(st.exists, key).fetchone():
+            conn.execute(st.update, (*values, *key, *values))
+        else:
+            conn.execute(st.insert, values)
+    else:
+        conn.execute(st.insert, values)

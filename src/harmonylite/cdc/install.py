@@ -111,15 +111,15 @@ def install_in_transaction(conn: sqlite3.Connection) -> InstallReport:
     return report
 
 
-def report_install(report: InstallReport) -> None:
-    for name in report.rowid_keyed:
+def report_install(report: InstallReport, *, at_start: bool = True) -> None:
+    for name in report.rowid_keyed if at_start else ():
         log.warning(
             "table %r has no primary key: its rows are identified by their whole content (an "
             "update replicates as the old row removed and the new one added), and while it is "
             "captured a column of it cannot be dropped; declare a primary key if you can",
             name, extra={"table": name},
         )
-    for name in report.skipped_virtual:
+    for name in report.skipped_virtual if at_start else ():
         log.warning("virtual table %r cannot carry triggers and is not replicated", name)
     for name in report.wrapped_triggers:
         log.info("application trigger %r fires only for this node's own writes, not when "

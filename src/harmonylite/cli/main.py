@@ -124,9 +124,13 @@ def run(argv: Sequence[str]) -> int:
             return dead_letters.main(cfg, verb[1:])
         if verb[0] == "schema":
             return _schema(cfg, verb[1:])
+        if verb[0] == "conflicts":
+            from harmonylite.cli import conflicts
+
+            return conflicts.main(cfg, verb[1:])
         if verb[0] != "snapshot":
             raise UsageError(f"unknown command {verb[0]!r}: the verbs are 'snapshot', "
-                             "'dead-letters' and 'schema'")
+                             "'dead-letters', 'schema' and 'conflicts'")
         from harmonylite.cli import snapshot
 
         return snapshot.main(cfg, verb[1:])

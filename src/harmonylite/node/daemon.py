@@ -128,7 +128,8 @@ class Node:
         self.dead_letters = await self.writer.call(deadletter.count)
         if cfg.replicate:
             await self._check_gaps_at_start()
-            applier = self.applier = Applier(skip_pending=cfg.publish)
+            applier = self.applier = Applier(skip_pending=cfg.publish,
+                                                   origin=f"{cfg.node_id}:{epoch}")
             for shard in range(1, cfg.replication_log.shards + 1):
                 stream = cfg.stream_name(shard)
                 consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,

@@ -76,7 +76,7 @@ def is_transient(exc: BaseException) -> bool:
 class Applier:
     """Holds prepared SQL per table shape; one instance per writer connection."""
 
-    def __init__(self, *, skip_pending: bool = True) -> None:
+    def __init__(self, *, skip_pending: bool = True, origin: str = "") -> None:
         self._tables: dict[str, TableInfo | None] = {}
         self._schema_version = -1
         self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None],
@@ -88,6 +88,9 @@ class Applier:
         self._unpark_wanted = False
         # With publish = false local changes are never sent, so they must not hide incoming ones.
         self.skip_pending = skip_pending
+        # This database's own origin (node id and epoch): its own changes to a table without a
+        # primary key are already here, and applying them again would add a second copy.
+        self.origin = origin
 
     def _refresh(self, conn: sqlite3.Connection) -> bool:
         """When the schema changed (the application's DDL): bring capture up to date in this
@@ -98,7 +101,7 @@ class Applier:
             return False
         if self._schema_version != -1:
             report = install_in_transaction(conn)
-            report_install(report)
+            report_install(report, at_start=False)
             version = conn.execute("PRAGMA schema_version").fetchone()[0]
         self._schema_version = version
         self._tables.clear()
@@ -179,6 +182,8 @@ class Applier:
                 return PARKED
         if local is None:
             raise UnknownTable(f"no table {ch.table!r} in the local database")
+        if local.content_keyed and self.origin and batch.origin == self.origin:
+            return SKIPPED
         key = tuple(ch.values[remote_cols.index(c)] for c in batch.keys[ch.table])
         if self.skip_pending and pending and not local.content_keyed \
                 and (ch.table, key) in pending:

@@ -1,0 +1,51 @@
+"""`harmonylite conflicts list [--json]`: rows this node removed because a change later in the
+stream's order took a UNIQUE value they held (see ``replication.conflicts``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from harmonylite.config import Config
+from harmonylite.db.connection import open_connection
+from harmonylite.errors import HarmonyliteError, UsageError
+from harmonylite.replication import conflicts
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"conflicts: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="harmonylite conflicts", allow_abbrev=False,
+                description="Rows displaced by UNIQUE conflicts on this node.")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+    ls = verbs.add_parser("list", help="table, key, displaced values, winning origin, stream, "
+                                       "sequence")
+    ls.add_argument("-json", "--json", action="store_true", help="print a JSON array")
+    return p
+
+
+def main(cfg: Config, argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    if not cfg.db_path or not Path(cfg.db_path).exists():
+        raise HarmonyliteError(f"database file {cfg.db_path or '(db_path not set)'} does not exist")
+    conn = open_connection(cfg.db_path)
+    try:
+        found = conflicts.rows(conn)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps([c.as_json() for c in found], indent=2))
+        return 0
+    for c in found:
+        when = datetime.fromtimestamp(c.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(f"{c.id}\t{c.table}\t{c.key}\t{json.dumps(c.displaced)}\twon by node "
+              f"{c.winner_origin} key {c.winner_key}\t{c.stream} {c.seq}\t{when}")
+    print(f"{len(found)} displaced rows", file=sys.stderr)
+    return 0

@@ -184,7 +184,8 @@ class Harness:
         q0 = time.monotonic()
         self.heal()
         dumps, pendings = self.quiesce(quiesce_deadline)
-        failures = oracle.check_all(dumps, pendings, self.history, self.dead)
+        removed = set().union(*(oracle.displaced(n.db) for n in self.nodes))
+        failures = oracle.check_all(dumps, pendings, self.history, self.dead, removed)
         if notes:
             failures.append(oracle.Failure("harness", "the harness itself failed", notes))
         if failures:  # is what diverged visible to an operator?

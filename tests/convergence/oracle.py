@@ -5,9 +5,12 @@ Invariants (each failure names one):
   a multiset, values compared byte-exactly with their storage class (``typeof``/``hex``; reals by
   their exact bits, so -0.0 differs from 0.0).
 - ``no-lost-write``: every final row equals some write committed to that row by some node, and a
-  row that some node committed is missing only if some node deleted it.
+  row that some node committed is missing only if some node deleted it, or a node recorded it as
+  displaced by a UNIQUE conflict (``__harmonylite__conflicts``: removed with a trace).
 - ``no-invented-row``: no final row exists that no node ever wrote.
-- ``no-duplicate``: no two rows share an identity (tables without a primary key included).
+- ``no-duplicate``: no two rows share an identity; in a table without a primary key (a
+  multiset: rows have no identity but their content) no content is present more often than it
+  was written.
 - ``all-published``: every node's change log is fully published (nothing stuck pending).
 - ``application-ok``: the application's own statements (migrations) were not broken.
 - ``nodes-alive``: no node process died by itself.
@@ -118,7 +121,42 @@ def check_identical(dumps: list[Dump]) -> list[Failure]:
     return failures
 
 
-def check_history(d: Dump, history: History, node: int) -> list[Failure]:
+def displaced(db: Path) -> set[tuple[str, tuple[str, ...]]]:
+    """(table, key) of the rows this node recorded as displaced by a UNIQUE conflict."""
+    from harmonylite.replication.event import loads_values  # the record's own encoding
+
+    conn = _connect(db)
+    out: set[tuple[str, tuple[str, ...]]] = set()
+    try:
+        try:
+            found = conn.execute("SELECT tbl, columns, displaced FROM "
+                                 "__harmonylite__conflicts").fetchall()
+        except sqlite3.OperationalError:
+            return out
+        keys = {t.name: t for t in schema.TABLES}
+        for tbl, cols_json, blob in found:
+            t = keys.get(tbl)
+            if t is None:
+                continue
+            import json
+
+            cols = json.loads(cols_json)
+            values = loads_values(blob)
+            picked = [values[cols.index(c)] for c in t.key]
+            # the same exact encoding the dumps use, computed by SQLite itself
+            marks = ", ".join(f"CAST(? AS TEXT) AS k{i}" if isinstance(v, bytes)
+                              and type(v).__name__ == "RawText" else f"? AS k{i}"
+                              for i, v in enumerate(picked))
+            exact = schema.select_exact([f"k{i}" for i in range(len(picked))])
+            row = conn.execute(f"SELECT {exact} FROM (SELECT {marks})", picked).fetchone()
+            out.add((tbl, schema.fold_key(schema.encode_row(row), t.nocase_key)))
+    finally:
+        conn.close()
+    return out
+
+
+def check_history(d: Dump, history: History, node: int,
+                  removed: set[tuple[str, tuple[str, ...]]] | None = None) -> list[Failure]:
     lost: list[str] = []
     invented: list[str] = []
     dups: list[str] = []
@@ -133,15 +171,28 @@ def check_history(d: Dump, history: History, node: int) -> list[Failure]:
         final: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
         for r in rows:
             final.setdefault(schema.fold_key(tuple(r[i] for i in kidx), t.nocase_key), []).append(r)
-        for k, rs in final.items():
-            if len(rs) > 1:
-                dups.append(f"{t.name} key {[schema.pretty(v) for v in k]}: {len(rs)} rows")
+        if t.has_pk:
+            for k, rs in final.items():
+                if len(rs) > 1:
+                    dups.append(f"{t.name} key {[schema.pretty(v) for v in k]}: {len(rs)} rows")
+        elif cidx is not None:
+            # A table without a primary key is a multiset: rows have no identity beyond their
+            # content, so two nodes updating the same row at once both leave their row (no
+            # write lost). A duplicate is a content present more often than it was written.
+            written = Counter(img for (tname, _), ws in history.writes.items()
+                              if tname == t.name for _, img in ws if img is not None)
+            present = Counter(tuple(r[i] for i in cidx) for r in rows)
+            for content, n in present.items():
+                if n > written[content]:
+                    dups.append(f"{t.name} row {_show(content, t.checked)}: {n} rows, "
+                                f"written {written[content]} times")
         for (tname, k), writes in history.writes.items():
             if tname != t.name:
                 continue
             found = final.get(k)
             if found is None:
-                if all(img is not None for _, img in writes):
+                if all(img is not None for _, img in writes) and (t.name, k) not in (
+                        removed or set()):
                     lost.append(f"{t.name} key {[schema.pretty(v) for v in k]} missing; "
                                 f"committed by node(s) {sorted({n for n, _ in writes})}, "
                                 "never deleted")
@@ -172,11 +223,12 @@ def check_history(d: Dump, history: History, node: int) -> list[Failure]:
 
 
 def check_all(dumps: list[Dump], pendings: list[int], history: History,
-              dead: list[str]) -> list[Failure]:
+              dead: list[str], removed: set[tuple[str, tuple[str, ...]]] | None = None,
+              ) -> list[Failure]:
     failures = check_identical(dumps)
     seen: set[tuple[str, str]] = set()
     for i, d in enumerate(dumps, start=1):  # judge every node; report each finding once
-        for f in check_history(d, history, i):
+        for f in check_history(d, history, i, removed):
             sig = (f.invariant, "\n".join(f.details))
             if sig not in seen:
                 seen.add(sig)

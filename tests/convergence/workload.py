@@ -292,15 +292,35 @@ class Writer(threading.Thread):
     def _watched(self, conn: sqlite3.Connection, watches: list[Watch], sql: str,
                  params: list[object]) -> list[Effect]:
         before = [self._rows(conn, t, w, p) for t, w, p in watches]
+        counted = [self._images(conn, t, w, p) for t, w, p in watches]
         conn.execute(sql, params)
         effects: list[Effect] = []
-        for (t, w, p), pre in zip(watches, before, strict=True):
+        for (t, w, p), pre, pre_n in zip(watches, before, counted, strict=True):
             post = self._rows(conn, t, w, p)
+            if not t.has_pk:
+                # A table without a primary key is a multiset: one statement may write several
+                # equal rows (several rows matched), each one a write of that content.
+                idx = [t.checked.index(c) for c in t.key]
+                post_n = self._images(conn, t, w, p)
+                for img, n in post_n.items():
+                    k = schema.fold_key(tuple(img[i] for i in idx), t.nocase_key)
+                    effects += [((t.name, k), img)] * max(n - pre_n[img], 0)
+                effects += [((t.name, k), None) for k in pre if k not in post]
+                continue
             for k, img in post.items():
                 if pre.get(k) != img:
                     effects.append(((t.name, k), img))
             effects += [((t.name, k), None) for k in pre if k not in post]
         return effects
+
+    @staticmethod
+    def _images(conn: sqlite3.Connection, t: schema.Table, where: str, params: list[object]
+                ) -> Counter[Image]:
+        if t.has_pk:
+            return Counter()
+        rows = conn.execute(f'SELECT {schema.select_exact(t.checked)} FROM "{t.name}" '
+                            f"WHERE {where}", params).fetchall()
+        return Counter(schema.encode_row(r) for r in rows)
 
     @staticmethod
     def _rows(conn: sqlite3.Connection, t: schema.Table, where: str, params: list[object]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from harmonylite.cdc import ddl
@@ -18,6 +19,7 @@ class TableShape:
     schema_hash: str = ""  # of the table's columns and key, as sent with its changes
     content_keyed: bool = False  # no primary key: the whole row is the key
     single_order: bool = False  # a secondary UNIQUE constraint: all its changes in one stream
+    key_collations: tuple[str, ...] = ()  # how the key compares (see schema.fold_key)
 
     @property
     def pk_indexes(self) -> tuple[int, ...]:
@@ -139,7 +141,9 @@ class PendingKeys:
         self._latest: dict[tuple[str, tuple[object, ...]], int] = {}
         self._scanned = 0
 
-    def refresh(self, conn: sqlite3.Connection, shapes: dict[int, TableShape]) -> None:
+    def refresh(self, conn: sqlite3.Connection, shapes: dict[int, TableShape],
+                fold: Callable[[str, tuple[object, ...]], tuple[object, ...]] | None = None,
+                ) -> None:
         wm = max(watermark(conn), intent(conn))
         if self._scanned < wm:
             self._scanned = wm
@@ -147,7 +151,9 @@ class PendingKeys:
                          (self._scanned,))
         for row in rows:
             entry = _entry(conn, row, shapes)
-            self._latest[(shapes[entry.tid].name, entry.key)] = entry.id
+            name = shapes[entry.tid].name
+            key = fold(name, entry.key) if fold is not None else entry.key
+            self._latest[(name, key)] = entry.id
             self._scanned = entry.id
         if self._latest and min(self._latest.values()) <= wm:
             self._latest = {k: v for k, v in self._latest.items() if v > wm}

@@ -61,7 +61,8 @@ class RowReader:
             info = table_info(conn, table)
             shape = TableShape(table, info.columns, info.pk, table_hash(conn, table),
                                content_keyed=info.content_keyed,
-                               single_order=bool(info.unique_indexes))
+                               single_order=bool(info.unique_indexes),
+                               key_collations=info.key_collations)
             self._shapes[table] = shape
             cols = ", ".join(quote_ident(c) for c in info.columns)
             self._select[table] = f"SELECT {cols} FROM {quote_ident(table)} WHERE "

@@ -21,6 +21,7 @@ class TableInfo:
     rowid_keyed: bool  # no declared primary key: rows are identified by their content
     nullable_key: bool = False  # a key column may hold NULL (SQLite allows it in rowid tables)
     unique_indexes: tuple[tuple[str, ...], ...] = ()  # secondary UNIQUE constraints (columns)
+    key_collations: tuple[str, ...] = ()  # per key column: BINARY, NOCASE, RTRIM…
 
     @property
     def content_keyed(self) -> bool:
@@ -64,13 +65,54 @@ def table_info(conn: sqlite3.Connection, name: str) -> TableInfo:
     keyed = sorted((c for c in cols if c[5] > 0), key=lambda c: c[5])
     uniques = unique_indexes(conn, name)
     if not keyed:
-        return TableInfo(name, columns, columns, True, False, uniques)
+        return TableInfo(name, columns, columns, True, False, uniques,
+                         ("BINARY",) * len(columns))
     pk = tuple(c[1] for c in keyed)
     integer_pk = len(keyed) == 1 and str(keyed[0][2]).upper() == "INTEGER"
     # In a rowid table, a key column not declared NOT NULL may hold NULL (a bug SQLite keeps for
     # compatibility); WITHOUT ROWID tables and INTEGER PRIMARY KEY never do.
     nullable = not integer_pk and any(c[3] == 0 for c in keyed) and _has_rowid(conn, q)
-    return TableInfo(name, columns, pk, False, nullable, uniques)
+    colls = _key_collations(conn, name, pk)
+    return TableInfo(name, columns, pk, False, nullable, uniques, colls)
+
+
+def _key_collations(conn: sqlite3.Connection, name: str,
+                    pk: tuple[str, ...]) -> tuple[str, ...]:
+    """The collation of each key column, from the primary key's index (BINARY without one)."""
+    for _seq, index, _unique, origin, _partial in conn.execute(
+            f"PRAGMA index_list({quote_ident(name)})").fetchall():
+        if origin == "pk":
+            colls = {r[2]: str(r[4]).upper() for r in conn.execute(
+                f"PRAGMA index_xinfo({quote_ident(index)})") if r[5]}
+            return tuple(colls.get(c, "BINARY") for c in pk)
+    return ("BINARY",) * len(pk)
+
+
+def _fold(value: object, collation: str) -> object:
+    if collation == "NOCASE":  # SQLite folds ASCII letters only
+        if isinstance(value, str):
+            return value.translate(_ASCII_LOWER)
+        if isinstance(value, bytes):
+            return bytes(b + 32 if 65 <= b <= 90 else b for b in value)
+    elif collation == "RTRIM":
+        if isinstance(value, str):
+            return value.rstrip(" ")
+        if isinstance(value, bytes):
+            return value.rstrip(b" ")
+    return value
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_key(key: tuple[object, ...] | list[object],
+             collations: tuple[str, ...]) -> tuple[object, ...]:
+    """A key as its collations compare it: two keys that are the same row under the table's
+    collations (``'Key'`` and ``'KEY'`` with NOCASE) fold to the same value. Used wherever a
+    row's identity is computed outside SQLite (the shard, the applier's pending check)."""
+    if not collations or all(c == "BINARY" for c in collations):
+        return tuple(key)
+    return tuple(_fold(v, c) for v, c in zip(key, collations, strict=False))
 
 
 def _has_rowid(conn: sqlite3.Connection, quoted: str) -> bool:

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Restores in a row when the streams keep dropping what follows the snapshot just installed.
+CATCH_UP_TRIES = 3
+
 
 def _read_map(path: Path) -> dict[str, int] | None:
     try:
@@ -124,14 +127,32 @@ async def recover(node: Node) -> None:
         async def before_install() -> None:
             await _publish_before_restore(node)
 
-        restored = await restore_newest(cfg, store, targets, db_path=db_path,
-                                        seq_map_path=seq_map_path,
-                                        before_install=before_install,
-                                        guard_pending=cfg.publish)
+        for attempt in range(1, CATCH_UP_TRIES + 1):
+            restored = await restore_newest(cfg, store, targets, db_path=db_path,
+                                            seq_map_path=seq_map_path,
+                                            before_install=before_install,
+                                            guard_pending=cfg.publish)
+            manifest = restored.manifest
+            node.metrics.restored(manifest.id, manifest.created_at)
+            # Under heavy writes and a short retention the streams may drop what follows the
+            # snapshot while it is downloaded and installed: then it no longer covers this
+            # node, and a newer one must (never run on with a gap that could be covered).
+            heads = await stream_heads(node.js, cfg.stream_names())
+            moved = gaps(manifest.sequences, heads)
+            if not moved or attempt == CATCH_UP_TRIES or node.stop_event.is_set():
+                break
+            log.warning("the streams dropped messages after snapshot %s while it was installed "
+                        "(%s); restoring a newer one (try %d of %d)", manifest.id,
+                        ", ".join(map(str, moved)), attempt + 1, CATCH_UP_TRIES,
+                        extra={"snapshot_id": manifest.id})
+            floor = dict(manifest.sequences)
+            targets = choose(await list_snapshots(store), floor, heads).covering
+            if not targets:
+                targets, heads = await _ask_and_wait(node, store, floor)
+            if not targets:
+                break
     finally:
         await store.aclose()
-    manifest = restored.manifest
-    node.metrics.restored(manifest.id, manifest.created_at)
     _log_gaps(gaps(manifest.sequences, heads), f"snapshot {manifest.id} is older than them")
 
 

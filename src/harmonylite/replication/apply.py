@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import install_in_transaction, report_install
-from harmonylite.cdc.schema import TableInfo, table_info
+from harmonylite.cdc.schema import TableInfo, fold_key, table_info
 from harmonylite.db.connection import write_transaction
 from harmonylite.errors import DecodeError
 from harmonylite.replication import conflicts, deadletter, parking, statements
@@ -118,6 +119,14 @@ class Applier:
             self._tables[table] = table_info(conn, table) if exists else None
         return self._tables[table]
 
+    def _folder(self, conn: sqlite3.Connection
+                ) -> Callable[[str, tuple[object, ...]], tuple[object, ...]]:
+        """Keys of local pending changes as their table's collations compare them."""
+        def fold(table: str, key: tuple[object, ...]) -> tuple[object, ...]:
+            local = self._local(conn, table)
+            return fold_key(key, local.key_collations) if local is not None else key
+        return fold
+
     def _statements(self, local: TableInfo, columns: tuple[str, ...], op: int,
                     mask: tuple[bool, ...] | None) -> statements.Statements:
         key = (local.name, columns, op, mask)
@@ -186,7 +195,7 @@ class Applier:
             return SKIPPED
         key = tuple(ch.values[remote_cols.index(c)] for c in batch.keys[ch.table])
         if self.skip_pending and pending and not local.content_keyed \
-                and (ch.table, key) in pending:
+                and (ch.table, fold_key(key, local.key_collations)) in pending:
             # A local change to this row is not yet published; it will be published after this
             # message, so it is the row's final state everywhere. Applying this one now would only
             # make the row step back until then.
@@ -225,7 +234,7 @@ class Applier:
         with write_transaction(conn):
             if self._refresh(conn):
                 conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
-                self._pending.refresh(conn, self._shapes)
+                self._pending.refresh(conn, self._shapes, self._folder(conn))
                 applied = self._unpark(conn, self._pending)
                 conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
         return applied
@@ -245,7 +254,7 @@ class Applier:
             schema_changed = self._refresh(conn)
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
             if self.skip_pending:
-                self._pending.refresh(conn, self._shapes)
+                self._pending.refresh(conn, self._shapes, self._folder(conn))
             pending = self._pending
             self._parked_tables = parking.parked_tables(conn)
             if schema_changed and self._parked_tables:

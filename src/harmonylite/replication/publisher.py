@@ -34,6 +34,7 @@ from harmonylite.aio import wait_any
 from harmonylite.cdc import changelog
 from harmonylite.cdc.changelog import Change, TableShape
 from harmonylite.cdc.rows import RowReader
+from harmonylite.cdc.schema import fold_key
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread, open_connection, write_transaction
 from harmonylite.errors import StorageUnavailable
@@ -188,7 +189,10 @@ class Publisher:
             shape = by_name[ch.table]
             # A table with a secondary UNIQUE constraint needs one order for all its rows (a
             # value moving between rows): the whole table goes to one shard.
-            key = [] if shape.single_order else [ch.values[i] for i in shape.pk_indexes]
+            # A key is hashed as its collation compares it ('Key' and 'KEY' under NOCASE are
+            # one row, so one stream).
+            key = [] if shape.single_order else list(fold_key(
+                [ch.values[i] for i in shape.pk_indexes], shape.key_collations))
             groups.setdefault(shard_of(ch.table, key, shards), []).append(ch)
         flight = InFlight(upto=batch.upto, entries=batch.entries)
         compress = self.cfg.replication_log.compress

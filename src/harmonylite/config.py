@@ -11,6 +11,7 @@ import dataclasses
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,15 @@ class ClusterFlags:
     leaf_servers: list[str] = field(default_factory=list)
 
 
+# Tables that record which migrations a node applied: each node's own, so not replicated unless
+# the configuration says otherwise (glob patterns, matched case-sensitively).
+DEFAULT_EXCLUDED_TABLES = (
+    "django_migrations", "alembic_version", "schema_migrations", "ar_internal_metadata",
+    "knex_migrations", "knex_migrations_lock", "flyway_schema_history", "goose_db_version",
+    "__EFMigrationsHistory", "_prisma_migrations",
+)
+
+
 @dataclass(frozen=True)
 class Config:
     db_path: str = ""
@@ -148,6 +158,8 @@ class Config:
     cleanup_interval: int = 5000
     sleep_timeout: int = 0
     polling_interval: int = 0
+    exclude_tables: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_TABLES))
+    include_tables: list[str] = field(default_factory=list)  # empty: every table
     replication_log: ReplicationLogConfig = field(default_factory=ReplicationLogConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -165,6 +177,12 @@ class Config:
 
     def stream_names(self) -> list[str]:
         return [self.stream_name(s) for s in range(1, self.replication_log.shards + 1)]
+
+    def replicates_table(self, name: str) -> bool:
+        """Whether changes to table ``name`` are captured and applied here."""
+        if self.include_tables and not any(fnmatchcase(name, p) for p in self.include_tables):
+            return False
+        return not any(fnmatchcase(name, p) for p in self.exclude_tables)
 
     def snapshot_bucket(self) -> str:
         return self.snapshot.nats.bucket or f"{self.nats.stream_prefix}-snapshot-store"

@@ -199,3 +199,36 @@ def test_vacuum_on_a_table_without_primary_key(trio: list[NodeProc]) -> None:
     wait_until(settled(trio), 20, "converged after VACUUM")
     assert sorted(a.query("SELECT a, b FROM loose")) == sorted(
         [(f"r{i}", i + 100 if i % 2 else i) for i in range(20) if i % 3] + [("dup", 0)])
+
+
+def test_same_new_key_inserted_on_two_nodes_keeps_the_displaced_row(
+        trio: list[NodeProc]) -> None:
+    a, b, c = trio
+    at_once(lambda: a.execute("INSERT INTO other VALUES (6, 'written on node 1')"),
+            lambda: b.execute("INSERT INTO other VALUES (6, 'written on node 2')"))
+    wait_until(settled(trio), 20, "converged")
+    (final,) = a.query("SELECT v FROM other WHERE id = 6")
+    loser = "written on node 2" if final[0] == "written on node 1" else "written on node 1"
+    out = subprocess.run([sys.executable, "-m", "harmonylite", "-config", str(c.config_path),
+                          "conflicts", "list", "--json"], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert [(x["table"], x["key"], x["displaced"]["v"]) for x in json.loads(out.stdout)] == [
+        ("other", "[6]", loser)]
+
+
+def test_migration_bookkeeping_tables_stay_per_node(tmp_path: Path,
+                                                    nats_server: NatsServer) -> None:
+    nodes = []
+    for i in (1, 2):
+        n = NodeProc(tmp_path / f"n{i}", i, {"nats": {"urls": [nats_server.url]}})
+        conn = n.connect()
+        conn.executescript("CREATE TABLE django_migrations(id INTEGER PRIMARY KEY, app TEXT, "
+                           "name TEXT); CREATE TABLE items(id INTEGER PRIMARY KEY, v TEXT)")
+        conn.close()
+        nodes.append(n.start())
+    a, b = nodes
+    a.execute("INSERT INTO django_migrations VALUES (1, 'library', '0002_isbn')")
+    a.execute("INSERT INTO items VALUES (1, 'replicated')")
+    wait_until(lambda: b.query("SELECT v FROM items") == [("replicated",)], 20, "items")
+    assert b.query("SELECT * FROM django_migrations") == []
+    assert "not replicated (exclude_tables / include_tables): django_migrations" in a.log_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harmonylite.cdc import app_triggers, ddl
@@ -22,6 +23,7 @@ class InstallReport:
     # Tables whose current rows were captured as changes: new since capture started, or rebuilt
     # (their triggers had gone with the old table), so rows written meanwhile are not lost.
     backfilled: dict[str, int] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)  # not replicated (configuration)
     # Application triggers given the guard, so they skip the replicator's writes.
     wrapped_triggers: list[str] = field(default_factory=list)
 
@@ -45,25 +47,33 @@ def _upgrade_layout(conn: sqlite3.Connection) -> None:
     conn.execute(f"INSERT INTO {ddl.STATE}(k, v) VALUES ('layout', 2)")
 
 
-def install(conn: sqlite3.Connection) -> InstallReport:
+TableFilter = Callable[[str], bool]
+
+
+def install(conn: sqlite3.Connection, replicated: TableFilter | None = None) -> InstallReport:
     """Create the change-log objects and (re)create the triggers of every user table.
 
     Runs in one IMMEDIATE transaction so an application writing meanwhile sees either no triggers
     or all of them.
     """
     with write_transaction(conn):
-        report = install_in_transaction(conn)
+        report = install_in_transaction(conn, replicated)
     report_install(report)
     return report
 
 
-def install_in_transaction(conn: sqlite3.Connection) -> InstallReport:
+def install_in_transaction(conn: sqlite3.Connection,
+                           replicated: TableFilter | None = None) -> InstallReport:
     """:func:`install` inside a write transaction the caller holds (the applier does, when the
-    schema changed under it)."""
+    schema changed under it). ``replicated`` says which tables are (``exclude_tables`` and
+    ``include_tables``); the others get no capture (their triggers are dropped)."""
     report = InstallReport()
     for stmt in ddl.BASE_DDL:
         conn.execute(stmt)
     tables, report.skipped_virtual = user_tables(conn)
+    if replicated is not None:
+        report.excluded = [t.name for t in tables if not replicated(t.name)]
+        tables = [t for t in tables if replicated(t.name)]
     width = max((len(t.pk) for t in tables), default=0)
     for stmt in ddl.add_key_columns_ddl(_log_columns(conn, "k"), width):
         conn.execute(stmt)
@@ -119,6 +129,9 @@ def report_install(report: InstallReport, *, at_start: bool = True) -> None:
             "captured a column of it cannot be dropped; declare a primary key if you can",
             name, extra={"table": name},
         )
+    if report.excluded and at_start:
+        log.info("not replicated (exclude_tables / include_tables): %s",
+                 ", ".join(report.excluded), extra={"tables": len(report.excluded)})
     for name in report.skipped_virtual if at_start else ():
         log.warning("virtual table %r cannot carry triggers and is not replicated", name)
     for name in report.wrapped_triggers:

@@ -89,6 +89,7 @@ class Node:
         self.gaps: dict[str, tuple[int, int]] = {}  # found and not covered by a restore
         self.dead_letters = 0
         self.restart_reason: str | None = None  # set to start the node over in this process
+        self.restored: str | None = None  # the snapshot this start restored, if any
         self._background: set[asyncio.Task[None]] = set()
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
@@ -120,7 +121,8 @@ class Node:
             await recover(self)
         if not self.db_path.exists():
             raise HarmonyliteError(f"database file {self.db_path} does not exist")
-        self.install_report = await self.writer.call(install)
+        self.install_report = await self.writer.call(
+            lambda conn: install(conn, cfg.replicates_table))
         await self.writer.call(takeover.replay_pending)  # HarmonyLite's, through our capture
         epoch = await self.writer.call(_epoch)
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
@@ -129,7 +131,8 @@ class Node:
         if cfg.replicate:
             await self._check_gaps_at_start()
             applier = self.applier = Applier(skip_pending=cfg.publish,
-                                                   origin=f"{cfg.node_id}:{epoch}")
+                                                   origin=f"{cfg.node_id}:{epoch}",
+                                                   replicated=cfg.replicates_table)
             for shard in range(1, cfg.replication_log.shards + 1):
                 stream = cfg.stream_name(shard)
                 consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
@@ -141,7 +144,7 @@ class Node:
                 # Re-creates the subscription whenever it is lost (server gone, leader change).
                 self._spawn(f"subscription {stream}", consumer.keep)
         self.schema = SchemaFollower(self.writer, self.applier, self.js, cfg.node_id,
-                                     cfg.replication_log.replicas)
+                                     cfg.replication_log.replicas, cfg.replicates_table)
         self._spawn("schema", self.schema.run)
         if cfg.publish:
             self.publisher = Publisher(cfg, self.pub_db, self.js, epoch, metrics=self.metrics)
@@ -213,6 +216,14 @@ class Node:
 
         await self.writer.call(record)
         self.gaps = await self.writer.call(changelog.recorded_gaps)
+        if found and self.restored is not None and self.cfg.snapshot.enabled \
+                and self.restart_reason is None:
+            # The streams dropped what follows the snapshot just restored between recovery's
+            # last look and now (heavy writes, short retention): start over to restore a newer
+            # one rather than run diverged. Each round restores, so each makes progress.
+            self.restart_reason = "the streams moved past snapshot " + self.restored + " (" + \
+                ", ".join(map(str, found)) + ")"
+            self.stop_event.set()
         for stream, (first, last) in sorted(self.gaps.items()):
             log.error("this node never applied messages %d..%d of stream %s (the stream dropped "
                       "them): it may differ from the other nodes until it is restored from a "

@@ -153,6 +153,7 @@ async def recover(node: Node) -> None:
                 break
     finally:
         await store.aclose()
+    node.restored = manifest.id
     _log_gaps(gaps(manifest.sequences, heads), f"snapshot {manifest.id} is older than them")
 
 

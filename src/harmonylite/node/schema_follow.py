@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 
 class SchemaFollower:
     def __init__(self, writer: DbThread, applier: Applier | None, js: Any, node_id: int,
-                 replicas: int) -> None:
+                 replicas: int, replicated: Callable[[str], bool] | None = None) -> None:
         self._writer = writer
         self._applier = applier
         self._js = js
         self._node_id = node_id
         self._replicas = replicas
+        self._replicated = replicated
         self._changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._published: dict[str, Any] | None = None
@@ -60,7 +61,8 @@ class SchemaFollower:
             if applied:
                 log.info("%d parked changes applied after the schema change", applied)
         else:
-            await self._writer.call(install)
+            replicated = self._replicated
+            await self._writer.call(lambda conn: install(conn, replicated))
         await self.refresh()
 
     async def refresh(self) -> None:

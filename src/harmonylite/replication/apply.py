@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.cdc.schema import TableInfo, fold_key, table_info
-from harmonylite.db.connection import write_transaction
+from harmonylite.db.connection import fetch_all, write_transaction
 from harmonylite.errors import DecodeError
 from harmonylite.replication import conflicts, deadletter, parking, statements
 from harmonylite.replication.event import Batch, RowChange, decode
@@ -77,7 +77,8 @@ def is_transient(exc: BaseException) -> bool:
 class Applier:
     """Holds prepared SQL per table shape; one instance per writer connection."""
 
-    def __init__(self, *, skip_pending: bool = True, origin: str = "") -> None:
+    def __init__(self, *, skip_pending: bool = True, origin: str = "",
+                 replicated: Callable[[str], bool] | None = None) -> None:
         self._tables: dict[str, TableInfo | None] = {}
         self._schema_version = -1
         self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None],
@@ -92,6 +93,8 @@ class Applier:
         # This database's own origin (node id and epoch): its own changes to a table without a
         # primary key are already here, and applying them again would add a second copy.
         self.origin = origin
+        self.replicated = replicated  # tables replicated here (None: all)
+        self._ignored: set[str] = set()
 
     def _refresh(self, conn: sqlite3.Connection) -> bool:
         """When the schema changed (the application's DDL): bring capture up to date in this
@@ -101,7 +104,7 @@ class Applier:
         if version == self._schema_version:
             return False
         if self._schema_version != -1:
-            report = install_in_transaction(conn)
+            report = install_in_transaction(conn, self.replicated)
             report_install(report, at_start=False)
             version = conn.execute("PRAGMA schema_version").fetchone()[0]
         self._schema_version = version
@@ -178,6 +181,12 @@ class Applier:
         parked: bool = False,
     ) -> int:
         remote_cols = batch.columns[ch.table]
+        if self.replicated is not None and not self.replicated(ch.table):
+            if ch.table not in self._ignored:  # each node's own (migration bookkeeping…)
+                self._ignored.add(ch.table)
+                log.info("changes to table %r are not applied here: it is not replicated "
+                         "(exclude_tables / include_tables)", ch.table, extra={"table": ch.table})
+            return SKIPPED
         local = self._local(conn, ch.table)
         if not parked:
             fits = local is not None and all(c in local.columns for c in remote_cols)
@@ -215,7 +224,10 @@ class Applier:
             c in cols for c in local.pk) else key
         st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
         try:
-            statements.run(conn, local, st, cols, vals, local_key)
+            if st.insert_new and st.select_row:
+                self._insert(conn, local, st, cols, vals, local_key, stream, seq, batch)
+            else:
+                statements.run(conn, local, st, cols, vals, local_key)
         except sqlite3.IntegrityError as exc:
             # A UNIQUE value another row holds here: the change later in the table's one order
             # wins, the same way on every node (see ``conflicts``).
@@ -226,6 +238,26 @@ class Applier:
             self.displaced += 1
             statements.run(conn, local, st, cols, vals, local_key)
         return APPLIED
+
+    def _insert(self, conn: sqlite3.Connection, local: TableInfo, st: statements.Statements,
+                cols: tuple[str, ...], vals: tuple[object, ...], key: tuple[object, ...],
+                stream: str, seq: int, batch: Batch) -> None:
+        """An INSERT: into a free key at once; over a row that differs, record that row as
+        displaced (an insert-insert conflict: every node meets it at the same point of the
+        stream) and overwrite it."""
+        if conn.execute(st.insert_new, vals).rowcount:
+            return
+        found = fetch_all(conn, st.select_row, key)
+        row = found[0] if found else None
+        # (A node's own INSERT coming back may meet its own later write: not a conflict.)
+        if row is not None and not (self.origin and batch.origin == self.origin):
+            have = dict(zip(local.columns, row, strict=True))
+            if any(have.get(c) != v or type(have.get(c)) is not type(v)
+                   for c, v in zip(cols, vals, strict=True)):
+                conflicts.record(conn, local, tuple(row), key, stream=stream, seq=seq,
+                                 origin=batch.node_id)
+                self.displaced += 1
+        statements.run(conn, local, st, cols, vals, key)
 
     def retry_parked(self, conn: sqlite3.Connection) -> int:
         """Apply parked changes whose table appeared since the last look (a cheap no-op when

@@ -50,15 +50,21 @@ def displace(conn: sqlite3.Connection, local: TableInfo, columns: tuple[str, ...
             row_key = tuple(row[local.columns.index(c)] for c in local.pk)
             if not local.content_keyed and row_key == key:
                 continue  # the row the change is for
-            conn.execute(
-                f"INSERT INTO {ddl.PREFIX_CONFLICTS}(tbl, key, columns, displaced, "
-                "winner_origin, winner_key, stream, seq, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (local.name, key_text(row_key), json.dumps(list(local.columns)),
-                 dumps_values(row), to_sqlite(origin), key_text(key), stream, seq, time.time()))
+            record(conn, local, tuple(row), key, stream=stream, seq=seq, origin=origin)
             conn.execute(f"DELETE FROM {t} WHERE rowid = ?", (rowid,))
             removed += 1
     return removed
+
+
+def record(conn: sqlite3.Connection, local: TableInfo, row: tuple[object, ...],
+           winner_key: tuple[object, ...], *, stream: str, seq: int, origin: int) -> None:
+    """Keep a row that a change is about to remove or overwrite (all of its columns)."""
+    row_key = tuple(row[local.columns.index(c)] for c in local.pk)
+    conn.execute(
+        f"INSERT INTO {ddl.PREFIX_CONFLICTS}(tbl, key, columns, displaced, winner_origin, "
+        "winner_key, stream, seq, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (local.name, key_text(row_key), json.dumps(list(local.columns)), dumps_values(row),
+         to_sqlite(origin), key_text(winner_key), stream, seq, time.time()))
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ class Statements:
     update: str = ""  # nullable key: values, then key
     insert: str = ""  # nullable key and content tables
     delete: str = ""  # binds the key
+    insert_new: str = ""  # keyed tables, an INSERT: only if the key is free
+    select_row: str = ""  # keyed tables, an INSERT: the row holding the key (every column)
 
 
 def build(local: TableInfo, columns: tuple[str, ...], op: int,
@@ -77,8 +79,17 @@ def build(local: TableInfo, columns: tuple[str, ...], op: int,
                           insert=insert)
     conflict = ", ".join(quote_ident(c) for c in local.pk)
     sets = ", ".join(f"{quote_ident(c)} = excluded.{quote_ident(c)}" for c in columns)
-    return Statements(upsert=f"{insert} ON CONFLICT({conflict}) DO UPDATE SET {sets} "
-                             f"WHERE NOT ({same})")
+    upsert = f"{insert} ON CONFLICT({conflict}) DO UPDATE SET {sets} WHERE NOT ({same})"
+    if op != ddl.OP_INSERT:
+        return Statements(upsert=upsert)
+    # An INSERT may meet a row its sender never saw (two nodes inserted the same new key): the
+    # applier first tries the key, and records the row it then overwrites (see conflicts).
+    key_at = [columns.index(c) for c in local.pk] if all(c in columns for c in local.pk) else []
+    where = " AND ".join(f"{quote_ident(c)} IS {_mark(mask, i)}"
+                         for c, i in zip(local.pk, key_at, strict=False))
+    all_cols = ", ".join(quote_ident(c) for c in local.columns)
+    return Statements(upsert=upsert, insert_new=f"{insert} ON CONFLICT DO NOTHING",
+                      select_row=f"SELECT {all_cols} FROM {t} WHERE {where}" if key_at else "")
 
 
 def run(conn: sqlite3.Connection, local: TableInfo, st: Statements, columns: tuple[str, ...],

@@ -286,3 +286,20 @@ def test_dead_letter_retry_applies_once_the_cause_is_fixed(
     assert json.loads(cli("list", "--json").stdout) == []
     assert rows(b) == [(1, 1, None, 1.0), (2, 1, "named", 2.0)]
     assert cli("drop", "--all").returncode == 0
+
+
+def test_dead_letters_a_relaxed_schema_accepts_are_applied_without_a_command(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    a = node(tmp_path, nats_server, 1)
+    b = NodeProc(tmp_path / "node2", 2, {"nats": {"urls": [nats_server.url]}})
+    b.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, owner INTEGER, name TEXT NOT NULL, "
+              "qty REAL)")
+    a.start()
+    b.start()
+    a.execute("INSERT INTO items VALUES (1, 1, NULL, 1.0)")  # an old-schema row
+    wait_until(lambda: b.query("SELECT count(*) FROM __harmonylite__dead_letter")[0][0] == 1,
+               20, "the refused row recorded")
+    subprocess.run([str(Path(sys.executable).parent / "sqlite-utils"), "transform", str(b.db),
+                    "items", "--not-null-false", "name"], check=True)
+    wait_until(lambda: rows(b) == [(1, 1, None, 1.0)], 20, "applied after the schema change")
+    assert b.query("SELECT count(*) FROM __harmonylite__dead_letter") == [(0,)]

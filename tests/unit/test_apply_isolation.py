@@ -14,8 +14,9 @@ from harmonylite.cdc.install import install
 from harmonylite.cdc.rows import read_changes
 from harmonylite.db.connection import open_connection
 from harmonylite.replication import conflicts, deadletter
-from harmonylite.replication.apply import Applier, is_transient
+from harmonylite.replication.apply import Applier
 from harmonylite.replication.event import decode, encode
+from harmonylite.replication.outcome import is_transient
 
 
 def db(path: Path, schema: str) -> sqlite3.Connection:

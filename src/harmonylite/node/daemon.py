@@ -40,9 +40,10 @@ from harmonylite.node.supervisor import Supervisor
 from harmonylite.ops.health import HttpServer, probe_database, start_health_server
 from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import deadletter
-from harmonylite.replication.apply import Applier, ApplyResult
+from harmonylite.replication.apply import Applier
 from harmonylite.replication.consumer import ShardConsumer
 from harmonylite.replication.nats_link import LinkState, connect, ensure_streams
+from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 

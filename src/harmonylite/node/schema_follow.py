@@ -20,6 +20,7 @@ from harmonylite.cdc import schema_registry
 from harmonylite.cdc.install import install
 from harmonylite.db.connection import DbThread
 from harmonylite.replication.apply import Applier
+from harmonylite.replication.outcome import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,22 @@ class SchemaFollower:
                 return
             self._changed.clear()
             log.info("the database schema changed: following it")
-            await self.follow()
+            try:
+                await self.follow()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # The application holds the write lock (a long migration): try again shortly.
+                log.warning("cannot follow the schema change yet (retrying): %s", exc)
+                await wait_any(stop, timeout=1.0)
+                self._changed.set()
 
     async def follow(self) -> None:
         if self._applier is not None:
             applied = await self._writer.call(self._applier.retry_parked)
             if applied:
                 log.info("%d parked changes applied after the schema change", applied)
+            await self._writer.call(self._applier.retry_dead_letters)
         else:
             replicated = self._replicated
             await self._writer.call(lambda conn: install(conn, replicated))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import install_in_transaction, report_install
@@ -32,46 +31,18 @@ from harmonylite.db.connection import fetch_all, write_transaction
 from harmonylite.errors import DecodeError
 from harmonylite.replication import conflicts, deadletter, parking, statements
 from harmonylite.replication.event import Batch, RowChange, decode
+from harmonylite.replication.outcome import (
+    APPLIED,
+    DEAD,
+    DUPLICATE,
+    PARKED,
+    SKIPPED,
+    ApplyResult,
+    UnknownTable,
+    is_transient,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ApplyResult:
-    last_seq: int = 0
-    messages: int = 0
-    rows: int = 0
-    skipped_pending: int = 0
-    parked: int = 0  # changes to tables this database does not have, kept for later
-    unparked: int = 0
-    duplicates: int = 0  # changes already applied from an earlier copy of the same batch
-    failed: list[tuple[int, str]] = field(default_factory=list)  # (sequence, reason)
-    dead_letters: int = 0  # changes written to the dead-letter table
-    origin_nodes: set[int] = field(default_factory=set)
-    published_at: float | None = None  # JetStream time of the last message, for the lag metric
-
-
-class UnknownTable(Exception):
-    """A statement was wanted for a table that vanished while the batch was being applied."""
-
-
-APPLIED, SKIPPED, PARKED, DUPLICATE, DEAD = 0, 1, 2, 3, 4
-
-# SQLite primary result codes that say "not now" rather than "never": busy, locked, out of
-# memory, read-only, I/O error, disk full, cannot open, locking protocol, schema changed.
-TRANSIENT_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15, 17})
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True when retrying the same work later may succeed (nothing about the change is wrong)."""
-    if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code is not None:
-            return (int(code) & 0xFF) in TRANSIENT_CODES
-        text = str(exc).lower()
-        return isinstance(exc, sqlite3.OperationalError) and any(
-            w in text for w in ("locked", "busy", "disk", "i/o", "unable to open"))
-    return isinstance(exc, OSError | MemoryError | UnknownTable)
 
 
 class Applier:
@@ -258,6 +229,49 @@ class Applier:
                                  origin=batch.node_id)
                 self.displaced += 1
         statements.run(conn, local, st, cols, vals, key)
+
+    def retry_dead_letters(self, conn: sqlite3.Connection) -> int:
+        """After a schema change: apply again the dead letters a stricter schema refused (a NOT
+        NULL column the sender did not have), when their row is still absent here — a row
+        written since supersedes them (they stay for the operator). Returns how many applied."""
+        waiting = [d for d in deadletter.rows(conn)
+                   if d.table and "NOT NULL constraint failed" in d.error]
+        applied = 0
+        if not waiting:
+            return 0
+        with write_transaction(conn):
+            self._refresh(conn)
+            conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
+            for d in waiting:
+                batch = decode(d.payload)
+                ch = batch.changes[0]
+                local = self._local(conn, ch.table)
+                if local is None or ch.op == ddl.OP_DELETE:
+                    continue
+                cols = batch.columns[ch.table]
+                if not all(c in cols for c in local.pk):
+                    continue
+                key = tuple(ch.values[cols.index(c)] for c in local.pk)
+                where = " AND ".join(f'"{c}" IS ?' for c in local.pk)
+                if fetch_all(conn, f'SELECT 1 FROM "{ch.table}" WHERE {where}', key):
+                    continue
+                conn.execute("SAVEPOINT dead")
+                try:
+                    self._apply_change(conn, d.stream, d.seq, batch, ch, self._pending,
+                                       parked=True)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO dead")
+                    conn.execute("RELEASE dead")
+                    if is_transient(exc):
+                        raise
+                    continue
+                conn.execute("RELEASE dead")
+                deadletter.delete(conn, d.id)
+                applied += 1
+            conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
+        if applied:
+            log.info("applied %d dead letters that the schema now accepts", applied)
+        return applied
 
     def retry_parked(self, conn: sqlite3.Connection) -> int:
         """Apply parked changes whose table appeared since the last look (a cheap no-op when

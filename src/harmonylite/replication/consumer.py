@@ -38,8 +38,9 @@ from harmonylite.aio import wait_any
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
 from harmonylite.replication import large_changes
-from harmonylite.replication.apply import Applier, ApplyResult, is_transient
+from harmonylite.replication.apply import Applier
 from harmonylite.replication.nats_link import describe_error
+from harmonylite.replication.outcome import ApplyResult, is_transient
 
 log = logging.getLogger(__name__)
 

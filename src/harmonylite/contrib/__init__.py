@@ -1,0 +1,1 @@
+"""Integrations with application frameworks; each module imports its framework only when used."""

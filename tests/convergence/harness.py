@@ -121,6 +121,9 @@ class Harness:
         self.workdir.mkdir(parents=True, exist_ok=True)
         extra_cfg: dict[str, Any] = {k: v for k, v in self.profile.node_config.items()
                                      if k != "replication_log"}
+        snap = extra_cfg.get("snapshot")
+        if snap and snap.get("store") == "file":  # one directory every node shares
+            extra_cfg["snapshot"] = {**snap, "file": {"path": str(self.workdir / "snapshots")}}
         rlog = {"shards": self._shards, **self.profile.node_config.get("replication_log", {})}
         cluster_ports = [free_port() for _ in range(self.size)]
         if not self.embedded:
@@ -191,8 +194,10 @@ class Harness:
         if failures:  # is what diverged visible to an operator?
             notes = notes + [f"node {i + 1}: {oracle.visibility(n.db, n.log_path)}"
                              for i, n in enumerate(self.nodes)]
+        counts = dict(self.history.counts)
+        counts["restores"] = sum(n.log_text().count("Snapshot restored") for n in self.nodes)
         return Result(self.seed, self.profile.name, self.size, write_seconds,
-                      dict(self.history.counts), runner.applied, failures,
+                      counts, runner.applied, failures,
                       time.monotonic() - q0, sum(len(r) for _, r in dumps[0].values()),
                       replay_command(self.seed, self.profile.name, self.size, write_seconds,
                                      self.embedded), notes)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import signal
@@ -34,12 +35,14 @@ from harmonylite.cdc.install import InstallReport, install
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
+from harmonylite.node import status
 from harmonylite.node.embedded_nats import EmbeddedNats
+from harmonylite.node.housekeeping import housekeeping
 from harmonylite.node.schema_follow import SchemaFollower
 from harmonylite.node.supervisor import Supervisor
 from harmonylite.ops.health import HttpServer, probe_database, start_health_server
 from harmonylite.ops.metrics import Metrics, start_metrics_server
-from harmonylite.replication import deadletter
+from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.consumer import ShardConsumer
 from harmonylite.replication.nats_link import LinkState, connect, ensure_streams
@@ -53,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL = 0.005
-STALL_GRACE = 5.0  # seconds a consumer may be stalled before health turns 503
 
 
 def _epoch(conn: sqlite3.Connection) -> str:
@@ -89,6 +91,7 @@ class Node:
         self.supervisor = Supervisor(self.stop_event)
         self.gaps: dict[str, tuple[int, int]] = {}  # found and not covered by a restore
         self.dead_letters = 0
+        self._conflicts_at_start = 0
         self.restart_reason: str | None = None  # set to start the node over in this process
         self.restored: str | None = None  # the snapshot this start restored, if any
         self._background: set[asyncio.Task[None]] = set()
@@ -100,6 +103,7 @@ class Node:
         self.metrics.track_nats_connected(lambda: self.nc is not None and self.nc.is_connected)
         self.metrics.parked_changes.set_function(
             lambda: self.schema.status()["parked_changes"] if self.schema is not None else 0)
+        self.metrics.conflicts.set_function(self.conflicts)
         self.metrics.apply_stalled.set_function(
             lambda: sum(c.stalled is not None for c in self.consumers))
         self._servers: list[HttpServer] = []
@@ -129,6 +133,7 @@ class Node:
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
         self.positions = await self._load_positions()
         self.dead_letters = await self.writer.call(deadletter.count)
+        self._conflicts_at_start = await self.writer.call(conflicts.count)
         if cfg.replicate:
             await self._check_gaps_at_start()
             applier = self.applier = Applier(skip_pending=cfg.publish,
@@ -168,7 +173,10 @@ class Node:
 
                 self.snapshots = SnapshotService(self)
                 self._spawn("snapshots", self.snapshots.run)
-        self.supervisor.spawn("housekeeping", self._housekeeping)
+        chores = functools.partial(
+            housekeeping, self.stop_event, self.writer, interval=cfg.cleanup_interval / 1000,
+            publish=cfg.publish, applier=self.applier, schema=self.schema)
+        self.supervisor.spawn("housekeeping", chores)
         if cfg.sleep_timeout > 0 and self.snapshots is None:
             # (With snapshots, the service handles it: the leader takes a final snapshot first.)
             self.supervisor.spawn("sleep timer", self._sleep_when_idle)
@@ -299,33 +307,6 @@ class Node:
                 log.info("no activity for %.1f s (sleep_timeout): stopping", timeout)
                 self.stop_event.set()
 
-    async def _housekeeping(self) -> None:
-        """Every cleanup_interval: prune published changes (publishers) and apply parked changes
-        whose table appeared meanwhile (replicators), even when no new message would notice.
-        With publish = false, captured changes are never sent: they are dropped here, so the
-        change log does not grow without bound."""
-        failing: str | None = None
-        while not self.stop_event.is_set():
-            await wait_any(self.stop_event, timeout=self.cfg.cleanup_interval / 1000)
-            try:
-                if not self.cfg.publish:
-                    await self.writer.call(_discard_unpublishable)
-                pruned = await self.writer.call(changelog.prune)
-                if pruned:
-                    log.debug("pruned %d published changes", pruned)
-                if self.applier is not None:
-                    await self.writer.call(self.applier.retry_parked)
-                if self.schema is not None:
-                    await self.schema.refresh()
-                if failing is not None:
-                    log.info("housekeeping of the change log works again")
-                    failing = None
-            except sqlite3.Error as exc:
-                if str(exc) != failing:  # once per state change, not every interval
-                    log.warning("housekeeping of the change log failed (retried every %.1f s): "
-                                "%s", self.cfg.cleanup_interval / 1000, exc)
-                failing = str(exc)
-
     # --- state -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         last_applied = max((c.last_applied_at or 0 for c in self.consumers), default=0)
@@ -343,40 +324,24 @@ class Node:
             "positions": dict(self.positions),
             "replication": self.replication_state(),
             "dead_letters": self.dead_letters,
+            "conflicts": self.conflicts(),
+            "warnings": self.warnings(),
             "schema": self.schema.status() if self.schema is not None else {},
             "problems": self.problems(),
         }
 
     def replication_state(self) -> dict[str, Any]:
-        now = time.time()
-        out: dict[str, Any] = {}
-        for c in self.consumers:
-            lag = c.lag
-            out[c.stream] = {
-                "applied_sequence": c.position,
-                "stream_last_sequence": c.stream_last_seq,
-                "lag_messages": lag,
-                "lag_seconds": round(now - c.last_message_at, 3)
-                if lag and c.last_message_at else 0.0,
-                "stalled": c.stalled,
-                "consuming": c.not_consuming is None,
-                "gap": list(self.gaps[c.stream]) if c.stream in self.gaps else None,
-            }
-        return out
+        return status.replication(self.consumers, self.gaps)
+
+    def conflicts(self) -> int:
+        """Rows displaced or overwritten by conflicts and recorded (see docs/conflicts.md)."""
+        return self._conflicts_at_start + (self.applier.displaced if self.applier else 0)
+
+    def warnings(self) -> list[str]:
+        return status.warnings(self.dead_letters, self.conflicts())
 
     def problems(self) -> list[str]:
-        """Why replication is not healthy (each makes health 503)."""
-        out = list(self.supervisor.problems())
-        now = time.monotonic()
-        for c in self.consumers:
-            if c.stalled is not None and now - (c.stalled_since or now) >= STALL_GRACE:
-                out.append(f"apply stalled on {c.stream}: {c.stalled}")
-            if c.not_consuming is not None:
-                out.append(f"stream {c.stream} is not being consumed: {c.not_consuming}")
-        for stream, (first, last) in sorted(self.gaps.items()):
-            out.append(f"stream {stream} dropped messages {first}..{last} before this node "
-                       "applied them: restore it from a snapshot that covers them")
-        return out
+        return status.problems(self.supervisor, self.consumers, self.gaps)
 
     async def health_status(self) -> dict[str, Any]:
         return {**self.status(), "version": __version__,
@@ -413,12 +378,6 @@ class Node:
                 write_seq_map(self.seq_map_path, self.positions, durable=True)
         self.writer.close()
         self.pub_db.close()
-
-
-def _discard_unpublishable(conn: sqlite3.Connection) -> None:
-    top = conn.execute(f"SELECT max(id) FROM {ddl.LOG}").fetchone()[0]
-    if top is not None:
-        changelog.mark_published(conn, int(top))
 
 
 async def run_node(cfg: Config) -> int:

@@ -159,7 +159,7 @@ def evaluate(
         },
         "reasons": reasons,
     }
-    for extra in ("replication", "dead_letters", "schema", "warnings"):
+    for extra in ("replication", "dead_letters", "conflicts", "schema", "warnings"):
         if extra in status:
             body[extra] = status[extra]
     return healthy, body

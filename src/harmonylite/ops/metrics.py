@@ -119,6 +119,9 @@ class Metrics:
         self.stream_applied_sequence = Gauge(
             "stream_applied_sequence", "Last stream sequence applied by this node.", ["stream"],
             **ns)
+        self.conflicts = Gauge(
+            "conflicts", "Rows displaced or overwritten by conflicts on this node and recorded "
+            "(harmonylite conflicts list).", **ns)
         self.parked_changes = Gauge(
             "parked_changes", "Incoming changes waiting for this database's schema (a table or "
             "column it lacks).", **ns)

@@ -1,0 +1,50 @@
+"""The node's periodic chores, every ``cleanup_interval``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+
+from harmonylite.aio import wait_any
+from harmonylite.cdc import changelog, ddl
+from harmonylite.db.connection import DbThread
+from harmonylite.node.schema_follow import SchemaFollower
+from harmonylite.replication.apply import Applier
+
+log = logging.getLogger(__name__)
+
+
+def discard_unpublishable(conn: sqlite3.Connection) -> None:
+    """publish = false: captured changes are never sent; mark them so they are pruned."""
+    top = conn.execute(f"SELECT max(id) FROM {ddl.LOG}").fetchone()[0]
+    if top is not None:
+        changelog.mark_published(conn, int(top))
+
+
+async def housekeeping(stop: asyncio.Event, writer: DbThread, *, interval: float, publish: bool,
+                       applier: Applier | None, schema: SchemaFollower | None) -> None:
+    """Prune published changes, apply parked changes whose table or columns appeared meanwhile
+    (even when no new message would notice), refresh the schema view. With publish = false,
+    captured changes are dropped here, so the change log does not grow without bound."""
+    failing: str | None = None
+    while not stop.is_set():
+        await wait_any(stop, timeout=interval)
+        try:
+            if not publish:
+                await writer.call(discard_unpublishable)
+            pruned = await writer.call(changelog.prune)
+            if pruned:
+                log.debug("pruned %d published changes", pruned)
+            if applier is not None:
+                await writer.call(applier.retry_parked)
+            if schema is not None:
+                await schema.refresh()
+            if failing is not None:
+                log.info("housekeeping of the change log works again")
+                failing = None
+        except sqlite3.Error as exc:
+            if str(exc) != failing:  # once per state change, not every interval
+                log.warning("housekeeping of the change log failed (retried every %.1f s): %s",
+                            interval, exc)
+            failing = str(exc)

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from harmonylite.config import parse_config
 from harmonylite.ids import parse
 from nodes import NodeProc, wait_until
 from servers import NatsServer
@@ -358,6 +359,19 @@ def showmigrations_all_applied(project: Project, n: NodeProc) -> None:
     assert "[ ]" not in shown and " [X] 0002_publisher_isbn" in shown, shown
 
 
+def test_every_frameworks_bookkeeping_table_is_per_node_by_default() -> None:
+    cfg, _ = parse_config({"db_path": "x.db"})
+    bookkeeping = ["django_migrations", "alembic_version", "schema_migrations",
+                   "ar_internal_metadata", "knex_migrations", "knex_migrations_lock",
+                   "flyway_schema_history", "goose_db_version", "__EFMigrationsHistory",
+                   "_prisma_migrations"]
+    assert not any(cfg.replicates_table(t) for t in bookkeeping)
+    assert cfg.replicates_table("library_book")
+    # a list of one's own replaces the defaults: docs/frameworks.md says to keep them in it
+    mine, _ = parse_config({"db_path": "x.db", "exclude_tables": ["audit_*"]})
+    assert not mine.replicates_table("audit_2024") and mine.replicates_table("django_migrations")
+
+
 def test_django_rolling_migrate_while_both_nodes_run(
         project: Project, start_pair: Callable[[Path | None], tuple[NodeProc, NodeProc]]
 ) -> None:
@@ -596,7 +610,12 @@ def test_alembic_rolling_upgrade_while_both_nodes_run(
 
         alembic(project, a, "upgrade", "head")  # batch mode rebuilds shelf_book
         write(a, "INSERT INTO shelf_publisher(id, name) VALUES (1, 'Ace')")
-        write(b, "INSERT INTO shelf_author(id, name) VALUES (2, 'Austen')")  # old code on node 2
+        # node 2 still runs the old code: its rows lack the new NOT NULL column, which node 1
+        # fills from the server_default
+        write(b, "INSERT INTO shelf_author(id, name) VALUES (2, 'Austen')")
+        write(b, "INSERT INTO shelf_book(id, author_id, title) VALUES (4, 2, 'Persuasion')")
+        wait_until(lambda: a.query("SELECT title, isbn FROM shelf_book WHERE id = 4")
+                   == [("Persuasion", "")], 20, "node 2's old-schema row on node 1")
         assert "a1" in alembic(project, b, "current")  # alembic_version stays per node
         alembic(project, b, "upgrade", "head")
         assert "a2 (head)" in alembic(project, b, "current")
@@ -610,7 +629,8 @@ def test_alembic_rolling_upgrade_while_both_nodes_run(
         write(b, "INSERT INTO shelf_book(id, author_id, title) VALUES (3, 2, 'Emma')")
         wait_settled(a, b, SHELF_TABLES, "writes after both upgrades")
         assert sorted(b.query("SELECT id, title, isbn FROM shelf_book")) == [
-            (1, "Dune", "978-0441"), (2, "Dune Messiah", "978-0399"), (3, "Emma", "")]
+            (1, "Dune", "978-0441"), (2, "Dune Messiah", "978-0399"), (3, "Emma", ""),
+            (4, "Persuasion", "")]
         assert b.query("SELECT name FROM shelf_publisher") == [("Ace",)]
         for n in (a, b):
             assert n.query("SELECT version_num FROM alembic_version") == [("a2",)]

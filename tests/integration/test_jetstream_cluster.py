@@ -240,7 +240,7 @@ def test_a_node_that_stops_applying_gives_the_snapshot_lease_up(rig: Rig) -> Non
                           "snapshot", "verify", "latest"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "behind stream heads:" in out.stdout and "unknown" not in out.stdout, out.stdout
+    assert "behind stream heads:" in out.stderr and "unknown" not in out.stderr, out.stderr
     listed = subprocess.run([sys.executable, "-m", "harmonylite", "-config",
                              str(other.config_path), "snapshot", "list", "--json"],
                             capture_output=True, text=True, timeout=60)

@@ -220,7 +220,8 @@ async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | N
             await verify_snapshot(store, manifest, temp_dir=cfg.snapshot.temp_dir or None,
                                   progress=progress)
             out.write(f"{manifest.id} ok\n")
-            out.write(describe_freshness(manifest) + "\n")
+            # stdout carries only the answer; how fresh the snapshot was goes with the progress
+            progress.finish(describe_freshness(manifest))
         else:
             manifest = await find_snapshot(store, args.id)
             path = await restore_to_path(store, manifest, Path(args.output),

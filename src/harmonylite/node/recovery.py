@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harmonylite.aio import wait_any
-from harmonylite.errors import HarmonyliteError, SnapshotError, StorageError
+from harmonylite.errors import (
+    HarmonyliteError,
+    SnapshotError,
+    StorageError,
+    StorageUnavailable,
+)
 from harmonylite.node import install
 from harmonylite.node.coverage import Gap, choose, gaps, need, stream_heads
 from harmonylite.node.restore_loop import RestoreRefused, publish_pending, restore_newest
@@ -56,6 +61,23 @@ def _log_gaps(found: list[Gap], what: str) -> None:
                   "(%s); a newer snapshot is needed for it to converge", gap.first, gap.last,
                   gap.stream, what,
                   extra={"stream": gap.stream, "from_seq": gap.first, "to_seq": gap.last})
+
+
+LIST_PATIENCE = 20.0  # seconds a store answering "unavailable" is retried at start
+
+
+async def _list_patiently(store: ObjectStore) -> list[Manifest]:
+    """List the store; while it says it is unavailable (a JetStream cluster still forming
+    answers 503 for seconds), retry quietly for a while before giving up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LIST_PATIENCE
+    while True:
+        try:
+            return await list_snapshots(store)
+        except StorageUnavailable:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.5)  # a pause between tries, not a synchronisation
 
 
 async def recover(node: Node) -> None:
@@ -92,7 +114,7 @@ async def recover(node: Node) -> None:
     store = await open_store(cfg.snapshot, js=node.js, bucket=cfg.snapshot_bucket())
     try:
         try:
-            candidates = await list_snapshots(store)
+            candidates = await _list_patiently(store)
         except StorageError as exc:
             if not db_exists:
                 raise SnapshotError(f"cannot provision {db_path}: the snapshot store cannot be "

@@ -98,6 +98,9 @@ def check_period(heartbeat: float) -> float:
     return max(0.5, min(1.0, heartbeat))
 
 
+LIST_QUIET_SECONDS = 15.0  # listing failures shorter than this are not logged
+
+
 class Scheduler:
     def __init__(
         self,
@@ -144,6 +147,8 @@ class Scheduler:
         self._served_request = -1  # revision of the last snapshot request looked at
         self._list_error: str | None = None
         self._list_failures = 0
+        self._list_failing_since = 0.0
+        self._list_warned = False
         self._heads = heads or dict
 
     # --- leadership -------------------------------------------------------------------------
@@ -186,16 +191,21 @@ class Scheduler:
         try:
             found = await bounded(list_snapshots(store), LIST_TIMEOUT_SECONDS)
         except Exception as exc:
-            # Once per state change: a cluster re-forming answers 503 for seconds.
+            # A cluster forming or re-forming answers 503 for seconds: retried quietly, said
+            # once only if it lasts.
+            now = self._clock()
             if self._list_error is None:
-                log.warning("cannot list snapshots (retrying with a growing wait): %s",
-                            describe(exc))
+                self._list_failing_since = now
+            elif not self._list_warned and now - self._list_failing_since >= LIST_QUIET_SECONDS:
+                log.warning("cannot list snapshots for %.0f s (retrying with a growing wait): "
+                            "%s", now - self._list_failing_since, describe(exc))
+                self._list_warned = True
             self._list_error = describe(exc)
             self._list_failures += 1
             return False
-        if self._list_error is not None:
+        if self._list_warned:
             log.info("snapshots can be listed again")
-            self._list_error, self._list_failures = None, 0
+        self._list_error, self._list_failures, self._list_warned = None, 0, False
         self._last_refresh = self._clock()
         if not found:
             if self.newest is None and self.interval > 0 and self._next_due is None:

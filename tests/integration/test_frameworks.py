@@ -432,10 +432,6 @@ def test_django_rolling_migrate_while_both_nodes_run(
     no_dead_letters(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the last node's rebuild republishes its rows as local changes: parked changes to those rows "
-    "are skipped as superseded, and the republished (older) values win on every node; the "
-    "first node records its reverted rows in its conflicts table"))
 def test_django_write_to_a_rebuilt_table_before_the_last_node_migrates(
         project: Project, start_pair: Callable[[Path | None], tuple[NodeProc, NodeProc]]
 ) -> None:

@@ -151,6 +151,11 @@ class PendingKeys:
                          (self._scanned,))
         for row in rows:
             entry = _entry(conn, row, shapes)
+            self._scanned = entry.id
+            if entry.op == ddl.OP_BACKFILL:
+                # A republished row is no newer than what arrives: it must not hide it (it is
+                # read when published, so it carries what was applied meanwhile).
+                continue
             name = shapes[entry.tid].name
             key = fold(name, entry.key) if fold is not None else entry.key
             self._latest[(name, key)] = entry.id

@@ -50,6 +50,10 @@ ORIGINS = f"{PREFIX}origins"
 OP_INSERT = 1
 OP_UPDATE = 2
 OP_DELETE = 3
+# A row published because capture (re)started on its table (a new or rebuilt table), not because
+# the application wrote it now: sent as an update, and never treated as a local change that
+# supersedes incoming ones (see changelog.PendingKeys).
+OP_BACKFILL = 4
 
 BASE_DDL = [
     f"CREATE TABLE IF NOT EXISTS {LOG} (id INTEGER PRIMARY KEY, tid INTEGER NOT NULL, "
@@ -131,7 +135,7 @@ def backfill_sql(tid: int, table: TableInfo) -> str:
     """Capture every current row of a table as an upsert (capture starting on a live table)."""
     keys = ", ".join(key_column(i) for i in range(len(table.pk)))
     cols = ", ".join(quote_ident(c) for c in table.pk)
-    return (f"INSERT INTO {LOG}(tid, op, {keys}) SELECT {tid}, {OP_INSERT}, {cols} "
+    return (f"INSERT INTO {LOG}(tid, op, {keys}) SELECT {tid}, {OP_BACKFILL}, {cols} "
             f"FROM {quote_ident(table.name)}")
 
 

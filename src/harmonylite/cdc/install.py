@@ -104,7 +104,9 @@ def install_in_transaction(conn: sqlite3.Connection,
                 conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(name)}")
                 conn.execute(create)
             wanted.add(name)
-        if started and (table.name not in known or rebuilt):
+        # (A rebuilt table without a primary key is not republished: its rows, identified by
+        # content, would be added again on every node.)
+        if started and (table.name not in known or (rebuilt and not table.content_keyed)):
             count = conn.execute(ddl.backfill_sql(tid, table)).rowcount
             if count:
                 report.backfilled[table.name] = count

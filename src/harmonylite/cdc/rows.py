@@ -109,7 +109,8 @@ class RowReader:
                     self._warn_once(name, "a captured change to table %r was made with other "
                                     "columns than the table has now: it is not published")
                     continue
-                out.append(Change(e.id, name, e.op, e.key))
+                op = ddl.OP_INSERT if e.op == ddl.OP_BACKFILL else e.op
+                out.append(Change(e.id, name, op, e.key))
                 continue
             row = None
             if e.op != ddl.OP_DELETE:
@@ -118,7 +119,8 @@ class RowReader:
             if row is None:  # deleted (now, if not then): send the key alone
                 out.append(Change(e.id, name, ddl.OP_DELETE, _key_only(shape, e.key)))
             else:
-                out.append(Change(e.id, name, e.op, row))
+                op = ddl.OP_UPDATE if e.op == ddl.OP_BACKFILL else e.op
+                out.append(Change(e.id, name, op, row))
         return out, shapes
 
 

@@ -214,6 +214,10 @@ def test_same_new_key_inserted_on_two_nodes_keeps_the_displaced_row(
                          timeout=60, check=True)
     assert [(x["table"], x["key"], x["displaced"]["v"]) for x in json.loads(out.stdout)] == [
         ("other", "[6]", loser)]
+    for n in (a, b):  # every node that recorded it names the same loser
+        recorded = n.query("SELECT tbl, key FROM __harmonylite__conflicts")
+        assert recorded in ([], [("other", "[6]")])
+    assert {tuple(n.query("SELECT v FROM other WHERE id = 6")) for n in trio} == {(final,)}
 
 
 def test_migration_bookkeeping_tables_stay_per_node(tmp_path: Path,

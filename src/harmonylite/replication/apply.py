@@ -64,6 +64,8 @@ class Applier:
         # This database's own origin (node id and epoch): its own changes to a table without a
         # primary key are already here, and applying them again would add a second copy.
         self.origin = origin
+        self.node_id = int(origin.split(":")[0]) if origin else 0
+        self._marks: dict[str, int] = {}  # the origins' marks of the stream being applied
         self.replicated = replicated  # tables replicated here (None: all)
         self._ignored: set[str] = set()
 
@@ -225,10 +227,33 @@ class Applier:
             have = dict(zip(local.columns, row, strict=True))
             if any(have.get(c) != v or type(have.get(c)) is not type(v)
                    for c, v in zip(cols, vals, strict=True)):
+                if self._own_in_flight(conn, local, key):
+                    # This node's own insert of the key is on its way: it comes later in the
+                    # stream and wins everywhere, so the row arriving now is the one displaced
+                    # (the same loser every node records), and the local row stays.
+                    incoming = dict(zip(cols, vals, strict=True))
+                    conflicts.record(conn, local, tuple(incoming.get(c) for c in local.columns),
+                                     key, stream=stream, seq=seq, origin=self.node_id)
+                    self.displaced += 1
+                    return
                 conflicts.record(conn, local, tuple(row), key, stream=stream, seq=seq,
                                  origin=batch.node_id)
                 self.displaced += 1
         statements.run(conn, local, st, cols, vals, key)
+
+    def _own_in_flight(self, conn: sqlite3.Connection, local: TableInfo,
+                       key: tuple[object, ...]) -> bool:
+        """Whether this node captured a change to ``key`` that has not come back from the
+        stream yet (above its own high-water mark for the stream being applied)."""
+        if not self.origin:
+            return False
+        tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
+        if tid is None:
+            return False
+        where = " AND ".join(f"k{i} IS ?" for i in range(len(key)))
+        return bool(conn.execute(
+            f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND {where} LIMIT 1",
+            (tid, self._marks.get(self.origin, 0), *key)).fetchone())
 
     def retry_dead_letters(self, conn: sqlite3.Connection) -> int:
         """After a schema change: apply again the dead letters a stricter schema refused (a NOT
@@ -305,7 +330,7 @@ class Applier:
             self._parked_tables = parking.parked_tables(conn)
             if schema_changed and self._parked_tables:
                 result.unparked = self._unpark(conn, pending)
-            marks = {str(o): int(h) for o, h in conn.execute(
+            marks = self._marks = {str(o): int(h) for o, h in conn.execute(
                 f"SELECT origin, hwm FROM {ddl.ORIGINS} WHERE stream = ?", (stream,))}
             moved: set[str] = set()
             for seq, data in messages:

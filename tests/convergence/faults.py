@@ -32,6 +32,7 @@ class Cluster(Protocol):
     def nats_down(self, i: int) -> None: ...
     def nats_up(self, i: int) -> None: ...
     def db(self, i: int) -> Path: ...
+    def provision(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Fault:
         return f"t={self.at:5.1f}s {self.kind:<13} node {self.node + 1} for {self.duration:.1f}s"
 
 
-LONG = ("rollover_stop", "rollover_kill", "lock")  # run beside the short faults
+LONG = ("rollover_stop", "rollover_kill", "lock", "provision")  # run beside the short faults
 BUSY_TIMEOUT_S = 10.0  # the node's PRAGMA busy_timeout
 
 
@@ -59,6 +60,8 @@ def schedule(seed: int, kinds: tuple[str, ...], seconds: float, nodes: int) -> l
             faults.append(Fault(1.0, kind, rng.randrange(nodes), seconds * 0.7))
     if "lock" in kinds:
         faults.append(Fault(seconds * 0.2, "lock", rng.randrange(nodes), BUSY_TIMEOUT_S + 3))
+    if "provision" in kinds:  # a brand-new node joins mid-run, from the newest snapshot
+        faults.append(Fault(round(seconds * rng.uniform(0.4, 0.6), 2), "provision", nodes, 0.0))
     others = [k for k in kinds if k not in LONG]
     t = 1.0 + rng.uniform(0, 2)
     while others and t < seconds - 3:
@@ -124,6 +127,8 @@ class FaultRunner(threading.Thread):
                 c.nats_up(f.node)
         elif f.kind == "lock":
             hold_write_lock(c.db(f.node), f.duration)
+        elif f.kind == "provision":
+            c.provision()
         else:
             raise ValueError(f.kind)
 

@@ -67,6 +67,7 @@ class Harness:
         self.dead: list[str] = []
         self._locks = [threading.Lock() for _ in range(size)]
         self._shards = shards
+        self._node_cfg: dict[str, Any] = {}
 
     # --- cluster control (faults.Cluster) ------------------------------------------------
     def db(self, i: int) -> Path:
@@ -103,6 +104,15 @@ class Harness:
                 os.kill(proc.pid, signal.SIGCONT)
             self.paused.discard(i)
 
+    def provision(self) -> None:
+        """A brand-new node with no database: it restores the newest snapshot and catches up
+        (external nats-server only). It joins the oracle's judgement, not the writers."""
+        i = len(self.nodes)
+        node = NodeProc(self.workdir / f"node{i + 1}", i + 1, self._node_cfg)
+        node.start(120)
+        self.nodes.append(node)
+        self._locks.append(threading.Lock())
+
     def nats_down(self, i: int) -> None:
         if self.server is not None:
             self.server.stop()
@@ -138,6 +148,7 @@ class Harness:
                                  if j != i)
                 args = ["-cluster-addr", f"127.0.0.1:{cluster_ports[i]}", "-cluster-peers", peers]
             cfg = {"nats": nats_cfg, "replication_log": rlog, **extra_cfg}
+            self._node_cfg = cfg
             node = NodeProc(self.workdir / f"node{i + 1}", i + 1, cfg, extra_args=args)
             conn = sqlite3.connect(node.db, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")

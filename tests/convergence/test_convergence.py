@@ -45,6 +45,7 @@ MORE_SEEDS = [
     ("huge", 11, 8.0),          # issue 10: a value over the payload limit
     ("lock", 11, 8.0),          # issue 10: a long application lock
     ("schema_restart", 11, 8.0),  # issue 12: the stop-alter-restart procedure
+    ("provision", 11, 12.0),    # issue 13: a brand-new node provisioned mid-run
     ("all", 4, 12.0),
     ("all", 5, 12.0),
 ]

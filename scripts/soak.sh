@@ -5,20 +5,21 @@
 #
 #   scripts/soak.sh --minutes N [--seed S] [--nodes K] [--profile P[,P2…]|every] [--embedded]
 #
-# The default profile is `basic` (what today's code must pass); `every` cycles through all.
+# The default profile is `all` (every table shape, value and operation, with kills, SIGSTOPs,
+# nats-server restarts and a held write lock); `every` cycles through all profiles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MINUTES=""
 ARGS=()
-PROFILE="basic"
+PROFILE="all"
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes|-minutes) MINUTES="$2"; shift 2 ;;
     --seed|-seed|--nodes|-nodes|--seconds|-seconds) ARGS+=("--${1#"${1%%[!-]*}"}" "$2"); shift 2 ;;
     --profile|-profile) PROFILE="$2"; shift 2 ;;
     --embedded|-embedded|--keep|-keep|-v|--verbose) ARGS+=("$1"); shift ;;
-    -h|--help) sed -n 2,8p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
     *) echo "soak.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -245,7 +245,7 @@ class Applier:
                        key: tuple[object, ...]) -> bool:
         """Whether this node captured a change to ``key`` that has not come back from the
         stream yet (above its own high-water mark for the stream being applied)."""
-        if not self.origin:
+        if not self.origin or not self.skip_pending:  # publish = false: nothing goes out
             return False
         tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
         if tid is None:

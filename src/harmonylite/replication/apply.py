@@ -197,7 +197,10 @@ class Applier:
             c in cols for c in local.pk) else key
         st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
         try:
-            if st.insert_new and st.select_row:
+            # (A node's own changes coming back never conflict with it: one upsert, which
+            # writes nothing when the row is already so.)
+            if st.insert_new and st.select_row and not (
+                    self.origin and batch.origin == self.origin):
                 self._insert(conn, local, st, cols, vals, local_key, stream, seq, batch)
             else:
                 statements.run(conn, local, st, cols, vals, local_key)

@@ -12,6 +12,7 @@ import asyncio
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,9 +64,24 @@ def main() -> None:
                 node.execute("CREATE TABLE ev(id INTEGER PRIMARY KEY, written REAL)")
                 nodes.append(node.start())
             a, b = nodes
-            b.execute("CREATE TABLE arrivals(id INTEGER PRIMARY KEY, at REAL)")
-            b.execute("CREATE TRIGGER stamp AFTER INSERT ON ev BEGIN INSERT INTO arrivals "
-                      "VALUES (NEW.id, (julianday('now') - 2440587.5) * 86400.0); END")
+            # Arrival times are taken by polling node 2 (an application trigger would not do:
+            # application triggers do not fire for replicated writes).
+            arrivals: dict[int, float] = {}
+            done = threading.Event()
+
+            def poll() -> None:
+                conn_b = b.connect()
+                seen = -1
+                while not done.is_set() and len(arrivals) < N:
+                    for (rid,) in conn_b.execute("SELECT id FROM ev WHERE id > ? ORDER BY id",
+                                                 (seen,)):
+                        arrivals[rid] = time.time()
+                        seen = rid
+                    time.sleep(0.0005)  # the polling period (0.5 ms resolution)
+                conn_b.close()
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
             conn = a.connect()
             committed: dict[int, float] = {}
             start = time.perf_counter()
@@ -77,9 +93,10 @@ def main() -> None:
                 conn.execute("INSERT INTO ev VALUES (?, ?)", (i, time.time()))
                 committed[i] = time.time()
             conn.close()
-            wait_until(lambda: b.query("SELECT count(*) FROM arrivals")[0][0] == N, 60,
-                       "all rows on node 2")
-            rows = b.query("SELECT id, arrivals.at, ev.written FROM arrivals JOIN ev USING (id)")
+            wait_until(lambda: len(arrivals) == N, 60, "all rows on node 2")
+            done.set()
+            poller.join(5)
+            rows = [(rid, arrivals[rid], w) for rid, w in b.query("SELECT id, written FROM ev")]
             # From the application's commit returning on node 1 to the row committed on node 2.
             lags = [(at - committed[i]) * 1000 for i, at, _ in rows]
             # Including the time the application's own INSERT took on node 1.
@@ -89,7 +106,7 @@ def main() -> None:
             for n in nodes:
                 n.stop()
             server.stop()
-    # julianday('now') has millisecond resolution: figures are +-1 ms.
+    # Arrivals are polled every 0.5 ms: figures are +0.5 ms.
     p50, p99, mx = statistics.median(lags), pct(lags, 0.99), max(lags)
     print(f"{N} single-row transactions at {RATE}/s: lag p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
           f"max {mx:.1f} ms")

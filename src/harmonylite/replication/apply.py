@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import install_in_transaction, report_install
@@ -45,6 +46,15 @@ from harmonylite.replication.outcome import (
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ChangeShape:
+    fits: bool  # every column the sender has, this table has
+    remote_key: tuple[int, ...]  # positions of the sender's key columns
+    local_key: tuple[int, ...]  # positions of this table's key columns (empty: not all sent)
+    kept: tuple[int, ...]  # positions of the columns this table has
+    kept_cols: tuple[str, ...]
+
+
 class Applier:
     """Holds prepared SQL per table shape; one instance per writer connection."""
 
@@ -55,6 +65,7 @@ class Applier:
         self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None],
                         statements.Statements] = {}
         self._shapes: dict[int, changelog.TableShape] = {}
+        self._shapes_seen: dict[tuple[str, tuple[str, ...], tuple[str, ...]], ChangeShape] = {}
         self._pending = changelog.PendingKeys()
         self.displaced = 0  # rows removed by UNIQUE conflicts (recorded), since start
         self._parked_tables: set[str] = set()
@@ -68,6 +79,7 @@ class Applier:
         self._marks: dict[str, int] = {}  # the origins' marks of the stream being applied
         self.replicated = replicated  # tables replicated here (None: all)
         self._ignored: set[str] = set()
+        self._replicated_cache: dict[str, bool] = {}  # table -> replicated (patterns cost)
 
     def _refresh(self, conn: sqlite3.Connection) -> bool:
         """When the schema changed (the application's DDL): bring capture up to date in this
@@ -83,6 +95,7 @@ class Applier:
         self._schema_version = version
         self._tables.clear()
         self._sql.clear()
+        self._shapes_seen.clear()
         self._shapes = changelog.registry(conn)
         parking.ensure_origin_column(conn)
         return True
@@ -102,6 +115,25 @@ class Applier:
             local = self._local(conn, table)
             return fold_key(key, local.key_collations) if local is not None else key
         return fold
+
+    def _shape(self, local: TableInfo | None, remote_cols: tuple[str, ...],
+               remote_keys: tuple[str, ...]) -> ChangeShape | None:
+        """How a sender's column list maps onto the local table (cached: once per shape)."""
+        if local is None:
+            return None
+        ck = (local.name, remote_cols, remote_keys)
+        found = self._shapes_seen.get(ck)
+        if found is None:
+            have = set(local.columns)
+            kept = tuple(i for i, c in enumerate(remote_cols) if c in have)
+            found = ChangeShape(
+                fits=len(kept) == len(remote_cols),
+                remote_key=tuple(remote_cols.index(c) for c in remote_keys),
+                local_key=tuple(remote_cols.index(c) for c in local.pk)
+                if all(c in remote_cols for c in local.pk) else (),
+                kept=kept, kept_cols=tuple(remote_cols[i] for i in kept))
+            self._shapes_seen[ck] = found
+        return found
 
     def _statements(self, local: TableInfo, columns: tuple[str, ...], op: int,
                     mask: tuple[bool, ...] | None) -> statements.Statements:
@@ -153,54 +185,56 @@ class Applier:
         *,
         parked: bool = False,
     ) -> int:
-        remote_cols = batch.columns[ch.table]
-        if self.replicated is not None and not self.replicated(ch.table):
-            if ch.table not in self._ignored:  # each node's own (migration bookkeeping…)
-                self._ignored.add(ch.table)
+        table = ch.table
+        remote_cols = batch.columns[table]
+        replicated = self._replicated_cache.get(table)
+        if replicated is None:
+            replicated = self._replicated_cache[table] = (
+                self.replicated is None or self.replicated(table))
+        if not replicated:
+            if table not in self._ignored:  # each node's own (migration bookkeeping…)
+                self._ignored.add(table)
                 log.info("changes to table %r are not applied here: it is not replicated "
-                         "(exclude_tables / include_tables)", ch.table, extra={"table": ch.table})
+                         "(exclude_tables / include_tables)", table, extra={"table": table})
             return SKIPPED
-        local = self._local(conn, ch.table)
-        if not parked:
-            fits = local is not None and all(c in local.columns for c in remote_cols)
-            if not fits or ch.table in self._parked_tables:
-                # Not lost: kept in order until this database can take it (a table or a column
-                # it lacks; or earlier changes to the table waiting), see ``parking``.
-                parking.park(conn, stream, seq, batch, ch)
-                self._parked_tables.add(ch.table)
-                if fits:
-                    self._unpark_wanted = True  # it may unblock changes parked before it
-                return PARKED
-        if local is None:
-            raise UnknownTable(f"no table {ch.table!r} in the local database")
-        if local.content_keyed and self.origin and batch.origin == self.origin:
+        local = self._local(conn, table)
+        shape = self._shape(local, remote_cols, batch.keys[table])
+        if not parked and (shape is None or not shape.fits or table in self._parked_tables):
+            # Not lost: kept in order until this database can take it (a table or a column it
+            # lacks; or earlier changes to the table waiting), see ``parking``.
+            parking.park(conn, stream, seq, batch, ch)
+            self._parked_tables.add(table)
+            if shape is not None and shape.fits:
+                self._unpark_wanted = True  # it may unblock changes parked before it
+            return PARKED
+        if local is None or shape is None:
+            raise UnknownTable(f"no table {table!r} in the local database")
+        own = bool(self.origin) and batch.origin == self.origin
+        if local.content_keyed and own:
             return SKIPPED
-        key = tuple(ch.values[remote_cols.index(c)] for c in batch.keys[ch.table])
+        values = ch.values
+        key = tuple(values[i] for i in shape.remote_key)
         if self.skip_pending and pending and not local.content_keyed \
-                and (ch.table, fold_key(key, local.key_collations)) in pending:
+                and (table, fold_key(key, local.key_collations)) in pending:
             # A local change to this row is not yet published; it will be published after this
             # message, so it is the row's final state everywhere. Applying this one now would only
             # make the row step back until then.
             return SKIPPED
-        local_set = set(local.columns)
-        if all(c in local_set for c in remote_cols):
-            cols, vals = remote_cols, ch.values
+        if shape.fits:
+            cols, vals = remote_cols, values
         else:  # a parked change whose sender has dropped these columns since (see parking)
-            pairs = [(c, v) for c, v in zip(remote_cols, ch.values, strict=True) if c in local_set]
-            cols, vals = tuple(c for c, _ in pairs), tuple(v for _, v in pairs)
+            cols, vals = shape.kept_cols, tuple(values[i] for i in shape.kept)
         if ch.op == ddl.OP_DELETE:
-            local_key = tuple(ch.values[remote_cols.index(c)] for c in local.pk)
+            local_key = tuple(values[i] for i in shape.local_key)
             st = self._statements(local, cols, ch.op, statements.raw_mask(local_key))
             statements.run(conn, local, st, cols, vals, local_key)
             return APPLIED
-        local_key = tuple(vals[cols.index(c)] for c in local.pk) if all(
-            c in cols for c in local.pk) else key
+        local_key = tuple(values[i] for i in shape.local_key) if shape.local_key else key
         st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
         try:
             # (A node's own changes coming back never conflict with it: one upsert, which
             # writes nothing when the row is already so.)
-            if st.insert_new and st.select_row and not (
-                    self.origin and batch.origin == self.origin):
+            if st.insert_new and st.select_row and not own:
                 self._insert(conn, local, st, cols, vals, local_key, stream, seq, batch)
             else:
                 statements.run(conn, local, st, cols, vals, local_key)

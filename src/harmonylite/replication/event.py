@@ -140,18 +140,24 @@ def decode(data: bytes) -> Batch:
         node = int(obj["n"])
         columns = {str(t): tuple(str(c) for c in cs) for t, cs in obj["t"].items()}
         keys = {str(t): tuple(str(c) for c in ks) for t, ks in obj["k"].items()}
+        for table, cols in columns.items():  # once per table, not per change
+            if table not in keys or any(k not in cols for k in keys[table]):
+                raise DecodeError(f"change for table {table!r} names no usable key columns")
+        widths = {t: len(cs) for t, cs in columns.items()}
         changes = []
         for table, op, values in obj["c"]:
-            if table not in columns or op not in (1, 2, 3) or not isinstance(values, list):
+            width = widths.get(table)
+            if width is None or op not in (1, 2, 3) or type(values) is not list:
                 raise DecodeError(f"malformed change for table {table!r}")
-            if table not in keys or any(k not in columns[table] for k in keys[table]):
-                raise DecodeError(f"change for table {table!r} names no usable key columns")
-            if len(values) != len(columns[table]):
+            if len(values) != width:
                 raise DecodeError(f"change for {table!r} has {len(values)} values, "
-                                  f"expected {len(columns[table])}")
-            changes.append(RowChange(str(table), int(op), tuple(values)))
+                                  f"expected {width}")
+            changes.append(RowChange(table, op, tuple(values)))
         epoch = str(obj.get("e") or "")
-        ids = tuple(int(i) for i in obj.get("i") or ())
+        raw_ids = obj.get("i") or ()
+        if not all(type(i) is int for i in raw_ids):
+            raise DecodeError("malformed change ids")
+        ids = tuple(raw_ids)
         if ids and len(ids) != len(changes):
             raise DecodeError(f"batch has {len(ids)} change ids for {len(changes)} changes")
     except DecodeError:

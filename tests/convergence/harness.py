@@ -149,7 +149,9 @@ class Harness:
                 args = ["-cluster-addr", f"127.0.0.1:{cluster_ports[i]}", "-cluster-peers", peers]
             cfg = {"nats": nats_cfg, "replication_log": rlog, **extra_cfg}
             self._node_cfg = cfg
-            node = NodeProc(self.workdir / f"node{i + 1}", i + 1, cfg, extra_args=args)
+            env = ({"HARMONYLITE_TEST_CLOCK_OFFSET": str(self.profile.clock_offset)}
+                   if i == 0 and self.profile.clock_offset else None)
+            node = NodeProc(self.workdir / f"node{i + 1}", i + 1, cfg, extra_args=args, env=env)
             conn = sqlite3.connect(node.db, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             schema.create_schema(conn, self.profile.features)

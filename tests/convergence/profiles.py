@@ -24,6 +24,7 @@ class Profile:
     hot_keys: int = 12  # small key space: rows written by every node at once
     migrations: bool = False
     restart_after_migration: bool = False
+    clock_offset: float = 0.0  # seconds node 1's snapshots are dated ahead (a fast clock)
     write_seconds: float = 10.0  # default length of the write phase (overridden by --minutes)
 
 
@@ -81,6 +82,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
        faults=("provision", "kill"),
        node_config={"snapshot": {"enabled": True, "store": "file", "interval": 1500}},
        write_seconds=12),
+    _P("clock", "node 1's clock 10 minutes fast; snapshots (keep 2) cover a node down across "
+       "a roll-over and a brand-new node", faults=("rollover_kill", "provision"),
+       node_config={"replication_log": {"max_entries": 64},
+                    "snapshot": {"enabled": True, "store": "file", "interval": 1500, "keep": 2}},
+       clock_offset=600.0, write_seconds=12),
     _P("all", "everything at once", values="full",
        features=frozenset({"basic", "unique", "fk", "triggers", "nocase", "nopk"}),
        ops=_ops(keychange=1, multi=2, rollback=1, replace=2, vacuum=1),

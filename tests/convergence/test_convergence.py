@@ -46,6 +46,7 @@ MORE_SEEDS = [
     ("lock", 11, 8.0),          # issue 10: a long application lock
     ("schema_restart", 11, 8.0),  # issue 12: the stop-alter-restart procedure
     ("provision", 11, 12.0),    # issue 13: a brand-new node provisioned mid-run
+    ("clock", 11, 12.0),        # issue 13: a node clock 10 minutes fast, keep = 2
     ("all", 4, 12.0),
     ("all", 5, 12.0),
 ]

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,6 +40,9 @@ from harmonylite.snapshot.progress import NullProgress, ProgressSink
 from harmonylite.snapshot.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
+# Tests set HARMONYLITE_TEST_CLOCK_OFFSET (seconds) to play a node whose clock is wrong: its
+# snapshots carry that skewed time. Ordering must not depend on it (stream positions decide).
+CLOCK_OFFSET = timedelta(seconds=float(os.environ.get("HARMONYLITE_TEST_CLOCK_OFFSET") or 0))
 
 T = TypeVar("T")
 Fence = Callable[[], Awaitable[None]]
@@ -142,7 +146,7 @@ class SnapshotPipeline:
 
     async def _save(self, fence: Fence | None, unless_at: dict[str, int] | None) -> SaveResult:
         started = time.monotonic()
-        created = datetime.now(UTC)
+        created = datetime.now(UTC) + CLOCK_OFFSET
         if unless_at is not None:
             live = await asyncio.to_thread(packing.live_sequences, self.cfg.db_path)
             if live == unless_at:

@@ -234,8 +234,13 @@ def test_a_node_that_stops_applying_gives_the_snapshot_lease_up(rig: Rig) -> Non
         holder.execute("ROLLBACK")
         holder.close()
     rig.converge("after the stall")
-    other = next(n for n in rig.nodes if n is not leader)
-    wait_until(lambda: "Snapshot saved" in other.log_text(), 30, "a snapshot by a fresh node")
+    def fresh_saver() -> NodeProc | None:  # whichever fresh node took the lease
+        return next((n for n in rig.nodes if n is not leader
+                     and "Snapshot saved" in n.log_text()), None)
+
+    wait_until(lambda: fresh_saver() is not None, 30, "a snapshot by a fresh node")
+    other = fresh_saver()
+    assert other is not None
     out = subprocess.run([sys.executable, "-m", "harmonylite", "-config", str(other.config_path),
                           "snapshot", "verify", "latest"], capture_output=True, text=True,
                          timeout=120)

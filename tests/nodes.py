@@ -125,6 +125,13 @@ class NodeProc:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``harmonylite -config <this node's config> ARGS…`` as an operator runs it."""
+        return subprocess.run(
+            [sys.executable, "-m", "harmonylite", "-config", str(self.config_path), *args],
+            capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, **self.env} if self.env else None)
+
     def connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.db, isolation_level=None, timeout=10)
         conn.execute("PRAGMA journal_mode=WAL")

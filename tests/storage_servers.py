@@ -66,12 +66,16 @@ class _Process:
 class SeaweedFS(_Process):
     """``weed server`` with its S3 gateway; every port is named so instances never collide."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, identities: dict[str, list[str]] | None = None) -> None:
+        """``identities``: name -> SeaweedFS actions (``Read``, ``List``, ``Write``,
+        ``Admin``…) of extra credentials, each with access key = name and secret = name +
+        ``-secret``; with any, the gateway enforces them (the default key stays Admin)."""
         super().__init__(workdir, "weed")
         self.grace = 2.0  # its data is throw-away; weed can take 10 s to shut down
         self.s3_port = free_port()
         self.access_key = "harmonylite"
         self.secret_key = "seaweed-secret-key"
+        self.identities = identities or {}
 
     @property
     def endpoint(self) -> str:
@@ -84,8 +88,19 @@ class SeaweedFS(_Process):
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
         weed = str(BIN / "weed") if (BIN / "weed").exists() else (shutil.which("weed") or "weed")
+        auth = []
+        if self.identities:
+            ids = [{"name": self.access_key, "actions": ["Admin", "Read", "List", "Write"],
+                    "credentials": [{"accessKey": self.access_key,
+                                     "secretKey": self.secret_key}]}]
+            ids += [{"name": n, "actions": acts,
+                     "credentials": [{"accessKey": n, "secretKey": f"{n}-secret"}]}
+                    for n, acts in self.identities.items()]
+            conf = self.workdir / "s3.json"
+            conf.write_text(json.dumps({"identities": ids}))
+            auth = [f"-s3.config={conf}"]
         return [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-                "-s3", f"-s3.port={self.s3_port}",
+                "-s3", f"-s3.port={self.s3_port}", *auth,
                 *(f"-{name}={port}" for name, port in ports.items()),
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 "-master.volumeSizeLimitMB=64", "-volume.max=8"]

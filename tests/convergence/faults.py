@@ -8,7 +8,10 @@ in a ``finally``, so a run that stops early heals too). Kinds:
 - ``nats``: stop the nats-server (or, embedded, kill one node's server), start it again;
 - ``lock``: the application on a node holds the write lock longer than the node's busy timeout;
 - ``rollover_stop`` / ``rollover_kill``: SIGSTOP (or SIGKILL) a node for most of the run while
-  the others write more than the streams keep (profile ``rollover`` sets a small ``max_entries``).
+  the others write more than the streams keep (profile ``rollover`` sets a small ``max_entries``);
+- ``restore``: the operator's forced restore: stop a node (its application closes the database
+  meanwhile), ``harmonylite snapshot restore`` in place, start it again;
+- ``disk``: fill the file system a node's database is on (a small tmpfs; root only), free it later.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class Cluster(Protocol):
     def nats_up(self, i: int) -> None: ...
     def db(self, i: int) -> Path: ...
     def provision(self) -> None: ...
+    def forced_restore(self, i: int) -> None: ...
+    def fill_disk(self, i: int) -> None: ...
+    def free_disk(self, i: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,8 @@ class Fault:
         return f"t={self.at:5.1f}s {self.kind:<13} node {self.node + 1} for {self.duration:.1f}s"
 
 
-LONG = ("rollover_stop", "rollover_kill", "lock", "provision")  # run beside the short faults
+# Run beside the short faults, each in its own thread.
+LONG = ("rollover_stop", "rollover_kill", "lock", "provision", "restore", "disk")
 BUSY_TIMEOUT_S = 10.0  # the node's PRAGMA busy_timeout
 
 
@@ -62,6 +69,12 @@ def schedule(seed: int, kinds: tuple[str, ...], seconds: float, nodes: int) -> l
         faults.append(Fault(seconds * 0.2, "lock", rng.randrange(nodes), BUSY_TIMEOUT_S + 3))
     if "provision" in kinds:  # a brand-new node joins mid-run, from the newest snapshot
         faults.append(Fault(round(seconds * rng.uniform(0.4, 0.6), 2), "provision", nodes, 0.0))
+    if "restore" in kinds:  # once snapshots exist
+        faults.append(Fault(round(seconds * rng.uniform(0.35, 0.6), 2), "restore",
+                            rng.randrange(nodes), 0.0))
+    if "disk" in kinds:
+        faults.append(Fault(round(seconds * rng.uniform(0.2, 0.4), 2), "disk",
+                            rng.randrange(nodes), round(seconds * 0.3, 2)))
     others = [k for k in kinds if k not in LONG]
     t = 1.0 + rng.uniform(0, 2)
     while others and t < seconds - 3:
@@ -129,6 +142,14 @@ class FaultRunner(threading.Thread):
             hold_write_lock(c.db(f.node), f.duration)
         elif f.kind == "provision":
             c.provision()
+        elif f.kind == "restore":
+            c.forced_restore(f.node)
+        elif f.kind == "disk":
+            c.fill_disk(f.node)
+            try:
+                self.stop.wait(f.duration)
+            finally:
+                c.free_disk(f.node)
         else:
             raise ValueError(f.kind)
 

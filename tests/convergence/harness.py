@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -20,6 +21,13 @@ from typing import Any
 from . import faults, oracle, schema
 from .profiles import Profile
 from .workload import History, Writer
+
+DISK_MB = 96  # each node's file system under the ``disk`` fault
+
+
+class DiskFaultUnavailable(RuntimeError):
+    """The ``disk`` fault needs root (a tmpfs mount)."""
+
 
 _TESTS = str(Path(__file__).resolve().parent.parent)
 if _TESTS not in sys.path:
@@ -68,6 +76,9 @@ class Harness:
         self._locks = [threading.Lock() for _ in range(size)]
         self._shards = shards
         self._node_cfg: dict[str, Any] = {}
+        self.writers: list[Writer] = []
+        self.mounts: list[Path] = []  # small file systems of the ``disk`` fault
+        self.restore_outcomes: list[str] = []
 
     # --- cluster control (faults.Cluster) ------------------------------------------------
     def db(self, i: int) -> Path:
@@ -113,6 +124,56 @@ class Harness:
         self.nodes.append(node)
         self._locks.append(threading.Lock())
 
+    def forced_restore(self, i: int) -> None:
+        """What an operator does to a node: stop it, ``snapshot restore`` its database in place
+        (its pending changes are published first), start it. The application closes the
+        database meanwhile (the restore refuses while it is open)."""
+        writer = self.writers[i] if i < len(self.writers) else None
+        if writer is not None:
+            writer.close_database()
+        try:
+            with self._locks[i]:
+                node = self.nodes[i]
+                self.down.add(i)
+                node.stop(timeout=30)
+                out = node.cli("snapshot", "restore", "latest")
+                self.restore_outcomes.append(
+                    f"node {i + 1}: snapshot restore exit {out.returncode}: "
+                    f"{out.stdout.strip() or out.stderr.strip()[-300:]}")
+                node.start(120)
+                self.down.discard(i)
+        finally:
+            if writer is not None:
+                writer.reopen_database()
+
+    def _filler(self, i: int) -> Path:
+        return self.nodes[i].db.parent / "filler"
+
+    def fill_disk(self, i: int) -> None:
+        """Take every free byte of the file system node ``i``'s database is on."""
+        if not self.mounts:
+            raise RuntimeError("the disk fault needs the databases on small file systems")
+        with self._filler(i).open("wb") as f:
+            block = b"\0" * (1 << 20)
+            try:
+                while True:
+                    f.write(block)
+                    f.flush()
+            except OSError:  # ENOSPC: the disk is full, which is the point
+                pass
+
+    def free_disk(self, i: int) -> None:
+        self._filler(i).unlink(missing_ok=True)
+
+    def _mount_small_disk(self, where: Path) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs",
+                              str(where)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise DiskFaultUnavailable(f"cannot mount a tmpfs (needs root): {out.stderr}")
+        self.mounts.append(where)
+        return where
+
     def nats_down(self, i: int) -> None:
         if self.server is not None:
             self.server.stop()
@@ -151,7 +212,13 @@ class Harness:
             self._node_cfg = cfg
             env = ({"HARMONYLITE_TEST_CLOCK_OFFSET": str(self.profile.clock_offset)}
                    if i == 0 and self.profile.clock_offset else None)
-            node = NodeProc(self.workdir / f"node{i + 1}", i + 1, cfg, extra_args=args, env=env)
+            node_cfg = cfg
+            if "disk" in self.profile.faults:  # the database alone on a small file system
+                disk = self._mount_small_disk(self.workdir / f"node{i + 1}" / "disk")
+                node_cfg = {**cfg, "db_path": str(disk / "data.db")}
+            node = NodeProc(self.workdir / f"node{i + 1}", i + 1, node_cfg, extra_args=args,
+                            env=env)
+            node.db = Path(str(node_cfg.get("db_path", node.db)))
             conn = sqlite3.connect(node.db, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             schema.create_schema(conn, self.profile.features)
@@ -175,6 +242,9 @@ class Harness:
                     node.proc = None
         if self.server is not None:
             self.server.stop()
+        for where in self.mounts:
+            subprocess.run(["umount", "-l", str(where)], check=False)
+        self.mounts = []
 
     # --- the run -------------------------------------------------------------------------
     def run(self, write_seconds: float, quiesce_deadline: float = 180.0) -> Result:
@@ -184,6 +254,7 @@ class Harness:
         on_mig = self.restart if self.profile.restart_after_migration else None
         writers = [Writer(i, n.db, self.profile, self.seed, self.history, stop, t0, on_mig)
                    for i, n in enumerate(self.nodes)]
+        self.writers = writers
         plan = faults.schedule(self.seed, self.profile.faults, write_seconds, self.size)
         runner = faults.FaultRunner(self, plan, t0, stop)
         for w in writers:
@@ -209,6 +280,12 @@ class Harness:
                              for i, n in enumerate(self.nodes)]
         counts = dict(self.history.counts)
         counts["restores"] = sum(n.log_text().count("Snapshot restored") for n in self.nodes)
+        if self.restore_outcomes:
+            counts["forced restores"] = len(self.restore_outcomes)
+            failed = [o for o in self.restore_outcomes if " exit 0:" not in o]
+            if failed:  # an operator's restore that fails is a finding too
+                failures.append(oracle.Failure("forced-restore",
+                                               "snapshot restore failed", failed))
         return Result(self.seed, self.profile.name, self.size, write_seconds,
                       counts, runner.applied, failures,
                       time.monotonic() - q0, sum(len(r) for _, r in dumps[0].values()),

@@ -19,7 +19,7 @@ class Profile:
     features: frozenset[str] = frozenset({"basic"})  # table groups (schema.Table.feature)
     values: str = "plain"  # plain | full | huge
     ops: dict[str, int] = field(default_factory=lambda: dict(BASE_OPS))
-    faults: tuple[str, ...] = ("kill",)  # kill | stop | nats | lock | rollover_stop
+    faults: tuple[str, ...] = ("kill",)  # see faults.py for the kinds
     node_config: dict[str, Any] = field(default_factory=dict)
     hot_keys: int = 12  # small key space: rows written by every node at once
     migrations: bool = False
@@ -87,6 +87,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
        node_config={"replication_log": {"max_entries": 64},
                     "snapshot": {"enabled": True, "store": "file", "interval": 1500, "keep": 2}},
        clock_offset=600.0, write_seconds=12),
+    _P("restore", "an operator's forced restore of a stopped node (snapshot restore in place), "
+       "beside SIGKILLs; snapshots every 1.5 s", faults=("restore", "kill"),
+       node_config={"snapshot": {"enabled": True, "store": "file", "interval": 1500}},
+       write_seconds=12),
+    _P("disk", "a node's file system full for a while (a small tmpfs; root only), beside "
+       "unique values and REPLACE", features=frozenset({"basic", "unique"}),
+       ops=_ops(replace=2, multi=2), faults=("disk",), values="full", write_seconds=12),
     _P("all", "everything at once", values="full",
        features=frozenset({"basic", "unique", "fk", "triggers", "nocase", "nopk"}),
        ops=_ops(keychange=1, multi=2, rollback=1, replace=2, vacuum=1),

@@ -99,26 +99,48 @@ class Writer(threading.Thread):
         self.migration_step = 0
         self.error: BaseException | None = None
         self.conn: sqlite3.Connection | None = None
+        # Held while the application has its database closed (an operator's forced restore).
+        self.app = threading.Lock()
+
+    def close_database(self) -> None:
+        """The application closes its database until :meth:`reopen_database` (it waits for the
+        transaction under way)."""
+        self.app.acquire()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def reopen_database(self) -> None:
+        self.app.release()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db, isolation_level=None, timeout=3,
+                               check_same_thread=False)
+        if "fk" in self.profile.features:
+            conn.execute("PRAGMA foreign_keys = ON")
+        return conn
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            self.conn = sqlite3.connect(self.db, isolation_level=None, timeout=3,
-                                        check_same_thread=False)
-            if "fk" in self.profile.features:
-                self.conn.execute("PRAGMA foreign_keys = ON")
             slot = 1
             while not self.stop.is_set():
                 elapsed = time.monotonic() - self.t0
-                if self.profile.migrations:
-                    self._maybe_migrate(elapsed)
-                self.one_transaction()
+                with self.app:
+                    if self.conn is None:
+                        self.conn = self._connect()
+                    if self.profile.migrations:
+                        self._maybe_migrate(elapsed)
+                    self.one_transaction()
                 pause = self.rng.uniform(0.005, 0.04)  # pacing, not synchronisation
                 until_slot = self.t0 + slot * COLLIDE_EVERY - time.monotonic()
                 if until_slot < pause:
                     # Every node writes the same row / unique value at the same instant.
                     self.stop.wait(max(0.0, until_slot))
-                    self.transaction([self._collide_op(slot)], commit=True)
+                    with self.app:
+                        if self.conn is None:
+                            self.conn = self._connect()
+                        self.transaction([self._collide_op(slot)], commit=True)
                     slot += 1
                     continue
                 self.stop.wait(pause)

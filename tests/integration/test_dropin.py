@@ -200,3 +200,28 @@ def test_a_missing_s3_bucket_is_created(tmp_path: Path) -> None:
         assert any(o["Key"].endswith(".json") for o in listed.get("Contents", []))
     finally:
         weed.stop()
+
+
+def test_a_bucket_the_credentials_may_not_create_is_named_in_the_error(tmp_path: Path) -> None:
+    """An operator who withholds s3:CreateBucket gets an error naming the bucket and the
+    permission, not a generic failure later."""
+    from storage_servers import SeaweedFS
+
+    weed = SeaweedFS(tmp_path / "weed", identities={"reader": ["Read", "List", "Write"]}).start()
+    try:
+        s3 = {"endpoint": weed.endpoint, "bucket": "nobody-made-me", "force_path_style": True,
+              "use_ssl": False, "access_key": "reader", "secret": "reader-secret",
+              "region": "us-east-1"}
+        node = NodeProc(tmp_path / "n1", 1, {"snapshot": {"enabled": True, "store": "s3",
+                                                          "s3": s3}})
+        node.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+        out = cli("-config", str(node.config_path), "-save-snapshot")
+        assert out.returncode != 0
+        assert "S3 bucket 'nobody-made-me' does not exist and these credentials may not create " \
+               "it" in out.stderr, out.stderr
+        assert "s3:CreateBucket" in out.stderr
+        assert "reader-secret" not in out.stderr  # credentials never printed
+        names = [b["Name"] for b in weed.client().list_buckets().get("Buckets", [])]
+        assert "nobody-made-me" not in names
+    finally:
+        weed.stop()

@@ -33,7 +33,8 @@ from harmonylite.cdc.install import install
 from harmonylite.cli import snapshot as cli
 from harmonylite.config import Config, parse_config
 from harmonylite.errors import LeaseLost
-from harmonylite.snapshot.leader import BUCKET, LEASE_KEY, LOCK_KEY, LeaderElection
+from harmonylite.snapshot.leader import LeaderElection
+from harmonylite.snapshot.lease_kv import BUCKET, LEASE_KEY, LOCK_KEY
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.scheduler import Scheduler

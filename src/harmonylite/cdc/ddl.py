@@ -96,6 +96,50 @@ def trigger_names(tid: int) -> list[str]:
     return [f"{PREFIX}t{tid}_{kind}" for kind in ("ins", "upd", "del")]
 
 
+def _replaced_rows(tid: int, table: TableInfo, alias: str, exclude: tuple[str, ...]) -> str:
+    """Statements logging a delete of each other row that holds a UNIQUE value of the row
+    ``alias`` is about to write: the rows an ``OR REPLACE`` removes without firing delete
+    triggers. Logged before the write; when no row is removed after all (the statement failed
+    and rolled back, or ``OR IGNORE`` kept it), the publisher finds the row still there and
+    sends it as it is."""
+    keys = ", ".join(key_column(i) for i in range(len(table.pk)))
+    cols = ", ".join(quote_ident(c) for c in table.pk)
+    others = " AND ".join(
+        f"NOT ({' AND '.join(f'{quote_ident(c)} IS {_ref(a, c)}' for c in table.pk)})"
+        for a in exclude)
+    out = []
+    for index, colls in zip(table.unique_indexes, table.unique_collations, strict=False):
+        if not index or len(colls) != len(index):
+            continue  # an index on expressions: nothing to compare in a trigger
+        same = " AND ".join(f"{quote_ident(c)} = {_ref(alias, c)} COLLATE {coll}"
+                            for c, coll in zip(index, colls, strict=True))
+        out.append(f"INSERT INTO {LOG}(tid, op, {keys}) SELECT {tid}, {OP_DELETE}, {cols} "
+                   f"FROM {quote_ident(table.name)} WHERE {same} AND {others};")
+    return " ".join(out)
+
+
+def replace_trigger_ddl(tid: int, table: TableInfo) -> list[tuple[str, str]]:
+    """(name, CREATE TRIGGER) of the triggers that capture the rows ``INSERT OR REPLACE`` and
+    ``UPDATE OR REPLACE`` remove through a secondary UNIQUE constraint (SQLite fires no delete
+    trigger for them unless ``recursive_triggers`` is on). Only tables with such a constraint
+    and a primary key; they name the UNIQUE columns, which SQLite will not drop anyway."""
+    if table.content_keyed:
+        return []
+    on_insert = _replaced_rows(tid, table, "NEW", ("NEW",))
+    if not on_insert:
+        return []
+    unique_cols = sorted({c for index in table.unique_indexes for c in index})
+    ins, upd = f"{PREFIX}t{tid}_rins", f"{PREFIX}t{tid}_rupd"
+    tname = quote_ident(table.name)
+    of = ", ".join(quote_ident(c) for c in unique_cols)
+    return [
+        (ins, f"CREATE TRIGGER {quote_ident(ins)} BEFORE INSERT ON {tname} {GUARD_CLAUSE} "
+              f"BEGIN {on_insert} END"),
+        (upd, f"CREATE TRIGGER {quote_ident(upd)} BEFORE UPDATE OF {of} ON {tname} "
+              f"{GUARD_CLAUSE} BEGIN {_replaced_rows(tid, table, 'NEW', ('OLD', 'NEW'))} END"),
+    ]
+
+
 def _ref(alias: str, column: str) -> str:
     return f"{alias}.{quote_ident(column)}"
 

@@ -97,6 +97,7 @@ def install_in_transaction(conn: sqlite3.Connection,
         ).fetchone()[0]
         triggers = ddl.trigger_ddl(tid, table)
         rebuilt = table.name in known and any(name not in have for name, _ in triggers)
+        triggers += ddl.replace_trigger_ddl(tid, table)
         # Only what differs is created again: an install that changes nothing writes nothing
         # and leaves schema_version alone (schema watchers would otherwise chase their tails).
         for name, create in triggers:

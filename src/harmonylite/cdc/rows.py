@@ -112,14 +112,14 @@ class RowReader:
                 op = ddl.OP_INSERT if e.op == ddl.OP_BACKFILL else e.op
                 out.append(Change(e.id, name, op, e.key))
                 continue
-            row = None
-            if e.op != ddl.OP_DELETE:
-                found = fetch_all(conn, self._query(name, e.key), e.key)
-                row = tuple(found[0]) if found else None
+            # Read even for a delete: a delete logged ahead of an ``OR REPLACE`` that did not
+            # remove the row after all (see ``ddl.replace_trigger_ddl``) finds it still here.
+            found = fetch_all(conn, self._query(name, e.key), e.key)
+            row = tuple(found[0]) if found else None
             if row is None:  # deleted (now, if not then): send the key alone
                 out.append(Change(e.id, name, ddl.OP_DELETE, _key_only(shape, e.key)))
             else:
-                op = ddl.OP_UPDATE if e.op == ddl.OP_BACKFILL else e.op
+                op = ddl.OP_UPDATE if e.op in (ddl.OP_BACKFILL, ddl.OP_DELETE) else e.op
                 out.append(Change(e.id, name, op, row))
         return out, shapes
 

@@ -22,6 +22,7 @@ class TableInfo:
     nullable_key: bool = False  # a key column may hold NULL (SQLite allows it in rowid tables)
     unique_indexes: tuple[tuple[str, ...], ...] = ()  # secondary UNIQUE constraints (columns)
     key_collations: tuple[str, ...] = ()  # per key column: BINARY, NOCASE, RTRIM…
+    unique_collations: tuple[tuple[str, ...], ...] = ()  # per unique index, per column
 
     @property
     def content_keyed(self) -> bool:
@@ -64,16 +65,17 @@ def table_info(conn: sqlite3.Connection, name: str) -> TableInfo:
     columns = tuple(c[1] for c in cols if c[6] == 0)
     keyed = sorted((c for c in cols if c[5] > 0), key=lambda c: c[5])
     uniques = unique_indexes(conn, name)
+    ucolls = unique_collations(conn, name)
     if not keyed:
         return TableInfo(name, columns, columns, True, False, uniques,
-                         ("BINARY",) * len(columns))
+                         ("BINARY",) * len(columns), ucolls)
     pk = tuple(c[1] for c in keyed)
     integer_pk = len(keyed) == 1 and str(keyed[0][2]).upper() == "INTEGER"
     # In a rowid table, a key column not declared NOT NULL may hold NULL (a bug SQLite keeps for
     # compatibility); WITHOUT ROWID tables and INTEGER PRIMARY KEY never do.
     nullable = not integer_pk and any(c[3] == 0 for c in keyed) and _has_rowid(conn, q)
     colls = _key_collations(conn, name, pk)
-    return TableInfo(name, columns, pk, False, nullable, uniques, colls)
+    return TableInfo(name, columns, pk, False, nullable, uniques, colls, ucolls)
 
 
 def _key_collations(conn: sqlite3.Connection, name: str,
@@ -133,6 +135,19 @@ def unique_indexes(conn: sqlite3.Connection, name: str) -> tuple[tuple[str, ...]
             continue
         cols = [c[2] for c in conn.execute(f"PRAGMA index_info({quote_ident(index)})")]
         out.append(() if any(c is None for c in cols) else tuple(cols))
+    return tuple(out)
+
+
+def unique_collations(conn: sqlite3.Connection, name: str) -> tuple[tuple[str, ...], ...]:
+    """Per index of :func:`unique_indexes` (same order), the collation of each column."""
+    out = []
+    for _seq, index, unique, origin, _partial in conn.execute(
+            f"PRAGMA index_list({quote_ident(name)})").fetchall():
+        if not unique or origin == "pk":
+            continue
+        # index_xinfo: seqno, cid, name, desc, coll, key (0 for the row's key appended)
+        out.append(tuple(str(r[4]).upper() for r in conn.execute(
+            f"PRAGMA index_xinfo({quote_ident(index)})") if r[5]))
     return tuple(out)
 
 

@@ -183,7 +183,7 @@ async def _save(cfg: Config, js_context: JsContext | None, progress: Progress) -
             and local_node_down):
         async with snapshot_store(cfg) as store:
             return (await SnapshotPipeline(cfg, store, progress=progress).save()).manifest.id
-    from harmonylite.snapshot.leader import upload_lock
+    from harmonylite.snapshot.upload_lock import upload_lock
 
     ctx = js_context() if js_context is not None else default_js_context(cfg)
     async with ctx as js, upload_lock(

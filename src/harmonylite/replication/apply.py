@@ -214,16 +214,20 @@ class Applier:
             return SKIPPED
         values = ch.values
         key = tuple(values[i] for i in shape.remote_key)
-        if self.skip_pending and pending and not local.content_keyed \
-                and (table, fold_key(key, local.key_collations)) in pending:
-            # A local change to this row is not yet published; it will be published after this
-            # message, so it is the row's final state everywhere. Applying this one now would only
-            # make the row step back until then.
-            return SKIPPED
         if shape.fits:
             cols, vals = remote_cols, values
         else:  # a parked change whose sender has dropped these columns since (see parking)
             cols, vals = shape.kept_cols, tuple(values[i] for i in shape.kept)
+        if self.skip_pending and pending and not local.content_keyed \
+                and (table, fold_key(key, local.key_collations)) in pending:
+            # A local change to this row is not yet published; it will be published after this
+            # message, so it is the row's final state everywhere. Applying this one now would only
+            # make the row step back until then. What it does to other rows still happens here
+            # as on every node: the rows holding its UNIQUE values are displaced.
+            if ch.op != ddl.OP_DELETE and local.unique_indexes:
+                self.displaced += self._displace_for_skipped(
+                    conn, local, cols, vals, key, pending, stream, seq, batch.node_id)
+            return SKIPPED
         if ch.op == ddl.OP_DELETE:
             local_key = tuple(values[i] for i in shape.local_key)
             st = self._statements(local, cols, ch.op, statements.raw_mask(local_key))
@@ -272,11 +276,27 @@ class Applier:
                     conflicts.record(conn, local, tuple(incoming.get(c) for c in local.columns),
                                      key, stream=stream, seq=seq, origin=self.node_id)
                     self.displaced += 1
+                    if local.unique_indexes:  # its effect on other rows happens everywhere
+                        self.displaced += self._displace_for_skipped(
+                            conn, local, cols, vals, key, self._pending, stream, seq,
+                            batch.node_id)
                     return
                 conflicts.record(conn, local, tuple(row), key, stream=stream, seq=seq,
                                  origin=batch.node_id)
                 self.displaced += 1
         statements.run(conn, local, st, cols, vals, key)
+
+    def _displace_for_skipped(self, conn: sqlite3.Connection, local: TableInfo,
+                              cols: tuple[str, ...], vals: tuple[object, ...],
+                              key: tuple[object, ...], pending: changelog.PendingKeys,
+                              stream: str, seq: int, origin: int) -> int:
+        """A change not written here (a local change to its row supersedes it) still takes its
+        UNIQUE values from the rows holding them, as on the nodes that write it; rows with a
+        pending local change of their own are spared (that change follows in the stream)."""
+        name, collations = local.name, local.key_collations
+        return conflicts.displace(
+            conn, local, cols, vals, key, stream=stream, seq=seq, origin=origin,
+            spare=lambda row_key: (name, fold_key(row_key, collations)) in pending)
 
     def _own_in_flight(self, conn: sqlite3.Connection, local: TableInfo,
                        key: tuple[object, ...]) -> bool:

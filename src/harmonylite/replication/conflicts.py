@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,9 @@ from harmonylite.replication.statements import raw_mask
 
 def displace(conn: sqlite3.Connection, local: TableInfo, columns: tuple[str, ...],
              values: tuple[object, ...], key: tuple[object, ...], *, stream: str, seq: int,
-             origin: int) -> int:
-    """Remove (and record) the rows other than ``key`` that hold a UNIQUE value of ``values``.
-    Returns how many were removed."""
+             origin: int, spare: Callable[[tuple[object, ...]], bool] | None = None) -> int:
+    """Remove (and record) the rows other than ``key`` that hold a UNIQUE value of ``values``,
+    except those whose key ``spare`` accepts. Returns how many were removed."""
     t = quote_ident(local.name)
     cols = ", ".join(quote_ident(c) for c in local.columns)
     removed = 0
@@ -50,6 +51,8 @@ def displace(conn: sqlite3.Connection, local: TableInfo, columns: tuple[str, ...
             row_key = tuple(row[local.columns.index(c)] for c in local.pk)
             if not local.content_keyed and row_key == key:
                 continue  # the row the change is for
+            if spare is not None and spare(row_key):
+                continue
             record(conn, local, tuple(row), key, stream=stream, seq=seq, origin=origin)
             conn.execute(f"DELETE FROM {t} WHERE rowid = ?", (rowid,))
             removed += 1

@@ -1,4 +1,4 @@
-"""The snapshot lease and the upload lock: compare-and-swap keys in the KV bucket ``e-harmonylite``.
+"""The snapshot lease: a compare-and-swap key in the KV bucket ``e-harmonylite``.
 
 Lease (key ``snapshot-leader``): acquired with ``kv.create``, renewed every heartbeat (TTL / 3, at
 least 1 s) with ``kv.update(last=revision)``, deleted at its revision on a graceful stop. The
@@ -11,116 +11,38 @@ Each acquisition starts a new *term*. A snapshot remembers the term it started u
 fence (:meth:`LeaderElection.confirm`) renews the lease at the current revision right before the
 manifest commit, raising :class:`LeaseLost` when the lease moved or the term changed.
 
-Upload lock (key ``snapshot``): taken with ``kv.create`` around every snapshot capture and upload,
-by the leader and by a manual ``snapshot save``, renewed while the upload runs, deleted after. A
-holder that dies leaves it to expire with the bucket TTL. When it is held the caller gets
-:class:`SnapshotBusy` (``system busy capturing snapshot``, exit 75 on the command line).
+The upload lock (key ``snapshot``) is in :mod:`harmonylite.snapshot.upload_lock`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from harmonylite.aio import wait_any
-from harmonylite.errors import LeaseLost, SnapshotBusy
-from harmonylite.replication.nats_link import ensure_replicas
+from harmonylite.errors import LeaseLost
+from harmonylite.snapshot.lease_kv import (
+    BUCKET,
+    KV_OP_HEADER,
+    LEASE_KEY,
+    backoff_seconds,
+    bounded,
+    bucket_ttl,
+    describe,
+    heartbeat_seconds,
+    lease_value,
+    op_timeout_seconds,
+    open_bucket,
+    parse_value,
+)
 
 log = logging.getLogger(__name__)
-
-BUCKET = "e-harmonylite"
-LEASE_KEY = "snapshot-leader"
-LOCK_KEY = "snapshot"
-MAX_BACKOFF_SECONDS = 10.0
-KV_OP_HEADER = "KV-Operation"
-
-T = TypeVar("T")
-
-
-def heartbeat_seconds(ttl_ms: int) -> float:
-    """Renewal period of a lease whose TTL is ``ttl_ms``: a third of it, at least one second."""
-    return max(1.0, ttl_ms / 3000.0)
-
-
-def op_timeout_seconds(heartbeat: float) -> float:
-    """Bound on one KV call: half a heartbeat, so a slow call fails long before the lease lapses."""
-    return min(heartbeat / 2.0, 5.0)
-
-
-def backoff_seconds(heartbeat: float, failures: int) -> float:
-    """Wait before the next attempt after ``failures`` consecutive failures (0: one heartbeat)."""
-    wait: float = heartbeat * (2 ** max(0, failures))
-    return min(wait, max(MAX_BACKOFF_SECONDS, heartbeat))
-
-
-def lease_value(node_id: int, token: str, **extra: Any) -> bytes:
-    return json.dumps({"node_id": node_id, "since": time.time(), "token": token,
-                       **extra}).encode()
-
-
-def parse_value(raw: bytes | None) -> dict[str, Any]:
-    """The JSON object a lease or lock value holds ({} when unreadable)."""
-    try:
-        data = json.loads(raw or b"")
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, KeyWrongLastSequenceError):
-        return "lease revision moved (taken by another node or expired)"
-    return str(exc) or type(exc).__name__
-
-
-async def bounded(aw: Awaitable[T], timeout: float) -> T:
-    """Await ``aw`` for at most ``timeout`` seconds (TimeoutError after)."""
-    return await asyncio.wait_for(aw, timeout)
-
-
-async def open_bucket(js: Any, ttl_ms: int, timeout: float, *, replicas: int = 1,
-                      update_existing: bool = False) -> Any:
-    """The KV bucket ``e-harmonylite``, created with max_age = ``ttl_ms`` when missing.
-
-    It is created with ``replicas`` (``replication_log.replicas``): on a JetStream cluster an R1
-    lease bucket dies with its one server, and every snapshot with it. An existing bucket with
-    fewer replicas is raised when ``update_existing`` allows it, reported otherwise.
-    """
-    try:
-        kv = await bounded(js.key_value(BUCKET), timeout)
-    except BucketNotFoundError:
-        cfg = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl_ms / 1000.0, replicas=replicas)
-        try:
-            kv = await bounded(js.create_key_value(cfg), timeout)
-            log.info("created KV bucket %s (lease TTL %.1f s, %d replicas)", BUCKET,
-                     ttl_ms / 1000, replicas)
-            return kv
-        except Exception as exc:
-            # Created concurrently by another node (possibly with another TTL): use theirs.
-            log.debug("creating KV bucket %s: %s; opening it", BUCKET, exc)
-            kv = await bounded(js.key_value(BUCKET), timeout)
-    if replicas > 1:
-        await ensure_replicas(js, f"KV_{BUCKET}", replicas, update_existing,
-                              f"KV bucket {BUCKET}", timeout)
-    return kv
-
-
-async def bucket_ttl(js: Any, timeout: float) -> float | None:
-    """The bucket's max_age in seconds (None when unlimited)."""
-    info = await bounded(js.stream_info(f"KV_{BUCKET}"), timeout)
-    age = info.config.max_age
-    return float(age) if age else None
 
 
 class LeaderElection:
@@ -377,96 +299,3 @@ class LeaderElection:
             self._leader_event.clear()
             if self._on_change is not None:
                 self._on_change(False)
-
-
-class UploadLock:
-    """The short upload lock (key ``snapshot``): one capture and upload at a time, cluster-wide."""
-
-    def __init__(self, kv: Any, node_id: int, *, heartbeat: float, op_timeout: float,
-                 purpose: str = "snapshot") -> None:
-        self.kv = kv
-        self.node_id = node_id
-        self.heartbeat = heartbeat
-        self.op_timeout = op_timeout
-        self.purpose = purpose
-        self.token = secrets.token_hex(8)
-        self.revision: int | None = None
-        self.lost: str | None = None
-        self._ops = asyncio.Lock()
-        self._renewer: asyncio.Task[None] | None = None
-
-    async def acquire(self) -> None:
-        """Take the lock or raise SnapshotBusy naming its holder."""
-        value = lease_value(self.node_id, self.token, purpose=self.purpose)
-        try:
-            self.revision = await bounded(self.kv.create(LOCK_KEY, value), self.op_timeout)
-        except KeyWrongLastSequenceError:
-            holder: object = "another process"
-            with contextlib.suppress(Exception):
-                entry = await bounded(self.kv.get(LOCK_KEY), self.op_timeout)
-                held = parse_value(entry.value)
-                holder = f"node {held.get('node_id')} ({held.get('purpose', 'snapshot')})"
-            raise SnapshotBusy(f"upload lock held by {holder}") from None
-        self.lost = None
-        self._renewer = asyncio.create_task(self._renew_loop())
-
-    async def _renew_once(self) -> None:
-        async with self._ops:
-            if self.lost is not None or self.revision is None:
-                return
-            try:
-                self.revision = await bounded(
-                    self.kv.update(LOCK_KEY, lease_value(self.node_id, self.token,
-                                                         purpose=self.purpose),
-                                   last=self.revision),
-                    self.op_timeout)
-            except Exception as exc:
-                self.lost = describe(exc)
-                log.warning("snapshot upload lock lost: %s", self.lost,
-                            extra={"node_id": self.node_id})
-
-    async def _renew_loop(self) -> None:
-        while self.lost is None:
-            await asyncio.sleep(self.heartbeat)  # the renewal period, not synchronisation
-            await self._renew_once()
-
-    async def confirm(self) -> None:
-        """Fence: renew at our revision now; LeaseLost when the lock is no longer ours."""
-        await self._renew_once()
-        if self.lost is not None:
-            raise LeaseLost(f"snapshot upload lock lost: {self.lost}")
-
-    async def release(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(BaseException):
-                await self._renewer
-            self._renewer = None
-        async with self._ops:
-            if self.revision is None or self.lost is not None:
-                self.revision = None
-                return
-            try:
-                await bounded(self.kv.delete(LOCK_KEY, last=self.revision), self.op_timeout)
-            except Exception as exc:
-                log.warning("could not delete the snapshot upload lock (it expires by itself): "
-                            "%s", describe(exc))
-            self.revision = None
-
-
-@contextlib.asynccontextmanager
-async def upload_lock(js: Any, node_id: int, ttl_ms: int, *, purpose: str = "manual save",
-                      replicas: int = 1, update_existing: bool = False
-                      ) -> AsyncIterator[UploadLock]:
-    """Hold the upload lock for the block (SnapshotBusy when held); for ``snapshot save``."""
-    heartbeat = heartbeat_seconds(ttl_ms)
-    timeout = op_timeout_seconds(heartbeat)
-    kv = await open_bucket(js, ttl_ms, max(timeout, 2.0), replicas=replicas,
-                           update_existing=update_existing)
-    lock = UploadLock(kv, node_id, heartbeat=heartbeat, op_timeout=max(timeout, 2.0),
-                      purpose=purpose)
-    await lock.acquire()
-    try:
-        yield lock
-    finally:
-        await lock.release()

@@ -17,7 +17,7 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError
 
-from harmonylite.snapshot.leader import bounded, open_bucket
+from harmonylite.snapshot.lease_kv import bounded, open_bucket
 
 log = logging.getLogger(__name__)
 

@@ -43,10 +43,12 @@ from harmonylite.config import Config
 from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
 from harmonylite.ops.health import to_epoch
 from harmonylite.snapshot import request
-from harmonylite.snapshot.leader import LeaderElection, UploadLock, bounded, describe
+from harmonylite.snapshot.leader import LeaderElection
+from harmonylite.snapshot.lease_kv import bounded, describe
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.snapshot.pipeline import Fence, SaveResult, SnapshotPipeline, SnapshotUnchanged
 from harmonylite.snapshot.storage.base import ObjectStore
+from harmonylite.snapshot.upload_lock import UploadLock
 
 log = logging.getLogger(__name__)
 

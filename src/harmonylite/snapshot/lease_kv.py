@@ -1,0 +1,105 @@
+"""The KV bucket ``e-harmonylite`` that holds the snapshot lease and the upload lock, and
+what both use on it: periods, bounded calls, values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+
+from harmonylite.replication.nats_link import ensure_replicas
+
+log = logging.getLogger(__name__)
+
+BUCKET = "e-harmonylite"
+LEASE_KEY = "snapshot-leader"
+LOCK_KEY = "snapshot"
+MAX_BACKOFF_SECONDS = 10.0
+KV_OP_HEADER = "KV-Operation"
+
+T = TypeVar("T")
+
+
+def heartbeat_seconds(ttl_ms: int) -> float:
+    """Renewal period of a lease whose TTL is ``ttl_ms``: a third of it, at least one second."""
+    return max(1.0, ttl_ms / 3000.0)
+
+
+def op_timeout_seconds(heartbeat: float) -> float:
+    """Bound on one KV call: half a heartbeat, so a slow call fails long before the lease lapses."""
+    return min(heartbeat / 2.0, 5.0)
+
+
+def backoff_seconds(heartbeat: float, failures: int) -> float:
+    """Wait before the next attempt after ``failures`` consecutive failures (0: one heartbeat)."""
+    wait: float = heartbeat * (2 ** max(0, failures))
+    return min(wait, max(MAX_BACKOFF_SECONDS, heartbeat))
+
+
+def lease_value(node_id: int, token: str, **extra: Any) -> bytes:
+    return json.dumps({"node_id": node_id, "since": time.time(), "token": token,
+                       **extra}).encode()
+
+
+def parse_value(raw: bytes | None) -> dict[str, Any]:
+    """The JSON object a lease or lock value holds ({} when unreadable)."""
+    try:
+        data = json.loads(raw or b"")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, KeyWrongLastSequenceError):
+        return "lease revision moved (taken by another node or expired)"
+    return str(exc) or type(exc).__name__
+
+
+async def bounded(aw: Awaitable[T], timeout: float) -> T:
+    """Await ``aw`` for at most ``timeout`` seconds (TimeoutError after)."""
+    return await asyncio.wait_for(aw, timeout)
+
+
+async def open_bucket(js: Any, ttl_ms: int, timeout: float, *, replicas: int = 1,
+                      update_existing: bool = False) -> Any:
+    """The KV bucket ``e-harmonylite``, created with max_age = ``ttl_ms`` when missing.
+
+    It is created with ``replicas`` (``replication_log.replicas``): on a JetStream cluster an R1
+    lease bucket dies with its one server, and every snapshot with it. An existing bucket with
+    fewer replicas is raised when ``update_existing`` allows it, reported otherwise.
+    """
+    try:
+        kv = await bounded(js.key_value(BUCKET), timeout)
+    except BucketNotFoundError:
+        cfg = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl_ms / 1000.0, replicas=replicas)
+        try:
+            kv = await bounded(js.create_key_value(cfg), timeout)
+            log.info("created KV bucket %s (lease TTL %.1f s, %d replicas)", BUCKET,
+                     ttl_ms / 1000, replicas)
+            return kv
+        except Exception as exc:
+            # Created concurrently by another node (possibly with another TTL): use theirs.
+            log.debug("creating KV bucket %s: %s; opening it", BUCKET, exc)
+            kv = await bounded(js.key_value(BUCKET), timeout)
+    if replicas > 1:
+        await ensure_replicas(js, f"KV_{BUCKET}", replicas, update_existing,
+                              f"KV bucket {BUCKET}", timeout)
+    return kv
+
+
+async def bucket_ttl(js: Any, timeout: float) -> float | None:
+    """The bucket's max_age in seconds (None when unlimited)."""
+    info = await bounded(js.stream_info(f"KV_{BUCKET}"), timeout)
+    age = info.config.max_age
+    return float(age) if age else None
+

@@ -33,6 +33,8 @@ CI_SEEDS = [
     ("schema", 5, 8.0),         # issue 12: rolling schema changes online
     ("rollover_snap", 11, 12.0),  # issues 10/13: a node down across a roll-over restores
     ("all", 3, 12.0),           # everything at once (NOCASE keys, key changes, faults)
+    ("restore", 11, 12.0),      # issue 13: an operator's forced restore of a running node
+    ("disk", 1, 12.0),          # a full disk; found 0 kept where -0.0 was sent (root only)
 ]
 
 # Regression seeds of fixed bug classes kept out of CI for time; run with
@@ -49,6 +51,8 @@ MORE_SEEDS = [
     ("clock", 11, 12.0),        # issue 13: a node clock 10 minutes fast, keep = 2
     ("all", 4, 12.0),
     ("all", 5, 12.0),
+    ("disk", 2, 12.0),
+    ("restore", 1, 12.0),
 ]
 
 # (profile, seed, seconds, issue, bug class): still failing, expected to until fixed.

@@ -166,3 +166,19 @@ def test_shard_is_stable_and_spreads() -> None:
     shards = {shard_of("t", [i], 8) for i in range(200)}
     assert shards == set(range(1, 9))
     assert shard_of("t", ["x", 2], 8) == shard_of("t", ["x", 2], 8)
+
+
+@pytest.mark.parametrize("schema", [SCHEMA, "CREATE TABLE v(id TEXT PRIMARY KEY, a, b, c)"],
+                         ids=["keyed", "nullable-key"])
+def test_values_that_compare_equal_but_differ_are_written(tmp_path: Path, schema: str) -> None:
+    """0 and -0.0, 1 and 1.0 are equal to SQLite's IS, not the same value: an incoming change
+    must leave exactly its value (storage class and sign), not the one that was there."""
+    src, dst = pair(tmp_path, schema)
+    key = 1 if schema == SCHEMA else "k"
+    dst.execute("INSERT INTO v VALUES (?, -0.0, 1.0, 0.0)", (key,))
+    settle(dst)
+    src.execute("INSERT INTO v VALUES (?, 0, 1, -0.0)", (key,))
+    ship(src, dst, Applier(), 1)
+    a, b, c = dst.execute("SELECT a, b, c FROM v").fetchone()
+    assert (type(a), a, type(b), b) == (int, 0, int, 1)
+    assert isinstance(c, float) and math.copysign(1.0, c) == -1.0

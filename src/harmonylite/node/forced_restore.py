@@ -13,10 +13,10 @@ from typing import Any
 from harmonylite.config import Config
 from harmonylite.errors import HarmonyliteError, NatsError, SnapshotError
 from harmonylite.node import install
-from harmonylite.node.coverage import choose
+from harmonylite.node.coverage import choose, gaps, stream_heads
 from harmonylite.node.restore_loop import Restored, RestoreRefused, publish_pending, restore_newest
 from harmonylite.replication.nats_link import ensure_streams
-from harmonylite.snapshot.manifest import find_snapshot, list_snapshots
+from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshots
 from harmonylite.snapshot.progress import ProgressSink
 from harmonylite.snapshot.storage import ObjectStore
 
@@ -59,15 +59,20 @@ async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,
                             m.id, why, extra={"snapshot_id": m.id})
             candidates = choice.usable
             if not candidates and choice.skipped:
-                raise SnapshotError("every snapshot is behind this node's database; restoring "
-                                    "one would lose rows (name an id with --force to do it)")
+                candidates = await _caught_up_from(cfg, js_context, [m for m, _ in choice.skipped])
+                if not candidates:
+                    raise SnapshotError(
+                        "every snapshot is behind this node's database and the streams no "
+                        "longer hold what the node would need to catch up from any of them; "
+                        "restoring one would lose rows (name an id with --force to do it)")
         else:
             candidates = [await find_snapshot(store, ref)]
             behind = choose(candidates, floor, {}).skipped
-            if behind and not force:
+            if behind and not force and not await _caught_up_from(cfg, js_context, candidates):
                 raise SnapshotError(f"snapshot {ref} is behind this node's database "
-                                    f"({behind[0][1]}); restoring it would lose rows (--force "
-                                    "to do it anyway)")
+                                    f"({behind[0][1]}) and the streams no longer hold what the "
+                                    "node would need to catch up from it; restoring it would "
+                                    "lose rows (--force to do it anyway)")
 
         async def still_stopped() -> None:
             busy = await asyncio.to_thread(install.in_use, db_path)
@@ -77,6 +82,26 @@ async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,
         return await restore_newest(cfg, store, candidates, db_path=db_path,
                                     seq_map_path=seq_map_path, before_install=still_stopped,
                                     progress=progress)
+
+
+async def _caught_up_from(cfg: Config, js_context: JsContext,
+                          behind: list[Manifest]) -> list[Manifest]:
+    """Of snapshots behind the database (newest first), those after whose positions every
+    stream still holds every message: restoring one loses nothing, the node replays up to where
+    it was (and on). Empty when none, or when the streams cannot be read."""
+    try:
+        async with js_context() as js:
+            heads = await stream_heads(js, cfg.stream_names())
+    except Exception as exc:  # no coverage known: the caller refuses, naming --force
+        log.warning("cannot read the streams to see whether a snapshot behind this node's "
+                    "database is still covered: %s", exc)
+        return []
+    covered = [m for m in behind if not gaps(m.sequences, heads)]
+    if covered:
+        log.info("snapshot %s is behind this node's database, but the streams still hold every "
+                 "message after it: the node catches up to where it was", covered[0].id,
+                 extra={"snapshot_id": covered[0].id})
+    return covered
 
 
 async def _publish_with(cfg: Config, js_context: JsContext, db_path: Path, pending: int) -> None:

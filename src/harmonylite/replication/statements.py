@@ -36,6 +36,19 @@ def _mark(mask: tuple[bool, ...] | None, i: int) -> str:
     return "CAST(? AS TEXT)" if mask is not None and mask[i] else "?"
 
 
+def _mark_n(mask: tuple[bool, ...] | None, i: int) -> str:
+    return f"CAST(?{i + 1} AS TEXT)" if mask is not None and mask[i] else f"?{i + 1}"
+
+
+def _same(have: str, new: str) -> str:
+    """SQL: the stored value ``have`` is exactly ``new`` — byte-equal text, the same storage
+    class (``IS`` alone finds 0 and 0.0, or 1 and 1.0, equal). A zero REAL never counts as the
+    same: ``-0.0 IS 0.0``, and no portable SQL function tells their signs apart, so such a value
+    is written again (an idempotent write) rather than left with the wrong sign."""
+    return (f"({have} IS {new} COLLATE BINARY AND typeof({have}) = typeof({new}) "
+            f"AND NOT (typeof({have}) = 'real' AND {have} = 0))")
+
+
 @dataclass(frozen=True)
 class Statements:
     upsert: str = ""  # keyed tables
@@ -65,17 +78,20 @@ def build(local: TableInfo, columns: tuple[str, ...], op: int,
     insert = f"INSERT INTO {t}({names}) VALUES ({marks})"
     if local.content_keyed:
         return Statements(insert=insert)
-    same = " AND ".join(f"{t}.{quote_ident(c)} IS excluded.{quote_ident(c)} COLLATE BINARY"
+    same = " AND ".join(_same(f"{t}.{quote_ident(c)}", f"excluded.{quote_ident(c)}")
                         for c in columns)
     if local.nullable_key:
-        key_at = [columns.index(c) for c in local.pk]
-        where = " AND ".join(f"{quote_ident(c)} IS {_mark(mask, i)}"
-                             for c, i in zip(local.pk, key_at, strict=True))
-        sets = ", ".join(f"{quote_ident(c)} = {_mark(mask, i)}" for i, c in enumerate(columns))
-        differ = " OR ".join(f"{quote_ident(c)} IS NOT {_mark(mask, i)} COLLATE BINARY"
-                             for i, c in enumerate(columns))
+        # Numbered parameters: the values (1..n) are bound once and used twice.
+        n = len(columns)
+        raw_key = [mask is not None and mask[columns.index(c)] for c in local.pk]
+        where = " AND ".join(
+            f"{quote_ident(c)} IS " + (f"CAST(?{n + 1 + j} AS TEXT)" if raw else f"?{n + 1 + j}")
+            for j, (c, raw) in enumerate(zip(local.pk, raw_key, strict=True)))
+        sets = ", ".join(f"{quote_ident(c)} = {_mark_n(mask, i)}" for i, c in enumerate(columns))
+        differ = " AND ".join(_same(quote_ident(c), _mark_n(mask, i))
+                              for i, c in enumerate(columns))
         return Statements(exists=f"SELECT 1 FROM {t} WHERE {where}",
-                          update=f"UPDATE {t} SET {sets} WHERE {where} AND ({differ})",
+                          update=f"UPDATE {t} SET {sets} WHERE {where} AND NOT ({differ})",
                           insert=insert)
     conflict = ", ".join(quote_ident(c) for c in local.pk)
     sets = ", ".join(f"{quote_ident(c)} = excluded.{quote_ident(c)}" for c in columns)
@@ -100,8 +116,8 @@ def run(conn: sqlite3.Connection, local: TableInfo, st: Statements, columns: tup
     elif st.upsert:
         conn.execute(st.upsert, values)
     elif st.exists:
-        if conn.execute(st.exists, key).fetchone():
-            conn.execute(st.update, (*values, *key, *values))
+        if conn.execute(st.exists, (*values, *key)).fetchone():
+            conn.execute(st.update, (*values, *key))
         else:
             conn.execute(st.insert, values)
     else:

@@ -44,6 +44,8 @@ from harmonylite.snapshot.lease_kv import (
 
 log = logging.getLogger(__name__)
 
+ELIGIBILITY_RECHECK_SECONDS = 1.0
+
 
 class LeaderElection:
     """Keeps (or keeps trying to get) the snapshot lease; ``is_leader`` is the current answer.
@@ -258,6 +260,10 @@ class LeaderElection:
             ok = await self.tick()
             self._failures = 0 if ok else self._failures + 1
             delay = self.heartbeat if ok else backoff_seconds(self.heartbeat, self._failures - 1)
+            if ok and self.ineligible is not None:
+                # Asking the node costs nothing: look again soon rather than a heartbeat later
+                # (at start no node is eligible until its consumers read the stream heads).
+                delay = min(delay, ELIGIBILITY_RECHECK_SECONDS)
             await wait_any(stop, self._wake, timeout=delay)
 
     # --- fencing and release ----------------------------------------------------------------

@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL = 0.005
+# Parked changes are applied once the schema has been still this long (docs/frameworks.md).
+UNPARK_SETTLE_SECONDS = 2.0
 
 
 def _epoch(conn: sqlite3.Connection) -> str:
@@ -138,7 +140,8 @@ class Node:
             await self._check_gaps_at_start()
             applier = self.applier = Applier(skip_pending=cfg.publish,
                                                    origin=f"{cfg.node_id}:{epoch}",
-                                                   replicated=cfg.replicates_table)
+                                                   replicated=cfg.replicates_table,
+                                                   unpark_settle=UNPARK_SETTLE_SECONDS)
             for shard in range(1, cfg.replication_log.shards + 1):
                 stream = cfg.stream_name(shard)
                 consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
@@ -153,7 +156,9 @@ class Node:
                                      cfg.replication_log.replicas, cfg.replicates_table)
         self._spawn("schema", self.schema.run)
         if cfg.publish:
-            self.publisher = Publisher(cfg, self.pub_db, self.js, epoch, metrics=self.metrics)
+            self.publisher = Publisher(
+                cfg, self.pub_db, self.js, epoch, metrics=self.metrics,
+                held=self.applier.held_tables if self.applier is not None else None)
             publisher = self.publisher
             loop = asyncio.get_running_loop()
             interval = cfg.polling_interval / 1000 if cfg.polling_interval else DEFAULT_POLL

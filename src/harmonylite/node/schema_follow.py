@@ -49,9 +49,14 @@ class SchemaFollower:
     async def run(self, stop: asyncio.Event) -> None:
         await self.refresh()
         while not stop.is_set():
-            await wait_any(stop, self._changed)
+            # Parked changes deferred until the schema settles are applied when it has.
+            due = self._applier.unpark_wait() if self._applier is not None else None
+            await wait_any(stop, self._changed, timeout=due)
             if stop.is_set():
                 return
+            if not self._changed.is_set():
+                await self._apply_parked()
+                continue
             self._changed.clear()
             log.info("the database schema changed: following it")
             try:
@@ -64,12 +69,18 @@ class SchemaFollower:
                 await wait_any(stop, timeout=1.0)
                 self._changed.set()
 
+    async def _apply_parked(self) -> None:
+        """Parked changes and refused dead letters the schema may take now (each deferred by
+        the applier until the schema has settled)."""
+        assert self._applier is not None
+        applied = await self._writer.call(self._applier.retry_parked)
+        if applied:
+            log.info("%d parked changes applied after the schema change", applied)
+        await self._writer.call(self._applier.retry_dead_letters)
+
     async def follow(self) -> None:
         if self._applier is not None:
-            applied = await self._writer.call(self._applier.retry_parked)
-            if applied:
-                log.info("%d parked changes applied after the schema change", applied)
-            await self._writer.call(self._applier.retry_dead_letters)
+            await self._apply_parked()
         else:
             replicated = self._replicated
             await self._writer.call(lambda conn: install(conn, replicated))

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from harmonylite.aio import wait_any
-from harmonylite.cdc import changelog
+from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.changelog import Change, TableShape
 from harmonylite.cdc.rows import RowReader
 from harmonylite.cdc.schema import fold_key
@@ -164,7 +164,8 @@ class ChangeWatcher:
 
 class Publisher:
     def __init__(self, cfg: Config, db: DbThread, js: JetStreamContext,
-                 epoch: str | None = None, *, metrics: Metrics | None = None) -> None:
+                 epoch: str | None = None, *, metrics: Metrics | None = None,
+                 held: Callable[[], set[str]] | None = None) -> None:
         # The publisher's own connection: reading and marking never wait behind the applier.
         self.cfg = cfg
         self.db = db
@@ -180,6 +181,9 @@ class Publisher:
         self._rows = RowReader()
         self._inflight: InFlight | None = None
         self._large: LargeChangeStore | None = None
+        # Tables whose republished rows must wait (changes of other nodes parked for them are
+        # about to be applied here; see ``Applier.held_tables``).
+        self._held = held
 
     def _build(self, batch: Pending) -> InFlight:
         by_name, changes = batch.shapes, batch.changes
@@ -278,8 +282,16 @@ class Publisher:
                     fut.cancel()
 
     def _read(self, conn: sqlite3.Connection, after: int, limit: int,
-              upto: int | None = None) -> Pending:
+              upto: int | None = None, held: set[str] | None = None) -> Pending:
         entries = changelog.read_entries(conn, after, limit, self._registry, upto)
+        if held:
+            # A republished row (rebuilt or new table) read now would lack the changes parked
+            # for its table, and would overwrite them everywhere: stop before it (log order is
+            # kept) until they are applied; the rows are read then.
+            for i, e in enumerate(entries):
+                if e.op == ddl.OP_BACKFILL and self._registry[e.tid].name in held:
+                    entries = entries[:i]
+                    break
         if not entries:
             return Pending(0, [], {})
         changes, shapes = self._rows.changes(conn, entries, self._registry)
@@ -289,9 +301,12 @@ class Publisher:
                          upto: int | None = None) -> Pending:
         """Read entries and their rows in one read transaction (one view of the database),
         without the write lock: the application keeps committing meanwhile."""
+        # Asked before the read transaction starts: a hold ends only once the changes it waits
+        # for are committed, so a read that starts after it ends sees them.
+        held = self._held() if self._held is not None else None
         conn.execute("BEGIN")
         try:
-            return self._read(conn, after, limit, upto)
+            return self._read(conn, after, limit, upto, held)
         finally:
             conn.execute("COMMIT")
 

@@ -66,7 +66,7 @@ class Harness:
     def __init__(self, workdir: Path, profile: Profile, seed: int, size: int = 3,
                  embedded: bool = False, shards: int = 2) -> None:
         self.workdir, self.profile, self.seed, self.size = workdir, profile, seed, size
-        self.embedded = embedded
+        self.embedded = embedded or profile.embedded
         self.server: NatsServer | None = None
         self.nodes: list[NodeProc] = []
         self.history = History()

@@ -26,6 +26,7 @@ class Profile:
     restart_after_migration: bool = False
     clock_offset: float = 0.0  # seconds node 1's snapshots are dated ahead (a fast clock)
     write_seconds: float = 10.0  # default length of the write phase (overridden by --minutes)
+    embedded: bool = False  # each node its own embedded server, the three clustered
 
 
 def _ops(**extra: int) -> dict[str, int]:
@@ -94,6 +95,10 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     _P("disk", "a node's file system full for a while (a small tmpfs; root only), beside "
        "unique values and REPLACE", features=frozenset({"basic", "unique"}),
        ops=_ops(replace=2, multi=2), faults=("disk",), values="full", write_seconds=12),
+    _P("cluster", "a 3-server JetStream cluster (each node's embedded server, clustered) with "
+       "R3 streams: a node's server killed (its node restarts it), SIGKILL, SIGSTOP",
+       faults=("nats", "kill", "stop"), embedded=True,
+       node_config={"replication_log": {"replicas": 3}}, write_seconds=14),
     _P("all", "everything at once", values="full",
        features=frozenset({"basic", "unique", "fk", "triggers", "nocase", "nopk"}),
        ops=_ops(keychange=1, multi=2, rollback=1, replace=2, vacuum=1),

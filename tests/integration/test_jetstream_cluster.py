@@ -208,12 +208,18 @@ def test_quorum_loss_reports_the_streams_then_converges(rig: Rig) -> None:
     # Local writes go on (published once quorum is back).
     wait_until(lambda: all(c > written[w] + 100 for w, c in rig.work.counts().items()), 30,
                "local writes to go on")
+    # Nothing silent meanwhile: every node's health is 503 and says why.
+    wait_until(lambda: all(health(n)[0] == 503 for n in rig.nodes), 30,
+               "every node's health to turn 503 without quorum")
+    for n in rig.nodes:
+        reasons = health(n)[1].get("reasons", [])
+        assert reasons, reasons
     saved_during = sum(n.log_text().count("Snapshot saved") for n in rig.nodes)
     assert saved_during == saved_before, "a snapshot was committed without quorum"
     rig.cluster.restart(1)
     rig.cluster.restart(2)
     rig.cluster.wait_ready()
-    rig.converge("after quorum came back", timeout=90)
+    rig.converge("after quorum came back", timeout=90)  # (converge waits for health 200 too)
     for n, at in zip(rig.nodes, log_at, strict=True):  # said once per outage, not per retry
         assert n.log_text()[at:].count("cannot list snapshots") <= 2
 

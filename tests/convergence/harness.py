@@ -273,6 +273,9 @@ class Harness:
         dumps, pendings = self.quiesce(quiesce_deadline)
         removed = set().union(*(oracle.displaced(n.db) for n in self.nodes))
         failures = oracle.check_all(dumps, pendings, self.history, self.dead, removed)
+        if "framework" in self.profile.features:
+            failures += oracle.check_bookkeeping([n.db for n in self.nodes[:len(writers)]],
+                                                 [w.migrated for w in writers])
         if notes:
             failures.append(oracle.Failure("harness", "the harness itself failed", notes))
         if failures:  # is what diverged visible to an operator?

@@ -27,8 +27,11 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 FRESH_STEP = 3
 
 
-def run_step(conn: sqlite3.Connection, step: int, node_id: int, history: History) -> None:
-    """Run one migration in its own transaction, retrying while the database is busy."""
+def run_step(conn: sqlite3.Connection, step: int, node_id: int, history: History,
+             framework: bool = False) -> bool:
+    """Run one migration in its own transaction, retrying while the database is busy; with
+    ``framework``, as a framework does: the migration recorded in the bookkeeping table and its
+    model's row created when missing, in the same transaction. True when it committed."""
     name, stmts = STEPS[step]
     deadline = time.monotonic() + 30
     while True:
@@ -38,10 +41,15 @@ def run_step(conn: sqlite3.Connection, step: int, node_id: int, history: History
         except sqlite3.OperationalError:
             if time.monotonic() > deadline:
                 history.count(f"migration {name!r} never got the write lock")
-                return
+                return False
     try:
         for stmt in stmts:
             conn.execute(stmt)
+        if framework:
+            conn.execute(f"INSERT INTO {schema.BOOKKEEPING}(app, name, applied) "
+                         "VALUES ('app', ?, datetime('now'))", (name,))
+            conn.execute("INSERT OR IGNORE INTO fw_content_type(app_label, model) "
+                         "VALUES ('app', ?)", (f"model_{name}",))
         effects: list[Effect] = []
         if step == FRESH_STEP:  # fill at once, in the creating transaction
             for i in range(20):
@@ -53,10 +61,12 @@ def run_step(conn: sqlite3.Connection, step: int, node_id: int, history: History
         conn.execute("COMMIT")
         history.record(node_id, effects)
         history.count(f"migration {name}")
+        return True
     except sqlite3.DatabaseError as exc:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         history.count(f"APP ERROR migration {name!r}: {exc}")
+        return False
 
 
 def mig_statement(conn: sqlite3.Connection, rng: random.Random, rid: int

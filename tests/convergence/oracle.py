@@ -48,6 +48,8 @@ def dump(db: Path) -> Dump:
         conn.execute("BEGIN")
         out: Dump = {}
         for name in schema.user_tables(conn):
+            if name in schema.PER_NODE:
+                continue
             cols = tuple(schema.columns(conn, name))
             rows = conn.execute(f'SELECT {schema.select_exact(cols)} FROM "{name}"').fetchall()
             out[name] = (cols, sorted(schema.encode_row(r) for r in rows))
@@ -255,3 +257,26 @@ def report(failures: list[Failure], seed: int, replay: str, max_lines: int = 12)
     lines.append(f"seed: {seed}")
     lines.append(f"replay: {replay}")
     return "\n".join(lines)
+
+
+def check_bookkeeping(dbs: list[Path], migrated: list[list[str]]) -> list[Failure]:
+    """Each node's migration bookkeeping lists exactly the migrations its own application ran,
+    once each; the rows its migrations create (one per migration, by name) exist once on every
+    node."""
+    details = []
+    for i, (db, ran) in enumerate(zip(dbs, migrated, strict=True), start=1):
+        conn = _connect(db)
+        try:
+            names = [str(r[0]) for r in conn.execute(
+                f"SELECT name FROM {schema.BOOKKEEPING} ORDER BY id")]
+            models = [str(r[0]) for r in conn.execute("SELECT model FROM fw_content_type")]
+        finally:
+            conn.close()
+        if names != ran:
+            details.append(f"node {i}: {schema.BOOKKEEPING} lists {names}, its application ran "
+                           f"{ran}")
+        want = sorted({f"model_{n}" for r in migrated for n in r})
+        if sorted(models) != want:
+            details.append(f"node {i}: fw_content_type models {sorted(models)}, expected {want}")
+    return [Failure("per-node-bookkeeping", "framework bookkeeping or framework rows wrong",
+                    details)] if details else []

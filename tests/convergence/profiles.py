@@ -64,6 +64,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     _P("schema_restart", "the rolling migrations, each node's harmonylite restarted after "
        "its migration (the documented procedure)", features=frozenset({"basic", "schema"}),
        migrations=True, restart_after_migration=True, faults=(), write_seconds=14),
+    _P("framework", "the rolling migrations as a framework runs them: each recorded in a "
+       "per-node bookkeeping table (django_migrations, not replicated) and creating its model's "
+       "row when missing (content types: auto-increment id, UNIQUE by name) on every node",
+       features=frozenset({"basic", "schema", "framework"}), migrations=True, faults=(),
+       write_seconds=14),
     _P("faults_stop", "basic + SIGSTOP/SIGCONT of nodes and a nats-server restart",
        faults=("stop", "nats", "kill")),
     _P("rollover", "small max_entries: a node killed while the streams roll over",

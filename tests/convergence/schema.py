@@ -64,6 +64,20 @@ TABLES: tuple[Table, ...] = (
 DERIVED = ("audit",)
 
 
+# What a framework keeps beside the application's tables (profile ``framework``): which
+# migrations this database applied — per node, never replicated (harmonylite's default
+# ``exclude_tables``) — and rows every node's migrate creates (Django's content types: an
+# auto-increment id, UNIQUE by name, created when missing).
+BOOKKEEPING = "django_migrations"
+FRAMEWORK_DDL = (
+    f"CREATE TABLE {BOOKKEEPING}(id INTEGER PRIMARY KEY AUTOINCREMENT, app TEXT NOT NULL, "
+    "name TEXT NOT NULL, applied TEXT NOT NULL)",
+    "CREATE TABLE fw_content_type(id INTEGER PRIMARY KEY AUTOINCREMENT, app_label TEXT NOT NULL, "
+    "model TEXT NOT NULL, UNIQUE(app_label, model))",
+)
+PER_NODE = (BOOKKEEPING,)  # compared per node by their own invariant, not between nodes
+
+
 def tables_for(features: frozenset[str]) -> list[Table]:
     return [t for t in TABLES if t.feature in features or t.feature == "basic"]
 
@@ -80,6 +94,9 @@ def create_schema(db: sqlite3.Connection, features: frozenset[str]) -> None:
         if not t.initial:
             continue
         for stmt in (*t.ddl, *t.extra):
+            db.execute(stmt)
+    if "framework" in features:
+        for stmt in FRAMEWORK_DDL:
             db.execute(stmt)
 
 

@@ -99,6 +99,7 @@ class Writer(threading.Thread):
         self.migration_step = 0
         self.error: BaseException | None = None
         self.conn: sqlite3.Connection | None = None
+        self.migrated: list[str] = []  # migrations this node's application committed
         # Held while the application has its database closed (an operator's forced restore).
         self.app = threading.Lock()
 
@@ -375,7 +376,9 @@ class Writer(threading.Thread):
         due = (self.migration_step + 1) * period + self.index * period / 3
         if self.migration_step < len(STEPS) and elapsed >= due:
             assert self.conn is not None
-            run_step(self.conn, self.migration_step, self.node_id, self.history)
+            if run_step(self.conn, self.migration_step, self.node_id, self.history,
+                        framework="framework" in self.profile.features):
+                self.migrated.append(STEPS[self.migration_step][0])
             if self.migration_step == FRESH_STEP:
                 self.tables.append(schema.table("fresh"))
             self.migration_step += 1

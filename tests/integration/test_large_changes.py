@@ -112,3 +112,36 @@ async def test_a_reference_whose_object_is_missing_waits_until_it_can_be_fetched
         assert await large_changes.resolve(js, b"plain", None) == b"plain"
     finally:
         await nc.close()
+
+
+async def test_a_download_asked_before_its_consumer_is_ready_waits_for_it(
+    nats_server: NatsServer,
+) -> None:
+    """A pull answered 503 (no responders: the consumer not ready yet, as while a cluster
+    re-forms) is asked again: the download completes instead of failing as 'changed'."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        store = await NatsObjectStore.open(js, "hl-late-consumer")
+        payload = os.urandom(600_000)  # several chunks
+        await store.upload_bytes("snap/data", payload)
+        real_add = js.add_consumer
+        created: list[float] = []
+
+        async def late_add(*args: Any, **kwargs: Any) -> Any:
+            # The consumer exists only a moment after the download starts pulling from it.
+            async def later() -> None:
+                await asyncio.sleep(1.0)
+                await real_add(*args, **kwargs)
+                created.append(asyncio.get_running_loop().time())
+            asyncio.get_running_loop().create_task(later())
+
+        js.add_consumer = late_add  # type: ignore[method-assign]
+        started = asyncio.get_running_loop().time()
+        try:
+            assert await store.download_bytes("snap/data") == payload
+        finally:
+            js.add_consumer = real_add  # type: ignore[method-assign]
+        assert created and created[0] - started >= 0.9  # it really waited for the consumer
+    finally:
+        await nc.close()

@@ -30,6 +30,10 @@ from .base import ObjectInfo
 MAX_CHUNK = 1024 * 1024
 BATCH = 16  # chunks requested per pull (bounded memory: BATCH * chunk size)
 STEP_TIMEOUT = 10.0  # seconds without progress before a download is given up
+# A pull answered 503 (no responders: the consumer or the stream leader is not ready, as while a
+# cluster re-forms) is asked again, this many times in a row, this far apart.
+UNAVAILABLE_RETRIES = 50
+UNAVAILABLE_WAIT = 0.2
 
 
 def _hex_digest(digest: str | None) -> str | None:
@@ -156,6 +160,7 @@ class NatsObjectStore:
         try:
             received = 0
             request_no = 0
+            unavailable = 0
             while received < total:
                 want = min(BATCH, total - received)
                 request_no += 1
@@ -172,6 +177,12 @@ class NatsObjectStore:
                         continue  # a status left over from an earlier request
                     if status == "100":  # heartbeat / flow control
                         continue
+                    if status == "503" and unavailable < UNAVAILABLE_RETRIES:
+                        # No responders: the new consumer (or the stream's leader) is not ready
+                        # yet, as while a cluster re-forms; nothing was delivered: ask again.
+                        unavailable += 1
+                        await asyncio.sleep(UNAVAILABLE_WAIT)
+                        break
                     if status:
                         # The chunks went away: the object was replaced or deleted meanwhile.
                         await self._get_info(key)
@@ -185,6 +196,7 @@ class NatsObjectStore:
                     await sink(msg.data)
                     got += 1
                     received += 1
+                    unavailable = 0
         finally:
             try:
                 await sub.unsubscribe()

@@ -36,6 +36,7 @@ CI_SEEDS = [
     ("restore", 11, 12.0),      # issue 13: an operator's forced restore of a running node
     ("disk", 1, 12.0),          # a full disk; found 0 kept where -0.0 was sent (root only)
     ("cluster", 11, 14.0),      # issue 15: 3 clustered servers, R3, a node's server killed
+    ("framework", 11, 14.0),    # issue 16: per-node bookkeeping, rows every migrate creates
 ]
 
 # Regression seeds of fixed bug classes kept out of CI for time; run with
@@ -55,6 +56,7 @@ MORE_SEEDS = [
     ("disk", 2, 12.0),
     ("restore", 1, 12.0),
     ("cluster", 1, 14.0),
+    ("framework", 5, 14.0),
 ]
 
 # (profile, seed, seconds, issue, bug class): still failing, expected to until fixed.

@@ -89,6 +89,7 @@ class LeaderElection:
         self._wake = asyncio.Event()
         self._leader_event = asyncio.Event()
         self._failures = 0
+        self._bucket_error: str | None = None  # the lease bucket's last error (None: it answers)
         self.replicas = replicas
         self.update_existing = update_existing
         # Why this node must not hold the lease now (None: it may): a node that is not applying,
@@ -217,14 +218,26 @@ class LeaderElection:
                     await self._renew(kv)
                 else:
                     await self._try_acquire(kv)
+                self._bucket_reachable()
                 return True
             except KeyWrongLastSequenceError as exc:
                 self.step_down(describe(exc))
+                self._bucket_reachable()
                 return True
             except Exception as exc:
                 self.step_down(describe(exc))
                 self._kv = None  # reopen (recreate if it is gone) the bucket next time
+                if self._bucket_error is None:  # once per outage, not every retry
+                    log.warning("cannot use the snapshot lease bucket %s (retrying): %s", BUCKET,
+                                describe(exc), extra={"node_id": self.node_id})
+                self._bucket_error = describe(exc)
                 return False
+
+    def _bucket_reachable(self) -> None:
+        if self._bucket_error is not None:
+            log.info("the snapshot lease bucket %s answers again", BUCKET,
+                     extra={"node_id": self.node_id})
+            self._bucket_error = None
 
     def stale(self) -> str | None:
         """Why this node may not lead (or capture) right now; None when it may."""

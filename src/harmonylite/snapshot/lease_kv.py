@@ -22,6 +22,7 @@ BUCKET = "e-harmonylite"
 LEASE_KEY = "snapshot-leader"
 LOCK_KEY = "snapshot"
 MAX_BACKOFF_SECONDS = 10.0
+LEASE_MIN_REPLICAS = 3  # the lease bucket's replicas where the servers allow (see open_bucket)
 KV_OP_HEADER = "KV-Operation"
 
 T = TypeVar("T")
@@ -74,23 +75,31 @@ async def open_bucket(js: Any, ttl_ms: int, timeout: float, *, replicas: int = 1
                       update_existing: bool = False) -> Any:
     """The KV bucket ``e-harmonylite``, created with max_age = ``ttl_ms`` when missing.
 
-    It is created with ``replicas`` (``replication_log.replicas``): on a JetStream cluster an R1
-    lease bucket dies with its one server, and every snapshot with it. An existing bucket with
-    fewer replicas is raised when ``update_existing`` allows it, reported otherwise.
+    It is created with ``replicas`` (``replication_log.replicas``), and with at least
+    :data:`LEASE_MIN_REPLICAS` where the servers allow it: on a JetStream cluster an R1 lease
+    bucket dies with its one server, and no node can take the lease until that server is back,
+    however many nodes are left (the bucket holds two small keys: three copies cost nothing). A
+    single server refuses more than one replica; then it gets ``replicas``. An existing bucket
+    with fewer replicas than configured is raised when ``update_existing`` allows it, reported
+    otherwise.
     """
     try:
         kv = await bounded(js.key_value(BUCKET), timeout)
     except BucketNotFoundError:
-        cfg = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl_ms / 1000.0, replicas=replicas)
-        try:
-            kv = await bounded(js.create_key_value(cfg), timeout)
+        kv = None
+        for want in dict.fromkeys((max(replicas, LEASE_MIN_REPLICAS), replicas)):
+            cfg = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl_ms / 1000.0, replicas=want)
+            try:
+                kv = await bounded(js.create_key_value(cfg), timeout)
+            except Exception as exc:
+                # Too few servers for that many replicas; or created concurrently by another
+                # node (possibly with another TTL): use theirs.
+                log.debug("creating KV bucket %s with %d replicas: %s", BUCKET, want, exc)
+                continue
             log.info("created KV bucket %s (lease TTL %.1f s, %d replicas)", BUCKET,
-                     ttl_ms / 1000, replicas)
+                     ttl_ms / 1000, want)
             return kv
-        except Exception as exc:
-            # Created concurrently by another node (possibly with another TTL): use theirs.
-            log.debug("creating KV bucket %s: %s; opening it", BUCKET, exc)
-            kv = await bounded(js.key_value(BUCKET), timeout)
+        kv = await bounded(js.key_value(BUCKET), timeout)
     if replicas > 1:
         await ensure_replicas(js, f"KV_{BUCKET}", replicas, update_existing,
                               f"KV bucket {BUCKET}", timeout)

@@ -128,6 +128,12 @@ class Harness:
         """What an operator does to a node: stop it, ``snapshot restore`` its database in place
         (its pending changes are published first), start it. The application closes the
         database meanwhile (the restore refuses while it is open)."""
+        # An operator restores from a snapshot that exists: wait for the first one (the leader
+        # takes it within seconds of start; slower on a loaded machine).
+        store = self.workdir / "snapshots"
+        deadline = time.monotonic() + 60
+        while not any(store.rglob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling the shared file store, bounded by the deadline
         writer = self.writers[i] if i < len(self.writers) else None
         if writer is not None:
             writer.close_database()

@@ -1,5 +1,5 @@
-"""Restores while the application keeps writing, and restarts under heavy writes with a short
-retention (issue 13), with real nodes, a real nats-server and a file store."""
+"""Restores while the application keeps writing, with real nodes, a real nats-server and a file
+store (restarts under heavy writes and a short retention: test_snapshot_request.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from test_recovery import (
     Cluster,
     items,
     log_after,
-    node_cfg,
     position,
     save_snapshot,
     stream_state,
@@ -131,38 +130,3 @@ def test_rows_written_while_a_node_restores_reach_every_node(
     expected = set(range(1, next_id)) | set(ours)
     wait_until(lambda: _ids(a) == expected and items(b) == items(a), 30,
                "every row written on b to reach a, and the nodes to agree")
-
-
-@pytest.mark.slow
-def test_a_node_restarted_under_heavy_writes_and_short_retention_converges(
-        cluster: Cluster) -> None:
-    """`shards = 1`, ~250 writes/s, `max_entries = 60`: the leader snapshots every 30 messages
-    (half the retention), and b, restarted after the stream moved past it, restores a snapshot
-    that covers it (or asks the leader for one) instead of running on diverged.
-
-    Marked slow: on a loaded 2-core machine the margin (30 messages, about half a second of
-    these writes) is sometimes too thin for one round, and the node starts over to restore
-    again; a run then takes up to a minute."""
-    log = {"shards": 1, "max_entries": 60}
-    snap = {**node_cfg(cluster.server, cluster.store)["snapshot"], "interval": 3_600_000,
-            "leader_ttl": 3000}
-    a = cluster.node(1, replication_log=log, snapshot=snap).start()
-    wait_until(lambda: "Became snapshot leader" in a.log_text(), 20, "a to lead the snapshots")
-    b = cluster.node(2, replication_log=log, snapshot=snap).start()
-    app = Writer(a, 1_000_000, 250)
-    try:
-        wait_until(lambda: len(app.committed) >= 100, 20, "writes to flow")
-        b.stop()
-        pos = position(b)
-        wait_until(lambda: stream_state(cluster.server)[0] > pos + 1, 30,
-                   "the stream to drop what b has not applied")
-        mark = len(b.log_text())
-        b.start(60)
-        assert "Snapshot restored" in log_after(b, mark)
-        written = len(app.committed)
-        wait_until(lambda: len(app.committed) >= written + 125, 20, "writes after b's start")
-    finally:
-        ours = app.stop()
-    wait_until(lambda: _ids(a) == set(ours) and items(b) == items(a), 30,
-               "b to converge with a")
-    assert "lost to this node" not in log_after(b, mark)

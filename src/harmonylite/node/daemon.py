@@ -44,10 +44,11 @@ from harmonylite.ops.health import HttpServer, probe_database, start_health_serv
 from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier
-from harmonylite.replication.consumer import ShardConsumer
+from harmonylite.replication.consumer import ShardConsumer, near_head
 from harmonylite.replication.nats_link import LinkState, connect, ensure_streams
 from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
+from harmonylite.replication.read_ahead import ReadAhead, stop_all
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 
 if TYPE_CHECKING:
@@ -96,6 +97,9 @@ class Node:
         self._conflicts_at_start = 0
         self.restart_reason: str | None = None  # set to start the node over in this process
         self.restored: str | None = None  # the snapshot this start restored, if any
+        # Streams read since recovery began, handed to the consumers when they subscribe.
+        self.read_ahead: dict[str, ReadAhead] = {}
+        self.waiting: str | None = None  # why the start is waiting (health 503 meanwhile)
         self._background: set[asyncio.Task[None]] = set()
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
@@ -125,7 +129,8 @@ class Node:
             # the streams still hold (and publish its pending changes first).
             from harmonylite.node.recovery import recover
 
-            await recover(self)
+            recovery = await recover(self)
+            self.restored, self.read_ahead = recovery.restored, recovery.readers
         if not self.db_path.exists():
             raise HarmonyliteError(f"database file {self.db_path} does not exist")
         self.install_report = await self.writer.call(
@@ -146,8 +151,16 @@ class Node:
                 stream = cfg.stream_name(shard)
                 consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
                                          self.positions.get(stream, 0), self._applied,
-                                         on_gap=self._gap_found)
+                                         on_gap=self._gap_found,
+                                         near_head=near_head(cfg.replication_log.max_entries))
+                reader = self.read_ahead.pop(stream, None)
+                if reader is not None:
+                    # Subscribe after the last message read ahead, then stop reading ahead:
+                    # nothing falls between the two however fast the stream rolls over.
+                    consumer.preload(reader.take_after(consumer.position))
                 await consumer.subscribe_with_retry()
+                if reader is not None:
+                    await reader.stop()
                 self.consumers.append(consumer)
                 self._spawn(f"consumer {stream}", consumer.run)
                 # Re-creates the subscription whenever it is lost (server gone, leader change).
@@ -222,6 +235,9 @@ class Node:
 
         assert self.js is not None
         heads = await stream_heads(self.js, self.cfg.stream_names())
+        # What a stream dropped but its read-ahead still holds is no gap.
+        heads = {s: min(first, self.read_ahead[s].first) if s in self.read_ahead else first
+                 for s, first in heads.items()}
         found = gaps(self.positions, heads)
 
         def record(conn: sqlite3.Connection) -> None:
@@ -285,6 +301,8 @@ class Node:
         for c in self.consumers:
             if c.stream == stream:
                 self.metrics.stream_state(stream, c.position, c.lag)
+        if self.snapshots is not None:
+            self.snapshots.scheduler.poke()
         try:
             write_seq_map(self.seq_map_path, self.positions)
         except OSError as exc:
@@ -346,7 +364,8 @@ class Node:
         return status.warnings(self.dead_letters, self.conflicts())
 
     def problems(self) -> list[str]:
-        return status.problems(self.supervisor, self.consumers, self.gaps)
+        waiting = [self.waiting] if self.waiting is not None else []
+        return waiting + status.problems(self.supervisor, self.consumers, self.gaps)
 
     async def health_status(self) -> dict[str, Any]:
         return {**self.status(), "version": __version__,
@@ -368,6 +387,7 @@ class Node:
                 log.warning("changes left pending at shutdown (published on next start): %s", exc)
         if self.watcher is not None:
             self.watcher.stop()
+        await stop_all(self.read_ahead)
         for consumer in self.consumers:
             await consumer.unsubscribe()
         if self.nc is not None:

@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harmonylite.aio import wait_any
+from harmonylite.config import Config
 from harmonylite.errors import (
     HarmonyliteError,
     SnapshotError,
@@ -33,8 +35,16 @@ from harmonylite.errors import (
 )
 from harmonylite.node import install
 from harmonylite.node.coverage import Gap, choose, gaps, need, stream_heads
-from harmonylite.node.restore_loop import RestoreRefused, publish_pending, restore_newest
+from harmonylite.node.restore_loop import (
+    NoSoundSnapshot,
+    RestoreRefused,
+    publish_pending,
+    restore_newest,
+)
+from harmonylite.replication.read_ahead import ReadAhead, read_ahead, stop_all
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
+from harmonylite.snapshot import request
+from harmonylite.snapshot.lease_kv import heartbeat_seconds
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.snapshot.storage import ObjectStore, open_store
 
@@ -80,7 +90,22 @@ async def _list_patiently(store: ObjectStore) -> list[Manifest]:
             await asyncio.sleep(0.5)  # a pause between tries, not a synchronisation
 
 
-async def recover(node: Node) -> None:
+@dataclass
+class Recovery:
+    """What the start-up recovery did: the snapshot it restored (if any), and the streams read
+    ahead since it began (handed to the consumers, then stopped)."""
+
+    restored: str | None = None
+    readers: dict[str, ReadAhead] = field(default_factory=dict)
+
+
+def _window(heads: dict[str, int], readers: dict[str, ReadAhead]) -> dict[str, int]:
+    """Per stream, the first sequence still available: in the stream or in its read-ahead."""
+    return {s: min(first, readers[s].first) if s in readers else first
+            for s, first in heads.items()}
+
+
+async def recover(node: Node) -> Recovery:
     """Restore from a snapshot when needed (see the module docstring); else do nothing."""
     cfg = node.cfg
     assert node.js is not None
@@ -106,11 +131,38 @@ async def recover(node: Node) -> None:
         reasons.append("the streams no longer hold the messages after this node's position ("
                        + ", ".join(map(str, behind)) + ")")
     if not reasons:
-        return
+        return Recovery()
     log.info("checking for a snapshot: %s", "; ".join(reasons))
+    # From now on every stream is read ahead, so whatever snapshot comes, the messages after it
+    # are still at hand however fast the streams roll over.
+    subjects = {cfg.stream_name(s): cfg.subject(s)
+                for s in range(1, cfg.replication_log.shards + 1)}
+    starts = {s: max(heads.get(s, 1), positions.get(s, 0) + 1 if db_exists else 1)
+              for s in subjects}
+    readers = await read_ahead(node.js, subjects, starts)
+    try:
+        restored = await _recover(node, readers, db_exists, positions, recorded, behind)
+    except BaseException:
+        await stop_all(readers)
+        raise
+    finally:
+        node.waiting = None
+    if restored is None:
+        await stop_all(readers)
+        return Recovery()
+    return Recovery(restored, readers)
+
+
+async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
+                   positions: dict[str, int], recorded: dict[str, tuple[int, int]],
+                   behind: list[Gap]) -> str | None:
+    cfg = node.cfg
+    assert node.js is not None
+    db_path, seq_map_path = node.db_path, node.seq_map_path
     diverged = db_exists and bool(behind or recorded)
     # Never go backwards: a snapshot behind what this database already holds would lose rows.
     floor = positions if db_exists else {}
+    heads = _window(await stream_heads(node.js, cfg.stream_names()), readers)
     store = await open_store(cfg.snapshot, js=node.js, bucket=cfg.snapshot_bucket())
     try:
         try:
@@ -121,14 +173,15 @@ async def recover(node: Node) -> None:
                                     f"listed: {exc}") from exc
             log.error("cannot list snapshots (%s); replaying from this node's positions", exc)
             _log_gaps(behind, "no snapshot could be checked")
-            return
+            return None
         choice = choose(candidates, floor, heads)
         for m, why in choice.skipped:
             log.warning("skipping snapshot %s: it is behind this node's database (%s)", m.id,
                         why, extra={"snapshot_id": m.id})
         targets = choice.covering
-        if not targets and (diverged or not db_exists) and (candidates or gaps({}, heads)):
-            targets, heads = await _ask_and_wait(node, store, floor)
+        needed = diverged or not db_exists
+        if not targets and needed and (candidates or gaps({}, heads)):
+            targets, heads = await _ask_and_wait(node, store, floor, set(), readers)
         if not targets:
             if db_exists:
                 if choice.usable and not diverged:
@@ -140,26 +193,38 @@ async def recover(node: Node) -> None:
                                 "node's positions")
                 _log_gaps(gaps(positions, heads), "no snapshot covers them")
                 _log_uncovered(recorded, "no snapshot covers them")
-                return
+                return None
             if not choice.usable:
                 await asyncio.to_thread(_no_snapshot, db_path, seq_map_path, heads)
-                return
+                return None
             targets = choice.usable  # better than an empty database; the gap stays loud
 
         async def before_install() -> None:
             await _publish_before_restore(node)
 
+        unsound: set[str] = set()
         for attempt in range(1, CATCH_UP_TRIES + 1):
-            restored = await restore_newest(cfg, store, targets, db_path=db_path,
-                                            seq_map_path=seq_map_path,
-                                            before_install=before_install,
-                                            guard_pending=cfg.publish)
+            try:
+                restored = await restore_newest(cfg, store, targets, db_path=db_path,
+                                                seq_map_path=seq_map_path,
+                                                before_install=before_install,
+                                                guard_pending=cfg.publish)
+            except NoSoundSnapshot as exc:
+                if not needed:
+                    raise
+                # Every snapshot that would do failed a check: a fresh one from the leader will.
+                unsound.update(m.id for m in targets)
+                log.warning("%s; asking the snapshot leader for a fresh one", exc)
+                targets, heads = await _ask_and_wait(node, store, floor, unsound, readers)
+                if not targets:
+                    raise
+                continue
             manifest = restored.manifest
             node.metrics.restored(manifest.id, manifest.created_at)
-            # Under heavy writes and a short retention the streams may drop what follows the
-            # snapshot while it is downloaded and installed: then it no longer covers this
-            # node, and a newer one must (never run on with a gap that could be covered).
-            heads = await stream_heads(node.js, cfg.stream_names())
+            # Without a read-ahead covering it (it may have had to drop its oldest messages),
+            # the streams may drop what follows the snapshot while it is downloaded and
+            # installed: then a newer one must cover this node (never run on with a gap).
+            heads = _window(await stream_heads(node.js, cfg.stream_names()), readers)
             moved = gaps(manifest.sequences, heads)
             if not moved or attempt == CATCH_UP_TRIES or node.stop_event.is_set():
                 break
@@ -170,45 +235,60 @@ async def recover(node: Node) -> None:
             floor = dict(manifest.sequences)
             targets = choose(await list_snapshots(store), floor, heads).covering
             if not targets:
-                targets, heads = await _ask_and_wait(node, store, floor)
+                targets, heads = await _ask_and_wait(node, store, floor, unsound, readers)
             if not targets:
                 break
+        else:
+            raise SnapshotError("no sound snapshot could be restored")
     finally:
         await store.aclose()
-    node.restored = manifest.id
     _log_gaps(gaps(manifest.sequences, heads), f"snapshot {manifest.id} is older than them")
+    return manifest.id
 
 
 def _log_uncovered(recorded: dict[str, tuple[int, int]], what: str) -> None:
     _log_gaps([Gap(s, f, la) for s, (f, la) in sorted(recorded.items())], what)
 
 
-async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int]
-                        ) -> tuple[list[Manifest], dict[str, int]]:
-    """No snapshot covers this node: ask the leader for one and wait (snapshot.request_timeout),
-    looking at the streams and the store again every second. Returns the covering snapshots
-    found (empty when none came) and the streams' heads at the last look."""
-    from harmonylite.snapshot import request
+def _no_leader_grace(cfg: Config) -> float:
+    """How long a node waits, once it found no node holding the snapshot lease, before giving
+    up: an eligible node takes a free lease at once (a deleted lease wakes it, and a node that
+    becomes eligible looks every second) or at its next heartbeat when the lease expired."""
+    return min(heartbeat_seconds(cfg.snapshot.leader_ttl), 10.0) + 5.0
 
+
+async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
+                        exclude: set[str], readers: dict[str, ReadAhead]
+                        ) -> tuple[list[Manifest], dict[str, int]]:
+    """No sound snapshot covers this node: ask the leader for one and wait, looking at the
+    streams and the store again every second, for as long as some node holds the snapshot
+    lease (saying so every ``snapshot.request_timeout``). When no node holds it for longer than
+    a lease's TTL, no snapshot can come: give up. Returns the covering snapshots found (empty
+    when none came) and the first sequences still available at the last look."""
     cfg = node.cfg
     assert node.js is not None
-    bound = cfg.snapshot.request_timeout / 1000.0
-    deadline = time.monotonic() + bound
-    heads = await stream_heads(node.js, cfg.stream_names())
-    log.warning("no snapshot covers what this node lacks (%s); asked the snapshot leader for "
-                "one, waiting up to %.0f s (snapshot.request_timeout)",
-                ", ".join(f"{s} up to {q}" for s, q in sorted(need(heads).items())) or "-",
-                bound)
+    streams = cfg.stream_names()
+    remind = max(1.0, cfg.snapshot.request_timeout / 1000.0)
+    started = time.monotonic()
+    next_reminder = started + remind
+    heads = _window(await stream_heads(node.js, streams), readers)
+    wanted = ", ".join(f"{s} up to {q}" for s, q in sorted(need(heads).items())) or "-"
+    node.waiting = f"waiting for a snapshot that covers this node ({wanted})"
+    log.warning("no sound snapshot covers what this node lacks (%s); asked the snapshot leader "
+                "for one", wanted)
     asked = False
+    no_leader_since: float | None = None
     try:
         while True:
             try:
-                await request.ask(node.js, cfg.snapshot.leader_ttl, cfg.node_id, need(heads))
+                await request.ask(node.js, cfg.snapshot.leader_ttl, cfg.node_id, need(heads),
+                                  exclude)
                 asked = True
             except Exception as exc:
                 log.warning("cannot ask the leader for a snapshot: %s", exc)
             try:
-                found = choose(await list_snapshots(store), floor, heads).covering
+                listed = await list_snapshots(store)
+                found = [m for m in choose(listed, floor, heads).covering if m.id not in exclude]
             except StorageError as exc:
                 log.warning("cannot list snapshots: %s", exc)
                 found = []
@@ -216,11 +296,38 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int]
                 log.info("snapshot %s covers this node now", found[0].id,
                          extra={"snapshot_id": found[0].id})
                 return found, heads
-            if time.monotonic() >= deadline or node.stop_event.is_set():
+            now = time.monotonic()
+            try:
+                leader = await request.holder(node.js, cfg.snapshot.leader_ttl)
+            except Exception as exc:
+                log.debug("cannot read the snapshot lease: %s", exc)
+                leader = -1  # unknown: keep waiting
+            if leader is None:
+                if no_leader_since is None:
+                    no_leader_since = now
+                    log.warning("no node holds the snapshot lease: no snapshot can be taken "
+                                "until a node with publish, replicate and snapshots on, in "
+                                "step with the streams, takes it; waiting %.0f s for one",
+                                _no_leader_grace(cfg))
+                    node.waiting = "no node can take snapshots: " + node.waiting
+                elif now - no_leader_since >= _no_leader_grace(cfg):
+                    log.error("no node took the snapshot lease in %.0f s: starting without the "
+                              "snapshot this node needs", now - no_leader_since)
+                    return [], heads
+            elif no_leader_since is not None:
+                no_leader_since = None
+                node.waiting = f"waiting for a snapshot that covers this node ({wanted})"
+                if leader > 0:
+                    log.info("node %d holds the snapshot lease now", leader)
+            if now >= next_reminder:
+                log.warning("still waiting for a snapshot that covers this node (%s) after "
+                            "%.0f s", wanted, now - started)
+                next_reminder = now + remind
+            if node.stop_event.is_set():
                 return [], heads
             # The polling period of an outside resource (the store), not a synchronisation.
             await wait_any(node.stop_event, timeout=1.0)
-            heads = await stream_heads(node.js, cfg.stream_names())
+            heads = _window(await stream_heads(node.js, streams), readers)
     finally:
         if asked:
             try:

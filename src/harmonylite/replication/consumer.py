@@ -58,11 +58,17 @@ UNREADABLE_AFTER = 3.0  # a stream that does not answer this long is reported as
 GapHandler = Callable[[str, int, int], None]
 
 
+def near_head(max_entries: int) -> int:
+    """Messages behind a stream's head that still count as in step with it: a small part of
+    what a stream keeps (a snapshot taken that far behind is still well inside it)."""
+    return max(16, min(500, max_entries // 4))
+
+
 class ShardConsumer:
     def __init__(self, js: JetStreamContext, stream: str, subject: str, writer: DbThread,
                  applier: Applier, position: int,
                  on_applied: Callable[[str, int, ApplyResult], None],
-                 on_gap: GapHandler | None = None) -> None:
+                 on_gap: GapHandler | None = None, near_head: int = 16) -> None:
         self.js = js
         self.stream = stream
         self.subject = subject
@@ -89,6 +95,9 @@ class ShardConsumer:
         self.not_consuming_since: float | None = None
         self.resubscribes = 0
         self.head_seen_at: float | None = None  # monotonic time the stream's head was last read
+        self.near_head = near_head
+        # Monotonic time this node was last seen within ``near_head`` messages of the head.
+        self.near_head_at: float | None = None
         self._resub = asyncio.Event()  # set to have the keeper re-create the subscription
         self._last_received = time.monotonic()
         self._in_callback = False
@@ -119,6 +128,17 @@ class ShardConsumer:
             self._in_callback = False
             self._last_received = time.monotonic()
 
+    def preload(self, messages: list[tuple[int, bytes, float]]) -> None:
+        """Messages already read (by a read-ahead during a restore), contiguous after this
+        consumer's position: applied first, and the subscription starts after them."""
+        if not messages or self._holding or messages[0][0] != self._queued_upto + 1:
+            return
+        self._holding = list(messages)
+        self._queued_upto = messages[-1][0]
+        self.stream_last_seq = max(self.stream_last_seq, self._queued_upto)
+        log.debug("consuming %s from sequence %d: %d messages read ahead during the restore, "
+                  "then the stream", self.stream, messages[0][0], len(messages))
+
     async def subscribe_with_retry(self, timeout: float = 60.0) -> None:
         """Subscribe, waiting while a JetStream cluster that just (re)started elects leaders."""
         loop = asyncio.get_running_loop()
@@ -126,6 +146,7 @@ class ShardConsumer:
         while True:
             try:
                 await self.subscribe()
+                await self._check_head()  # know where the stream stands from the start
                 return
             except (NatsTimeoutError, TimeoutError, ServiceUnavailableError) as exc:
                 if loop.time() > deadline:
@@ -207,6 +228,7 @@ class ShardConsumer:
         head = int(info.state.last_seq)
         self.head_seen_at = now
         self.stream_last_seq = max(self.stream_last_seq, head)
+        self._note_lag(now)
         silent = now - self._last_received
         if (head > self._queued_upto and self._queue.empty() and not self._in_callback
                 and silent >= SILENT_AFTER):
@@ -244,6 +266,10 @@ class ShardConsumer:
                   extra={"stream": self.stream, "from_seq": first, "to_seq": last})
         if self._on_gap is not None:
             self._on_gap(self.stream, first, last)
+
+    def _note_lag(self, now: float) -> None:
+        if self.lag <= self.near_head:
+            self.near_head_at = now
 
     @property
     def lag(self) -> int:
@@ -303,6 +329,7 @@ class ShardConsumer:
         result.published_at = group[-1][2]
         self.last_message_at = group[-1][2]
         self.position = max(self.position, result.last_seq)
+        self._note_lag(time.monotonic())
         self.applied_messages += result.messages - len(result.failed)
         self.failed_messages += len(result.failed)
         self.last_applied_at = time.time()

@@ -17,7 +17,7 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError
 
-from harmonylite.snapshot.lease_kv import bounded, open_bucket
+from harmonylite.snapshot.lease_kv import LEASE_KEY, bounded, open_bucket, parse_value
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,40 @@ class SnapshotRequest:
     node_id: int
     need: dict[str, int]  # stream -> the last sequence the snapshot must contain, at least
     revision: int
+    unsound: frozenset[str] = frozenset()  # snapshots the node found failing a check
 
-    def satisfied_by(self, sequences: dict[str, int]) -> bool:
-        return all(sequences.get(s, 0) >= q for s, q in self.need.items())
+    def satisfied_by(self, snapshot_id: str, sequences: dict[str, int]) -> bool:
+        return snapshot_id not in self.unsound and \
+            all(sequences.get(s, 0) >= q for s, q in self.need.items())
 
 
-async def ask(js: Any, ttl_ms: int, node_id: int, need: dict[str, int]) -> None:
-    """Write (or refresh) the request for a snapshot reaching ``need`` on every stream."""
+async def ask(js: Any, ttl_ms: int, node_id: int, need: dict[str, int],
+              unsound: set[str] | None = None) -> None:
+    """Write (or refresh) the request for a snapshot reaching ``need`` on every stream, other
+    than the ``unsound`` ones (which failed a check on the asking node: a new capture at the
+    same position is wanted then)."""
     kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
-    value = json.dumps({"node_id": node_id, "need": need}).encode()
+    value = json.dumps({"node_id": node_id, "need": need,
+                        "unsound": sorted(unsound or ())}).encode()
     await bounded(kv.put(REQUEST_KEY, value), OP_TIMEOUT)
 
 
 async def withdraw(js: Any, ttl_ms: int) -> None:
     kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
     await bounded(kv.delete(REQUEST_KEY), OP_TIMEOUT)
+
+
+async def holder(js: Any, ttl_ms: int) -> int | None:
+    """The node holding the snapshot lease now (None: no node leads, so none will answer)."""
+    kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
+    try:
+        entry = await bounded(kv.get(LEASE_KEY), OP_TIMEOUT)
+    except KeyNotFoundError:  # deleted or expired markers included
+        return None
+    if entry is None or not entry.value:
+        return None
+    node = parse_value(entry.value).get("node_id")
+    return node if isinstance(node, int) else None
 
 
 async def read(kv: Any, timeout: float = OP_TIMEOUT) -> SnapshotRequest | None:
@@ -59,7 +78,8 @@ async def read(kv: Any, timeout: float = OP_TIMEOUT) -> SnapshotRequest | None:
         data = json.loads(entry.value)
         need = {str(s): int(q) for s, q in dict(data.get("need", {})).items()}
         node_id = int(data.get("node_id", 0))
+        unsound = frozenset(str(i) for i in data.get("unsound", ()))
     except (ValueError, TypeError, AttributeError) as exc:
         log.warning("ignoring an unreadable snapshot request: %s", exc)
         return None
-    return SnapshotRequest(node_id, need, int(entry.revision))
+    return SnapshotRequest(node_id, need, int(entry.revision), unsound)

@@ -146,7 +146,8 @@ class Scheduler:
         self._activity_mark: object = None
         self._wake = asyncio.Event()
         self._store_error: str | None = None
-        self._served_request = -1  # revision of the last snapshot request looked at
+        self._last_request_check = -1e18
+        self._replace: str | None = None  # the newest snapshot, found unsound by a node
         self._list_error: str | None = None
         self._list_failures = 0
         self._list_failing_since = 0.0
@@ -228,31 +229,47 @@ class Scheduler:
         return out
 
     async def _count_trigger(self, now: float) -> str | None:
-        if now - self._last_count_check < self.check_every:
-            return None
-        self._last_count_check = now
-        try:
-            last = await self._last_sequences()
-        except Exception as exc:
-            log.debug("cannot read the streams' last sequences: %s", exc)
-            return None
+        last = self._heads()
+        if not last:
+            # No consumers to ask (a test, a node that does not replicate): the streams' heads
+            # over NATS, once per check period.
+            if now - self._last_count_check < self.check_every:
+                return await self._requested(now)
+            self._last_count_check = now
+            try:
+                last = await self._last_sequences()
+            except Exception as exc:
+                log.debug("cannot read the streams' last sequences: %s", exc)
+                return None
+        # Otherwise the heads as this node's consumers see them, updated with every message:
+        # a busy stream can pass half its retention in well under a second.
         past = streams_past(last, self._count_base, self.threshold)
         if not past:
-            return await self._requested()
+            return await self._requested(now)
         return f"{self.threshold} messages on {', '.join(past)}"
 
-    async def _requested(self) -> str | None:
-        """A node behind the streams asked for a snapshot the newest one does not satisfy."""
+    async def _requested(self, now: float) -> str | None:
+        """A node behind the streams asked for a snapshot the newest one does not satisfy.
+
+        Looked at once per check period; a request stays open (and is looked at again after
+        each capture) until a committed snapshot satisfies it or its node stops asking."""
+        if now - self._last_request_check < self.check_every:
+            return None
+        self._last_request_check = now
         try:
             req = await request.read(await self.election.kv(), self.election.op_timeout)
         except Exception as exc:
             log.debug("cannot read the snapshot request: %s", describe(exc))
             return None
-        if req is None or req.revision == self._served_request:
+        if req is None:
             return None
-        self._served_request = req.revision
-        if self.newest is not None and req.satisfied_by(self.newest.sequences):
+        newest = self.newest
+        if newest is not None and req.satisfied_by(newest.id, newest.sequences):
             return None
+        if newest is not None and newest.id in req.unsound:
+            # The newest fails a check where it is needed: a capture at its very position is
+            # not "unchanged" then.
+            self._replace = newest.id
         return f"requested by node {req.node_id}"
 
     def _interval_trigger(self, now: float) -> str | None:
@@ -276,16 +293,23 @@ class Scheduler:
 
     def _start(self, reason: str) -> None:
         if self._capturing():
-            if reason == "interval" or not self._busy_logged:
-                log.warning("%s: snapshot (%s) still running; %s trigger skipped", BUSY_MESSAGE,
-                            self._capture_reason, reason)
+            # Queued, not dropped: the triggers are looked at again the moment it ends.
+            if not self._busy_logged:
+                # The message trigger fires on nearly every look under heavy writes: only the
+                # timer's is worth a warning.
+                log.log(logging.WARNING if reason == "interval" else logging.DEBUG,
+                        "%s: snapshot (%s) still running; %s trigger queued until it ends",
+                        BUSY_MESSAGE, self._capture_reason, reason)
                 self._busy_logged = True
-            if reason == "interval":
-                self._rearm(self._clock())
             return
         self._busy_logged = False
         self._capture_reason = reason
         self._capture = asyncio.create_task(self.snapshot(reason, self.election.term))
+        self._capture.add_done_callback(lambda _: self._wake.set())
+
+    def poke(self) -> None:
+        """Something was applied: look at the message trigger now."""
+        self._wake.set()
 
     # --- one snapshot -----------------------------------------------------------------------
     async def snapshot(self, reason: str, term: int) -> None:
@@ -321,7 +345,7 @@ class Scheduler:
         log.info("taking a snapshot (%s)", reason, extra={"trigger": reason, "term": term})
         try:
             result = await HeadsPipeline(self.cfg, store, heads).save(
-                fence=fence, unless_at=self.newest.sequences if self.newest else None)
+                fence=fence, unless_at=self._unless_at())
         except SnapshotUnchanged as exc:
             log.info("%s (%s trigger)", exc, reason)
             await self._rearm_count()
@@ -347,6 +371,12 @@ class Scheduler:
             self.metrics.snapshot_saved(result.duration, manifest.stored_bytes,
                                         manifest.created_at, snapshot_id=manifest.id)
         self._adopt(manifest, base=started)
+
+    def _unless_at(self) -> dict[str, int] | None:
+        """No capture at exactly the newest snapshot's position, unless that one is unsound."""
+        if self.newest is None or self.newest.id == self._replace:
+            return None
+        return self.newest.sequences
 
     def _fail(self, exc: BaseException) -> None:
         if self.metrics is not None:

@@ -7,8 +7,9 @@ at once). The lease is in :mod:`harmonylite.snapshot.leader`, the triggers in
 
 A node holds the lease (and so captures) only while it is fresh: every stream is being consumed
 and applied, its head was read in the last ``HEAD_FRESH_SECONDS``, and this node is within
-``max_behind`` messages of it. A node cut off from its streams (lost consumers, a cluster without
-quorum, a stalled apply) would otherwise go on snapshotting a frozen database.
+``max_behind`` messages of it (or was, less than ``BEHIND_GRACE_SECONDS`` ago). A node cut off
+from its streams (lost consumers, a cluster without quorum, a stalled apply) would otherwise go
+on snapshotting a frozen database.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from harmonylite.replication.consumer import near_head
 from harmonylite.snapshot.leader import LeaderElection
 from harmonylite.snapshot.scheduler import Scheduler
 from harmonylite.snapshot.storage import ObjectStore, open_store
@@ -25,11 +27,15 @@ if TYPE_CHECKING:
     from harmonylite.node.daemon import Node
 
 HEAD_FRESH_SECONDS = 5.0  # a stream head read longer ago than this is unknown
+# A node more than ``max_behind`` messages behind a stream is stale only when it has not been
+# within them for this long: under heavy writes the messages in hand (received, not yet
+# applied) pass any small count for a moment, while a node that really falls behind stays out.
+BEHIND_GRACE_SECONDS = 3.0
 
 
 def max_behind(max_entries: int) -> int:
     """Messages a snapshot may trail a stream's head by: a small part of what streams keep."""
-    return max(16, min(500, max_entries // 4))
+    return near_head(max_entries)
 
 
 class SnapshotService:
@@ -64,7 +70,8 @@ class SnapshotService:
                 return f"apply is stalled on {c.stream}"
             if c.head_seen_at is None or now - c.head_seen_at > HEAD_FRESH_SECONDS:
                 return f"the head of {c.stream} cannot be read"
-            if c.lag > self.max_behind:
+            if c.lag > self.max_behind and (
+                    c.near_head_at is None or now - c.near_head_at > BEHIND_GRACE_SECONDS):
                 return f"this node is {c.lag} messages behind {c.stream}"
         return None
 

@@ -213,6 +213,39 @@ def test_index_kept_only_for_local_writes_before_is_rebuilt(pair: list[NodeProc]
     assert match(b, "fox") == [1, 2] and fts_integrity(b) is None
 
 
+def test_index_added_by_a_migration_while_running(tmp_path: Path,
+                                                  nats_server: NatsServer) -> None:
+    """The application adds the index and its triggers to running nodes (each node its own
+    migration, filling the index with 'rebuild'); rows written after are indexed everywhere."""
+    base = "CREATE TABLE docs(id INTEGER PRIMARY KEY, body TEXT);"
+    cfg = {"nats": {"urls": [nats_server.url]}, "replication_log": {"shards": 2}}
+    nodes = [make_node(tmp_path, i, cfg, base).start() for i in (1, 2)]
+    a, b = nodes
+    try:
+        a.execute("INSERT INTO docs VALUES (1, 'old fox')")
+        wait_until(lambda: docs(b) == docs(a) == [(1, "old fox")], 30, "row 1 everywhere")
+        index = SCHEMA[SCHEMA.index("CREATE VIRTUAL"):SCHEMA.index("CREATE TABLE audit")]
+        for n in nodes:
+            conn = n.connect()
+            conn.executescript(index + "INSERT INTO docs_fts(docs_fts) VALUES ('rebuild');")
+            conn.close()
+        for n in nodes:
+            # (the node logs what it decided for the new trigger)
+            wait_until(lambda n=n: "trigger 'docs_ai'" in n.log_text(), 30,
+                       f"node {n.node_id} to follow the migration")
+        a.execute("INSERT INTO docs VALUES (2, 'new fox')")
+        b.execute("INSERT INTO docs VALUES (3, 'another fox')")
+        a.execute("UPDATE docs SET body = 'old dog' WHERE id = 1")
+        wait_until(lambda: len(docs(a)) == 3 and docs(a) == docs(b) and docs(b)[0][1] == "old dog"
+                   and pending(a) == pending(b) == 0, 30, "converged")
+        for n in nodes:
+            assert match(n, "fox") == [2, 3] and match(n, "dog") == [1], n.node_id
+            assert fts_integrity(n) is None, n.node_id
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 SHADOW_SCHEMA = """
 CREATE VIRTUAL TABLE notes USING fts5(body);
 CREATE TABLE notes_meta(id INTEGER PRIMARY KEY, v TEXT);

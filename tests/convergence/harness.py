@@ -282,6 +282,8 @@ class Harness:
         if "framework" in self.profile.features:
             failures += oracle.check_bookkeeping([n.db for n in self.nodes[:len(writers)]],
                                                  [w.migrated for w in writers])
+        if "fts" in self.profile.features:
+            failures += oracle.check_indexes([n.db for n in self.nodes])
         if notes:
             failures.append(oracle.Failure("harness", "the harness itself failed", notes))
         if failures:  # is what diverged visible to an operator?

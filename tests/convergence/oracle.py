@@ -14,6 +14,8 @@ Invariants (each failure names one):
 - ``all-published``: every node's change log is fully published (nothing stuck pending).
 - ``application-ok``: the application's own statements (migrations) were not broken.
 - ``nodes-alive``: no node process died by itself.
+- ``derived-index``: every node's full-text index matches its content table and answers MATCH
+  like every other node's (profile ``fts``).
 """
 
 from __future__ import annotations
@@ -257,6 +259,40 @@ def report(failures: list[Failure], seed: int, replay: str, max_lines: int = 12)
     lines.append(f"seed: {seed}")
     lines.append(f"replay: {replay}")
     return "\n".join(lines)
+
+
+def check_indexes(dbs: list[Path]) -> list[Failure]:
+    """Every node's full-text indexes agree with their content table (FTS5's integrity-check
+    with rank 1) and answer MATCH with the same rows on every node."""
+    details = []
+    answers: dict[tuple[str, str], dict[int, list[int]]] = {}
+    for i, db in enumerate(dbs, start=1):
+        # integrity-check is an INSERT into the index (it writes nothing): a writable connection
+        conn = sqlite3.connect(str(db), timeout=30, isolation_level=None)
+        try:
+            present = {str(r[0]) for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for index in schema.FTS_INDEXES:
+                if index not in present:
+                    continue
+                try:
+                    conn.execute(f"INSERT INTO {index}({index}, rank) "
+                                 "VALUES ('integrity-check', 1)")
+                except sqlite3.DatabaseError as exc:
+                    details.append(f"node {i}: {index} integrity-check failed: {exc}")
+                for word in schema.WORDS:
+                    rows = [int(r[0]) for r in conn.execute(
+                        f"SELECT rowid FROM {index} WHERE {index} MATCH ? ORDER BY rowid",
+                        (word,))]
+                    answers.setdefault((index, word), {})[i] = rows
+        finally:
+            conn.close()
+    for (index, word), per_node in sorted(answers.items()):
+        if len({tuple(r) for r in per_node.values()}) > 1:
+            details.append(f"{index} MATCH {word!r}: " + "; ".join(
+                f"node {n}: {len(r)} rows {r[:8]}" for n, r in sorted(per_node.items())))
+    return [Failure("derived-index", "full-text indexes wrong or different between nodes",
+                    details)] if details else []
 
 
 def check_bookkeeping(dbs: list[Path], migrated: list[list[str]]) -> list[Failure]:

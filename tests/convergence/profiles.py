@@ -52,6 +52,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
        features=frozenset({"basic", "fk"}), faults=()),
     _P("triggers", "an application trigger writing an audit row and updated_at",
        features=frozenset({"basic", "triggers"}), faults=()),
+    _P("fts", "an FTS5 external-content index kept by the application's triggers; SIGKILL "
+       "+ restart, and a brand-new node provisioned from a snapshot",
+       features=frozenset({"basic", "fts"}), faults=("provision", "kill"),
+       node_config={"snapshot": {"enabled": True, "store": "file", "interval": 1500}},
+       write_seconds=12),
     _P("nocase", "a TEXT COLLATE NOCASE primary key written in different cases",
        features=frozenset({"basic", "nocase"}), faults=()),
     _P("nopk", "a table without a primary key: inserts, updates and deletes from every node",

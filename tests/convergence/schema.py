@@ -54,6 +54,23 @@ TABLES: tuple[Table, ...] = (
               "UPDATE docs SET updated_at = strftime('%Y-%m-%d %H:%M:%f', 'now') "
               "WHERE id = NEW.id; END",
           )),
+    # A full-text index kept by the application's triggers (FTS5 external content, as in
+    # SQLite's documentation): the index is no replicated table; every node derives its own.
+    Table("articles", ("CREATE TABLE articles(id INTEGER PRIMARY KEY, body TEXT)",),
+          ("id",), ("id", "body"), "fts",
+          extra=(
+              "CREATE VIRTUAL TABLE articles_fts USING fts5(body, content='articles', "
+              "content_rowid='id')",
+              "CREATE TRIGGER articles_ai AFTER INSERT ON articles BEGIN "
+              "INSERT INTO articles_fts(rowid, body) VALUES (new.id, new.body); END",
+              "CREATE TRIGGER articles_ad AFTER DELETE ON articles BEGIN "
+              "INSERT INTO articles_fts(articles_fts, rowid, body) "
+              "VALUES ('delete', old.id, old.body); END",
+              "CREATE TRIGGER articles_au AFTER UPDATE ON articles BEGIN "
+              "INSERT INTO articles_fts(articles_fts, rowid, body) "
+              "VALUES ('delete', old.id, old.body); "
+              "INSERT INTO articles_fts(rowid, body) VALUES (new.id, new.body); END",
+          )),
     Table("mig", ("CREATE TABLE mig(id INTEGER PRIMARY KEY, a, b)",),
           ("id",), ("id",), "schema"),
     Table("fresh", ("CREATE TABLE fresh(id INTEGER PRIMARY KEY, v)",),
@@ -62,6 +79,10 @@ TABLES: tuple[Table, ...] = (
 
 # Tables only written by triggers or created during the run: compared between nodes only.
 DERIVED = ("audit",)
+# Full-text indexes (virtual tables, not compared as tables): each node's must pass FTS5's
+# integrity-check against its content table and answer MATCH alike (oracle.check_indexes).
+FTS_INDEXES = ("articles_fts",)
+WORDS = ("fox", "dog", "cat", "owl", "elk", "yak", "emu", "gnu")
 
 
 # What a framework keeps beside the application's tables (profile ``framework``): which
@@ -101,8 +122,11 @@ def create_schema(db: sqlite3.Connection, features: frozenset[str]) -> None:
 
 
 def user_tables(db: sqlite3.Connection) -> list[str]:
+    """Ordinary tables only: virtual tables and their shadow tables (an FTS index's segments,
+    laid out by each node's own merge history) are judged by what they answer instead."""
     rows = db.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'table' "
+        "AND name NOT LIKE 'sqlite_%' "
         "AND name NOT LIKE '\\_\\_harmonylite\\_\\_%' ESCAPE '\\' ORDER BY name"
     ).fetchall()
     return [str(r[0]) for r in rows]

@@ -37,6 +37,7 @@ CI_SEEDS = [
     ("disk", 1, 12.0),          # a full disk; found 0 kept where -0.0 was sent (root only)
     ("cluster", 11, 14.0),      # issue 15: 3 clustered servers, R3, a node's server killed
     ("framework", 11, 14.0),    # issue 16: per-node bookkeeping, rows every migrate creates
+    ("fts", 1, 12.0),           # an FTS5 index kept by application triggers, a new node
 ]
 
 # Regression seeds of fixed bug classes kept out of CI for time; run with

@@ -244,6 +244,8 @@ class Writer(threading.Thread):
                 vals[c] = ("?", rng.randrange(self.profile.hot_keys))
             elif c == "n":
                 vals[c] = ("?", rng.randint(0, 10**6))
+            elif t.feature == "fts":  # words the index is asked for afterwards
+                vals[c] = ("?", " ".join(rng.choice(schema.WORDS) for _ in range(3)))
             else:
                 vals[c] = gen_value(rng, kind)
         return vals

@@ -1,22 +1,38 @@
-"""Application triggers fire once per logical write: on the node where the application wrote.
+"""Application triggers and replicated rows: which fire when a change from another node is applied.
 
-A trigger of the application (an audit row, ``updated_at = now``) runs where the application
-writes; what it writes is captured and replicated like any other write. If it also ran when a
-replica applies the change, every node would add its own audit row and its own timestamp. So,
-like PostgreSQL's apply with ``session_replication_role = replica``, harmonylite makes the
-application's triggers skip the replicator's writes: each gets the guard condition the capture
-triggers use (``WHEN (SELECT applying FROM __harmonylite__guard …) IS NOT 1``, combined with its
-own ``WHEN`` if it has one). The guard is set only inside the applier's transaction, so the
-application never sees a difference. Triggers the application creates later (a migration) are
-wrapped as soon as the node notices the schema change; ``-cleanup`` restores them as written.
+A trigger of the application either derives data that is itself replicated, or data each node
+keeps for itself; which one is decided per trigger from the tables it writes (asked of SQLite,
+see :mod:`harmonylite.cdc.trigger_targets`):
+
+- **It writes a replicated table** (an audit row, ``updated_at = now``): it runs where the
+  application writes, and what it writes is captured and replicated like any other write. If it
+  also ran when a replica applies the change, every node would add its own audit row and its own
+  timestamp. So, like PostgreSQL's apply with ``session_replication_role = replica``, it skips
+  the replicator's writes: it gets the guard condition the capture triggers use (``WHEN (SELECT
+  applying FROM __harmonylite__guard …) IS NOT 1``, combined with its own ``WHEN`` if it has
+  one). The guard is set only inside the applier's transaction, so the application never sees a
+  difference. A trigger that writes nothing (a check raising an error) is guarded too: a row its
+  origin accepted is not refused elsewhere.
+- **It writes only tables that are not replicated**: a virtual table (an FTS5 external-content
+  index, an R*Tree), which cannot carry capture triggers, or a table excluded from replication
+  (a per-node counter or summary). Nothing else would keep those right for rows written on other
+  nodes, so the trigger fires for replicated rows too: it is left as the application wrote it.
+- **It writes both**: neither choice is right (the replicated half would run twice, or the
+  per-node half miss the other nodes' rows). It keeps the guard and is reported, asking for two
+  triggers.
+
+Triggers the application creates later (a migration) are decided as soon as the node notices
+the schema change; ``-cleanup`` and snapshots give back every trigger as written.
 """
 
 from __future__ import annotations
 
 import re
 import sqlite3
+from dataclasses import dataclass, field
 
-from harmonylite.cdc import ddl
+from harmonylite.cdc import ddl, trigger_targets
+from harmonylite.cdc.catalogue import FTS_MODULES, Catalogue
 from harmonylite.db.connection import PREFIX, quote_ident
 
 GUARD_EXPR = f"(SELECT applying FROM {ddl.GUARD} WHERE id = 1) IS NOT 1"
@@ -91,17 +107,73 @@ def _application_triggers(conn: sqlite3.Connection) -> list[tuple[str, str]]:
         "AND substr(name, 1, ?) != ?", (len(PREFIX), PREFIX))]
 
 
-def wrap_all(conn: sqlite3.Connection) -> list[str]:
-    """Add the guard to every application trigger lacking it (inside the caller's transaction).
-    Returns the names of the triggers changed."""
-    changed = []
-    for name, sql in _application_triggers(conn):
+@dataclass
+class TriggerReport:
+    wrapped: list[str] = field(default_factory=list)  # given the guard by this install
+    # trigger -> the tables, kept by each node itself, it writes: fires for replicated rows too
+    firing: dict[str, list[str]] = field(default_factory=dict)
+    # guard removed by this install (an earlier version, or the table was replicated): what it
+    # derived on this node so far misses the rows other nodes wrote meanwhile
+    released: list[str] = field(default_factory=list)
+    # trigger -> (replicated tables, per-node tables) it writes: guarded, reported
+    mixed: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
+    unknown: dict[str, str] = field(default_factory=dict)  # trigger -> why; left as it was
+    rebuilt: list[str] = field(default_factory=list)  # full-text indexes rebuilt after a release
+    rebuild_failed: dict[str, str] = field(default_factory=dict)  # index -> SQLite's error
+
+
+def _replace(conn: sqlite3.Connection, name: str, sql: str) -> None:
+    conn.execute(f"DROP TRIGGER {quote_ident(name)}")
+    conn.execute(sql)
+
+
+def reconcile(conn: sqlite3.Connection, kinds: Catalogue, captured: set[str]) -> TriggerReport:
+    """Guard or release every application trigger as :mod:`this module <app_triggers>` says
+    (inside the caller's transaction). ``captured``: the tables replicated from this node."""
+    report = TriggerReport()
+    local = set(kinds.virtual) | set(kinds.shadow) | (set(kinds.ordinary) - captured)
+    triggers = [(str(n), str(t), str(q)) for n, t, q in conn.execute(
+        "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger' "
+        "AND sql IS NOT NULL AND substr(name, 1, ?) != ? ORDER BY name",
+        (len(PREFIX), PREFIX))]
+    on_tables = sorted({t for _, t, _ in triggers if t in kinds.ordinary})
+    targets = trigger_targets.analyse(conn, on_tables)
+    for name, table, sql in triggers:
+        if table in targets.failed:
+            report.unknown[name] = targets.failed[table]
+            continue
+        written = targets.writes.get(name, set()) if table in kinds.ordinary else set()
+        kept, replicated = sorted(written & local), sorted(written - local)
+        if kept and not replicated:
+            report.firing[name] = kept
+            if GUARD_EXPR in sql:
+                _replace(conn, name, unwrapped(sql))
+                report.released.append(name)
+                _rebuild(conn, kinds, kept, report)
+            continue
+        if kept:
+            report.mixed[name] = (replicated, kept)
         new = wrapped(sql)
         if new is not None:
-            conn.execute(f"DROP TRIGGER {quote_ident(name)}")
-            conn.execute(new)
-            changed.append(name)
-    return changed
+            _replace(conn, name, new)
+            report.wrapped.append(name)
+    return report
+
+
+def _rebuild(conn: sqlite3.Connection, kinds: Catalogue, tables: list[str],
+             report: TriggerReport) -> None:
+    """A full-text index whose trigger skipped the rows other nodes wrote is rebuilt from its
+    content (FTS3/4/5's ``'rebuild'`` command); other derived data is reported only."""
+    for table in tables:
+        if kinds.virtual.get(table) not in FTS_MODULES or table in report.rebuilt:
+            continue
+        q = quote_ident(table)
+        try:
+            conn.execute(f"INSERT INTO {q}({q}) VALUES ('rebuild')")
+        except sqlite3.Error as exc:  # a contentless index has nothing to rebuild from
+            report.rebuild_failed[table] = str(exc)
+        else:
+            report.rebuilt.append(table)
 
 
 def unwrap_all(conn: sqlite3.Connection) -> int:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harmonylite.cdc import app_triggers, ddl
-from harmonylite.cdc.schema import TableInfo, user_tables
+from harmonylite.cdc.app_triggers import TriggerReport
+from harmonylite.cdc.catalogue import catalogue
+from harmonylite.cdc.schema import TableInfo, table_info
 from harmonylite.db.connection import PREFIX, quote_ident, write_transaction
 
 log = logging.getLogger(__name__)
@@ -20,12 +22,19 @@ class InstallReport:
     tables: list[TableInfo] = field(default_factory=list)
     rowid_keyed: list[str] = field(default_factory=list)
     skipped_virtual: list[str] = field(default_factory=list)
+    shadow: dict[str, str] = field(default_factory=dict)  # shadow table -> its virtual table
+    internal: list[str] = field(default_factory=list)  # SQLite's own (sqlite_sequence…)
     # Tables whose current rows were captured as changes: new since capture started, or rebuilt
     # (their triggers had gone with the old table), so rows written meanwhile are not lost.
     backfilled: dict[str, int] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)  # not replicated (configuration)
-    # Application triggers given the guard, so they skip the replicator's writes.
-    wrapped_triggers: list[str] = field(default_factory=list)
+    # What became of the application's triggers (see app_triggers).
+    triggers: TriggerReport = field(default_factory=TriggerReport)
+
+    @property
+    def wrapped_triggers(self) -> list[str]:
+        """Application triggers given the guard, so they skip the replicator's writes."""
+        return self.triggers.wrapped
 
 
 def _log_columns(conn: sqlite3.Connection, prefix: str) -> int:
@@ -70,7 +79,10 @@ def install_in_transaction(conn: sqlite3.Connection,
     report = InstallReport()
     for stmt in ddl.BASE_DDL:
         conn.execute(stmt)
-    tables, report.skipped_virtual = user_tables(conn)
+    kinds = catalogue(conn)
+    tables = [table_info(conn, name) for name in kinds.ordinary]
+    report.skipped_virtual, report.shadow = list(kinds.virtual), dict(kinds.shadow)
+    report.internal = list(kinds.internal)
     if replicated is not None:
         report.excluded = [t.name for t in tables if not replicated(t.name)]
         tables = [t for t in tables if replicated(t.name)]
@@ -117,7 +129,7 @@ def install_in_transaction(conn: sqlite3.Connection,
     # table, where they would capture its changes under the old name too.
     for name in sorted(set(have) - wanted):
         conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(name)}")
-    report.wrapped_triggers = app_triggers.wrap_all(conn)
+    report.triggers = app_triggers.reconcile(conn, kinds, {t.name for t in tables})
     if not started:
         conn.execute(f"INSERT INTO {ddl.STATE}(k, v) VALUES ('capture_started', 1)")
     report.tables = tables
@@ -135,14 +147,68 @@ def report_install(report: InstallReport, *, at_start: bool = True) -> None:
     if report.excluded and at_start:
         log.info("not replicated (exclude_tables / include_tables): %s",
                  ", ".join(report.excluded), extra={"tables": len(report.excluded)})
-    for name in report.skipped_virtual if at_start else ():
-        log.warning("virtual table %r cannot carry triggers and is not replicated", name)
-    for name in report.wrapped_triggers:
-        log.info("application trigger %r fires only for this node's own writes, not when "
-                 "changes from other nodes are applied", name, extra={"trigger": name})
+    if at_start:
+        report_left_out(report)
+    report_triggers(report.triggers)
     for name, count in sorted(report.backfilled.items()):
         log.info("capture started on table %r: its %d current rows are published", name, count,
                  extra={"table": name, "rows": count})
+
+
+def report_left_out(report: InstallReport) -> None:
+    """Every table change capture leaves out, with why (the excluded ones are logged above)."""
+    kept_by: dict[str, list[str]] = {}
+    for trigger, tables in sorted(report.triggers.firing.items()):
+        for table in tables:
+            kept_by.setdefault(table, []).append(trigger)
+    for name in report.skipped_virtual:
+        if name in kept_by:
+            log.info("virtual table %r is not replicated (it cannot carry triggers): every node "
+                     "keeps it from the replicated rows through the application's triggers %s",
+                     name, ", ".join(kept_by[name]), extra={"table": name})
+        else:
+            log.warning("virtual table %r cannot carry triggers and is not replicated: what is "
+                        "written into it stays on this node", name, extra={"table": name})
+    if report.shadow:
+        shadows = sorted(report.shadow.items())
+        log.info("not replicated (shadow tables, written by their virtual table): %s",
+                 ", ".join(f"{s} (shadow table of {o!r})" for s, o in shadows),
+                 extra={"tables": len(shadows)})
+    if report.internal:
+        log.info("not replicated (SQLite's internal tables): %s", ", ".join(report.internal),
+                 extra={"tables": len(report.internal)})
+
+
+def report_triggers(report: TriggerReport) -> None:
+    for name in report.wrapped:
+        log.info("application trigger %r fires only for this node's own writes, not when "
+                 "changes from other nodes are applied", name, extra={"trigger": name})
+    for name, tables in sorted(report.firing.items()):
+        log.info("application trigger %r writes only tables that are not replicated (%s): it "
+                 "fires for changes from other nodes too, so every node keeps them itself",
+                 name, ", ".join(tables), extra={"trigger": name})
+    for name in report.released:
+        stale = [t for t in report.firing[name] if t not in report.rebuilt]
+        if stale:
+            log.warning("application trigger %r fired only for this node's own writes until "
+                        "now: what it keeps in %s may miss rows written on other nodes; "
+                        "recompute it", name, ", ".join(stale), extra={"trigger": name})
+    for name in report.rebuilt:
+        log.info("full-text index %r rebuilt from its content, now that its triggers fire for "
+                 "changes from other nodes too", name, extra={"table": name})
+    for name, error in sorted(report.rebuild_failed.items()):
+        log.warning("full-text index %r could not be rebuilt (%s): rebuild it with "
+                    "INSERT INTO %s(%s) VALUES ('rebuild')", name, error, name, name,
+                    extra={"table": name})
+    for name, (replicated, kept) in sorted(report.mixed.items()):
+        log.warning("application trigger %r writes replicated tables (%s) and tables each node "
+                    "keeps itself (%s): it fires only for this node's own writes, so %s miss "
+                    "the rows written on other nodes; split it into two triggers", name,
+                    ", ".join(replicated), ", ".join(kept), ", ".join(kept),
+                    extra={"trigger": name})
+    for name, error in sorted(report.unknown.items()):
+        log.warning("cannot tell which tables application trigger %r writes (SQLite: %s): it "
+                    "is left as it is", name, error, extra={"trigger": name})
 
 
 def harmonylite_objects(conn: sqlite3.Connection) -> list[tuple[str, str]]:

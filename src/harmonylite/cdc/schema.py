@@ -6,6 +6,7 @@ import hashlib
 import sqlite3
 from dataclasses import dataclass
 
+from harmonylite.cdc.catalogue import catalogue
 from harmonylite.db.connection import PREFIX, quote_ident
 
 ROWID = "rowid"
@@ -38,24 +39,10 @@ def is_internal(name: str) -> bool:
 
 
 def user_tables(conn: sqlite3.Connection) -> tuple[list[TableInfo], list[str]]:
-    """Tables that can be replicated, and the names of those that cannot (virtual tables)."""
-    rows = conn.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name"
-    ).fetchall()
-    tables: list[TableInfo] = []
-    skipped: list[str] = []
-    for name, sql in rows:
-        if is_internal(name):
-            continue
-        if sql and sql.lstrip().upper().startswith("CREATE VIRTUAL"):
-            skipped.append(name)
-            continue
-        tables.append(table_info(conn, name))
-    # Shadow tables of virtual tables (FTS5 and friends) are maintained by the virtual table.
-    shadow_prefixes = tuple(f"{v}_" for v in skipped)
-    if shadow_prefixes:
-        tables = [t for t in tables if not t.name.startswith(shadow_prefixes)]
-    return tables, skipped
+    """Tables that can be replicated, and the names of those that cannot (virtual tables).
+    Shadow tables and SQLite's own are in neither (see :mod:`harmonylite.cdc.catalogue`)."""
+    kinds = catalogue(conn)
+    return [table_info(conn, name) for name in kinds.ordinary], list(kinds.virtual)
 
 
 def table_info(conn: sqlite3.Connection, name: str) -> TableInfo:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc.install import TableFilter
 from harmonylite.cdc.install import install as install_capture
 from harmonylite.db.connection import write_transaction
 
@@ -66,10 +67,11 @@ class Carried:
 
 
 def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None,
-            carried: Carried | None = None) -> None:
+            carried: Carried | None = None, replicated: TableFilter | None = None) -> None:
     """Add change capture, the positions and what the snapshot carries to the verified copy
     (and give it the destination's page size: a WAL destination only takes pages of its own
-    size)."""
+    size). ``replicated``: the node's table filter, so excluded tables get no capture and the
+    triggers keeping them fire for replicated rows from the start."""
     carried = carried or Carried()
     conn = sqlite3.connect(str(verified), isolation_level=None)
     try:
@@ -77,7 +79,7 @@ def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None,
         if page_bytes is not None and page_size(conn) != page_bytes:
             conn.execute(f"PRAGMA page_size = {int(page_bytes)}")
             conn.execute("VACUUM")
-        install_capture(conn)
+        install_capture(conn, replicated)
         with write_transaction(conn):
             conn.execute(f"DELETE FROM {ddl.SEQ}")
             conn.executemany(f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?)",
@@ -97,7 +99,7 @@ def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None,
 
 
 def prepare_for(verified: Path, db_path: Path, sequences: dict[str, int],
-                 carried: Carried | None = None) -> None:
+                 carried: Carried | None = None, replicated: TableFilter | None = None) -> None:
     """:func:`prepare` the verified copy for installing into ``db_path`` (its page size)."""
     page_bytes: int | None = None
     if db_path.exists():
@@ -108,7 +110,7 @@ def prepare_for(verified: Path, db_path: Path, sequences: dict[str, int],
                 page_bytes = page_size(conn)
         finally:
             conn.close()
-    prepare(verified, sequences, page_bytes, carried)
+    prepare(verified, sequences, page_bytes, carried, replicated)
 
 
 class PendingAppeared(Exception):

@@ -112,7 +112,7 @@ async def restore_newest(
             else:
                 carried = install.Carried(manifest.origins, manifest.parked)
                 await asyncio.to_thread(install.prepare_for, verified, db_path,
-                                        manifest.sequences, carried)
+                                        manifest.sequences, carried, cfg.replicates_table)
                 # A crash from here on must force the check again at the next start.
                 check = (lambda: install.check_nothing_pending(db_path)) if guard_pending \
                     else None

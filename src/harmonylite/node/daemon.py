@@ -143,9 +143,9 @@ class Node:
                                                    replicated=cfg.replicates_table,
                                                    unpark_settle=UNPARK_SETTLE_SECONDS)
             for shard in range(1, cfg.replication_log.shards + 1):
-                stream = cfg.stream_name(shard)
-                consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
-                                         self.positions.get(stream, 0), self._applied,
+                stream = cfg.names.stream(shard)
+                consumer = ShardConsumer(self.js, stream, cfg.names.subject(shard), self.writer,
+                                         applier, self.positions.get(stream, 0), self._applied,
                                          on_gap=self._gap_found)
                 await consumer.subscribe_with_retry()
                 self.consumers.append(consumer)
@@ -153,7 +153,8 @@ class Node:
                 # Re-creates the subscription whenever it is lost (server gone, leader change).
                 self._spawn(f"subscription {stream}", consumer.keep)
         self.schema = SchemaFollower(self.writer, self.applier, self.js, cfg.node_id,
-                                     cfg.replication_log.replicas, cfg.replicates_table)
+                                     cfg.replication_log.replicas, cfg.replicates_table,
+                                     bucket=cfg.names.schema_bucket)
         self._spawn("schema", self.schema.run)
         if cfg.publish:
             self.publisher = Publisher(
@@ -221,7 +222,7 @@ class Node:
         from harmonylite.node.coverage import gaps, stream_heads
 
         assert self.js is not None
-        heads = await stream_heads(self.js, self.cfg.stream_names())
+        heads = await stream_heads(self.js, self.cfg.names.streams())
         found = gaps(self.positions, heads)
 
         def record(conn: sqlite3.Connection) -> None:

@@ -89,7 +89,7 @@ async def recover(node: Node) -> None:
     from_file = await asyncio.to_thread(_read_map, seq_map_path)
     in_db = await asyncio.to_thread(install.applied_positions, db_path) if db_exists else {}
     positions = {**(from_file or {}), **in_db}
-    heads = await stream_heads(node.js, cfg.stream_names())
+    heads = await stream_heads(node.js, cfg.names.streams())
     behind = gaps(positions, heads)
     # Gaps found while running: the positions moved past them, so only the record tells.
     recorded = await asyncio.to_thread(install.recorded_gaps, db_path) if db_exists else {}
@@ -111,7 +111,7 @@ async def recover(node: Node) -> None:
     diverged = db_exists and bool(behind or recorded)
     # Never go backwards: a snapshot behind what this database already holds would lose rows.
     floor = positions if db_exists else {}
-    store = await open_store(cfg.snapshot, js=node.js, bucket=cfg.snapshot_bucket())
+    store = await open_store(cfg.snapshot, js=node.js, bucket=cfg.names.snapshot_bucket)
     try:
         try:
             candidates = await _list_patiently(store)
@@ -159,7 +159,7 @@ async def recover(node: Node) -> None:
             # Under heavy writes and a short retention the streams may drop what follows the
             # snapshot while it is downloaded and installed: then it no longer covers this
             # node, and a newer one must (never run on with a gap that could be covered).
-            heads = await stream_heads(node.js, cfg.stream_names())
+            heads = await stream_heads(node.js, cfg.names.streams())
             moved = gaps(manifest.sequences, heads)
             if not moved or attempt == CATCH_UP_TRIES or node.stop_event.is_set():
                 break
@@ -194,7 +194,7 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int]
     assert node.js is not None
     bound = cfg.snapshot.request_timeout / 1000.0
     deadline = time.monotonic() + bound
-    heads = await stream_heads(node.js, cfg.stream_names())
+    heads = await stream_heads(node.js, cfg.names.streams())
     log.warning("no snapshot covers what this node lacks (%s); asked the snapshot leader for "
                 "one, waiting up to %.0f s (snapshot.request_timeout)",
                 ", ".join(f"{s} up to {q}" for s, q in sorted(need(heads).items())) or "-",
@@ -203,7 +203,8 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int]
     try:
         while True:
             try:
-                await request.ask(node.js, cfg.snapshot.leader_ttl, cfg.node_id, need(heads))
+                await request.ask(node.js, cfg.names.lease_bucket, cfg.snapshot.leader_ttl,
+                                  cfg.node_id, need(heads))
                 asked = True
             except Exception as exc:
                 log.warning("cannot ask the leader for a snapshot: %s", exc)
@@ -220,11 +221,11 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int]
                 return [], heads
             # The polling period of an outside resource (the store), not a synchronisation.
             await wait_any(node.stop_event, timeout=1.0)
-            heads = await stream_heads(node.js, cfg.stream_names())
+            heads = await stream_heads(node.js, cfg.names.streams())
     finally:
         if asked:
             try:
-                await request.withdraw(node.js, cfg.snapshot.leader_ttl)
+                await request.withdraw(node.js, cfg.names.lease_bucket, cfg.snapshot.leader_ttl)
             except Exception as exc:  # it expires with the bucket's TTL anyway
                 log.debug("cannot withdraw the snapshot request: %s", exc)
 

@@ -1,4 +1,4 @@
-"""Asking the snapshot leader for a fresh snapshot: key ``snapshot-request`` in ``e-harmonylite``.
+"""Asking the snapshot leader for a fresh snapshot: key ``snapshot-request`` in the lease bucket.
 
 A node whose streams dropped messages it never applied needs a snapshot at or past each stream's
 first sequence. When none in the store covers it, it writes what it needs (per stream, the
@@ -17,11 +17,11 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError
 
+from harmonylite.names import REQUEST_KEY
 from harmonylite.snapshot.lease_kv import bounded, open_bucket
 
 log = logging.getLogger(__name__)
 
-REQUEST_KEY = "snapshot-request"
 OP_TIMEOUT = 5.0
 
 
@@ -35,15 +35,16 @@ class SnapshotRequest:
         return all(sequences.get(s, 0) >= q for s, q in self.need.items())
 
 
-async def ask(js: Any, ttl_ms: int, node_id: int, need: dict[str, int]) -> None:
-    """Write (or refresh) the request for a snapshot reaching ``need`` on every stream."""
-    kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
+async def ask(js: Any, bucket: str, ttl_ms: int, node_id: int, need: dict[str, int]) -> None:
+    """Write (or refresh) the request for a snapshot reaching ``need`` on every stream, in the
+    cluster's lease bucket ``bucket``."""
+    kv = await open_bucket(js, bucket, ttl_ms, OP_TIMEOUT)
     value = json.dumps({"node_id": node_id, "need": need}).encode()
     await bounded(kv.put(REQUEST_KEY, value), OP_TIMEOUT)
 
 
-async def withdraw(js: Any, ttl_ms: int) -> None:
-    kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
+async def withdraw(js: Any, bucket: str, ttl_ms: int) -> None:
+    kv = await open_bucket(js, bucket, ttl_ms, OP_TIMEOUT)
     await bounded(kv.delete(REQUEST_KEY), OP_TIMEOUT)
 
 

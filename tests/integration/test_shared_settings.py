@@ -79,6 +79,21 @@ def test_compress_differing_from_the_cluster_is_refused_naming_the_key(
     wait_until(lambda: first.query("SELECT count(*) FROM __harmonylite__seq") != [(0,)], 10,
                "the first node to keep replicating")
 
+    # A cluster an older version made has streams and no record: the streams tell.
+    asyncio.run(_delete_bucket(nats_server.url, "harmonylite-cluster-settings"))
+    code, text = run_to_exit(second)
+    assert code == 2, text
+    assert "replication_log.compress = false on this node, the cluster's is true" in text, text
+    assert "found in the existing streams" in text, text
+
+
+async def _delete_bucket(url: str, bucket: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().delete_key_value(bucket)
+    finally:
+        await nc.close()
+
 
 async def _stream_names(url: str) -> list[str]:
     nc = await nats.connect(url)
@@ -147,5 +162,5 @@ def test_changing_shards_one_node_at_a_time_loses_no_row(
     # The retired streams are still there (the operator removes them once every node runs the
     # new value); nothing else was created.
     assert asyncio.run(_stream_names(nats_server.url)) == [
-        "KV_e-harmonylite", "KV_harmonylite-cluster-settings", "KV_harmonylite-schema-registry",
+        "KV_harmonylite-cluster-settings", "KV_harmonylite-schema-registry",
         *(f"harmonylite-changes-c-{n}" for n in range(1, 5))]

@@ -39,6 +39,12 @@ from harmonylite.node import status
 from harmonylite.node.embedded_nats import EmbeddedNats
 from harmonylite.node.housekeeping import housekeeping
 from harmonylite.node.schema_follow import SchemaFollower
+from harmonylite.node.shared_settings import (
+    Record,
+    SettingsMismatch,
+    SettingsWatch,
+    check_at_start,
+)
 from harmonylite.node.supervisor import Supervisor
 from harmonylite.ops.health import HttpServer, probe_database, start_health_server
 from harmonylite.ops.metrics import Metrics, start_metrics_server
@@ -101,6 +107,9 @@ class Node:
         self.snapshots: SnapshotService | None = None
         self.applier: Applier | None = None
         self.schema: SchemaFollower | None = None
+        self.shared: Record | None = None  # the cluster's shared settings, as read at start
+        self.settings_watch: SettingsWatch | None = None
+        self.retired: dict[str, str] = {}  # retired streams still there, read too: -> subject
         self.metrics = Metrics.from_config(cfg.prometheus, node_id=cfg.node_id)
         self.metrics.track_nats_connected(lambda: self.nc is not None and self.nc.is_connected)
         self.metrics.parked_changes.set_function(
@@ -151,6 +160,17 @@ class Node:
                 self.consumers.append(consumer)
                 self._spawn(f"consumer {stream}", consumer.run)
                 # Re-creates the subscription whenever it is lost (server gone, leader change).
+                self._spawn(f"subscription {stream}", consumer.keep)
+            for stream, subject in self.retired.items():
+                # A shard count changed cluster-wide: nodes still on the old one may write here
+                # until restarted, and this node may not have read all it holds.
+                log.info("reading retired stream %s too (shard count changed)", stream)
+                consumer = ShardConsumer(self.js, stream, subject, self.writer, applier,
+                                         self.positions.get(stream, 0), self._applied,
+                                         on_gap=self._gap_found)
+                await consumer.subscribe_with_retry()
+                self.consumers.append(consumer)
+                self._spawn(f"consumer {stream}", consumer.run)
                 self._spawn(f"subscription {stream}", consumer.keep)
         self.schema = SchemaFollower(self.writer, self.applier, self.js, cfg.node_id,
                                      cfg.replication_log.replicas, cfg.replicates_table,
@@ -210,7 +230,24 @@ class Node:
         self.link.on_reconnect.append(self._resubscribe)
         self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
         self.js = self.nc.jetstream(publish_async_max_pending=1024)
+        # Before any stream is made: a node whose shard count, compression or prefixes differ
+        # from its cluster's would split it (exit 2, naming the key and both values).
+        try:
+            self.shared = await check_at_start(self.js, cfg)
+        except SettingsMismatch as exc:
+            log.error("%s", exc, extra={"keys": [d.key for d in exc.differences]})
+            raise
         await ensure_streams(self.js, cfg)
+        self.retired = await self._existing(self.shared.retired)
+        self.settings_watch = SettingsWatch(self.js, cfg)
+        self._spawn("shared settings", self.settings_watch.run)
+
+    async def _existing(self, streams: dict[str, str]) -> dict[str, str]:
+        from harmonylite.node.coverage import stream_heads
+
+        assert self.js is not None
+        there = await stream_heads(self.js, list(streams))
+        return {s: subject for s, subject in streams.items() if s in there}
 
     def _spawn(self, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         stop = self.stop_event
@@ -222,7 +259,7 @@ class Node:
         from harmonylite.node.coverage import gaps, stream_heads
 
         assert self.js is not None
-        heads = await stream_heads(self.js, self.cfg.names.streams())
+        heads = await stream_heads(self.js, [*self.cfg.names.streams(), *self.retired])
         found = gaps(self.positions, heads)
 
         def record(conn: sqlite3.Connection) -> None:
@@ -347,7 +384,10 @@ class Node:
         return status.warnings(self.dead_letters, self.conflicts())
 
     def problems(self) -> list[str]:
-        return status.problems(self.supervisor, self.consumers, self.gaps)
+        out = status.problems(self.supervisor, self.consumers, self.gaps)
+        if self.settings_watch is not None and self.settings_watch.problem is not None:
+            out.append(self.settings_watch.problem)
+        return out
 
     async def health_status(self) -> dict[str, Any]:
         return {**self.status(), "version": __version__,

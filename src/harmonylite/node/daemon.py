@@ -151,27 +151,13 @@ class Node:
                                                    origin=f"{cfg.node_id}:{epoch}",
                                                    replicated=cfg.replicates_table,
                                                    unpark_settle=UNPARK_SETTLE_SECONDS)
-            for shard in range(1, cfg.replication_log.shards + 1):
-                stream = cfg.names.stream(shard)
-                consumer = ShardConsumer(self.js, stream, cfg.names.subject(shard), self.writer,
-                                         applier, self.positions.get(stream, 0), self._applied,
-                                         on_gap=self._gap_found)
-                await consumer.subscribe_with_retry()
-                self.consumers.append(consumer)
-                self._spawn(f"consumer {stream}", consumer.run)
-                # Re-creates the subscription whenever it is lost (server gone, leader change).
-                self._spawn(f"subscription {stream}", consumer.keep)
+            for stream, subject in cfg.names.subjects().items():
+                await self._consume(stream, subject, applier)
             for stream, subject in self.retired.items():
                 # A shard count changed cluster-wide: nodes still on the old one may write here
                 # until restarted, and this node may not have read all it holds.
                 log.info("reading retired stream %s too (shard count changed)", stream)
-                consumer = ShardConsumer(self.js, stream, subject, self.writer, applier,
-                                         self.positions.get(stream, 0), self._applied,
-                                         on_gap=self._gap_found)
-                await consumer.subscribe_with_retry()
-                self.consumers.append(consumer)
-                self._spawn(f"consumer {stream}", consumer.run)
-                self._spawn(f"subscription {stream}", consumer.keep)
+                await self._consume(stream, subject, applier)
         self.schema = SchemaFollower(self.writer, self.applier, self.js, cfg.node_id,
                                      cfg.replication_log.replicas, cfg.replicates_table,
                                      bucket=cfg.names.schema_bucket)
@@ -209,6 +195,17 @@ class Node:
         log.info("node started", extra={"version": __version__, "publish": cfg.publish,
                                         "replicate": cfg.replicate,
                                         "shards": cfg.replication_log.shards})
+
+    async def _consume(self, stream: str, subject: str, applier: Applier) -> None:
+        assert self.js is not None
+        consumer = ShardConsumer(self.js, stream, subject, self.writer, applier,
+                                 self.positions.get(stream, 0), self._applied,
+                                 on_gap=self._gap_found)
+        await consumer.subscribe_with_retry()
+        self.consumers.append(consumer)
+        self._spawn(f"consumer {stream}", consumer.run)
+        # Re-creates the subscription whenever it is lost (server gone, leader change).
+        self._spawn(f"subscription {stream}", consumer.keep)
 
     async def _start_servers(self) -> None:
         cfg = self.cfg

@@ -93,5 +93,7 @@ def main(cfg: Config, argv: Sequence[str]) -> int:
         for d in differences:
             print(f"differs: {d}")
         for what, name in cfg.names.describe().items():
+            if isinstance(name, dict):
+                name = ", ".join(f"{stream} (subject {subj})" for stream, subj in name.items())
             print(f"{what}: {name}")
     return 0 if record is not None and not differences else 1

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "equivalent here (a warning says so; profile with py-spy instead)")
     p.add_argument("-version", "--version", action="store_true", help="print the version")
     p.add_argument("verb", nargs=argparse.REMAINDER,
-                   help="snapshot list|save|verify|restore, dead-letters list|show|retry|drop")
+                   help="snapshot list|save|verify|restore, dead-letters list|show|retry|drop, "
+                   "schema status, conflicts list, shared-settings show|apply")
     return p
 
 
@@ -128,9 +129,13 @@ def run(argv: Sequence[str]) -> int:
             from harmonylite.cli import conflicts
 
             return conflicts.main(cfg, verb[1:])
+        if verb[0] == "shared-settings":
+            from harmonylite.cli import shared_settings
+
+            return shared_settings.main(cfg, verb[1:])
         if verb[0] != "snapshot":
             raise UsageError(f"unknown command {verb[0]!r}: the verbs are 'snapshot', "
-                             "'dead-letters', 'schema' and 'conflicts'")
+                             "'dead-letters', 'schema', 'conflicts' and 'shared-settings'")
         from harmonylite.cli import snapshot
 
         return snapshot.main(cfg, verb[1:])

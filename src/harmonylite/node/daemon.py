@@ -45,7 +45,8 @@ from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.consumer import ShardConsumer
-from harmonylite.replication.nats_link import LinkState, connect, ensure_streams
+from harmonylite.replication.nats_connection import MIN_RECONNECT_WAIT, Connection, LinkState
+from harmonylite.replication.nats_link import ensure_streams
 from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
@@ -83,7 +84,11 @@ class Node:
         self.pub_db = DbThread(self.db_path, "publisher")
         self.embedded: EmbeddedNats | None = None
         self.link = LinkState()
-        self.nc: Client | None = None
+        self.connection: Connection | None = None
+        self.nc: Client | None = None  # connecting, or connected (see self.connection)
+        self._deferred: asyncio.Task[None] | None = None  # the start waiting for NATS
+        self.waiting_for: str | None = None  # what cannot start before NATS is reachable
+        self.failure: BaseException | None = None  # a start in the background that failed
         self.js: JetStreamContext | None = None
         self.publisher: Publisher | None = None
         self.watcher: ChangeWatcher | None = None
@@ -110,12 +115,63 @@ class Node:
             lambda: sum(c.stalled is not None for c in self.consumers))
         self._servers: list[HttpServer] = []
 
-    # --- start -----------------------------------------------------------------------------
+    # --- start ---------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the node; without NATS after ``nats.connect_retries`` more attempts, start what
+        needs no NATS (change capture) and the rest once it is reachable (in the background)."""
         cfg = self.cfg
         await self._start_servers()
-        await self._connect()
-        assert self.js is not None
+        conn = await self._open_nats()
+        if await conn.wait(self.stop_event, attempts=cfg.nats.connect_retries + 1):
+            await self._start_connected()
+        elif not self.stop_event.is_set():
+            await self._start_without_nats(conn)
+
+    async def _start_without_nats(self, conn: Connection) -> None:
+        """NATS is unreachable: the application keeps writing, so capture what it writes (the
+        changes stay pending in the change log) and start the rest once NATS is back.
+
+        A node without a database waits for NATS before creating one: it may have to be
+        provisioned from a snapshot, which only NATS can tell (the streams and the store).
+        """
+        log.warning("%s; starting without it: %s, retrying every %.1f s", self.link.reason(),
+                    "changes are captured and published once it is reachable"
+                    if self.db_path.exists() else
+                    "the database is created (or provisioned from a snapshot) once it is "
+                    "reachable", max(self.cfg.nats.reconnect_wait_seconds, MIN_RECONNECT_WAIT))
+        if self.db_path.exists():
+            await self.writer.call(lambda c: takeover.take_over(c, self.seq_map_path))
+            self.install_report = await self.writer.call(
+                lambda conn: install(conn, self.cfg.replicates_table))
+            await self.writer.call(takeover.replay_pending)
+            log.info("change capture installed; waiting for NATS",
+                     extra={"tables": len(self.install_report.tables)})
+        else:
+            self.waiting_for = "the database is created once NATS is reachable"
+        self._deferred = asyncio.get_running_loop().create_task(self._start_when_reachable(conn))
+
+    async def _start_when_reachable(self, conn: Connection) -> None:
+        try:
+            if not await conn.wait(self.stop_event):
+                return
+            log.info("connected to NATS after %.1f s unreachable", conn.outage_seconds())
+            self.waiting_for = None
+            await self._start_connected()
+        except Exception as exc:
+            # What a start that found NATS at once would have raised: the process ends with it.
+            self.failure = exc
+            log.error("cannot start replication: %s", exc)
+            self.stop_event.set()
+        finally:
+            conn.state.down_since = None
+
+    async def _start_connected(self) -> None:
+        """Everything that needs NATS: the streams, the start-up recovery, the consumers, the
+        publisher and the snapshot service."""
+        cfg = self.cfg
+        assert self.nc is not None
+        self.js = self.nc.jetstream(publish_async_max_pending=1024)
+        await ensure_streams(self.js, cfg)
         if self.db_path.exists():
             # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
             # its positions read) before anything could restore over it.
@@ -198,7 +254,8 @@ class Node:
         if cfg.prometheus.enable:
             self._servers.append(await start_metrics_server(cfg.prometheus, self.metrics))
 
-    async def _connect(self) -> None:
+    async def _open_nats(self) -> Connection:
+        """Start the embedded server (without ``nats.urls``) and begin connecting."""
         cfg = self.cfg
         urls = list(cfg.nats.urls)
         if not urls:
@@ -207,9 +264,10 @@ class Node:
             urls = [await self.embedded.start(stop=self.stop_event)]
             self._spawn("embedded nats-server", self.embedded.supervise)
         self.link.on_reconnect.append(self._resubscribe)
-        self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
-        self.js = self.nc.jetstream(publish_async_max_pending=1024)
-        await ensure_streams(self.js, cfg)
+        self.connection = Connection(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
+        self.nc = self.connection.nc
+        self.connection.start()
+        return self.connection
 
     def _spawn(self, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         stop = self.stop_event
@@ -319,6 +377,8 @@ class Node:
             "node_id": self.cfg.node_id,
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "nats_connected": bool(self.nc is not None and self.nc.is_connected),
+            "nats_error": None if self.nc is not None and self.nc.is_connected
+            else self.link.reason(),
             "cdc_installed": self.install_report is not None,
             "tables_tracked": len(self.install_report.tables) if self.install_report else 0,
             "last_replicated_event_timestamp": last_applied or None,
@@ -346,7 +406,8 @@ class Node:
         return status.warnings(self.dead_letters, self.conflicts())
 
     def problems(self) -> list[str]:
-        return status.problems(self.supervisor, self.consumers, self.gaps)
+        waiting = [self.waiting_for] if self.waiting_for else []
+        return waiting + status.problems(self.supervisor, self.consumers, self.gaps)
 
     async def health_status(self) -> dict[str, Any]:
         return {**self.status(), "version": __version__,
@@ -356,6 +417,10 @@ class Node:
     # --- stop ------------------------------------------------------------------------------
     async def close(self) -> None:
         self.stop_event.set()
+        if self._deferred is not None:
+            # A start waiting for NATS returns at once on the stop; one under way finishes (as a
+            # start that found NATS at once would, before the node stops).
+            await asyncio.gather(self._deferred, return_exceptions=True)
         for server in self._servers:
             await server.close()
         await self.supervisor.wait()
@@ -370,12 +435,8 @@ class Node:
             self.watcher.stop()
         for consumer in self.consumers:
             await consumer.unsubscribe()
-        if self.nc is not None:
-            self.link.closing = True
-            try:
-                await asyncio.wait_for(self.nc.close(), 5.0)
-            except Exception as exc:  # the server may already be gone; nothing is lost here
-                log.debug("closing the NATS connection: %s", exc)
+        if self.connection is not None:
+            await self.connection.close()
         if self.embedded is not None:
             await self.embedded.stop()
         if self.positions:
@@ -403,6 +464,8 @@ async def run_node(cfg: Config) -> int:
             log.info("shutting down")
         finally:
             await node.close()
+        if node.failure is not None:
+            raise node.failure
         if node.restart_reason is None or stopping.is_set():
             break
         log.info("starting over: %s", node.restart_reason)

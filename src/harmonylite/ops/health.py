@@ -119,7 +119,8 @@ def evaluate(
     if not db_connected:
         reasons.append("database cannot be opened")
     if not nats_connected:
-        reasons.append("NATS is disconnected")
+        # The node says why (e.g. "NATS unreachable at nats://…: connection refused").
+        reasons.append(str(status.get("nats_error") or "NATS is disconnected"))
     if not cdc_installed:
         reasons.append("change capture is not installed")
     # Replication problems the node itself diagnosed: a stalled or dead consumer, a gap that

@@ -132,8 +132,18 @@ def evaluate(
     last_at = to_epoch(snap_in.get("last_at"))
     age = max(0.0, now - last_at) if last_at is not None else _number(snap_in.get("age_seconds"))
     limit = snapshot_age_limit(cfg, snapshot_interval_ms) if enabled else None
+    # Freshness, when the node knows it: a snapshot is stale once a change it lacks is older
+    # than the limit (an idle database keeps a fresh snapshot however old it is).
+    tracked = "unsaved_change_at" in snap_in
+    unsaved_at = to_epoch(snap_in.get("unsaved_change_at"))
+    staleness = (max(0.0, now - unsaved_at) if unsaved_at is not None else 0.0) if tracked \
+        else None
     if limit is not None:
-        if age is not None and age > limit:
+        if staleness is not None:
+            if staleness > limit:
+                reasons.append(f"the newest snapshot lacks a change made {staleness:.0f} s ago "
+                               f"(limit {limit:.0f} s)")
+        elif age is not None and age > limit:
             reasons.append(f"newest snapshot is {age:.0f} s old (limit {limit:.0f} s)")
         elif age is None and uptime > limit:
             reasons.append(f"no snapshot after {uptime:.0f} s of uptime (limit {limit:.0f} s)")
@@ -160,6 +170,8 @@ def evaluate(
         },
         "reasons": reasons,
     }
+    if staleness is not None:
+        body["snapshot"]["staleness_seconds"] = round(staleness, 3)
     for extra in ("replication", "dead_letters", "conflicts", "schema", "warnings"):
         if extra in status:
             body[extra] = status[extra]

@@ -77,7 +77,9 @@ def describe_connect_error(exc: BaseException) -> str:
     if credentials_refused(exc):
         return "the server refused this node's credentials (authorization violation)"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS failed: {exc.reason or exc.strerror or type(exc).__name__}"
+        words = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
+            or exc.strerror or str(exc) or type(exc).__name__
+        return f"TLS failed: {words}"
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return f"no answer within {CONNECT_TIMEOUT:.0f} s"
     if isinstance(exc, OSError):

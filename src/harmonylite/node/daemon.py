@@ -5,6 +5,12 @@ health if it keeps failing) and is awaited on the way out: on SIGINT/SIGTERM the
 the consumers finish the batch in hand, pending changes get one last chance to go out, the
 consumers unsubscribe, the connection closes, and the embedded server (if any) stops.
 
+A node whose NATS does not answer within ``nats.connect_retries`` more attempts starts without
+it: change capture is installed (the application's writes stay pending in the change log), the
+connection is retried in the background forever, health says why, and the rest of the start
+(streams, recovery, consumers, publisher, snapshots) runs once NATS answers. A node without a
+database waits for NATS before creating one (it may be provisioned from a snapshot).
+
 A gap found while running (a stream dropped messages this node had not applied) is recorded in
 the database; with snapshots on, the node then starts over in the same process, and the start-up
 recovery restores the newest snapshot that covers it. Without snapshots the gap stays in health
@@ -45,7 +51,7 @@ from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.consumer import ShardConsumer
-from harmonylite.replication.nats_connection import MIN_RECONNECT_WAIT, Connection, LinkState
+from harmonylite.replication.nats_connection import Connection, LinkState
 from harmonylite.replication.nats_link import ensure_streams
 from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
@@ -123,49 +129,13 @@ class Node:
         await self._start_servers()
         conn = await self._open_nats()
         if await conn.wait(self.stop_event, attempts=cfg.nats.connect_retries + 1):
-            await self._start_connected()
+            await self.start_connected()
         elif not self.stop_event.is_set():
-            await self._start_without_nats(conn)
+            from harmonylite.node.without_nats import start_without_nats
 
-    async def _start_without_nats(self, conn: Connection) -> None:
-        """NATS is unreachable: the application keeps writing, so capture what it writes (the
-        changes stay pending in the change log) and start the rest once NATS is back.
+            self._deferred = await start_without_nats(self, conn)
 
-        A node without a database waits for NATS before creating one: it may have to be
-        provisioned from a snapshot, which only NATS can tell (the streams and the store).
-        """
-        log.warning("%s; starting without it: %s, retrying every %.1f s", self.link.reason(),
-                    "changes are captured and published once it is reachable"
-                    if self.db_path.exists() else
-                    "the database is created (or provisioned from a snapshot) once it is "
-                    "reachable", max(self.cfg.nats.reconnect_wait_seconds, MIN_RECONNECT_WAIT))
-        if self.db_path.exists():
-            await self.writer.call(lambda c: takeover.take_over(c, self.seq_map_path))
-            self.install_report = await self.writer.call(
-                lambda conn: install(conn, self.cfg.replicates_table))
-            await self.writer.call(takeover.replay_pending)
-            log.info("change capture installed; waiting for NATS",
-                     extra={"tables": len(self.install_report.tables)})
-        else:
-            self.waiting_for = "the database is created once NATS is reachable"
-        self._deferred = asyncio.get_running_loop().create_task(self._start_when_reachable(conn))
-
-    async def _start_when_reachable(self, conn: Connection) -> None:
-        try:
-            if not await conn.wait(self.stop_event):
-                return
-            log.info("connected to NATS after %.1f s unreachable", conn.outage_seconds())
-            self.waiting_for = None
-            await self._start_connected()
-        except Exception as exc:
-            # What a start that found NATS at once would have raised: the process ends with it.
-            self.failure = exc
-            log.error("cannot start replication: %s", exc)
-            self.stop_event.set()
-        finally:
-            conn.state.down_since = None
-
-    async def _start_connected(self) -> None:
+    async def start_connected(self) -> None:
         """Everything that needs NATS: the streams, the start-up recovery, the consumers, the
         publisher and the snapshot service."""
         cfg = self.cfg

@@ -1,9 +1,11 @@
 """The health endpoint: ``GET {health_check.path}`` is 200 when the node is healthy, 503 if not.
 
-A node is unhealthy when its database cannot be opened, NATS is disconnected, change capture is not
-installed, or, with snapshots enabled, the newest snapshot is older than
-``max_snapshot_age_intervals`` snapshot intervals (also when no snapshot exists yet and the node has
-been up for longer than that). :func:`evaluate` decides this from a status dict and is pure.
+A node is unhealthy when its database cannot be opened, NATS is disconnected (the node says why),
+change capture is not installed, or, with snapshots enabled, the newest snapshot lacks a change
+older than ``max_snapshot_age_intervals`` snapshot intervals (an idle database whose newest
+snapshot holds every change stays healthy, see :mod:`harmonylite.snapshot.freshness`; a node that
+does not know this goes by the snapshot's age), and when no snapshot exists yet and the node has
+been up for longer than that. :func:`evaluate` decides this from a status dict and is pure.
 
 The HTTP side is a minimal HTTP/1.1 server on ``asyncio.start_server`` (one request per
 connection), shared with the metrics endpoint: :class:`HttpServer`.

@@ -121,7 +121,7 @@ class Node:
             lambda: sum(c.stalled is not None for c in self.consumers))
         self._servers: list[HttpServer] = []
 
-    # --- start ---------------------------------------------------------------------------
+    # --- start -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Start the node; without NATS after ``nats.connect_retries`` more attempts, start what
         needs no NATS (change capture) and the rest once it is reachable (in the background)."""

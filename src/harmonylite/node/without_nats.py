@@ -51,7 +51,7 @@ async def _start_when_reachable(node: Node, conn: Connection) -> None:
     try:
         if not await conn.wait(node.stop_event):
             return
-        log.info("connected to NATS after %.1f s unreachable", conn.outage_seconds())
+        log.info("connected to NATS after %.1f s unreachable", conn.outage)
         node.waiting_for = None
         await node.start_connected()
     except Exception as exc:
@@ -59,5 +59,3 @@ async def _start_when_reachable(node: Node, conn: Connection) -> None:
         node.failure = exc
         log.error("cannot start replication: %s", exc)
         node.stop_event.set()
-    finally:
-        conn.state.down_since = None

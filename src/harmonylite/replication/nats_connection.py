@@ -120,6 +120,7 @@ class Connection:
         self._task: asyncio.Task[None] | None = None
         self._name = name
         self._error: BaseException | None = None
+        self.outage = 0.0  # seconds from the first failed attempt to the first connection
 
     def _options(self) -> dict[str, object]:
         cfg, state = self.cfg, self.state
@@ -204,6 +205,8 @@ class Connection:
             self.state.last_error = describe_connect_error(exc)
             self._changed.set()
             return
+        since, self.state.down_since = self.state.down_since, None
+        self.outage = 0.0 if since is None else time.monotonic() - since
         self.state.connected = True
         self.state.last_error = None
         self.refused = 0
@@ -212,10 +215,6 @@ class Connection:
     @property
     def connected(self) -> bool:
         return self.state.connected and self.nc.is_connected
-
-    def outage_seconds(self) -> float:
-        since = self.state.down_since
-        return 0.0 if since is None else time.monotonic() - since
 
     async def wait(self, stop: asyncio.Event | None = None, attempts: int | None = None) -> bool:
         """Wait until connected (True), ``attempts`` attempts have failed or ``stop`` is set

@@ -41,6 +41,7 @@ class RowApplier:
     """Holds prepared SQL per table shape; the per-change half of :class:`Applier`."""
 
     def __init__(self, *, skip_pending: bool = True, origin: str = "",
+                 own_origins: dict[str, int | None] | None = None,
                  replicated: Callable[[str], bool] | None = None,
                  unpark_settle: float = 0.0) -> None:
         self._tables: dict[str, TableInfo | None] = {}
@@ -55,9 +56,13 @@ class RowApplier:
         self.settle = Settle(unpark_settle)
         # With publish = false local changes are never sent, so they must not hide incoming ones.
         self.skip_pending = skip_pending
-        # This database's own origin (node id and epoch): its own changes to a table without a
-        # primary key are already here, and applying them again would add a second copy.
+        # This database's own origin (node id and epoch), and the origins it published under
+        # on earlier starts (see ``node.origin``): its own changes to a table without a primary
+        # key are already here, and applying them again would add a second copy.
         self.origin = origin
+        self.own_origins: dict[str, int | None] = dict(own_origins or {})
+        if origin:
+            self.own_origins[origin] = None
         self.node_id = int(origin.split(":")[0]) if origin else 0
         self._marks: dict[str, int] = {}  # the origins' marks of the stream being applied
         self.replicated = replicated  # tables replicated here (None: all)
@@ -164,7 +169,7 @@ class RowApplier:
             return PARKED
         if local is None or shape is None:
             raise UnknownTable(f"no table {table!r} in the local database")
-        own = bool(self.origin) and batch.origin == self.origin
+        own = self._own(batch)
         if local.content_keyed and own:
             return SKIPPED
         values = ch.values
@@ -219,7 +224,7 @@ class RowApplier:
         found = fetch_all(conn, st.select_row, key)
         row = found[0] if found else None
         # (A node's own INSERT coming back may meet its own later write: not a conflict.)
-        if row is not None and not (self.origin and batch.origin == self.origin):
+        if row is not None and not self._own(batch):
             have = dict(zip(local.columns, row, strict=True))
             if any(have.get(c) != v or type(have.get(c)) is not type(v)
                    for c, v in zip(cols, vals, strict=True)):
@@ -253,6 +258,14 @@ class RowApplier:
             conn, local, cols, vals, key, stream=stream, seq=seq, origin=origin,
             spare=lambda row_key: (name, fold_key(row_key, collations)) in pending)
 
+    def _own(self, batch: Batch) -> bool:
+        """Whether ``batch`` holds changes this database made (so they are here already): its
+        origin is this database's, and an earlier start's only up to the ids it sent then."""
+        if not batch.origin or batch.origin not in self.own_origins:
+            return False
+        bound = self.own_origins[batch.origin]
+        return bound is None or (bool(batch.ids) and max(batch.ids) <= bound)
+
     def _own_in_flight(self, conn: sqlite3.Connection, local: TableInfo,
                        key: tuple[object, ...]) -> bool:
         """Whether this node captured a change to ``key`` that has not come back from the
@@ -263,6 +276,9 @@ class RowApplier:
         if tid is None:
             return False
         where = " AND ".join(f"k{i} IS ?" for i in range(len(key)))
+        # Change ids grow across this database's starts: the highest of its own origins' marks
+        # is how far its own changes have come back.
+        back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
         return bool(conn.execute(
             f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND {where} LIMIT 1",
-            (tid, self._marks.get(self.origin, 0), *key)).fetchone())
+            (tid, back, *key)).fetchone())

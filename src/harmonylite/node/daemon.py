@@ -121,7 +121,7 @@ class Node:
             # its positions read) before anything could restore over it.
             await self.writer.call(lambda c: takeover.take_over(c, self.seq_map_path))
             # This start's epoch before recovery may publish pending changes.
-            await self.writer.call(lambda c: origin.adopt_if_captured(
+            await self.writer.call(lambda c: origin.adopt_before_recovery(
                 c, cfg.node_id, self.epoch, self.db_path))
         if cfg.replicate and cfg.snapshot.enabled:
             # Restore from a snapshot when this node is new, lost its data or fell behind what

@@ -8,6 +8,11 @@ the value are removed and the change applied. Every node meets the same conflict
 point of the stream and removes the same rows, so all end identical. Each removed row is kept in
 ``__harmonylite__conflicts`` (table, key, its values, the winning change's origin, stream and
 sequence), shown by ``harmonylite conflicts list``: nothing disappears without a trace.
+
+A row this node wrote and already sent, whose change has not come back from the stream yet, is
+removed without a record: its change follows in the same order and puts it back on every node
+(displacing the row that took its value, recorded then, as on every other node). Recording it
+would name a row that survives as displaced, on this node only.
 """
 
 from __future__ import annotations
@@ -28,14 +33,22 @@ from harmonylite.replication.event import dumps_values, loads_values
 from harmonylite.replication.statements import raw_mask
 
 
+@dataclass
+class Displaced:
+    removed: int = 0
+    recorded: int = 0
+
+
 def displace(conn: sqlite3.Connection, local: TableInfo, columns: tuple[str, ...],
              values: tuple[object, ...], key: tuple[object, ...], *, stream: str, seq: int,
-             origin: int, spare: Callable[[tuple[object, ...]], bool] | None = None) -> int:
+             origin: int, spare: Callable[[tuple[object, ...]], bool] | None = None,
+             comes_back: Callable[[tuple[object, ...]], bool] | None = None) -> Displaced:
     """Remove (and record) the rows other than ``key`` that hold a UNIQUE value of ``values``,
-    except those whose key ``spare`` accepts. Returns how many were removed."""
+    except those whose key ``spare`` accepts; rows whose key ``comes_back`` accepts (this
+    node's own change to them is on its way back) are removed without a record."""
     t = quote_ident(local.name)
     cols = ", ".join(quote_ident(c) for c in local.columns)
-    removed = 0
+    done = Displaced()
     for index in local.unique_indexes:
         if not index or any(c not in columns for c in index):
             continue
@@ -53,10 +66,12 @@ def displace(conn: sqlite3.Connection, local: TableInfo, columns: tuple[str, ...
                 continue  # the row the change is for
             if spare is not None and spare(row_key):
                 continue
-            record(conn, local, tuple(row), key, stream=stream, seq=seq, origin=origin)
+            if comes_back is None or not comes_back(row_key):
+                record(conn, local, tuple(row), key, stream=stream, seq=seq, origin=origin)
+                done.recorded += 1
             conn.execute(f"DELETE FROM {t} WHERE rowid = ?", (rowid,))
-            removed += 1
-    return removed
+            done.removed += 1
+    return done
 
 
 def record(conn: sqlite3.Connection, local: TableInfo, row: tuple[object, ...],

@@ -205,11 +205,14 @@ class RowApplier:
         except sqlite3.IntegrityError as exc:
             # A UNIQUE value another row holds here: the change later in the table's one order
             # wins, the same way on every node (see ``conflicts``).
-            if "UNIQUE" not in str(exc) or not conflicts.displace(
-                    conn, local, cols, vals, local_key, stream=stream, seq=seq,
-                    origin=batch.node_id):
+            if "UNIQUE" not in str(exc):
                 raise
-            self.displaced += 1
+            done = conflicts.displace(
+                conn, local, cols, vals, local_key, stream=stream, seq=seq,
+                origin=batch.node_id, comes_back=self._comes_back(conn, local))
+            if not done.removed:
+                raise
+            self.displaced += done.recorded
             statements.run(conn, local, st, cols, vals, local_key)
         return APPLIED
 
@@ -256,7 +259,8 @@ class RowApplier:
         name, collations = local.name, local.key_collations
         return conflicts.displace(
             conn, local, cols, vals, key, stream=stream, seq=seq, origin=origin,
-            spare=lambda row_key: (name, fold_key(row_key, collations)) in pending)
+            spare=lambda row_key: (name, fold_key(row_key, collations)) in pending,
+            comes_back=self._comes_back(conn, local)).recorded
 
     def _own(self, batch: Batch) -> bool:
         """Whether ``batch`` holds changes this database made (so they are here already): its
@@ -266,10 +270,21 @@ class RowApplier:
         bound = self.own_origins[batch.origin]
         return bound is None or (bool(batch.ids) and max(batch.ids) <= bound)
 
+    def _comes_back(self, conn: sqlite3.Connection, local: TableInfo
+                    ) -> Callable[[tuple[object, ...]], bool]:
+        """Keys of rows this node sent a change for that has not come back yet: that change
+        follows in the stream and restores the row (see ``conflicts``). A change not sent yet
+        does not count: the row's absence is what goes out then."""
+        if local.content_keyed:
+            return lambda key: False
+        sent = changelog.intent(conn)
+        return lambda key: self._own_in_flight(conn, local, key, upto=sent)
+
     def _own_in_flight(self, conn: sqlite3.Connection, local: TableInfo,
-                       key: tuple[object, ...]) -> bool:
-        """Whether this node captured a change to ``key`` that has not come back from the
-        stream yet (above its own high-water mark for the stream being applied)."""
+                       key: tuple[object, ...], upto: int | None = None) -> bool:
+        """Whether this node captured a change to ``key`` (up to change id ``upto``) that has
+        not come back from the stream yet (above its own high-water mark for the stream being
+        applied)."""
         if not self.origin or not self.skip_pending:  # publish = false: nothing goes out
             return False
         tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
@@ -280,5 +295,5 @@ class RowApplier:
         # is how far its own changes have come back.
         back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
         return bool(conn.execute(
-            f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND {where} LIMIT 1",
-            (tid, back, *key)).fetchone())
+            f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND id <= ? AND {where} LIMIT 1",
+            (tid, back, 2**63 - 1 if upto is None else upto, *key)).fetchone())

@@ -3,10 +3,13 @@ never make one node's changes pass for another's (real nodes, real nats-server).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
 from nodes import NodeProc, wait_until
@@ -108,3 +111,29 @@ def test_node_id_of_a_live_node_is_refused(tmp_path: Path, nats_server: NatsServ
                    f"{n.dir.name} to have every row (missing {sorted(want - ids(n))})")
     b.stop()
     a.stop()
+
+
+def test_running_node_whose_node_id_is_taken_stops(tmp_path: Path,
+                                                   nats_server: NatsServer) -> None:
+    """A running node that finds its node_id claimed by another process (a clone that took a
+    claim it believed stale) stops with exit 2, naming the other process."""
+    cfg: dict[str, Any] = {"nats": {"urls": [nats_server.url]},
+                           "snapshot": {"enabled": False, "leader_ttl": 3000}}
+    a = NodeProc(tmp_path / "a", 7, cfg)
+    a.connect().executescript(SCHEMA)
+    a.start()
+
+    async def take() -> None:
+        nc = await nats.connect(nats_server.url)
+        kv = await nc.jetstream().key_value("e-harmonylite")
+        await kv.put("node-7", json.dumps({"node_id": 7, "instance": "0badc0de", "host": "clone",
+                                           "pid": 4242, "db_path": "/elsewhere/data.db"}).encode())
+        await nc.close()
+
+    asyncio.run(take())
+    assert a.proc is not None
+    wait_until(lambda: a.proc is not None and a.proc.poll() is not None, 30,
+               "the node to stop once its node_id is taken")
+    assert a.proc.returncode == 2
+    said = a.log_text()
+    assert "host clone, pid 4242" in said and "/elsewhere/data.db" in said, said[-2000:]

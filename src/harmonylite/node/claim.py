@@ -127,6 +127,8 @@ class NodeClaim:
         """Claim the id at start: raise NodeIdInUse when a live process holds it. When the
         bucket does not answer now, the claim is made by ``run`` once it does."""
         try:
+            # A bucket that does not answer must not hold the start up for long.
+            await asyncio.wait_for(self._open(), 2 * self.op_timeout)
             await self.acquire()
         except NodeIdInUse:
             raise

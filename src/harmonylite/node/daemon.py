@@ -120,9 +120,6 @@ class Node:
             # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
             # its positions read) before anything could restore over it.
             await self.writer.call(lambda c: takeover.take_over(c, self.seq_map_path))
-            # This start's epoch before recovery may publish pending changes.
-            await self.writer.call(lambda c: origin.adopt_before_recovery(
-                c, cfg.node_id, self.epoch, self.db_path))
         if cfg.replicate and cfg.snapshot.enabled:
             # Restore from a snapshot when this node is new, lost its data or fell behind what
             # the streams still hold (and publish its pending changes first).

@@ -60,16 +60,6 @@ def own_origins(conn: sqlite3.Connection) -> dict[str, int | None]:
         if raw else {}
 
 
-def adopt_before_recovery(conn: sqlite3.Connection, node_id: int, epoch: str,
-                      db_path: Path) -> None:
-    """:func:`adopt`, on a database with change capture and changes to publish (a recovery
-    publishes them before it restores); else the database is left untouched until the node
-    runs on it (a refused restore leaves it as it was)."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                    (ddl.STATE,)).fetchone() and changelog.pending_count(conn):
-        adopt(conn, node_id, epoch, db_path)
-
-
 def adopt(conn: sqlite3.Connection, node_id: int, epoch: str,
           db_path: Path | None = None) -> dict[str, int | None]:
     """Make ``epoch`` this database's current epoch (idempotent within one start) and return

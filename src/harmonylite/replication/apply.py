@@ -255,8 +255,9 @@ class Applier(RowApplier):
         origin = batch.origin if batch.ids else ""
         hwm = marks.get(origin, 0) if origin else 0
         for i, ch in enumerate(batch.changes):
+            self._cid = 0
             if origin:
-                cid = batch.ids[i]
+                cid = self._cid = batch.ids[i]
                 if cid <= hwm:
                     outcomes[DUPLICATE] += 1
                     continue
@@ -282,6 +283,7 @@ class Applier(RowApplier):
             else:
                 conn.execute("RELEASE ch")
             outcomes[outcome] += 1
+        self._cid = 0
         if origin:
             marks[origin] = hwm
         return outcomes

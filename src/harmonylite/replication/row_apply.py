@@ -16,6 +16,7 @@ from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.cdc.schema import TableInfo, fold_key, table_info
 from harmonylite.db.connection import fetch_all
 from harmonylite.replication import conflicts, parking, statements
+from harmonylite.replication.deadletter import key_text
 from harmonylite.replication.event import Batch, RowChange
 from harmonylite.replication.outcome import (
     APPLIED,
@@ -65,6 +66,8 @@ class RowApplier:
             self.own_origins[origin] = None
         self.node_id = int(origin.split(":")[0]) if origin else 0
         self._marks: dict[str, int] = {}  # the origins' marks of the stream being applied
+        self._cid = 0  # the id of the change being applied in its origin's log (0: unknown)
+        self._provisional: set[tuple[str, str]] = set()  # rows with provisional conflicts
         self.replicated = replicated  # tables replicated here (None: all)
         self._ignored: set[str] = set()
         self._replicated_cache: dict[str, bool] = {}  # table -> replicated (patterns cost)
@@ -89,6 +92,9 @@ class RowApplier:
         self._shapes_seen.clear()
         self._shapes = changelog.registry(conn)
         parking.ensure_origin_column(conn)
+        conflicts.ensure_provisional_column(conn)
+        if at_start:
+            self._provisional = conflicts.provisional_keys(conn)
         return True
 
     def _local(self, conn: sqlite3.Connection, table: str) -> TableInfo | None:
@@ -192,6 +198,8 @@ class RowApplier:
             local_key = tuple(values[i] for i in shape.local_key)
             st = self._statements(local, cols, ch.op, statements.raw_mask(local_key))
             statements.run(conn, local, st, cols, vals, local_key)
+            if own:
+                self._settle(conn, table, local_key, deleted=True)
             return APPLIED
         local_key = tuple(values[i] for i in shape.local_key) if shape.local_key else key
         st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
@@ -213,8 +221,25 @@ class RowApplier:
             if not done.removed:
                 raise
             self.displaced += done.recorded
+            self._provisional.update(done.provisional)
             statements.run(conn, local, st, cols, vals, local_key)
+        if own:
+            self._settle(conn, table, local_key, deleted=False)
         return APPLIED
+
+    def _settle(self, conn: sqlite3.Connection, table: str, key: tuple[object, ...], *,
+                deleted: bool) -> None:
+        """This node's own change to a row came back: the provisional conflict records of the
+        row it decides go (the row is back) or stay for good (it comes back deleted)."""
+        if not self._provisional or self._cid <= 0:
+            return
+        ident = (table, key_text(key))
+        if ident not in self._provisional:
+            return
+        kept, left = conflicts.settle(conn, table, key, self._cid, deleted=deleted)
+        self.displaced += kept
+        if not left:
+            self._provisional.discard(ident)
 
     def _insert(self, conn: sqlite3.Connection, local: TableInfo, st: statements.Statements,
                 cols: tuple[str, ...], vals: tuple[object, ...], key: tuple[object, ...],
@@ -257,10 +282,12 @@ class RowApplier:
         UNIQUE values from the rows holding them, as on the nodes that write it; rows with a
         pending local change of their own are spared (that change follows in the stream)."""
         name, collations = local.name, local.key_collations
-        return conflicts.displace(
+        done = conflicts.displace(
             conn, local, cols, vals, key, stream=stream, seq=seq, origin=origin,
             spare=lambda row_key: (name, fold_key(row_key, collations)) in pending,
-            comes_back=self._comes_back(conn, local)).recorded
+            comes_back=self._comes_back(conn, local))
+        self._provisional.update(done.provisional)
+        return done.recorded
 
     def _own(self, batch: Batch) -> bool:
         """Whether ``batch`` holds changes this database made (so they are here already): its
@@ -271,20 +298,28 @@ class RowApplier:
         return bound is None or (bool(batch.ids) and max(batch.ids) <= bound)
 
     def _comes_back(self, conn: sqlite3.Connection, local: TableInfo
-                    ) -> Callable[[tuple[object, ...]], bool]:
-        """Keys of rows this node sent a change for that has not come back yet: that change
-        follows in the stream and restores the row (see ``conflicts``). A change not sent yet
-        does not count: the row's absence is what goes out then."""
-        if local.content_keyed:
-            return lambda key: False
-        sent = changelog.intent(conn)
-        return lambda key: self._own_in_flight(conn, local, key, upto=sent)
+                    ) -> Callable[[tuple[object, ...]], int | None]:
+        """For a row about to be displaced: the id of this node's newest change to it that has
+        not come back from the stream yet (None: none). That change follows in the stream and
+        decides whether the row is really displaced (see ``conflicts``)."""
+        if local.content_keyed or not self.origin or not self.skip_pending:
+            return lambda key: None
+        tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
+        if tid is None:
+            return lambda key: None
+        back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
+
+        def newest(key: tuple[object, ...]) -> int | None:
+            where = " AND ".join(f"k{i} IS ?" for i in range(len(key)))
+            row = conn.execute(f"SELECT max(id) FROM {ddl.LOG} WHERE tid = ? AND id > ? AND "
+                               f"{where}", (tid, back, *key)).fetchone()
+            return int(row[0]) if row and row[0] is not None else None
+        return newest
 
     def _own_in_flight(self, conn: sqlite3.Connection, local: TableInfo,
-                       key: tuple[object, ...], upto: int | None = None) -> bool:
-        """Whether this node captured a change to ``key`` (up to change id ``upto``) that has
-        not come back from the stream yet (above its own high-water mark for the stream being
-        applied)."""
+                       key: tuple[object, ...]) -> bool:
+        """Whether this node captured a change to ``key`` that has not come back from the
+        stream yet (above its own high-water mark for the stream being applied)."""
         if not self.origin or not self.skip_pending:  # publish = false: nothing goes out
             return False
         tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
@@ -295,5 +330,5 @@ class RowApplier:
         # is how far its own changes have come back.
         back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
         return bool(conn.execute(
-            f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND id <= ? AND {where} LIMIT 1",
-            (tid, back, 2**63 - 1 if upto is None else upto, *key)).fetchone())
+            f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND {where} LIMIT 1",
+            (tid, back, *key)).fetchone())

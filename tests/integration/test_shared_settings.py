@@ -161,6 +161,5 @@ def test_changing_shards_one_node_at_a_time_loses_no_row(
     b.stop()
     # The retired streams are still there (the operator removes them once every node runs the
     # new value); nothing else was created.
-    assert asyncio.run(_stream_names(nats_server.url)) == [
-        "KV_harmonylite-cluster-settings", "KV_harmonylite-schema-registry",
-        *(f"harmonylite-changes-c-{n}" for n in range(1, 5))]
+    assert [s for s in asyncio.run(_stream_names(nats_server.url)) if not s.startswith("KV_")] \
+        == [f"harmonylite-changes-c-{n}" for n in range(1, 5)]

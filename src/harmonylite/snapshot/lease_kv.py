@@ -93,10 +93,13 @@ async def open_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, *, repl
             try:
                 kv = await bounded(js.create_key_value(cfg), timeout)
             except Exception as exc:
-                # Too few servers for that many replicas; or created concurrently by another
-                # node (possibly with another TTL): use theirs.
                 log.debug("creating KV bucket %s with %d replicas: %s", bucket, want, exc)
-                continue
+                if _too_few_servers(exc):
+                    continue  # a single server, or a cluster short of servers: fewer replicas
+                # Created concurrently by another node (possibly with another TTL), or a
+                # create that timed out here but reached the servers: use theirs. A slow
+                # cluster never makes it fall back to one replica.
+                return await _open_existing(js, bucket, timeout, exc)
             log.info("created KV bucket %s (TTL %s, %d replicas)", bucket,
                      f"{ttl_ms / 1000:.1f} s" if ttl_ms else "none", want)
             return kv
@@ -105,6 +108,19 @@ async def open_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, *, repl
         await ensure_replicas(js, kv_stream(bucket), replicas, update_existing,
                               f"KV bucket {bucket}", timeout)
     return kv
+
+
+def _too_few_servers(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "replicas > 1 not supported" in text or "insufficient resources" in text \
+        or "no suitable peers" in text
+
+
+async def _open_existing(js: Any, bucket: str, timeout: float, cause: BaseException) -> Any:
+    try:
+        return await bounded(js.key_value(bucket), timeout)
+    except BucketNotFoundError:
+        raise cause from None
 
 
 async def bucket_ttl(js: Any, bucket: str, timeout: float) -> float | None:

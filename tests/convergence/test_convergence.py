@@ -32,7 +32,7 @@ CI_SEEDS = [
     ("nopk_vacuum", 5, 8.0),    # issue 11: VACUUM on a table without a primary key
     ("schema", 5, 8.0),         # issue 12: rolling schema changes online
     ("rollover_snap", 11, 12.0),  # issues 10/13: a node down across a roll-over restores
-    ("rollover", 11, 8.0),      # issues 10/13: the same without snapshots: it says so (gap)
+    ("rollover", 11, 12.0),     # issues 10/13: the same without snapshots: it says so (gap)
     ("all", 3, 12.0),           # everything at once (NOCASE keys, key changes, faults)
     ("restore", 11, 12.0),      # issue 13: an operator's forced restore of a running node
     ("disk", 1, 12.0),          # a full disk; found 0 kept where -0.0 was sent (root only)

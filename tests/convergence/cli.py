@@ -33,7 +33,8 @@ def summary(results: list[Result]) -> str:
             f"{'restores':>8} {'quiesce':>8}  verdict")
     lines = [head, "-" * len(head)]
     for r in results:
-        verdict = "PASS" if r.ok else "FAIL " + ",".join(sorted({f.invariant for f in r.failures}))
+        verdict = ("PASS" + (" (a node behind a reported gap)" if r.lagging else "") if r.ok
+                   else "FAIL " + ",".join(sorted({f.invariant for f in r.failures})))
         lines.append(f"{r.seed:>8} {r.profile:<15} {r.nodes:>5} {r.counts.get('committed', 0):>6} "
                      f"{r.rows:>6} {len(r.faults):>6} {r.counts.get('restores', 0):>8} "
                      f"{r.quiesce_seconds:>7.1f}s  {verdict}")
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print("   faults:\n" + "\n".join(f"     {f}" for f in r.faults) if r.faults else
                   "   faults: none")
             print("   counts: " + ", ".join(f"{k}={v}" for k, v in sorted(r.counts.items())))
+        for line in r.lagging:
+            print(f"   {line}")
         if r.ok:
             print(f"   PASS ({r.rows} rows, converged in {r.quiesce_seconds:.1f}s)")
             if not args.keep:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import faults, oracle, schema
+from . import faults, gaps, oracle, schema
 from .profiles import Profile
 from .workload import History, Writer
 
@@ -50,6 +50,7 @@ class Result:
     rows: int
     replay: str
     notes: list[str] = field(default_factory=list)
+    lagging: list[str] = field(default_factory=list)  # nodes judged by the gap promise
 
     @property
     def ok(self) -> bool:
@@ -79,6 +80,8 @@ class Harness:
         self.writers: list[Writer] = []
         self.mounts: list[Path] = []  # small file systems of the ``disk`` fault
         self.restore_outcomes: list[str] = []
+        self.health_urls: list[str] = []  # each node's detailed health endpoint
+        self.rolled_over: set[int] = set()  # nodes taken down while the streams rolled over
 
     # --- cluster control (faults.Cluster) ------------------------------------------------
     def db(self, i: int) -> Path:
@@ -119,7 +122,8 @@ class Harness:
         """A brand-new node with no database: it restores the newest snapshot and catches up
         (external nats-server only). It joins the oracle's judgement, not the writers."""
         i = len(self.nodes)
-        node = NodeProc(self.workdir / f"node{i + 1}", i + 1, self._node_cfg)
+        node = NodeProc(self.workdir / f"node{i + 1}", i + 1,
+                        {**self._node_cfg, "health_check": self._health_cfg()})
         node.start(120)
         self.nodes.append(node)
         self._locks.append(threading.Lock())
@@ -193,6 +197,11 @@ class Harness:
         if self.server is not None and self.server.proc is None:
             self.server.start()
 
+    def _health_cfg(self) -> dict[str, Any]:
+        port = free_port()
+        self.health_urls.append(f"http://127.0.0.1:{port}/health")
+        return {"enable": True, "bind": f"127.0.0.1:{port}", "detailed": True}
+
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -218,10 +227,10 @@ class Harness:
             self._node_cfg = cfg
             env = ({"HARMONYLITE_TEST_CLOCK_OFFSET": str(self.profile.clock_offset)}
                    if i == 0 and self.profile.clock_offset else None)
-            node_cfg = cfg
+            node_cfg = {**cfg, "health_check": self._health_cfg()}
             if "disk" in self.profile.faults:  # the database alone on a small file system
                 disk = self._mount_small_disk(self.workdir / f"node{i + 1}" / "disk")
-                node_cfg = {**cfg, "db_path": str(disk / "data.db")}
+                node_cfg = {**node_cfg, "db_path": str(disk / "data.db")}
             node = NodeProc(self.workdir / f"node{i + 1}", i + 1, node_cfg, extra_args=args,
                             env=env)
             node.db = Path(str(node_cfg.get("db_path", node.db)))
@@ -262,6 +271,7 @@ class Harness:
                    for i, n in enumerate(self.nodes)]
         self.writers = writers
         plan = faults.schedule(self.seed, self.profile.faults, write_seconds, self.size)
+        self.rolled_over = {f.node for f in plan if f.kind in ("rollover_kill", "rollover_stop")}
         runner = faults.FaultRunner(self, plan, t0, stop)
         for w in writers:
             w.start()
@@ -278,7 +288,13 @@ class Harness:
         self.heal()
         dumps, pendings = self.quiesce(quiesce_deadline)
         removed = set().union(*(oracle.displaced(n.db) for n in self.nodes))
-        failures = oracle.check_all(dumps, pendings, self.history, self.dead, removed)
+        reports = [gaps.collect(i + 1, n.db, n.log_text(), self.health_urls[i],
+                                i in self.rolled_over)
+                   for i, n in enumerate(self.nodes)]
+        snapshots = bool(self.profile.node_config.get("snapshot", {}).get("enabled"))
+        lagging: list[str] = []
+        failures = oracle.check_all(dumps, pendings, self.history, self.dead, removed,
+                                    reports, snapshots, lagging)
         if "framework" in self.profile.features:
             failures += oracle.check_bookkeeping([n.db for n in self.nodes[:len(writers)]],
                                                  [w.migrated for w in writers])
@@ -301,7 +317,7 @@ class Harness:
                       counts, runner.applied, failures,
                       time.monotonic() - q0, sum(len(r) for _, r in dumps[0].values()),
                       replay_command(self.seed, self.profile.name, self.size, write_seconds,
-                                     self.embedded), notes)
+                                     self.embedded), notes, lagging)
 
     def heal(self) -> None:
         for i in list(self.paused):

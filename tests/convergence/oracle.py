@@ -16,6 +16,9 @@ Invariants (each failure names one):
 - ``nodes-alive``: no node process died by itself.
 - ``derived-index``: every node's full-text index matches its content table and answers MATCH
   like every other node's (profile ``fts``).
+- ``gap-reported``, ``gap-explained``: with snapshots off, a node the streams left behind (it
+  reports a gap) is judged by what the product promises instead of ``identical`` (see gaps.py);
+  the other nodes are judged among themselves by every invariant above.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import schema
+from . import gaps, schema
 from .workload import History
 
 Dump = dict[str, tuple[tuple[str, ...], list[tuple[str, ...]]]]  # table -> (columns, rows)
@@ -94,20 +97,25 @@ def _show(row: tuple[str, ...], cols: tuple[str, ...]) -> str:
     return "(" + ", ".join(f"{c}={schema.pretty(v)}" for c, v in zip(cols, row, strict=False)) + ")"
 
 
-def check_identical(dumps: list[Dump]) -> list[Failure]:
-    failures = []
+def check_identical(dumps: list[Dump], numbers: list[int] | None = None) -> list[Failure]:
+    """``numbers``: the node number of each dump (1, 2, … when not given)."""
+    failures: list[Failure] = []
+    if not dumps:
+        return failures
+    nums = numbers or list(range(1, len(dumps) + 1))
     first = dumps[0]
     names = sorted(set().union(*(d.keys() for d in dumps)))
     for name in names:
-        missing = [i + 1 for i, d in enumerate(dumps) if name not in d]
+        missing = [nums[i] for i, d in enumerate(dumps) if name not in d]
         if missing:
             failures.append(Failure("identical", f"table {name!r} missing on node(s) {missing}"))
             continue
         cols0 = first[name][0]
-        for i, d in enumerate(dumps[1:], start=2):
+        for i, d in zip(nums[1:], dumps[1:], strict=True):
             if d[name][0] != cols0:
-                failures.append(Failure("identical", f"table {name!r} columns differ: node 1 "
-                                        f"{list(cols0)} vs node {i} {list(d[name][0])}"))
+                failures.append(Failure("identical", f"table {name!r} columns differ: node "
+                                        f"{nums[0]} {list(cols0)} vs node {i} "
+                                        f"{list(d[name][0])}"))
         if any(d[name][0] != cols0 for d in dumps):
             continue
         counts = [Counter(d[name][1]) for d in dumps]
@@ -119,7 +127,7 @@ def check_identical(dumps: list[Dump]) -> list[Failure]:
             if len(set(have)) > 1:
                 details.append(f"{_show(row, cols0)} count per node {have}")
         sizes = [len(d[name][1]) for d in dumps]
-        failures.append(Failure("identical", f"table {name!r} differs between nodes "
+        failures.append(Failure("identical", f"table {name!r} differs between nodes {nums} "
                                 f"(rows per node {sizes}, {len(details)} differing rows)",
                                 details))
     return failures
@@ -160,7 +168,10 @@ def displaced(db: Path) -> set[tuple[str, tuple[str, ...]]]:
 
 
 def check_history(d: Dump, history: History, node: int,
-                  removed: set[tuple[str, tuple[str, ...]]] | None = None) -> list[Failure]:
+                  removed: set[tuple[str, tuple[str, ...]]] | None = None,
+                  gone: list[str] | None = None) -> list[Failure]:
+    """``gone``: when given (a node with a reported gap), committed rows missing from ``d`` are
+    listed there rather than failing ``no-lost-write``; every other rule still holds."""
     lost: list[str] = []
     invented: list[str] = []
     dups: list[str] = []
@@ -197,9 +208,9 @@ def check_history(d: Dump, history: History, node: int,
             if found is None:
                 if all(img is not None for _, img in writes) and (t.name, k) not in (
                         removed or set()):
-                    lost.append(f"{t.name} key {[schema.pretty(v) for v in k]} missing; "
-                                f"committed by node(s) {sorted({n for n, _ in writes})}, "
-                                "never deleted")
+                    (lost if gone is None else gone).append(
+                        f"{t.name} key {[schema.pretty(v) for v in k]} missing; committed by "
+                        f"node(s) {sorted({n for n, _ in writes})}, never deleted")
                 continue
             if cidx is None:
                 continue
@@ -226,17 +237,37 @@ def check_history(d: Dump, history: History, node: int,
     return out
 
 
+def lagging(reports: list[gaps.GapReport] | None, snapshots: bool) -> list[int]:
+    """0-based indices of the nodes judged by the gap promise: with snapshots off, the nodes
+    that report a gap (with snapshots on, a node must restore and converge instead)."""
+    if snapshots or not reports:
+        return []
+    return [i for i, r in enumerate(reports) if r.reported]
+
+
 def check_all(dumps: list[Dump], pendings: list[int], history: History,
               dead: list[str], removed: set[tuple[str, tuple[str, ...]]] | None = None,
-              ) -> list[Failure]:
-    failures = check_identical(dumps)
+              reports: list[gaps.GapReport] | None = None, snapshots: bool = False,
+              notes: list[str] | None = None) -> list[Failure]:
+    """Every invariant. ``reports``: what each node says about gaps (see gaps.py); with
+    ``snapshots`` off, a node reporting a gap is judged by the gap promise. ``notes`` receives
+    one line per such node saying what its gap explains."""
+    behind = lagging(reports, snapshots)
+    judged = [i for i in range(len(dumps)) if i not in behind]
+    failures = check_identical([dumps[i] for i in judged], [i + 1 for i in judged])
+    if behind and not judged:
+        failures.append(Failure("gap-explained", "every node reports a gap: no node holds the "
+                                "cluster's state to judge the others by"))
     seen: set[tuple[str, str]] = set()
     for i, d in enumerate(dumps, start=1):  # judge every node; report each finding once
-        for f in check_history(d, history, i, removed):
+        gone: list[str] | None = [] if i - 1 in behind else None
+        for f in check_history(d, history, i, removed, gone):
             sig = (f.invariant, "\n".join(f.details))
             if sig not in seen:
                 seen.add(sig)
                 failures.append(f)
+    if reports:
+        failures += _judge_gaps(dumps, history, reports, behind, judged, notes)
     stuck = [(i + 1, p) for i, p in enumerate(pendings) if p]
     if stuck:
         failures.append(Failure("all-published", "changes never published: " + ", ".join(
@@ -246,6 +277,41 @@ def check_all(dumps: list[Dump], pendings: list[int], history: History,
         failures.append(Failure("application-ok", "the application's statements failed", app))
     if dead:
         failures.append(Failure("nodes-alive", "node processes died by themselves", dead))
+    return failures
+
+
+def _judge_gaps(dumps: list[Dump], history: History, reports: list[gaps.GapReport],
+                behind: list[int], judged: list[int], notes: list[str] | None) -> list[Failure]:
+    failures: list[Failure] = []
+    ref = dumps[judged[0]] if judged else None
+    # Differing is ``identical``'s finding; this one says the node was silent about it.
+    silent = [f"node {reports[i].node} was down across a roll-over and differs from the other "
+              f"nodes, but reports no gap (health {reports[i].health_code})"
+              for i in judged if reports[i].down_across_rollover
+              and any(dumps[i] != dumps[j] for j in judged)]
+    told = [w for i in behind for w in gaps.reporting_failures(reports[i])]
+    if silent or told:
+        failures.append(Failure("gap-reported", "a node left behind by the streams does not "
+                                "say so as promised (log, record, health 503)", silent + told))
+    for i in behind:
+        r = reports[i]
+        if ref is None:
+            continue
+        since = r.since
+        wrong = [] if since is None else gaps.after_gap_differences(dumps[i], ref, history,
+                                                                    since)
+        if wrong:
+            failures.append(Failure(
+                "gap-explained", f"node {r.node}: {len(wrong)} rows written after its gap was "
+                "reported differ from the other nodes (the gap does not explain them)", wrong))
+        if notes is not None:
+            written_after = sum(1 for at in history.last_write_at.values()
+                                if since is not None and at > since + gaps.MARGIN_S)
+            notes.append(f"node {r.node} reports a gap ("
+                         + ", ".join(f"{s} {a}..{b}" for s, (a, b) in sorted(r.recorded.items()))
+                         + f"; health {r.health_code}): {gaps.differing_rows(dumps[i], ref)} "
+                         f"rows differ from the others, explained by it; "
+                         f"{written_after} rows written after it match")
     return failures
 
 

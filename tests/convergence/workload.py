@@ -35,12 +35,17 @@ class History:
     counts: Counter[str] = field(default_factory=Counter)
     events: list[tuple[int, int]] = field(default_factory=list)  # (origin, n) inserted
     event_set: set[tuple[int, int]] = field(default_factory=set)
+    # Per row, the latest wall-clock time (time.time()) at which a transaction writing it was
+    # about to commit: its change can reach the streams only after that moment.
+    last_write_at: dict[RowKey, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, node: int, effects: list[Effect]) -> None:
+    def record(self, node: int, effects: list[Effect], at: float | None = None) -> None:
         with self.lock:
             for key, image in effects:
                 self.writes.setdefault(key, []).append((node, image))
+                if at is not None:
+                    self.last_write_at[key] = max(at, self.last_write_at.get(key, at))
                 if key[0] == "events" and image is not None:
                     ev = (int(key[1][0][8:]), int(key[1][1][8:]))
                     if ev not in self.event_set:
@@ -186,6 +191,7 @@ class Writer(threading.Thread):
                 conn.execute("ROLLBACK")
                 self.history.count("rolled back")
                 return
+            at = time.time()  # before COMMIT: the change is published after this moment
             conn.execute("COMMIT")
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
@@ -196,7 +202,7 @@ class Writer(threading.Thread):
                 conn.execute("ROLLBACK")
             self.history.count(f"failed: {str(exc)[:40]}")
             return
-        self.history.record(self.node_id, effects)
+        self.history.record(self.node_id, effects, at)
         self.history.count("committed")
         self.history.count("row writes", len(effects))
 

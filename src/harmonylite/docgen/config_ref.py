@@ -28,7 +28,7 @@ class Key:
         return self.dotted.rpartition(".")[2]
 
 
-def keys(cls: type[Any] = config.Config, prefix: str = "") -> Iterator[Key]:
+def all_keys(cls: type[Any] = config.Config, prefix: str = "") -> Iterator[Key]:
     """Every key of the TOML file, in the dataclasses' order (tables after plain keys)."""
     hints = typing.get_type_hints(cls)
     tables = []
@@ -46,7 +46,7 @@ def keys(cls: type[Any] = config.Config, prefix: str = "") -> Iterator[Key]:
         dotted = prefix + f.name
         yield Key(dotted, tp, default, KEYS.get(dotted, KeyDoc("")))
     for name, tp in tables:
-        yield from keys(tp, f"{prefix}{name}.")
+        yield from all_keys(tp, f"{prefix}{name}.")
 
 
 def toml_value(value: Any) -> str:
@@ -102,7 +102,7 @@ def configuration_md() -> str:
         "shards they do not read) or does not find their snapshots.",
     ]
     current = None
-    for key in keys():
+    for key in all_keys():
         if key.section != current:
             current = key.section
             out += ["", f"## {SECTIONS[current]}", "",
@@ -122,7 +122,7 @@ def example_toml() -> str:
         "# ${NAME} in a string value reads the environment variable NAME.",
     ]
     current = None
-    for key in keys():
+    for key in all_keys():
         if key.section != current:
             current = key.section
             out += ["", f"[{current}]"] if current else [""]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harmonylite.errors import ConfigError
+from harmonylite.names import DEFAULT_STREAM_PREFIX, DEFAULT_SUBJECT_PREFIX, NAME_PATTERN, Namespace
 
 STORES = ("nats", "s3", "sftp", "webdav", "file")
 LOG_FORMATS = ("console", "json")
@@ -92,8 +93,8 @@ class NatsConfig:
     urls: list[str] = field(default_factory=list)
     bind_address: str = ":-1"
     server_config: str = ""
-    subject_prefix: str = "harmonylite-change-log"
-    stream_prefix: str = "harmonylite-changes"
+    subject_prefix: str = DEFAULT_SUBJECT_PREFIX
+    stream_prefix: str = DEFAULT_STREAM_PREFIX
     seed_file: str = ""
     user_name: str = ""
     user_password: str = ""
@@ -170,24 +171,16 @@ class Config:
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     cluster: ClusterFlags = field(default_factory=ClusterFlags)
 
-    def stream_name(self, shard: int) -> str:
-        infix = "-c" if self.replication_log.compress else ""
-        return f"{self.nats.stream_prefix}{infix}-{shard}"
-
-    def subject(self, shard: int) -> str:
-        return f"{self.nats.subject_prefix}-{shard}"
-
-    def stream_names(self) -> list[str]:
-        return [self.stream_name(s) for s in range(1, self.replication_log.shards + 1)]
+    @property
+    def names(self) -> Namespace:
+        """Every NATS name of this node's cluster (streams, subjects, buckets, keys)."""
+        return Namespace.from_config(self)
 
     def replicates_table(self, name: str) -> bool:
         """Whether changes to table ``name`` are captured and applied here."""
         if self.include_tables and not any(fnmatchcase(name, p) for p in self.include_tables):
             return False
         return not any(fnmatchcase(name, p) for p in self.exclude_tables)
-
-    def snapshot_bucket(self) -> str:
-        return self.snapshot.nats.bucket or f"{self.nats.stream_prefix}-snapshot-store"
 
 
 # Allowed ranges for integer keys: dotted key -> (minimum, maximum or None).
@@ -323,7 +316,21 @@ def parse_config(
         changes["seq_map_path"] = str(Path(cfg.db_path).parent / "seq-map.cbor")
     if cfg.snapshot.enabled:
         _check_store(cfg.snapshot)
+    _check_prefixes(cfg.nats)
     return dataclasses.replace(cfg, **changes), warnings
+
+
+def _check_prefixes(nats: NatsConfig) -> None:
+    # The stream prefix names streams and (as the cluster's namespace) KV buckets, which allow
+    # letters, digits, '-' and '_' only; the subject prefix is a NATS subject (no wildcards).
+    if not NAME_PATTERN.match(nats.stream_prefix):
+        raise ConfigError("nats.stream_prefix", nats.stream_prefix,
+                          "must be letters, digits, '-' and '_' only (it names streams and "
+                          "buckets)")
+    subject = nats.subject_prefix
+    if not subject or any(c in subject for c in " \t*>") or "" in subject.split("."):
+        raise ConfigError("nats.subject_prefix", subject,
+                          "must be a NATS subject: no spaces, '*' or '>', no empty '.' token")
 
 
 def _check_store(snap: SnapshotConfig) -> None:

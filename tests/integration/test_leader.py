@@ -33,8 +33,9 @@ from harmonylite.cdc.install import install
 from harmonylite.cli import snapshot as cli
 from harmonylite.config import Config, parse_config
 from harmonylite.errors import LeaseLost
+from harmonylite.names import LEASE_KEY, LOCK_KEY
+from harmonylite.names import LEGACY_LEASE_BUCKET as BUCKET
 from harmonylite.snapshot.leader import LeaderElection
-from harmonylite.snapshot.lease_kv import BUCKET, LEASE_KEY, LOCK_KEY
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.scheduler import Scheduler
@@ -102,8 +103,8 @@ async def test_lease_is_compare_and_swap_and_the_fence_checks_the_revision(
     nats_server: NatsServer,
 ) -> None:
     async with connection(nats_server) as nc1, connection(nats_server) as nc2:
-        e1 = LeaderElection(nc1.jetstream(), 1, TTL_MS, nc=nc1)
-        e2 = LeaderElection(nc2.jetstream(), 2, TTL_MS, nc=nc2)
+        e1 = LeaderElection(nc1.jetstream(), 1, TTL_MS, bucket=BUCKET, nc=nc1)
+        e2 = LeaderElection(nc2.jetstream(), 2, TTL_MS, bucket=BUCKET, nc=nc2)
         assert (e1.heartbeat, e1.op_timeout) == (1.0, 0.5)
         assert await e1.tick() and e1.is_leader and e1.term == 1
         assert await e2.tick() and not e2.is_leader and e2.holder == 1
@@ -150,7 +151,7 @@ async def test_lease_lost_mid_upload_aborts_the_commit(
     cfg = make_cfg(tmp_path)
     store = GatedStore(tmp_path / "store")
     async with connection(nats_server) as nc, connection(nats_server) as other:
-        election = LeaderElection(nc.jetstream(), 1, TTL_MS, nc=nc)
+        election = LeaderElection(nc.jetstream(), 1, TTL_MS, bucket=BUCKET, nc=nc)
         assert await election.tick() and election.is_leader
         term = election.term
         save = asyncio.create_task(
@@ -177,7 +178,7 @@ async def test_overlapping_trigger_is_skipped_and_the_lock_is_taken(
     stop = asyncio.Event()
     async with connection(nats_server) as nc, connection(nats_server) as watcher:
         js = nc.jetstream()
-        election = LeaderElection(js, 1, TTL_MS, nc=nc)
+        election = LeaderElection(js, 1, TTL_MS, bucket=BUCKET, nc=nc)
 
         async def opener() -> GatedStore:
             return store

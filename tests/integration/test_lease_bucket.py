@@ -9,7 +9,8 @@ from pathlib import Path
 import nats
 
 from cluster import Cluster
-from harmonylite.snapshot.lease_kv import BUCKET, open_bucket
+from harmonylite.names import LEGACY_LEASE_BUCKET as BUCKET
+from harmonylite.snapshot.lease_kv import open_bucket
 from servers import NatsServer
 
 
@@ -17,7 +18,7 @@ async def _replicas_after_open(url: str) -> int:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        await open_bucket(js, 30_000, 10.0, replicas=1)
+        await open_bucket(js, BUCKET, 30_000, 10.0, replicas=1)
         info = await js.stream_info(f"KV_{BUCKET}")
         return int(info.config.num_replicas)
     finally:

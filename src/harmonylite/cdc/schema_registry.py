@@ -1,9 +1,10 @@
 """Each node's schema, as the cluster sees it: table hashes, columns and parked changes.
 
-Every node puts its view in the NATS Key-Value bucket ``harmonylite-schema-registry`` under
-``node-<id>`` at start, after each schema change and when its parked changes change, so
-``harmonylite schema status --cluster`` shows every node side by side and marks the tables whose
-shape differs (a rolling migration in progress, or one forgotten on a node).
+Every node puts its view in the cluster's NATS Key-Value bucket (``harmonylite-schema-registry``
+by default, see :mod:`harmonylite.names`) under ``node-<id>`` at start, after each schema change
+and when its parked changes change, so ``harmonylite schema status --cluster`` shows every node
+side by side and marks the tables whose shape differs (a rolling migration in progress, or one
+forgotten on a node).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from harmonylite import __version__
 from harmonylite.cdc.rows import table_hash
 from harmonylite.cdc.schema import user_tables
 from harmonylite.replication import parking
-
-BUCKET = "harmonylite-schema-registry"
 
 
 def node_key(node_id: int) -> str:
@@ -59,25 +58,27 @@ def mismatches(views: dict[str, dict[str, Any]]) -> dict[str, dict[str, str | No
     return out
 
 
-async def publish_view(js: Any, node_id: int, view: dict[str, Any], replicas: int) -> None:
-    """Put this node's view in the registry bucket (created with the configured replicas)."""
+async def publish_view(js: Any, bucket: str, node_id: int, view: dict[str, Any],
+                       replicas: int) -> None:
+    """Put this node's view in the registry bucket ``bucket`` (created with the configured
+    replicas)."""
     from nats.js.api import KeyValueConfig
     from nats.js.errors import BucketNotFoundError
 
     try:
-        kv = await js.key_value(BUCKET)
+        kv = await js.key_value(bucket)
     except BucketNotFoundError:
-        kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1,
+        kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
                                                       replicas=replicas))
     await kv.put(node_key(node_id), json.dumps(view, sort_keys=True).encode())
 
 
-async def cluster_views(js: Any) -> dict[str, dict[str, Any]]:
-    """Every node's view from the registry (empty when no node published one yet)."""
+async def cluster_views(js: Any, bucket: str) -> dict[str, dict[str, Any]]:
+    """Every node's view from the registry ``bucket`` (empty when no node published one yet)."""
     from nats.js.errors import BucketNotFoundError, NoKeysError
 
     try:
-        kv = await js.key_value(BUCKET)
+        kv = await js.key_value(bucket)
         keys = await kv.keys()
     except (BucketNotFoundError, NoKeysError):
         return {}

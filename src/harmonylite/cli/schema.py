@@ -4,8 +4,9 @@ Also reached by HarmonyLite's flags `-schema-status` and `-schema-status-cluster
 
 Without ``--cluster``: this node's tables with their schema hash and columns, and its parked
 changes per table (read from the database; the node may be running). With ``--cluster``: every
-node's view from the KV bucket ``harmonylite-schema-registry``, side by side, tables whose shape
-differs between nodes marked with ``*``. Exit 0; 1 when the cluster view cannot be read.
+node's view from the cluster's schema registry (KV bucket ``harmonylite-schema-registry`` by
+default), side by side, tables whose shape differs between nodes marked with ``*``. Exit 0; 1
+when the cluster view cannot be read.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ async def _cluster(cfg: Config) -> dict[str, dict[str, Any]]:
     from harmonylite.cli.snapshot import default_js_context
 
     async with default_js_context(cfg) as js:
-        return await schema_registry.cluster_views(js)
+        return await schema_registry.cluster_views(js, cfg.names.schema_bucket)
 
 
 def main(cfg: Config, argv: Sequence[str]) -> int:

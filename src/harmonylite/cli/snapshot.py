@@ -115,7 +115,7 @@ async def snapshot_store(cfg: Config, js_context: JsContext | None = None
         return
     ctx = js_context() if js_context is not None else default_js_context(cfg)
     async with ctx as js:
-        store = await open_store(cfg.snapshot, js=js, bucket=cfg.snapshot_bucket())
+        store = await open_store(cfg.snapshot, js=js, bucket=cfg.names.snapshot_bucket)
         try:
             yield store
         finally:
@@ -175,7 +175,7 @@ async def _same_js(js: Any) -> AsyncIterator[Any]:
 
 
 async def _save(cfg: Config, js_context: JsContext | None, progress: Progress) -> str:
-    """`snapshot save`: under the cluster's upload lock (key ``snapshot`` in ``e-harmonylite``), so
+    """`snapshot save`: under the cluster's upload lock (key ``snapshot`` in its lease bucket), so
     it never overlaps the leader's snapshot; SnapshotBusy (exit 75) when the lock is held. With the
     embedded server, a non-NATS store and no node running here, there is no server to coordinate
     through: no lock."""
@@ -190,7 +190,8 @@ async def _save(cfg: Config, js_context: JsContext | None, progress: Progress) -
 
     ctx = js_context() if js_context is not None else default_js_context(cfg)
     async with ctx as js, upload_lock(
-            js, cfg.node_id, cfg.snapshot.leader_ttl, replicas=cfg.replication_log.replicas,
+            js, cfg.node_id, cfg.snapshot.leader_ttl, bucket=cfg.names.lease_bucket,
+            replicas=cfg.replication_log.replicas,
             update_existing=cfg.replication_log.update_existing) as lock, \
             snapshot_store(cfg, lambda: _same_js(js)) as store:
         result = await SnapshotPipeline(cfg, store, progress=progress).save(fence=lock.confirm)

@@ -115,8 +115,12 @@ KEYS: dict[str, KeyDoc] = {
     "nats.server_config": KeyDoc("A nats-server configuration file laid over the embedded "
                                  "server's generated one (the file wins where both set a "
                                  "value)."),
-    "nats.subject_prefix": KeyDoc("Prefix of the change subjects.", shared=True),
-    "nats.stream_prefix": KeyDoc("Prefix of the change streams and buckets.", shared=True),
+    "nats.subject_prefix": KeyDoc("Prefix of the change subjects: a NATS subject without "
+                                  "wildcards.", shared=True),
+    "nats.stream_prefix": KeyDoc("The cluster's namespace: every stream, bucket and key it uses "
+                                 "in NATS derives from it (letters, digits, `-` and `_`). Two "
+                                 "clusters on one NATS account differ in both prefixes.",
+                                 shared=True),
     "nats.seed_file": KeyDoc("NKEY seed file."),
     "nats.user_name": KeyDoc("User name."),
     "nats.user_password": KeyDoc("Password; write `${VAR}` to read it from the environment."),

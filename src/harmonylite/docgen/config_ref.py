@@ -99,7 +99,11 @@ def configuration_md() -> str:
         "",
         "**Same on every node**: keys marked ✓ must have the same value on every node of a "
         "cluster; a node that differs splits from the others (its changes go to streams or "
-        "shards they do not read) or does not find their snapshots.",
+        "shards they do not read) or does not find their snapshots. The cluster records "
+        "`shards`, `replication_log.compress` and the `[nats]` prefixes in NATS, and a node whose "
+        "values differ refuses to start (exit 2); `harmonylite shared-settings apply` changes "
+        "the shard count for the whole cluster ([operator guide]"
+        "(operator-guide.md#changing-the-shard-count)).",
     ]
     current = None
     for key in all_keys():

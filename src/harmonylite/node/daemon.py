@@ -39,6 +39,12 @@ from harmonylite.node import status
 from harmonylite.node.embedded_nats import EmbeddedNats
 from harmonylite.node.housekeeping import housekeeping
 from harmonylite.node.schema_follow import SchemaFollower
+from harmonylite.node.shared_settings import (
+    Record,
+    SettingsMismatch,
+    SettingsWatch,
+    check_at_start,
+)
 from harmonylite.node.supervisor import Supervisor
 from harmonylite.ops.health import HttpServer, probe_database, start_health_server
 from harmonylite.ops.metrics import Metrics, start_metrics_server
@@ -105,6 +111,9 @@ class Node:
         self.snapshots: SnapshotService | None = None
         self.applier: Applier | None = None
         self.schema: SchemaFollower | None = None
+        self.shared: Record | None = None  # the cluster's shared settings, as read at start
+        self.settings_watch: SettingsWatch | None = None
+        self.retired: dict[str, str] = {}  # retired streams still there, read too: -> subject
         self.metrics = Metrics.from_config(cfg.prometheus, node_id=cfg.node_id)
         self.metrics.track_nats_connected(lambda: self.nc is not None and self.nc.is_connected)
         self.metrics.parked_changes.set_function(
@@ -147,26 +156,16 @@ class Node:
                                                    origin=f"{cfg.node_id}:{epoch}",
                                                    replicated=cfg.replicates_table,
                                                    unpark_settle=UNPARK_SETTLE_SECONDS)
-            for shard in range(1, cfg.replication_log.shards + 1):
-                stream = cfg.stream_name(shard)
-                consumer = ShardConsumer(self.js, stream, cfg.subject(shard), self.writer, applier,
-                                         self.positions.get(stream, 0), self._applied,
-                                         on_gap=self._gap_found,
-                                         near_head=near_head(cfg.replication_log.max_entries))
-                reader = self.read_ahead.pop(stream, None)
-                if reader is not None:
-                    # Subscribe after the last message read ahead, then stop reading ahead:
-                    # nothing falls between the two however fast the stream rolls over.
-                    consumer.preload(reader.take_after(consumer.position))
-                await consumer.subscribe_with_retry()
-                if reader is not None:
-                    await reader.stop()
-                self.consumers.append(consumer)
-                self._spawn(f"consumer {stream}", consumer.run)
-                # Re-creates the subscription whenever it is lost (server gone, leader change).
-                self._spawn(f"subscription {stream}", consumer.keep)
+            for stream, subject in cfg.names.subjects().items():
+                await self._consume(stream, subject, applier)
+            for stream, subject in self.retired.items():
+                # A shard count changed cluster-wide: nodes still on the old one may write here
+                # until restarted, and this node may not have read all it holds.
+                log.info("reading retired stream %s too (shard count changed)", stream)
+                await self._consume(stream, subject, applier)
         self.schema = SchemaFollower(self.writer, self.applier, self.js, cfg.node_id,
-                                     cfg.replication_log.replicas, cfg.replicates_table)
+                                     cfg.replication_log.replicas, cfg.replicates_table,
+                                     bucket=cfg.names.schema_bucket)
         self._spawn("schema", self.schema.run)
         if cfg.publish:
             self.publisher = Publisher(
@@ -202,6 +201,25 @@ class Node:
                                         "replicate": cfg.replicate,
                                         "shards": cfg.replication_log.shards})
 
+    async def _consume(self, stream: str, subject: str, applier: Applier) -> None:
+        assert self.js is not None
+        consumer = ShardConsumer(self.js, stream, subject, self.writer, applier,
+                                 self.positions.get(stream, 0), self._applied,
+                                 on_gap=self._gap_found,
+                                 near_head=near_head(self.cfg.replication_log.max_entries))
+        reader = self.read_ahead.pop(stream, None)
+        if reader is not None:
+            # Subscribe after the last message read ahead, then stop reading ahead: nothing
+            # falls between the two however fast the stream rolls over.
+            consumer.preload(reader.take_after(consumer.position))
+        await consumer.subscribe_with_retry()
+        if reader is not None:
+            await reader.stop()
+        self.consumers.append(consumer)
+        self._spawn(f"consumer {stream}", consumer.run)
+        # Re-creates the subscription whenever it is lost (server gone, leader change).
+        self._spawn(f"subscription {stream}", consumer.keep)
+
     async def _start_servers(self) -> None:
         cfg = self.cfg
         if cfg.health_check.enable:
@@ -222,7 +240,24 @@ class Node:
         self.link.on_reconnect.append(self._resubscribe)
         self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
         self.js = self.nc.jetstream(publish_async_max_pending=1024)
+        # Before any stream is made: a node whose shard count, compression or prefixes differ
+        # from its cluster's would split it (exit 2, naming the key and both values).
+        try:
+            self.shared = await check_at_start(self.js, cfg)
+        except SettingsMismatch as exc:
+            log.error("%s", exc, extra={"keys": [d.key for d in exc.differences]})
+            raise
         await ensure_streams(self.js, cfg)
+        self.retired = await self._existing(self.shared.retired)
+        self.settings_watch = SettingsWatch(self.js, cfg)
+        self._spawn("shared settings", self.settings_watch.run)
+
+    async def _existing(self, streams: dict[str, str]) -> dict[str, str]:
+        from harmonylite.node.coverage import stream_heads
+
+        assert self.js is not None
+        there = await stream_heads(self.js, list(streams))
+        return {s: subject for s, subject in streams.items() if s in there}
 
     def _spawn(self, name: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         stop = self.stop_event
@@ -234,7 +269,7 @@ class Node:
         from harmonylite.node.coverage import gaps, stream_heads
 
         assert self.js is not None
-        heads = await stream_heads(self.js, self.cfg.stream_names())
+        heads = await stream_heads(self.js, [*self.cfg.names.streams(), *self.retired])
         # What a stream dropped but its read-ahead still holds is no gap.
         heads = {s: min(first, self.read_ahead[s].first) if s in self.read_ahead else first
                  for s, first in heads.items()}
@@ -364,8 +399,10 @@ class Node:
         return status.warnings(self.dead_letters, self.conflicts())
 
     def problems(self) -> list[str]:
-        waiting = [self.waiting] if self.waiting is not None else []
-        return waiting + status.problems(self.supervisor, self.consumers, self.gaps)
+        out = status.problems(self.supervisor, self.consumers, self.gaps)
+        if self.settings_watch is not None and self.settings_watch.problem is not None:
+            out.append(self.settings_watch.problem)
+        return ([self.waiting] if self.waiting is not None else []) + out
 
     async def health_status(self) -> dict[str, Any]:
         return {**self.status(), "version": __version__,

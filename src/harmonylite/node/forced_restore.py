@@ -91,7 +91,7 @@ async def _caught_up_from(cfg: Config, js_context: JsContext,
     it was (and on). Empty when none, or when the streams cannot be read."""
     try:
         async with js_context() as js:
-            heads = await stream_heads(js, cfg.stream_names())
+            heads = await stream_heads(js, cfg.names.streams())
     except Exception as exc:  # no coverage known: the caller refuses, naming --force
         log.warning("cannot read the streams to see whether a snapshot behind this node's "
                     "database is still covered: %s", exc)

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 class SchemaFollower:
     def __init__(self, writer: DbThread, applier: Applier | None, js: Any, node_id: int,
-                 replicas: int, replicated: Callable[[str], bool] | None = None) -> None:
+                 replicas: int, replicated: Callable[[str], bool] | None = None, *,
+                 bucket: str) -> None:
         self._writer = writer
+        self._bucket = bucket  # the cluster's schema registry
         self._applier = applier
         self._js = js
         self._node_id = node_id
@@ -99,11 +101,12 @@ class SchemaFollower:
         if comparable == self._published:
             return
         try:
-            await schema_registry.publish_view(self._js, node_id, view, self._replicas)
+            await schema_registry.publish_view(self._js, self._bucket, node_id, view,
+                                               self._replicas)
         except Exception as exc:  # NATS may be away; the next refresh tries again
             if str(exc) != self.last_error:
                 log.warning("cannot publish this node's schema to %s: %s",
-                            schema_registry.BUCKET, exc)
+                            self._bucket, exc)
             self.last_error = str(exc)
             return
         self.last_error = None

@@ -2,9 +2,9 @@
 
 The publisher cuts each shard's changes into messages under the server's ``max_payload``
 (:func:`split_by_size`). What still does not fit — a single change, a row with a big blob — is
-stored whole in the JetStream Object Store bucket ``{stream_prefix}-large-changes``, and a small
-*reference* message takes its place in the same shard, at the same position in the stream, with
-the same ``Nats-Msg-Id``::
+stored whole in the JetStream Object Store bucket ``{stream_prefix}-large-changes`` (see
+:mod:`harmonylite.names`), and a small *reference* message takes its place in the same shard,
+at the same position in the stream, with the same ``Nats-Msg-Id``::
 
     header  Harmonylite-Ref: 1
     body    CBOR {"v": 1, "bucket": b, "ref": object name, "sha256": hex, "size": bytes,
@@ -36,7 +36,6 @@ from typing import TypeVar
 import cbor2
 from nats.js import JetStreamContext
 
-from harmonylite.config import Config
 from harmonylite.errors import DecodeError, ObjectNotFound, StorageUnavailable
 from harmonylite.snapshot.storage.nats_objects import NatsObjectStore
 
@@ -80,10 +79,6 @@ def split_by_size(items: list[T], size_of: Callable[[list[T]], int], limit: int)
         return [items]
     mid = len(items) // 2
     return split_by_size(items[:mid], size_of, limit) + split_by_size(items[mid:], size_of, limit)
-
-
-def bucket_name(cfg: Config) -> str:
-    return f"{cfg.nats.stream_prefix}-large-changes"
 
 
 @dataclass(frozen=True)
@@ -220,5 +215,5 @@ def describe(count: int, table: str, key: Sequence[object], size: int, limit: in
             f"header room ({limit} bytes)")
 
 
-__all__ = ["REF_HEADER", "LargeChangeStore", "Reference", "bucket_name", "describe",
+__all__ = ["REF_HEADER", "LargeChangeStore", "Reference", "describe",
            "message_limit", "resolve", "server_limit", "split_by_size"]

@@ -110,8 +110,8 @@ def describe_error(exc: BaseException) -> str:
 def stream_config(cfg: Config, shard: int) -> StreamConfig:
     rl = cfg.replication_log
     return StreamConfig(
-        name=cfg.stream_name(shard),
-        subjects=[cfg.subject(shard)],
+        name=cfg.names.stream(shard),
+        subjects=[cfg.names.subject(shard)],
         max_msgs=rl.max_entries,
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,

@@ -43,7 +43,6 @@ from harmonylite.replication.event import encode, shard_of
 from harmonylite.replication.large_changes import (
     REF_HEADER,
     LargeChangeStore,
-    bucket_name,
     describe,
     server_limit,
     split_by_size,
@@ -209,7 +208,7 @@ class Publisher:
             for part in split_by_size(group, size_of, limit):
                 msg_id = f"{self.cfg.node_id}:{self.epoch}:{part[0].id}-{part[-1].id}:{shard}"
                 payload = encode(self.cfg.node_id, part, by_name, compress, self.epoch)
-                subject = self.cfg.subject(shard)
+                subject = self.cfg.names.subject(shard)
                 shape = by_name[part[0].table]
                 first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
                 flight.messages.append(Outgoing(msg_id, subject, payload, len(part), first))
@@ -218,7 +217,7 @@ class Publisher:
     async def _out_of_band(self, m: Outgoing, limit: int) -> bytes:
         """Store an oversized message's payload in the object store; return its reference."""
         if self._large is None:
-            self._large = LargeChangeStore(self.js, bucket_name(self.cfg),
+            self._large = LargeChangeStore(self.js, self.cfg.names.large_changes_bucket,
                                            self.cfg.replication_log.replicas, self.cfg.node_id)
         table, key = m.first
         try:

@@ -1,4 +1,5 @@
-"""The snapshot lease: a compare-and-swap key in the KV bucket ``e-harmonylite``.
+"""The snapshot lease: a compare-and-swap key in the cluster's lease bucket (``e-harmonylite`` by
+default, see :mod:`harmonylite.names`).
 
 Lease (key ``snapshot-leader``): acquired with ``kv.create``, renewed every heartbeat (TTL / 3, at
 least 1 s) with ``kv.update(last=revision)``, deleted at its revision on a graceful stop. The
@@ -27,10 +28,9 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from harmonylite.aio import wait_any
 from harmonylite.errors import LeaseLost
+from harmonylite.names import LEASE_KEY, kv_subject
 from harmonylite.snapshot.lease_kv import (
-    BUCKET,
     KV_OP_HEADER,
-    LEASE_KEY,
     backoff_seconds,
     bounded,
     bucket_ttl,
@@ -60,6 +60,7 @@ class LeaderElection:
         node_id: int,
         ttl_ms: int,
         *,
+        bucket: str,
         nc: Any = None,
         is_connected: Callable[[], bool] | None = None,
         on_change: Callable[[bool], None] | None = None,
@@ -70,6 +71,7 @@ class LeaderElection:
         eligible: Callable[[], str | None] | None = None,
     ) -> None:
         self.js = js
+        self.bucket = bucket
         self.nc = nc
         self.node_id = node_id
         self.ttl_ms = ttl_ms
@@ -132,7 +134,7 @@ class LeaderElection:
     # --- KV ---------------------------------------------------------------------------------
     async def kv(self) -> Any:
         if self._kv is None:
-            kv = await open_bucket(self.js, self.ttl_ms, self.op_timeout,
+            kv = await open_bucket(self.js, self.bucket, self.ttl_ms, self.op_timeout,
                                    replicas=self.replicas, update_existing=self.update_existing)
             await self._check_ttl()
             self._kv = kv
@@ -142,18 +144,19 @@ class LeaderElection:
     async def _check_ttl(self) -> None:
         """The bucket's max_age is the lease TTL: renew fast enough for the one it really has."""
         try:
-            ttl = await bucket_ttl(self.js, self.op_timeout)
+            ttl = await bucket_ttl(self.js, self.bucket, self.op_timeout)
         except Exception as exc:
             log.debug("cannot read the lease bucket's TTL: %s", exc)
             return
         if ttl is None:
             log.warning("KV bucket %s has no TTL: a dead leader's lease would never expire; "
-                        "recreate it (it is created with max_age = snapshot.leader_ttl)", BUCKET)
+                        "recreate it (it is created with max_age = snapshot.leader_ttl)",
+                        self.bucket)
         elif ttl * 1000 < self.ttl_ms * 0.99:
             self.heartbeat = min(self.heartbeat, heartbeat_seconds(int(ttl * 1000)))
             self.op_timeout = min(self.op_timeout, op_timeout_seconds(self.heartbeat))
             log.warning("KV bucket %s has a TTL of %.1f s, below snapshot.leader_ttl; renewing "
-                        "every %.1f s", BUCKET, ttl, self.heartbeat)
+                        "every %.1f s", self.bucket, ttl, self.heartbeat)
 
     async def _watch(self) -> None:
         """React at once when the lease key is deleted or written by someone else."""
@@ -169,7 +172,7 @@ class LeaderElection:
                 self._wake.set()  # renew at once and find out whether it is still ours
 
         try:
-            self._sub = await self.nc.subscribe(f"$KV.{BUCKET}.{LEASE_KEY}", cb=seen)
+            self._sub = await self.nc.subscribe(kv_subject(self.bucket, LEASE_KEY), cb=seen)
         except Exception as exc:
             log.debug("cannot watch the lease key: %s", exc)
 
@@ -228,14 +231,14 @@ class LeaderElection:
                 self.step_down(describe(exc))
                 self._kv = None  # reopen (recreate if it is gone) the bucket next time
                 if self._bucket_error is None:  # once per outage, not every retry
-                    log.warning("cannot use the snapshot lease bucket %s (retrying): %s", BUCKET,
-                                describe(exc), extra={"node_id": self.node_id})
+                    log.warning("cannot use the snapshot lease bucket %s (retrying): %s",
+                                self.bucket, describe(exc), extra={"node_id": self.node_id})
                 self._bucket_error = describe(exc)
                 return False
 
     def _bucket_reachable(self) -> None:
         if self._bucket_error is not None:
-            log.info("the snapshot lease bucket %s answers again", BUCKET,
+            log.info("the snapshot lease bucket %s answers again", self.bucket,
                      extra={"node_id": self.node_id})
             self._bucket_error = None
 

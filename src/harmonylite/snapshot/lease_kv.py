@@ -1,5 +1,6 @@
-"""The KV bucket ``e-harmonylite`` that holds the snapshot lease and the upload lock, and
-what both use on it: periods, bounded calls, values.
+"""The cluster's lease bucket (``e-harmonylite`` by default, see :mod:`harmonylite.names`) that
+holds the snapshot lease, the upload lock and snapshot requests, and what they use on it:
+periods, bounded calls, values.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from typing import Any, TypeVar
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 
+from harmonylite.names import kv_stream
 from harmonylite.replication.nats_link import ensure_replicas
 
 log = logging.getLogger(__name__)
 
-BUCKET = "e-harmonylite"
-LEASE_KEY = "snapshot-leader"
-LOCK_KEY = "snapshot"
 MAX_BACKOFF_SECONDS = 10.0
 LEASE_MIN_REPLICAS = 3  # the lease bucket's replicas where the servers allow (see open_bucket)
 KV_OP_HEADER = "KV-Operation"
@@ -71,9 +70,10 @@ async def bounded(aw: Awaitable[T], timeout: float) -> T:
     return await asyncio.wait_for(aw, timeout)
 
 
-async def open_bucket(js: Any, ttl_ms: int, timeout: float, *, replicas: int = 1,
-                      update_existing: bool = False) -> Any:
-    """The KV bucket ``e-harmonylite``, created with max_age = ``ttl_ms`` when missing.
+async def open_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, *, replicas: int = 1,
+                      update_existing: bool = False, history: int = 1) -> Any:
+    """KV bucket ``bucket`` (the cluster's lease bucket, or another of its buckets that must
+    outlive a server), created with max_age = ``ttl_ms`` (0: none) when missing.
 
     It is created with ``replicas`` (``replication_log.replicas``), and with at least
     :data:`LEASE_MIN_REPLICAS` where the servers allow it: on a JetStream cluster an R1 lease
@@ -84,31 +84,32 @@ async def open_bucket(js: Any, ttl_ms: int, timeout: float, *, replicas: int = 1
     otherwise.
     """
     try:
-        kv = await bounded(js.key_value(BUCKET), timeout)
+        kv = await bounded(js.key_value(bucket), timeout)
     except BucketNotFoundError:
         kv = None
         for want in dict.fromkeys((max(replicas, LEASE_MIN_REPLICAS), replicas)):
-            cfg = KeyValueConfig(bucket=BUCKET, history=1, ttl=ttl_ms / 1000.0, replicas=want)
+            cfg = KeyValueConfig(bucket=bucket, history=history,
+                                 ttl=ttl_ms / 1000.0 if ttl_ms else None, replicas=want)
             try:
                 kv = await bounded(js.create_key_value(cfg), timeout)
             except Exception as exc:
                 # Too few servers for that many replicas; or created concurrently by another
                 # node (possibly with another TTL): use theirs.
-                log.debug("creating KV bucket %s with %d replicas: %s", BUCKET, want, exc)
+                log.debug("creating KV bucket %s with %d replicas: %s", bucket, want, exc)
                 continue
-            log.info("created KV bucket %s (lease TTL %.1f s, %d replicas)", BUCKET,
-                     ttl_ms / 1000, want)
+            log.info("created KV bucket %s (TTL %s, %d replicas)", bucket,
+                     f"{ttl_ms / 1000:.1f} s" if ttl_ms else "none", want)
             return kv
-        kv = await bounded(js.key_value(BUCKET), timeout)
+        kv = await bounded(js.key_value(bucket), timeout)
     if replicas > 1:
-        await ensure_replicas(js, f"KV_{BUCKET}", replicas, update_existing,
-                              f"KV bucket {BUCKET}", timeout)
+        await ensure_replicas(js, kv_stream(bucket), replicas, update_existing,
+                              f"KV bucket {bucket}", timeout)
     return kv
 
 
-async def bucket_ttl(js: Any, timeout: float) -> float | None:
+async def bucket_ttl(js: Any, bucket: str, timeout: float) -> float | None:
     """The bucket's max_age in seconds (None when unlimited)."""
-    info = await bounded(js.stream_info(f"KV_{BUCKET}"), timeout)
+    info = await bounded(js.stream_info(kv_stream(bucket)), timeout)
     age = info.config.max_age
     return float(age) if age else None
 

@@ -1,4 +1,4 @@
-"""Asking the snapshot leader for a fresh snapshot: key ``snapshot-request`` in ``e-harmonylite``.
+"""Asking the snapshot leader for a fresh snapshot: key ``snapshot-request`` in the lease bucket.
 
 A node whose streams dropped messages it never applied needs a snapshot at or past each stream's
 first sequence. When none in the store covers it, it writes what it needs (per stream, the
@@ -17,11 +17,11 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError
 
-from harmonylite.snapshot.lease_kv import LEASE_KEY, bounded, open_bucket, parse_value
+from harmonylite.names import LEASE_KEY, REQUEST_KEY
+from harmonylite.snapshot.lease_kv import bounded, open_bucket, parse_value
 
 log = logging.getLogger(__name__)
 
-REQUEST_KEY = "snapshot-request"
 OP_TIMEOUT = 5.0
 
 
@@ -37,25 +37,25 @@ class SnapshotRequest:
             all(sequences.get(s, 0) >= q for s, q in self.need.items())
 
 
-async def ask(js: Any, ttl_ms: int, node_id: int, need: dict[str, int],
+async def ask(js: Any, bucket: str, ttl_ms: int, node_id: int, need: dict[str, int],
               unsound: set[str] | None = None) -> None:
-    """Write (or refresh) the request for a snapshot reaching ``need`` on every stream, other
-    than the ``unsound`` ones (which failed a check on the asking node: a new capture at the
-    same position is wanted then)."""
-    kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
+    """Write (or refresh) the request for a snapshot reaching ``need`` on every stream, in the
+    cluster's lease bucket ``bucket``, other than the ``unsound`` ones (which failed a check on
+    the asking node: a new capture at the same position is wanted then)."""
+    kv = await open_bucket(js, bucket, ttl_ms, OP_TIMEOUT)
     value = json.dumps({"node_id": node_id, "need": need,
                         "unsound": sorted(unsound or ())}).encode()
     await bounded(kv.put(REQUEST_KEY, value), OP_TIMEOUT)
 
 
-async def withdraw(js: Any, ttl_ms: int) -> None:
-    kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
+async def withdraw(js: Any, bucket: str, ttl_ms: int) -> None:
+    kv = await open_bucket(js, bucket, ttl_ms, OP_TIMEOUT)
     await bounded(kv.delete(REQUEST_KEY), OP_TIMEOUT)
 
 
-async def holder(js: Any, ttl_ms: int) -> int | None:
+async def holder(js: Any, bucket: str, ttl_ms: int) -> int | None:
     """The node holding the snapshot lease now (None: no node leads, so none will answer)."""
-    kv = await open_bucket(js, ttl_ms, OP_TIMEOUT)
+    kv = await open_bucket(js, bucket, ttl_ms, OP_TIMEOUT)
     try:
         entry = await bounded(kv.get(LEASE_KEY), OP_TIMEOUT)
     except KeyNotFoundError:  # deleted or expired markers included

@@ -223,7 +223,7 @@ class Scheduler:
     # --- triggers ---------------------------------------------------------------------------
     async def _last_sequences(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for name in self.cfg.stream_names():
+        for name in self.cfg.names.streams():
             info = await bounded(self.js.stream_info(name), self.election.op_timeout)
             out[name] = int(info.state.last_seq)
         return out

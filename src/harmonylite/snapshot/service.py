@@ -43,7 +43,8 @@ class SnapshotService:
         self.node = node
         cfg = node.cfg
         self.election = LeaderElection(
-            node.js, cfg.node_id, cfg.snapshot.leader_ttl, nc=node.nc,
+            node.js, cfg.node_id, cfg.snapshot.leader_ttl, bucket=cfg.names.lease_bucket,
+            nc=node.nc,
             is_connected=lambda: node.nc is not None and node.nc.is_connected,
             on_change=self._leader_changed, replicas=cfg.replication_log.replicas,
             update_existing=cfg.replication_log.update_existing, eligible=self.stale_reason)
@@ -92,7 +93,7 @@ class SnapshotService:
 
     async def _open_store(self) -> ObjectStore:
         cfg = self.node.cfg
-        return await open_store(cfg.snapshot, js=self.node.js, bucket=cfg.snapshot_bucket())
+        return await open_store(cfg.snapshot, js=self.node.js, bucket=cfg.names.snapshot_bucket)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self.election.run(stop)),

@@ -18,8 +18,8 @@ from typing import Any
 from nats.js.errors import KeyWrongLastSequenceError
 
 from harmonylite.errors import LeaseLost, SnapshotBusy
+from harmonylite.names import LOCK_KEY
 from harmonylite.snapshot.lease_kv import (
-    LOCK_KEY,
     bounded,
     describe,
     heartbeat_seconds,
@@ -108,13 +108,14 @@ class UploadLock:
 
 
 @contextlib.asynccontextmanager
-async def upload_lock(js: Any, node_id: int, ttl_ms: int, *, purpose: str = "manual save",
+async def upload_lock(js: Any, node_id: int, ttl_ms: int, *, bucket: str,
+                      purpose: str = "manual save",
                       replicas: int = 1, update_existing: bool = False
                       ) -> AsyncIterator[UploadLock]:
     """Hold the upload lock for the block (SnapshotBusy when held); for ``snapshot save``."""
     heartbeat = heartbeat_seconds(ttl_ms)
     timeout = op_timeout_seconds(heartbeat)
-    kv = await open_bucket(js, ttl_ms, max(timeout, 2.0), replicas=replicas,
+    kv = await open_bucket(js, bucket, ttl_ms, max(timeout, 2.0), replicas=replicas,
                            update_existing=update_existing)
     lock = UploadLock(kv, node_id, heartbeat=heartbeat, op_timeout=max(timeout, 2.0),
                       purpose=purpose)

@@ -1,0 +1,99 @@
+"""`harmonylite shared-settings show|apply [--json]`: the settings every node of the cluster must
+share (see ``node.shared_settings``).
+
+``show`` prints the cluster's record next to this configuration's values and the NATS names the
+cluster uses; exit 0 when they agree, 1 when they differ or nothing is recorded yet. ``apply``
+records this configuration's values as the cluster's: the way to change the shard count for a
+whole cluster (a value only ``apply`` may not change is refused, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from harmonylite.config import Config
+from harmonylite.errors import UsageError
+from harmonylite.node import shared_settings as shared
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"shared-settings: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="harmonylite shared-settings", allow_abbrev=False,
+                description="Settings every node of the cluster must share.")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+    show = verbs.add_parser("show", help="the cluster's values next to this configuration's")
+    show.add_argument("-json", "--json", action="store_true", help="print JSON")
+    verbs.add_parser("apply", help="record this configuration's values as the cluster's")
+    return p
+
+
+async def _run(cfg: Config, verb: str) -> tuple[shared.Record | None, shared.Record | None]:
+    from harmonylite.cli.snapshot import default_js_context
+
+    async with default_js_context(cfg) as js:
+        if verb == "apply":
+            return await shared.apply(js, cfg)
+        return await shared.read(await shared.open_settings(js, cfg)), None
+
+
+def _settings_text(settings: dict[str, object]) -> str:
+    return ", ".join(f"{k} = {shared.toml_text(v)}" for k, v in settings.items())
+
+
+def main(cfg: Config, argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    record, new = asyncio.run(_run(cfg, args.verb))
+    if args.verb == "apply":
+        assert new is not None
+        if record is None:
+            print(f"recorded the cluster's shared settings: {_settings_text(new.settings)}")
+            return 0
+        changed = [f"{k}: {shared.toml_text(record.settings.get(k))} -> "
+                   f"{shared.toml_text(v)}" for k, v in new.settings.items()
+                   if record.settings.get(k) != v]
+        if not changed:
+            print("the cluster's shared settings already are this configuration's")
+            return 0
+        print("changed " + "; ".join(changed))
+        print("restart every node with these values: nodes still running the old ones report "
+              "it on health (503) until restarted")
+        if new.retired:
+            print("nodes read the retired streams too, so nothing written there is lost: "
+                  + ", ".join(sorted(new.retired)))
+        return 0
+    differences = record.differences(cfg) if record is not None else []
+    if args.json:
+        out: dict[str, Any] = {
+            "cluster": record.settings if record else None,
+            "recorded_by": record.node_id if record else None,
+            "updated_at": record.updated_at if record else None,
+            "retired_streams": record.retired if record else {},
+            "this_node": shared.own_settings(cfg),
+            "differences": [d.key for d in differences],
+            "names": cfg.names.describe(),
+        }
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        if record is None:
+            print("nothing recorded yet (the first node to start records its values)")
+        else:
+            print(f"cluster (recorded by node {record.node_id}): "
+                  f"{_settings_text(record.settings)}")
+            if record.retired:
+                print("retired streams (still read): " + ", ".join(sorted(record.retired)))
+        print(f"this configuration: {_settings_text(shared.own_settings(cfg))}")
+        for d in differences:
+            print(f"differs: {d}")
+        for what, name in cfg.names.describe().items():
+            if isinstance(name, dict):
+                name = ", ".join(f"{stream} (subject {subj})" for stream, subj in name.items())
+            print(f"{what}: {name}")
+    return 0 if record is not None and not differences else 1

@@ -1,0 +1,281 @@
+"""Settings every node of a cluster must share, recorded by the cluster and checked by each node.
+
+A node whose shard count, compression or prefixes differ from its cluster's splits it silently:
+rows it publishes on shards the others do not read never arrive, or its streams clash with the
+cluster's. So the first node records the values in NATS (KV bucket ``harmonylite-cluster-settings``
+under the cluster's namespace, key ``settings``, kept without TTL) and every node compares its own
+with them:
+
+- at start: a node that differs refuses to start (:class:`SettingsMismatch`, exit 2), naming each
+  key, its value and the cluster's;
+- while running (:class:`SettingsWatch`): when the record changes under it (an operator applied a
+  new value for the whole cluster) the node reports the difference on health (503) until it is
+  restarted with the new value.
+
+``harmonylite shared-settings apply`` (:func:`apply`) records new values. Only the shard count
+may change on a live cluster: the streams of the old count that the new one drops are kept in the
+record as *retired*, and every node reads them (from its own position, to their end and on) next
+to its current streams, so rows a node still on the old count writes there are not lost. The
+others would need new streams on the subjects the current ones hold; see the operator guide.
+
+The list :data:`SHARED` is the one place to declare a setting every node must share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+
+from harmonylite.aio import wait_any
+from harmonylite.config import Config
+from harmonylite.errors import ConfigError, NatsError
+from harmonylite.names import SETTINGS_KEY
+from harmonylite.snapshot.lease_kv import bounded, open_bucket
+
+log = logging.getLogger(__name__)
+
+OP_TIMEOUT = 5.0
+HISTORY = 16  # earlier records kept in the bucket: who changed what, when
+WATCH_SECONDS = 2.0  # how often a running node looks at the record
+
+
+@dataclass(frozen=True)
+class Shared:
+    key: str  # the dotted configuration key
+    value: Callable[[Config], object]
+    live_change: bool  # whether `shared-settings apply` may change it while nodes run
+
+
+SHARED: tuple[Shared, ...] = (
+    Shared("replication_log.shards", lambda c: c.replication_log.shards, True),
+    Shared("replication_log.compress", lambda c: c.replication_log.compress, False),
+    Shared("nats.stream_prefix", lambda c: c.nats.stream_prefix, False),
+    Shared("nats.subject_prefix", lambda c: c.nats.subject_prefix, False),
+)
+
+
+def own_settings(cfg: Config) -> dict[str, object]:
+    return {s.key: s.value(cfg) for s in SHARED}
+
+
+def toml_text(value: object) -> str:
+    """A value as written in the configuration file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Difference:
+    key: str
+    ours: object
+    cluster: object
+
+    def __str__(self) -> str:
+        return (f"{self.key} = {toml_text(self.ours)} on this node, the cluster's is "
+                f"{toml_text(self.cluster)}")
+
+
+@dataclass(frozen=True)
+class Record:
+    settings: dict[str, object]
+    retired: dict[str, str] = field(default_factory=dict)  # old stream -> its subject
+    node_id: int = 0  # the node (or command) that wrote it
+    updated_at: float = 0.0
+    revision: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps({"settings": self.settings, "retired": self.retired,
+                           "node_id": self.node_id, "updated_at": self.updated_at},
+                          sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, revision: int) -> Record:
+        data = json.loads(raw)
+        return cls(dict(data["settings"]), {str(k): str(v) for k, v in
+                                            dict(data.get("retired") or {}).items()},
+                   int(data.get("node_id", 0)), float(data.get("updated_at", 0)), revision)
+
+    def differences(self, cfg: Config) -> list[Difference]:
+        # A key the record lacks (declared after it was written) is not compared: the first
+        # `shared-settings apply` records it.
+        return [Difference(key, ours, self.settings[key])
+                for key, ours in own_settings(cfg).items()
+                if key in self.settings and self.settings[key] != ours]
+
+
+class SettingsMismatch(ConfigError):
+    """This node's shared settings differ from the cluster's (exit 2)."""
+
+    def __init__(self, differences: list[Difference], where: str, advice: str) -> None:
+        self.differences = differences
+        first = differences[0]
+        self.key, self.value, self.allowed = first.key, first.ours, advice
+        Exception.__init__(self, "; ".join(map(str, differences)) + f" ({where}). {advice}")
+
+
+def advice(differences: list[Difference]) -> str:
+    keys = ", ".join(d.key for d in differences)
+    if all(d.key == "replication_log.shards" for d in differences):
+        return (f"Every node of a cluster must use the same {keys}: set the cluster's value in "
+                "this node's configuration, or change it for the whole cluster with "
+                "'harmonylite -config PATH shared-settings apply' (docs/operator-guide.md, "
+                "\"Settings every node shares\")")
+    return (f"Every node of a cluster must use the same {keys}: set the cluster's value in this "
+            "node's configuration (changing it for a whole cluster: docs/operator-guide.md, "
+            "\"Settings every node shares\")")
+
+
+async def open_settings(js: Any, cfg: Config) -> Any:
+    """The cluster's settings bucket (no TTL; as many replicas as the lease bucket)."""
+    return await open_bucket(js, cfg.names.settings_bucket, 0, OP_TIMEOUT,
+                             replicas=cfg.replication_log.replicas,
+                             update_existing=cfg.replication_log.update_existing,
+                             history=HISTORY)
+
+
+async def read(kv: Any) -> Record | None:
+    try:
+        entry = await bounded(kv.get(SETTINGS_KEY), OP_TIMEOUT)
+    except KeyNotFoundError:
+        return None
+    if entry is None or not entry.value:
+        return None
+    return Record.decode(entry.value, int(entry.revision))
+
+
+async def _streams_say(js: Any, cfg: Config) -> list[Difference]:
+    """What the existing streams tell of the cluster's settings, for a cluster that has no
+    record yet (its nodes ran an older version): the stream holding shard 1's subject."""
+    names = cfg.names
+    try:
+        holder = await bounded(js.find_stream_name_by_subject(names.subject(1)), OP_TIMEOUT)
+    except NotFoundError:
+        return []
+    if holder == names.stream(1):
+        return []
+    prefix = cfg.nats.stream_prefix
+    if holder in (f"{prefix}-1", f"{prefix}-c-1"):
+        return [Difference("replication_log.compress", cfg.replication_log.compress,
+                           holder == f"{prefix}-c-1")]
+    # Another prefix's stream holds our subject: two clusters with one subject prefix.
+    theirs = holder.removesuffix("-1").removesuffix("-c")
+    return [Difference("nats.stream_prefix", prefix, theirs)]
+
+
+async def check_at_start(js: Any, cfg: Config, timeout: float = 60.0) -> Record:
+    """The cluster's record, this node's values recorded when there is none yet; raises
+    :class:`SettingsMismatch` when they differ. NATS errors are retried for ``timeout``
+    seconds (a JetStream cluster that is still electing its leader answers none)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await _check(js, cfg)
+        except SettingsMismatch:
+            raise
+        except Exception as exc:
+            if loop.time() > deadline:
+                raise NatsError(f"cannot read the cluster's shared settings (KV bucket "
+                                f"{cfg.names.settings_bucket}): {exc}") from exc
+            log.warning("cannot read the cluster's shared settings yet (retrying): %s", exc)
+            await asyncio.sleep(1.0)  # the retry period of an outside resource
+
+
+async def _check(js: Any, cfg: Config) -> Record:
+    kv = await open_settings(js, cfg)
+    record = await read(kv)
+    if record is None:
+        found = await _streams_say(js, cfg)
+        if found:
+            raise SettingsMismatch(found, "found in the existing streams", advice(found))
+        record = Record(own_settings(cfg), node_id=cfg.node_id, updated_at=time.time())
+        try:
+            revision = await bounded(kv.create(SETTINGS_KEY, record.encode()), OP_TIMEOUT)
+        except KeyWrongLastSequenceError:
+            record = await read(kv) or record  # another node recorded them first
+        else:
+            log.info("recorded this cluster's shared settings: %s",
+                     ", ".join(f"{k} = {toml_text(v)}" for k, v in record.settings.items()))
+            return replace(record, revision=revision)
+    differences = record.differences(cfg)
+    if differences:
+        raise SettingsMismatch(differences, f"recorded by node {record.node_id} in NATS KV "
+                               f"bucket {cfg.names.settings_bucket}, key {SETTINGS_KEY}",
+                               advice(differences))
+    return record
+
+
+async def apply(js: Any, cfg: Config) -> tuple[Record | None, Record]:
+    """Record this configuration's shared settings as the cluster's (the old record, the new).
+
+    Only ``replication_log.shards`` may change on a live cluster; the streams it drops are
+    retired (read by every node until removed). Another key that differs is refused (exit 2).
+    """
+    kv = await open_settings(js, cfg)
+    old = await read(kv)
+    ours = own_settings(cfg)
+    if old is None:
+        new = Record(ours, node_id=cfg.node_id, updated_at=time.time())
+        revision = await bounded(kv.create(SETTINGS_KEY, new.encode()), OP_TIMEOUT)
+        return None, replace(new, revision=revision)
+    fixed = [d for d in old.differences(cfg) if not _live(d.key)]
+    if fixed:
+        raise SettingsMismatch(fixed, "recorded for the cluster",
+                               "This cannot be changed while the cluster's streams exist: see "
+                               "docs/operator-guide.md, \"Settings every node shares\"")
+    old_shards = int(str(old.settings.get("replication_log.shards", cfg.replication_log.shards)))
+    before = replace(cfg.names, shards=old_shards)
+    current = cfg.names.subjects()
+    retired = {s: subj for s, subj in {**old.retired, **before.subjects()}.items()
+               if s not in current}
+    new = Record(ours, retired, cfg.node_id, time.time())
+    revision = await bounded(kv.update(SETTINGS_KEY, new.encode(), last=old.revision),
+                             OP_TIMEOUT)
+    return old, replace(new, revision=revision)
+
+
+def _live(key: str) -> bool:
+    return next(s.live_change for s in SHARED if s.key == key)
+
+
+class SettingsWatch:
+    """A running node's look at the record: ``problem`` says how this node differs now."""
+
+    def __init__(self, js: Any, cfg: Config) -> None:
+        self.js = js
+        self.cfg = cfg
+        self.problem: str | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        kv: Any = None
+        while not stop.is_set():
+            try:
+                kv = kv or await open_settings(self.js, self.cfg)
+                self._seen(await read(kv))
+            except Exception as exc:  # NATS away: the last answer stands until it is back
+                log.debug("cannot read the cluster's shared settings: %s", exc)
+                kv = None
+            await wait_any(stop, timeout=WATCH_SECONDS)  # the polling period, not a sync
+
+    def _seen(self, record: Record | None) -> None:
+        differences = record.differences(self.cfg) if record is not None else []
+        problem = None
+        if differences:
+            problem = ("; ".join(map(str, differences)) + ": the cluster's settings changed "
+                       "since this node started; restart it with the cluster's values")
+        if problem != self.problem:
+            if problem is not None:
+                log.error("%s", problem, extra={"keys": [d.key for d in differences]})
+            else:
+                log.info("this node's shared settings match the cluster's again")
+            self.problem = problem

@@ -57,6 +57,9 @@ def _reasons_in_code() -> list[str]:
         "node/status.py": r"out\.append\(f?\"([^\"]+)\"",
         "node/supervisor.py": r"out\.append\(f?\"([^\"]+)\"",
         "node/recovery.py": r"node\.waiting = f?\"([^\"]+)\"",
+        "node/without_nats.py": r"node\.waiting = f?\"([^\"]+)\"",
+        "node/shared_settings.py": r"return \(f\"\{self\.key\}([^\"]+)\"",
+        "replication/nats_connection.py": r"return f\"(NATS unreachable[^\"]+)\"",
     }
     for path, pattern in sources.items():
         text = (SRC / path).read_text()

@@ -162,6 +162,39 @@ def test_stale_snapshot_ignored_when_snapshots_disabled_or_no_interval() -> None
     assert evaluate(stale, CFG, 0, True, now=NOW)[0]
 
 
+def test_old_snapshot_holding_every_change_is_fresh() -> None:
+    """Idle is healthy: the age of a snapshot that lacks no change does not matter."""
+    idle = healthy_status(snapshot={"last_at": NOW - 10 * 3600, "unsaved_change_at": None})
+    ok, body = evaluate(idle, CFG, HOUR_MS, True, now=NOW)
+    assert ok, body["reasons"]
+    assert body["snapshot"]["age_seconds"] == pytest.approx(10 * 3600)
+    assert body["snapshot"]["staleness_seconds"] == 0
+
+
+def test_limit_counts_from_the_first_change_the_snapshot_lacks() -> None:
+    limit = 3 * 3600
+    recent = healthy_status(snapshot={"last_at": NOW - 10 * 3600,
+                                      "unsaved_change_at": NOW - limit + 1})
+    assert evaluate(recent, CFG, HOUR_MS, True, now=NOW)[0]
+    old = healthy_status(snapshot={"last_at": NOW - 10 * 3600,
+                                   "unsaved_change_at": NOW - limit - 1})
+    ok, body = evaluate(old, CFG, HOUR_MS, True, now=NOW)
+    assert not ok
+    assert "lacks a change made" in body["reasons"][0]
+    assert body["snapshot"]["staleness_seconds"] == pytest.approx(limit + 1)
+    # Without freshness (a node that does not follow the streams' heads): the age rule.
+    assert "staleness_seconds" not in evaluate(healthy_status(), CFG, HOUR_MS, True, now=NOW)[1][
+        "snapshot"]
+
+
+def test_nats_reason_is_the_nodes() -> None:
+    status = healthy_status(nats_connected=False,
+                            nats_error="NATS unreachable at nats://h:4222: connection refused")
+    ok, body = evaluate(status, CFG, HOUR_MS, True, now=NOW)
+    assert not ok
+    assert body["reasons"] == ["NATS unreachable at nats://h:4222: connection refused"]
+
+
 def test_no_snapshot_yet() -> None:
     young = healthy_status(uptime_seconds=3 * 3600 - 1, snapshot={"last_at": None})
     old = healthy_status(uptime_seconds=3 * 3600 + 1, snapshot={})

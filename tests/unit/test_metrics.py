@@ -213,6 +213,22 @@ def test_tracked_snapshot_age() -> None:
     assert math.isnan(values(m)["harmonylite_snapshot_age_seconds"])
 
 
+def test_snapshot_staleness() -> None:
+    clock = FakeClock()
+    m = Metrics(clock=clock)
+    assert "unsaved_change_at" not in m.snapshot_state()  # not tracked: health uses the age
+    state: dict[str, tuple[bool, float | None]] = {"v": (False, None)}
+    m.track_snapshot_freshness(lambda: state["v"])
+    assert math.isnan(values(m)["harmonylite_snapshot_staleness_seconds"])  # none known yet
+    assert "unsaved_change_at" not in m.snapshot_state()
+    state["v"] = (True, None)  # the newest snapshot holds every change
+    assert values(m)["harmonylite_snapshot_staleness_seconds"] == 0
+    assert m.snapshot_state()["unsaved_change_at"] is None
+    state["v"] = (True, clock.now - 90)
+    assert values(m)["harmonylite_snapshot_staleness_seconds"] == 90
+    assert m.snapshot_state()["unsaved_change_at"] == clock.now - 90
+
+
 async def test_metrics_endpoint_for_two_nodes() -> None:
     cfg = PrometheusConfig(enable=True, bind="127.0.0.1:0")
     first, second = Metrics(node_id=1), Metrics(node_id=2)

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 @asynccontextmanager
 async def default_js_context(cfg: Config) -> AsyncIterator[Any]:
     """Connect to ``nats.urls``, or start the embedded server when none are configured."""
-    from harmonylite.replication.nats_link import LinkState, connect
+    from harmonylite.replication.nats_connection import LinkState, connect
 
     embedded = None
     urls = list(cfg.nats.urls)

@@ -127,9 +127,12 @@ KEYS: dict[str, KeyDoc] = {
     "nats.ca_file": KeyDoc("CA certificate(s) to verify the servers (TLS)."),
     "nats.cert_file": KeyDoc("Client certificate (TLS)."),
     "nats.key_file": KeyDoc("Client certificate's key (TLS)."),
-    "nats.connect_retries": KeyDoc("Retries of the first connection before giving up (exit 1); "
-                                   "once connected, reconnection never gives up."),
-    "nats.reconnect_wait_seconds": KeyDoc("Seconds between connection attempts."),
+    "nats.connect_retries": KeyDoc("Attempts at start before the node starts without NATS "
+                                   "(capture on, changes pending, retried forever). Refused "
+                                   "credentials this many times + 1 in a row end the process "
+                                   "(exit 1)."),
+    "nats.reconnect_wait_seconds": KeyDoc("Seconds between attempts, at start and after a lost "
+                                          "connection."),
     "nats.randomize_urls": KeyDoc("Shuffle `urls`. false: try them in order (list this node's "
                                   "nearest server first)."),
     "logging.verbose": KeyDoc("Debug lines."),
@@ -143,7 +146,8 @@ KEYS: dict[str, KeyDoc] = {
     "health_check.bind": KeyDoc("`HOST:PORT` or `:PORT` of the health server."),
     "health_check.path": KeyDoc("Path of the health endpoint."),
     "health_check.detailed": KeyDoc("A JSON body; false: one line of text."),
-    "health_check.max_snapshot_age_intervals": KeyDoc("Unhealthy when the newest snapshot is "
-                                                      "older than this many "
-                                                      "`snapshot.interval`s. 0: no check."),
+    "health_check.max_snapshot_age_intervals": KeyDoc("Unhealthy when a change the newest "
+                                                      "snapshot lacks is older than this many "
+                                                      "`snapshot.interval`s (an idle database "
+                                                      "stays healthy). 0: no check."),
 }

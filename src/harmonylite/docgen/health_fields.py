@@ -24,6 +24,9 @@ FIELDS: dict[str, str] = {
     "snapshot.last_id": "the newest committed snapshot this node knows of (any node's)",
     "snapshot.last_at": "when it was taken",
     "snapshot.age_seconds": "seconds since `last_at`",
+    "snapshot.staleness_seconds": "seconds since the first change the newest snapshot lacks; 0 "
+                                  "while it holds every change (present once the node knows the "
+                                  "newest snapshot and follows the streams)",
     "snapshot.last_error": "the error of this node's latest failed snapshot, cleared by the next "
                            "success (credentials removed)",
     "replication.<stream>.applied_sequence": "the last sequence of the stream applied here",
@@ -50,10 +53,18 @@ FIELDS: dict[str, str] = {
 CAUSES: tuple[tuple[str, str], ...] = (
     ("database cannot be opened", "`db_path` is missing, unreadable or corrupt"),
     ("NATS is disconnected", "also while it reconnects; local writes stay pending meanwhile"),
+    ("NATS unreachable at <urls>: <why>", "the node started without NATS and keeps trying; "
+     "local writes stay pending ([starting while NATS is down]"
+     "(jetstream-cluster.md#starting-while-nats-is-down))"),
+    ("the database is created once NATS is reachable", "a node without a database file waits "
+     "for NATS: it may have to be provisioned from a snapshot"),
     ("change capture is not installed", "the node is still starting, or installing failed "
                                         "(see its log)"),
-    ("newest snapshot is N s old (limit L s)", "the newest snapshot is older than "
-     "`max_snapshot_age_intervals` times `snapshot.interval`: look at `snapshot.last_error`"),
+    ("the newest snapshot lacks a change made N s ago (limit L s)", "no snapshot holds a change "
+     "older than `max_snapshot_age_intervals` times `snapshot.interval` (an idle database stays "
+     "healthy however old its snapshot): look at `snapshot.last_error`"),
+    ("newest snapshot is N s old (limit L s)", "the same, on a node that does not follow the "
+     "streams (`publish` or `replicate` false): it goes by the snapshot's age"),
     ("no snapshot after N s of uptime (limit L s)", "no snapshot exists yet after that limit"),
     ("apply stalled on <stream>", "a transient error (database locked, disk full, I/O) has "
                                   "stopped applying for over 5 s; it retries by itself"),
@@ -66,4 +77,7 @@ CAUSES: tuple[tuple[str, str], ...] = (
     ("waiting for a snapshot that covers this node (what it needs)",
      "the node must restore and asked the snapshot leader for a fresh snapshot"),
     ("no node can take snapshots", "as above, while no node holds the snapshot lease"),
+    ("<key> = <value> on this node, the cluster's is <value>", "a setting every node shares was "
+     "changed for the cluster (`shared-settings apply`): restart the node with the cluster's "
+     "value ([operator guide](operator-guide.md#settings-every-node-shares))"),
 )

@@ -5,6 +5,12 @@ health if it keeps failing) and is awaited on the way out: on SIGINT/SIGTERM the
 the consumers finish the batch in hand, pending changes get one last chance to go out, the
 consumers unsubscribe, the connection closes, and the embedded server (if any) stops.
 
+A node whose NATS does not answer within ``nats.connect_retries`` more attempts starts without
+it: change capture is installed (the application's writes stay pending in the change log), the
+connection is retried in the background forever, health says why, and the rest of the start
+(streams, recovery, consumers, publisher, snapshots) runs once NATS answers. A node without a
+database waits for NATS before creating one (it may be provisioned from a snapshot).
+
 A gap found while running (a stream dropped messages this node had not applied) is recorded in
 the database; with snapshots on, the node then starts over in the same process, and the start-up
 recovery restores the newest snapshot that covers it. Without snapshots the gap stays in health
@@ -51,7 +57,8 @@ from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.consumer import ShardConsumer, near_head
-from harmonylite.replication.nats_link import LinkState, connect, ensure_streams
+from harmonylite.replication.nats_connection import Connection, LinkState
+from harmonylite.replication.nats_link import ensure_streams
 from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
 from harmonylite.replication.read_ahead import ReadAhead, stop_all
@@ -90,7 +97,10 @@ class Node:
         self.pub_db = DbThread(self.db_path, "publisher")
         self.embedded: EmbeddedNats | None = None
         self.link = LinkState()
-        self.nc: Client | None = None
+        self.connection: Connection | None = None
+        self.nc: Client | None = None  # connecting, or connected (see self.connection)
+        self._deferred: asyncio.Task[None] | None = None  # the start waiting for NATS
+        self.failure: BaseException | None = None  # a start in the background that failed
         self.js: JetStreamContext | None = None
         self.publisher: Publisher | None = None
         self.watcher: ChangeWatcher | None = None
@@ -105,7 +115,8 @@ class Node:
         self.restored: str | None = None  # the snapshot this start restored, if any
         # Streams read since recovery began, handed to the consumers when they subscribe.
         self.read_ahead: dict[str, ReadAhead] = {}
-        self.waiting: str | None = None  # why the start is waiting (health 503 meanwhile)
+        # Why the start is waiting (NATS, a snapshot): health 503 meanwhile.
+        self.waiting: str | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
@@ -125,10 +136,35 @@ class Node:
 
     # --- start -----------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the node; without NATS after ``nats.connect_retries`` more attempts, start what
+        needs no NATS (change capture) and the rest once it is reachable (in the background)."""
         cfg = self.cfg
         await self._start_servers()
-        await self._connect()
-        assert self.js is not None
+        conn = await self._open_nats()
+        if await conn.wait(self.stop_event, attempts=cfg.nats.connect_retries + 1):
+            await self.start_connected()
+        elif not self.stop_event.is_set():
+            from harmonylite.node.without_nats import start_without_nats
+
+            self._deferred = await start_without_nats(self, conn)
+
+    async def start_connected(self) -> None:
+        """Everything that needs NATS: the streams, the start-up recovery, the consumers, the
+        publisher and the snapshot service."""
+        cfg = self.cfg
+        assert self.nc is not None
+        self.js = self.nc.jetstream(publish_async_max_pending=1024)
+        # Before any stream is made: a node whose shard count, compression or prefixes differ
+        # from its cluster's would split it (exit 2, naming the key and both values).
+        try:
+            self.shared = await check_at_start(self.js, cfg)
+        except SettingsMismatch as exc:
+            log.error("%s", exc, extra={"keys": [d.key for d in exc.differences]})
+            raise
+        await ensure_streams(self.js, cfg)
+        self.retired = await self._existing(self.shared.retired)
+        self.settings_watch = SettingsWatch(self.js, cfg)
+        self._spawn("shared settings", self.settings_watch.run)
         if self.db_path.exists():
             # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
             # its positions read) before anything could restore over it.
@@ -229,7 +265,8 @@ class Node:
         if cfg.prometheus.enable:
             self._servers.append(await start_metrics_server(cfg.prometheus, self.metrics))
 
-    async def _connect(self) -> None:
+    async def _open_nats(self) -> Connection:
+        """Start the embedded server (without ``nats.urls``) and begin connecting."""
         cfg = self.cfg
         urls = list(cfg.nats.urls)
         if not urls:
@@ -238,19 +275,10 @@ class Node:
             urls = [await self.embedded.start(stop=self.stop_event)]
             self._spawn("embedded nats-server", self.embedded.supervise)
         self.link.on_reconnect.append(self._resubscribe)
-        self.nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
-        self.js = self.nc.jetstream(publish_async_max_pending=1024)
-        # Before any stream is made: a node whose shard count, compression or prefixes differ
-        # from its cluster's would split it (exit 2, naming the key and both values).
-        try:
-            self.shared = await check_at_start(self.js, cfg)
-        except SettingsMismatch as exc:
-            log.error("%s", exc, extra={"keys": [d.key for d in exc.differences]})
-            raise
-        await ensure_streams(self.js, cfg)
-        self.retired = await self._existing(self.shared.retired)
-        self.settings_watch = SettingsWatch(self.js, cfg)
-        self._spawn("shared settings", self.settings_watch.run)
+        self.connection = Connection(cfg.nats, urls, f"harmonylite-{cfg.node_id}", self.link)
+        self.nc = self.connection.nc
+        self.connection.start()
+        return self.connection
 
     async def _existing(self, streams: dict[str, str]) -> dict[str, str]:
         from harmonylite.node.coverage import stream_heads
@@ -372,6 +400,8 @@ class Node:
             "node_id": self.cfg.node_id,
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "nats_connected": bool(self.nc is not None and self.nc.is_connected),
+            "nats_error": None if self.nc is not None and self.nc.is_connected
+            else self.link.reason(),
             "cdc_installed": self.install_report is not None,
             "tables_tracked": len(self.install_report.tables) if self.install_report else 0,
             "last_replicated_event_timestamp": last_applied or None,
@@ -402,7 +432,7 @@ class Node:
         out = status.problems(self.supervisor, self.consumers, self.gaps)
         if self.settings_watch is not None and self.settings_watch.problem is not None:
             out.append(self.settings_watch.problem)
-        return ([self.waiting] if self.waiting is not None else []) + out
+        return ([self.waiting] if self.waiting else []) + out
 
     async def health_status(self) -> dict[str, Any]:
         return {**self.status(), "version": __version__,
@@ -412,6 +442,10 @@ class Node:
     # --- stop ------------------------------------------------------------------------------
     async def close(self) -> None:
         self.stop_event.set()
+        if self._deferred is not None:
+            # A start waiting for NATS returns at once on the stop; one under way finishes (as a
+            # start that found NATS at once would, before the node stops).
+            await asyncio.gather(self._deferred, return_exceptions=True)
         for server in self._servers:
             await server.close()
         await self.supervisor.wait()
@@ -427,12 +461,8 @@ class Node:
         await stop_all(self.read_ahead)
         for consumer in self.consumers:
             await consumer.unsubscribe()
-        if self.nc is not None:
-            self.link.closing = True
-            try:
-                await asyncio.wait_for(self.nc.close(), 5.0)
-            except Exception as exc:  # the server may already be gone; nothing is lost here
-                log.debug("closing the NATS connection: %s", exc)
+        if self.connection is not None:
+            await self.connection.close()
         if self.embedded is not None:
             await self.embedded.stop()
         if self.positions:
@@ -460,6 +490,8 @@ async def run_node(cfg: Config) -> int:
             log.info("shutting down")
         finally:
             await node.close()
+        if node.failure is not None:
+            raise node.failure
         if node.restart_reason is None or stopping.is_set():
             break
         log.info("starting over: %s", node.restart_reason)

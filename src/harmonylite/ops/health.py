@@ -1,9 +1,11 @@
 """The health endpoint: ``GET {health_check.path}`` is 200 when the node is healthy, 503 if not.
 
-A node is unhealthy when its database cannot be opened, NATS is disconnected, change capture is not
-installed, or, with snapshots enabled, the newest snapshot is older than
-``max_snapshot_age_intervals`` snapshot intervals (also when no snapshot exists yet and the node has
-been up for longer than that). :func:`evaluate` decides this from a status dict and is pure.
+A node is unhealthy when its database cannot be opened, NATS is disconnected (the node says why),
+change capture is not installed, or, with snapshots enabled, the newest snapshot lacks a change
+older than ``max_snapshot_age_intervals`` snapshot intervals (an idle database whose newest
+snapshot holds every change stays healthy, see :mod:`harmonylite.snapshot.freshness`; a node that
+does not know this goes by the snapshot's age), and when no snapshot exists yet and the node has
+been up for longer than that. :func:`evaluate` decides this from a status dict and is pure.
 
 The HTTP side is a minimal HTTP/1.1 server on ``asyncio.start_server`` (one request per
 connection), shared with the metrics endpoint: :class:`HttpServer`.
@@ -119,7 +121,8 @@ def evaluate(
     if not db_connected:
         reasons.append("database cannot be opened")
     if not nats_connected:
-        reasons.append("NATS is disconnected")
+        # The node says why (e.g. "NATS unreachable at nats://…: connection refused").
+        reasons.append(str(status.get("nats_error") or "NATS is disconnected"))
     if not cdc_installed:
         reasons.append("change capture is not installed")
     # Replication problems the node itself diagnosed: a stalled or dead consumer, a gap that
@@ -131,8 +134,18 @@ def evaluate(
     last_at = to_epoch(snap_in.get("last_at"))
     age = max(0.0, now - last_at) if last_at is not None else _number(snap_in.get("age_seconds"))
     limit = snapshot_age_limit(cfg, snapshot_interval_ms) if enabled else None
+    # Freshness, when the node knows it: a snapshot is stale once a change it lacks is older
+    # than the limit (an idle database keeps a fresh snapshot however old it is).
+    tracked = "unsaved_change_at" in snap_in
+    unsaved_at = to_epoch(snap_in.get("unsaved_change_at"))
+    staleness = (max(0.0, now - unsaved_at) if unsaved_at is not None else 0.0) if tracked \
+        else None
     if limit is not None:
-        if age is not None and age > limit:
+        if staleness is not None:
+            if staleness > limit:
+                reasons.append(f"the newest snapshot lacks a change made {staleness:.0f} s ago "
+                               f"(limit {limit:.0f} s)")
+        elif age is not None and age > limit:
             reasons.append(f"newest snapshot is {age:.0f} s old (limit {limit:.0f} s)")
         elif age is None and uptime > limit:
             reasons.append(f"no snapshot after {uptime:.0f} s of uptime (limit {limit:.0f} s)")
@@ -159,6 +172,8 @@ def evaluate(
         },
         "reasons": reasons,
     }
+    if staleness is not None:
+        body["snapshot"]["staleness_seconds"] = round(staleness, 3)
     for extra in ("replication", "dead_letters", "conflicts", "schema", "warnings"):
         if extra in status:
             body[extra] = status[extra]

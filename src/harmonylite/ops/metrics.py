@@ -62,6 +62,7 @@ class Metrics:
         self._last_at: float | None = None
         self._last_error: str | None = None
         self._age_source: Callable[[], float | None] | None = None
+        self._freshness_source: Callable[[], tuple[bool, float | None]] | None = None
         self._nats_source: Callable[[], bool] | None = None
         self._nats_connected = False
         ns: dict[str, Any] = {"namespace": namespace, "subsystem": subsystem,
@@ -76,6 +77,11 @@ class Metrics:
             "snapshot_age_seconds", "Seconds since the newest committed snapshot was taken "
             "(NaN until one is known).", **ns)
         self.snapshot_age_seconds.set_function(self._age_value)
+        self.snapshot_staleness_seconds = Gauge(
+            "snapshot_staleness_seconds", "Seconds since the first change the newest committed "
+            "snapshot lacks (0 while it holds every change, however old it is; NaN until one is "
+            "known).", **ns)
+        self.snapshot_staleness_seconds.set_function(self._staleness_value)
         self.snapshot_last_timestamp_seconds = Gauge(
             "snapshot_last_timestamp_seconds", "Unix time of the newest committed snapshot "
             "(0 until one is known).", **ns)
@@ -238,15 +244,36 @@ class Metrics:
             return None
         return max(0.0, self._clock() - self._last_at)
 
+    def track_snapshot_freshness(self, source: Callable[[], tuple[bool, float | None]]) -> None:
+        """Read ``(known, since)`` from ``source``: whether a newest snapshot is known, and the
+        Unix time of the first change it lacks (None: it lacks none)."""
+        self._freshness_source = source
+
+    def snapshot_staleness(self) -> float | None:
+        """Seconds since the first change the newest snapshot lacks; 0 when it lacks none,
+        None when unknown."""
+        if self._freshness_source is None:
+            return None
+        known, since = self._freshness_source()
+        if not known:
+            return None
+        return 0.0 if since is None else max(0.0, self._clock() - since)
+
     def snapshot_state(self) -> dict[str, Any]:
         """The ``snapshot`` part of the health document."""
-        return {
+        state = {
             "leader": self._leader,
             "last_id": self._last_id,
             "last_at": self._last_at,
             "age_seconds": self.snapshot_age(),
             "last_error": self._last_error,
         }
+        if self._freshness_source is not None:
+            known, since = self._freshness_source()
+            if known:
+                # Present only when known: health then judges freshness by it, not by the age.
+                state["unsaved_change_at"] = since
+        return state
 
     # --- export --------------------------------------------------------------------------------
     def render(self) -> bytes:
@@ -258,6 +285,13 @@ class Metrics:
         except Exception:
             return math.nan
         return math.nan if age is None else float(age)
+
+    def _staleness_value(self) -> float:
+        try:
+            staleness = self.snapshot_staleness()
+        except Exception:
+            return math.nan
+        return math.nan if staleness is None else float(staleness)
 
     def _nats_value(self) -> float:
         if self._nats_source is None:

@@ -1,101 +1,25 @@
-"""Connecting to NATS (external servers or the embedded one) and creating the change streams."""
+"""Creating the change streams (and the replicas of the buckets) on a connected NATS.
+
+The connection itself is :mod:`harmonylite.replication.nats_connection`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
-import nats
-from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from harmonylite.config import Config, NatsConfig
+from harmonylite.config import Config
 from harmonylite.errors import NatsError
 
 log = logging.getLogger(__name__)
 
-Callback = Callable[[], Awaitable[None]]
-MIN_RECONNECT_WAIT = 0.25
 NO_SUITABLE_PEERS = 10005  # JetStream error code
-
-
-@dataclass
-class LinkState:
-    connected: bool = False
-    closing: bool = False  # set before a deliberate close, so it is not reported as an outage
-    on_reconnect: list[Callback] = field(default_factory=list)
-
-
-def _tls_context(cfg: NatsConfig) -> ssl.SSLContext | None:
-    if not (cfg.ca_file or cfg.cert_file):
-        return None
-    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
-    if cfg.cert_file:
-        ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
-    return ctx
-
-
-async def connect(cfg: NatsConfig, urls: list[str], name: str, state: LinkState) -> Client:
-    """Connect, trying ``connect_retries`` more times; once connected, reconnect forever."""
-
-    async def disconnected() -> None:
-        if state.connected and not state.closing:
-            log.warning("disconnected from NATS")
-        state.connected = False
-
-    async def reconnected() -> None:
-        state.connected = True
-        log.info("reconnected to NATS")
-        for cb in state.on_reconnect:
-            await cb()
-
-    async def error_cb(exc: Exception) -> None:
-        log.debug("NATS client error: %s", exc)
-
-    options: dict[str, object] = {
-        "servers": urls,
-        "name": name,
-        # nats-py retries with no pause at all when this is 0: keep a floor, so a node whose
-        # server is gone waits instead of spinning a core.
-        "reconnect_time_wait": max(cfg.reconnect_wait_seconds, MIN_RECONNECT_WAIT),
-        "max_reconnect_attempts": -1,
-        "connect_timeout": 5,
-        "disconnected_cb": disconnected,
-        "reconnected_cb": reconnected,
-        "error_cb": error_cb,
-        "tls": _tls_context(cfg),
-        # First URL first, also on reconnects (see docs/jetstream-cluster.md).
-        "dont_randomize": not cfg.randomize_urls,
-    }
-    if cfg.user_name:
-        options["user"] = cfg.user_name
-        options["password"] = cfg.user_password
-    if cfg.seed_file:
-        options["nkeys_seed"] = cfg.seed_file
-    # The first connection fails fast (with reconnects allowed nats-py would retry a refused
-    # login forever); connect_retries bounds it. Once connected, reconnect forever.
-    options["allow_reconnect"] = False
-    last: Exception | None = None
-    for attempt in range(cfg.connect_retries + 1):
-        try:
-            nc = await asyncio.wait_for(nats.connect(**options), 15)  # type: ignore[arg-type]
-            nc.options["allow_reconnect"] = True
-            state.connected = True
-            return nc
-        except Exception as exc:  # nats-py raises several unrelated types on connect
-            last = exc
-            log.warning("cannot connect to NATS (attempt %d of %d): %s", attempt + 1,
-                        cfg.connect_retries + 1, exc)
-            if attempt < cfg.connect_retries:
-                await asyncio.sleep(max(cfg.reconnect_wait_seconds, 0.2))
-    raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {last}") from last
 
 
 def describe_error(exc: BaseException) -> str:

@@ -176,6 +176,8 @@ class Publisher:
         self.last_published_at: float | None = None
         self.pending = 0
         self.last_error: str | None = None
+        # Unix time of the first failed attempt while changes wait to go out (None: none wait).
+        self.unpublished_since: float | None = None
         self._registry: dict[int, TableShape] = {}
         self._rows = RowReader()
         self._inflight: InFlight | None = None
@@ -386,6 +388,7 @@ class Publisher:
             try:
                 await self.flush()
                 backoff = RETRY_FIRST
+                self.unpublished_since = None
                 if failing_since is not None:
                     log.info("publishing resumed after %.1f s", time.monotonic() - failing_since)
                     failing_since = None
@@ -396,6 +399,8 @@ class Publisher:
                 self.pending = await self.db.call(changelog.pending_count)
                 if self.metrics is not None:
                     self.metrics.set_pending(self.pending)
+                if self.pending and self.unpublished_since is None:
+                    self.unpublished_since = time.time()
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log.warning("publish failed, %d changes stay pending (retrying until it "

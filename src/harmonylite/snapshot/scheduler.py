@@ -19,7 +19,8 @@ upload lock) is skipped with ``system busy capturing snapshot``. A failed attemp
 counted, and not retried before the next trigger: one interval later, or ``max_entries / 2``
 further messages. Losing the lease cancels a running capture; its fence would refuse the commit
 anyway. Every node lists the store now and then and reports the newest snapshot to the metrics, so
-health knows the age of the recovery point.
+health knows the recovery point (and, with :mod:`harmonylite.snapshot.freshness`, whether it lacks
+any change).
 
 A capture starts only while the node is fresh (``LeaderElection.stale()``: applying, near the
 stream heads), and the manifest records the heads it was captured against (``heads``), so

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from harmonylite.replication.consumer import near_head
+from harmonylite.snapshot.freshness import Freshness
 from harmonylite.snapshot.leader import LeaderElection
 from harmonylite.snapshot.scheduler import Scheduler
 from harmonylite.snapshot.storage import ObjectStore, open_store
@@ -52,6 +53,10 @@ class SnapshotService:
         self.scheduler = Scheduler(cfg, self.election, self._open_store, js=node.js,
                                    metrics=node.metrics, activity=self._activity,
                                    on_sleep=node.stop_event.set, heads=self.heads)
+        # Health and snapshot_staleness_seconds: since when the newest snapshot lacks a change.
+        self.freshness = Freshness(node.js, newest=lambda: self.scheduler.newest,
+                                   heads=self.heads, local_since=self._unpublished_since)
+        node.metrics.track_snapshot_freshness(self.freshness.state)
         node.link.on_reconnect.append(self._reconnected)
 
     def stale_reason(self) -> str | None:
@@ -80,6 +85,10 @@ class SnapshotService:
         """Each stream's last sequence as this node last read it."""
         return {c.stream: c.stream_last_seq for c in self.node.consumers}
 
+    def _unpublished_since(self) -> float | None:
+        pub = self.node.publisher
+        return pub.unpublished_since if pub is not None else None
+
     def _leader_changed(self, is_leader: bool) -> None:
         self.node.metrics.leader_changed(is_leader)
         self.scheduler.leadership_changed(is_leader)
@@ -97,7 +106,8 @@ class SnapshotService:
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self.election.run(stop)),
-                 asyncio.create_task(self.scheduler.run(stop))]
+                 asyncio.create_task(self.scheduler.run(stop)),
+                 asyncio.create_task(self.freshness.run(stop))]
         try:
             await asyncio.gather(*tasks)
         finally:

@@ -58,7 +58,7 @@ def _reasons_in_code() -> list[str]:
         "node/supervisor.py": r"out\.append\(f?\"([^\"]+)\"",
         "node/recovery.py": r"node\.waiting = f?\"([^\"]+)\"",
         "node/without_nats.py": r"node\.waiting = f?\"([^\"]+)\"",
-        "node/shared_settings.py": r"return \(f\"\{self\.key\}([^\"]+)\"",
+        "node/shared_settings.py": r"return \(f\"(\{self\.key\}[^\"]+)\"",
         "replication/nats_connection.py": r"return f\"(NATS unreachable[^\"]+)\"",
     }
     for path, pattern in sources.items():
@@ -73,7 +73,8 @@ def _documented(reason: str) -> bool:
     """Every literal part of the reason (values left out) is in one documented cause."""
     parts = [p.strip(" (:;") for p in re.split(r"\{[^}]*\}", reason)]
     parts = [p for p in parts if p]
-    return any(all(p in cause for p in parts) and cause.startswith(parts[0])
+    leading = "" if reason.startswith("{") else parts[0]  # a reason may begin with a value
+    return any(all(p in cause for p in parts) and cause.startswith(leading)
                for cause, _ in health_fields.CAUSES)
 
 

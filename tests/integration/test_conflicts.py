@@ -236,3 +236,47 @@ def test_migration_bookkeeping_tables_stay_per_node(tmp_path: Path,
     wait_until(lambda: b.query("SELECT v FROM items") == [("replicated",)], 20, "items")
     assert b.query("SELECT * FROM django_migrations") == []
     assert "not replicated (exclude_tables / include_tables): django_migrations" in a.log_text()
+
+
+def listed_conflicts(n: NodeProc) -> list[tuple[Any, ...]]:
+    out = n.cli("conflicts", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    return sorted((x["table"], x["key"], json.dumps(x["displaced"], sort_keys=True),
+                   x["winning_origin"], x["winning_key"], x["stream"], x["sequence"])
+                  for x in json.loads(out.stdout))
+
+
+def test_every_node_records_the_same_unique_conflicts(trio: list[NodeProc]) -> None:
+    """Five inserts of the same UNIQUE values on two nodes at once: every node's conflicts list
+    names the same displaced rows and the same winners, and no surviving row as displaced."""
+    a, b, _ = trio
+
+    def inserts(n: NodeProc, base: int) -> Callable[[], None]:
+        def run() -> None:
+            conn = n.connect()
+            try:
+                for i in range(5):
+                    conn.execute("INSERT INTO users VALUES (?, ?, ?)",
+                                 (base + i, f"u{i}@example.com", f"node {n.node_id}"))
+            finally:
+                conn.close()
+        return run
+
+    at_once(inserts(a, 1000), inserts(b, 2000))
+    wait_until(settled(trio), 30, "three nodes to converge")
+    survivors = {str([r[0]]) for r in a.query("SELECT id FROM users")}
+    assert len(survivors) == 5
+    lists = [listed_conflicts(n) for n in trio]
+    for n, found in zip(trio, lists, strict=True):
+        shown = {x[1] for x in found}
+        assert not shown & survivors, f"node {n.node_id} lists surviving rows as displaced: " \
+            f"{sorted(shown & survivors)}"
+    # A row displaced before its node published it (a local write losing to a UNIQUE value
+    # that came in first) existed on that node only, and only that node can record it.
+    shared = [[x for x in found if sum(x in other for other in lists) > 1
+               or json.loads(x[2])["name"] != f"node {n.node_id}"]
+              for n, found in zip(trio, lists, strict=True)]
+    written = {str([base + i]) for base in (1000, 2000) for i in range(5)}
+    assert {x[1] for found in lists for x in found} == written - survivors  # each one somewhere
+    assert shared[1] == shared[0] and shared[2] == shared[0], "\n".join(
+        f"node {n.node_id}: {found}" for n, found in zip(trio, lists, strict=True))

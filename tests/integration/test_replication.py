@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import nats
 import pytest
 
@@ -218,6 +219,36 @@ def test_garbage_message_is_dead_lettered_and_the_rest_applies(
     assert converged(nodes)
     for n in nodes:
         assert n.stop(signal.SIGINT) == 0
+
+
+def test_dead_letter_of_a_malformed_batch_names_its_origin_table_and_key(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """A batch from node 9 that names no key columns is refused whole; its dead letter still
+    names node 9, the table and (by the local primary key) the key."""
+    (a,) = make_nodes(tmp_path, nats_server, 1)
+    a.start()
+
+    async def send() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        for table in ("items", "t"):
+            doc = {"v": 1, "n": 9, "t": {table: ["id", "owner", "name", "qty"]}, "k": {},
+                   "c": [[table, 1, [7, 9, "seven", 1.5]]]}
+            await js.publish("harmonylite-change-log-1", cbor2.dumps(doc))
+        await nc.close()
+
+    asyncio.run(send())
+    wait_until(lambda: a.query("SELECT count(*) FROM __harmonylite__dead_letter")[0][0] == 2,
+               30, "both messages to be dead-lettered")
+    out = a.cli("dead-letters", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = [(d["origin"], d["table"], d["key"]) for d in json.loads(out.stdout)]
+    # The key of a table this node lacks is not carried by a message naming no key columns.
+    assert listed == [(9, "items", "[7]"), (9, "t", None)]
+    text = a.cli("dead-letters", "list")
+    assert "node 9\titems\t[7]" in text.stdout, text.stdout
+    assert "None" not in text.stdout, text.stdout
+    a.stop()
 
 
 def test_changes_to_a_table_a_node_lacks_wait_until_it_exists(

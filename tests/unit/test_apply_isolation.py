@@ -59,7 +59,10 @@ def test_key_map_missing_its_table_is_dead_lettered_whole(tmp_path: Path) -> Non
     result = Applier().apply(dst, "s-1", [(1, bad), (2, good), (3, b"\x00garbage")])
     assert result.dead_letters == 2
     assert dst.execute("SELECT id FROM t").fetchall() == [(2,)]
-    assert [(d.seq, d.table) for d in deadletter.rows(dst)] == [(1, None), (3, None)]
+    # Refused whole, it still names what it carries: node 9, table t, the key by t's own
+    # primary key; garbage names nothing.
+    assert [(d.seq, d.origin, d.table, d.key) for d in deadletter.rows(dst)] == [
+        (1, 9, "t", "[1]"), (3, None, None, None)]
 
 
 def test_failing_constraint_takes_no_unrelated_change_with_it(tmp_path: Path) -> None:

@@ -90,11 +90,19 @@ def intent(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def set_intent(conn: sqlite3.Connection, upto: int) -> None:
-    conn.execute(
-        f"INSERT INTO {ddl.STATE}(k, v) VALUES ('publishing', ?) ON CONFLICT(k) DO UPDATE SET "
-        "v = excluded.v", (upto,)
+def set_intent(conn: sqlite3.Connection, upto: int, epoch: str = "") -> None:
+    """Record the batch about to be published: its last change id and the epoch it goes out
+    under (a re-send after a crash must use the same message ids)."""
+    conn.executemany(
+        f"INSERT INTO {ddl.STATE}(k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET "
+        "v = excluded.v", [("publishing", upto), ("publishing_epoch", epoch)]
     )
+
+
+def intent_epoch(conn: sqlite3.Connection) -> str:
+    """The epoch the recorded batch went out under ("" when unknown)."""
+    row = conn.execute(f"SELECT v FROM {ddl.STATE} WHERE k = 'publishing_epoch'").fetchone()
+    return str(row[0]) if row and row[0] else ""
 
 
 def pending_count(conn: sqlite3.Connection) -> int:

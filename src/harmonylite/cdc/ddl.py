@@ -78,7 +78,7 @@ BASE_DDL = [
     f"CREATE TABLE IF NOT EXISTS {PREFIX_CONFLICTS} (id INTEGER PRIMARY KEY, "
     "tbl TEXT NOT NULL, key TEXT NOT NULL, columns TEXT NOT NULL, displaced BLOB NOT NULL, "
     "winner_origin INTEGER, winner_key TEXT, stream TEXT NOT NULL, seq INTEGER NOT NULL, "
-    "created_at REAL NOT NULL)",
+    "created_at REAL NOT NULL, provisional INTEGER)",
 ]
 
 GUARD_CLAUSE = f"WHEN (SELECT applying FROM {GUARD} WHERE id = 1) IS NOT 1"

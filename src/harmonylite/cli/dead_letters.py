@@ -51,6 +51,11 @@ def _open(cfg: Config) -> sqlite3.Connection:
     return open_connection(cfg.db_path)
 
 
+def _shown(value: object) -> str:
+    """A field the message did not carry is shown as ``-`` (``null`` in --json)."""
+    return "-" if value is None else str(value)
+
+
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -74,7 +79,8 @@ def main(cfg: Config, argv: Sequence[str]) -> int:
                 print(json.dumps([d.as_json() for d in found], indent=2))
             else:
                 for d in found:
-                    print(f"{d.id}\t{d.stream}\t{d.seq}\tnode {d.origin}\t{d.table}\t{d.key}\t"
+                    print(f"{d.id}\t{d.stream}\t{d.seq}\tnode {_shown(d.origin)}\t"
+                          f"{_shown(d.table)}\t{_shown(d.key)}\t"
                           f"{_when(d.created_at)}\t{d.error}")
                 print(f"{len(found)} dead letters", file=sys.stderr)
             return EXIT_OK

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 import signal
 import sqlite3
 import time
@@ -36,12 +35,13 @@ from nats.js import JetStreamContext
 
 from harmonylite import __version__
 from harmonylite.aio import wait_any
-from harmonylite.cdc import changelog, ddl, takeover
+from harmonylite.cdc import changelog, takeover
 from harmonylite.cdc.install import InstallReport, install
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
-from harmonylite.node import status
+from harmonylite.node import origin, status
+from harmonylite.node.claim import NodeClaim
 from harmonylite.node.embedded_nats import EmbeddedNats
 from harmonylite.node.housekeeping import housekeeping
 from harmonylite.node.schema_follow import SchemaFollower
@@ -72,16 +72,6 @@ log = logging.getLogger(__name__)
 DEFAULT_POLL = 0.005
 # Parked changes are applied once the schema has been still this long (docs/frameworks.md).
 UNPARK_SETTLE_SECONDS = 2.0
-
-
-def _epoch(conn: sqlite3.Connection) -> str:
-    """A random token per database copy, part of every message id (survives restarts)."""
-    row = conn.execute(f"SELECT v FROM {ddl.STATE} WHERE k = 'epoch'").fetchone()
-    if row:
-        return str(row[0])
-    token = secrets.token_hex(4)
-    conn.execute(f"INSERT INTO {ddl.STATE}(k, v) VALUES ('epoch', ?)", (token,))
-    return token
 
 
 class Node:
@@ -117,6 +107,10 @@ class Node:
         self.read_ahead: dict[str, ReadAhead] = {}
         # Why the start is waiting (NATS, a snapshot): health 503 meanwhile.
         self.waiting: str | None = None
+        # This start's epoch: its changes go out under an origin no copy of the database
+        # shares (see ``origin``).
+        self.epoch = origin.new_epoch()
+        self.claim: NodeClaim | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
@@ -165,6 +159,12 @@ class Node:
         self.retired = await self._existing(self.shared.retired)
         self.settings_watch = SettingsWatch(self.js, cfg)
         self._spawn("shared settings", self.settings_watch.run)
+        # One live node per node_id: refused here, before anything is published or applied.
+        self.claim = NodeClaim(self.js, cfg.names.lease_bucket, cfg.node_id, self.db_path,
+                               ttl_ms=cfg.snapshot.leader_ttl,
+                               replicas=cfg.replication_log.replicas)
+        await self.claim.start()
+        self._spawn("node_id claim", self.claim.run)
         if self.db_path.exists():
             # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
             # its positions read) before anything could restore over it.
@@ -181,7 +181,9 @@ class Node:
         self.install_report = await self.writer.call(
             lambda conn: install(conn, cfg.replicates_table))
         await self.writer.call(takeover.replay_pending)  # HarmonyLite's, through our capture
-        epoch = await self.writer.call(_epoch)
+        epoch = self.epoch
+        own_origins = await self.writer.call(
+            lambda c: origin.adopt(c, cfg.node_id, epoch, self.db_path))
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
         self.positions = await self._load_positions()
         self.dead_letters = await self.writer.call(deadletter.count)
@@ -190,6 +192,7 @@ class Node:
             await self._check_gaps_at_start()
             applier = self.applier = Applier(skip_pending=cfg.publish,
                                                    origin=f"{cfg.node_id}:{epoch}",
+                                                   own_origins=own_origins,
                                                    replicated=cfg.replicates_table,
                                                    unpark_settle=UNPARK_SETTLE_SECONDS)
             for stream, subject in cfg.names.subjects().items():
@@ -449,6 +452,8 @@ class Node:
         for server in self._servers:
             await server.close()
         await self.supervisor.wait()
+        if self.claim is not None:
+            await self.claim.release()
         if self.snapshots is not None:
             await self.snapshots.close()
         if self.publisher is not None and self.nc is not None and self.nc.is_connected:
@@ -490,6 +495,8 @@ async def run_node(cfg: Config) -> int:
             log.info("shutting down")
         finally:
             await node.close()
+        if node.claim is not None and node.claim.taken is not None:
+            raise node.claim.taken  # another live node uses this node_id (exit 2)
         if node.failure is not None:
             raise node.failure
         if node.restart_reason is None or stopping.is_set():

@@ -25,7 +25,7 @@ from harmonylite.errors import (
     StorageError,
     VerificationError,
 )
-from harmonylite.node import install
+from harmonylite.node import install, origin
 from harmonylite.replication.publisher import Publisher
 from harmonylite.replication.seqmap import write_seq_map
 from harmonylite.snapshot.manifest import Manifest
@@ -179,9 +179,12 @@ async def _install_until_done(
 async def publish_pending(cfg: Config, js: JetStreamContext, db_path: Path,
                           pending: int) -> None:
     """Publish the changes pending in ``db_path``; raise RestoreRefused when they cannot go."""
-    epoch = await asyncio.to_thread(install.epoch_of, db_path)
     db = DbThread(db_path, "recovery")
     try:
+        # Under an epoch of their own (see ``origin``): the database that replaces this one
+        # starts its change ids over, and must not publish them under the same origin.
+        epoch = origin.new_epoch()
+        await db.call(lambda c: origin.adopt(c, cfg.node_id, epoch))
         publisher = Publisher(cfg, db, js, epoch)
         sent = await asyncio.wait_for(publisher.flush(), PUBLISH_TIMEOUT)
     except RestoreRefused:

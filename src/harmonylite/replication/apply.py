@@ -86,6 +86,10 @@ class Applier(RowApplier):
             log.info("applied %d parked changes now that this database can take them", applied)
         return applied
 
+    def _local_pk(self, conn: sqlite3.Connection, table: str) -> tuple[str, ...] | None:
+        local = self._local(conn, table)
+        return tuple(local.pk) if local is not None and not local.content_keyed else None
+
     def retry_dead_letters(self, conn: sqlite3.Connection) -> int:
         """After a schema change: apply again the dead letters a stricter schema refused (a NOT
         NULL column the sender did not have), when their row is still absent here — a row
@@ -103,7 +107,10 @@ class Applier(RowApplier):
             self._refresh(conn)
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
             for d in waiting:
-                batch = decode(d.payload)
+                try:
+                    batch = decode(d.payload)
+                except DecodeError:
+                    continue  # a whole message that is no batch: its retry is the operator's
                 ch = batch.changes[0]
                 local = self._local(conn, ch.table)
                 if local is None or ch.op == ddl.OP_DELETE:
@@ -179,8 +186,10 @@ class Applier(RowApplier):
                 try:
                     batch = decode(data)
                 except DecodeError as exc:
-                    deadletter.record_message(conn, stream, seq, data, str(exc))
-                    result.failed.append((seq, str(exc)))
+                    about = deadletter.about_message(data, lambda t: self._local_pk(conn, t))
+                    deadletter.record_message(conn, stream, seq, data, str(exc), about)
+                    result.failed.append((seq, f"{exc} (node {about.origin}, table "
+                                               f"{about.table}, key {about.key})"))
                     result.dead_letters += 1
                     continue
                 result.origin_nodes.add(batch.node_id)
@@ -246,8 +255,9 @@ class Applier(RowApplier):
         origin = batch.origin if batch.ids else ""
         hwm = marks.get(origin, 0) if origin else 0
         for i, ch in enumerate(batch.changes):
+            self._cid = 0
             if origin:
-                cid = batch.ids[i]
+                cid = self._cid = batch.ids[i]
                 if cid <= hwm:
                     outcomes[DUPLICATE] += 1
                     continue
@@ -273,6 +283,7 @@ class Applier(RowApplier):
             else:
                 conn.execute("RELEASE ch")
             outcomes[outcome] += 1
+        self._cid = 0
         if origin:
             marks[origin] = hwm
         return outcomes

@@ -3,8 +3,9 @@ finds them (``harmonylite dead-letters``) instead of being skipped.
 
 A row holds the stream and sequence the change came in, its origin node, table and key, the
 error, and the change itself as a one-change batch in the wire format, so ``retry`` applies it
-with the ordinary applier once the cause is fixed. A message that is not a change batch at all is
-kept whole (``tbl`` NULL).
+with the ordinary applier once the cause is fixed. A message that is not a well-formed batch is
+kept whole, naming the origin node, table(s) and key as far as it carries them (NULL where it
+does not: bytes that are not CBOR say nothing).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ import cbor2
 from harmonylite.cdc import ddl
 from harmonylite.db.connection import RawText, fetch_all
 from harmonylite.node_ids import from_sqlite, to_sqlite
-from harmonylite.replication.event import Batch, RowChange, dump_values
+from harmonylite.replication.event import Batch, RowChange, dump_values, loads_raw
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,55 @@ def record_change(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
     )
 
 
+@dataclass(frozen=True)
+class About:
+    """What a refused message still tells: its origin node, table and key (None: not said)."""
+
+    origin: int | None = None
+    table: str | None = None
+    key: str | None = None
+
+
+def about_message(data: bytes,
+                  local_pk: Callable[[str], tuple[str, ...] | None] | None = None) -> About:
+    """Origin, table(s) and key of a message that is not a well-formed batch, as far as it
+    carries them. The key is its first change's, by the key columns the message names or, when
+    it names none, by the local table's primary key (``local_pk``)."""
+    doc = loads_raw(data)
+    if not isinstance(doc, dict):
+        return About()
+    node = doc.get("n")
+    origin = node if type(node) is int and 0 <= node < 2**64 else None
+    raw_changes = doc.get("c")
+    changes: list[Any] = raw_changes if isinstance(raw_changes, list) else []
+    tables = list(dict.fromkeys(c[0] for c in changes
+                                if isinstance(c, list) and c and isinstance(c[0], str)))
+    if not tables and isinstance(doc.get("t"), dict):
+        tables = [t for t in doc["t"] if isinstance(t, str)]
+    key: str | None = None
+    first = changes[0] if changes else None
+    if isinstance(first, list) and len(first) == 3 and isinstance(first[0], str) \
+            and isinstance(first[2], list):
+        table, values = first[0], first[2]
+        cols = (doc.get("t") or {}).get(table) if isinstance(doc.get("t"), dict) else None
+        named = (doc.get("k") or {}).get(table) if isinstance(doc.get("k"), dict) else None
+        pk = tuple(named) if isinstance(named, list) and named else (
+            local_pk(table) if local_pk is not None else None)
+        if isinstance(cols, list) and len(cols) == len(values) and pk \
+                and all(c in cols for c in pk):
+            key = key_text(tuple(values[cols.index(c)] for c in pk))
+    return About(origin, ", ".join(tables) or None, key)
+
+
 def record_message(conn: sqlite3.Connection, stream: str, seq: int, data: bytes,
-                   error: str) -> None:
+                   error: str, about: About | None = None) -> None:
+    """A whole message that is not a change batch, with what it tells (``about_message``)."""
+    about = about or About()
     conn.execute(
         f"INSERT INTO {ddl.DEAD_LETTER}(stream, seq, origin, tbl, key, error, payload, "
-        "created_at) VALUES (?, ?, NULL, NULL, NULL, ?, ?, ?)",
-        (stream, seq, error, data, time.time()),
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (stream, seq, to_sqlite(about.origin), about.table, about.key, error, data,
+         time.time()),
     )
 
 

@@ -126,6 +126,17 @@ def encode(
     return _compressor.compress(raw) if compress else raw
 
 
+def loads_raw(data: bytes) -> object:
+    """The CBOR document of a message, whatever its shape (None when it is not CBOR): what a
+    dead letter can still tell about a message :func:`decode` refuses."""
+    try:
+        if data[:4] == ZSTD_MAGIC:
+            data = _decompressor.decompress(data, max_output_size=MAX_DECODED)
+        return cbor2.loads(data, tag_hook=_tag_hook)
+    except Exception:  # garbage: nothing to tell (the dead letter keeps the bytes)
+        return None
+
+
 def decode(data: bytes) -> Batch:
     """Parse a message; anything that is not a well-formed batch raises DecodeError."""
     try:

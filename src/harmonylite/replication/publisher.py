@@ -94,6 +94,7 @@ class Pending:
     changes: list[Change]
     shapes: dict[str, TableShape]
     entries: int = 0
+    epoch: str = ""  # the epoch it goes out under (a re-sent batch keeps its first one)
 
 
 class ChangeWatcher:
@@ -202,14 +203,15 @@ class Publisher:
         flight = InFlight(upto=batch.upto, entries=batch.entries)
         compress = self.cfg.replication_log.compress
         limit = server_limit(self.js)
+        epoch = batch.epoch or self.epoch
 
         def size_of(part: list[Change]) -> int:
-            return len(encode(self.cfg.node_id, part, by_name, compress, self.epoch))
+            return len(encode(self.cfg.node_id, part, by_name, compress, epoch))
 
         for shard, group in sorted(groups.items()):
             for part in split_by_size(group, size_of, limit):
-                msg_id = f"{self.cfg.node_id}:{self.epoch}:{part[0].id}-{part[-1].id}:{shard}"
-                payload = encode(self.cfg.node_id, part, by_name, compress, self.epoch)
+                msg_id = f"{self.cfg.node_id}:{epoch}:{part[0].id}-{part[-1].id}:{shard}"
+                payload = encode(self.cfg.node_id, part, by_name, compress, epoch)
                 subject = self.cfg.names.subject(shard)
                 shape = by_name[part[0].table]
                 first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
@@ -322,13 +324,16 @@ class Publisher:
         wm, upto = changelog.watermark(conn), changelog.intent(conn)
         if upto > wm:
             # A batch was being published when the process stopped: send the same changes
-            # again, cut the same way, so their message ids match and JetStream drops any copy
-            # it already stored (receivers ignore one it does not: see apply).
-            return self._read_consistent(conn, wm, 2**62, upto)
+            # again, cut the same way and under the epoch they first went out under (every
+            # start takes a new one, see ``node.origin``), so their message ids match and
+            # JetStream drops any copy it already stored (receivers ignore one it does not).
+            batch = self._read_consistent(conn, wm, 2**62, upto)
+            batch.epoch = changelog.intent_epoch(conn) or self.epoch
+            return batch
         batch = self._read_consistent(conn, wm, self.cfg.scan_max_changes)
         if batch.upto:
             with write_transaction(conn):
-                changelog.set_intent(conn, batch.upto)
+                changelog.set_intent(conn, batch.upto, self.epoch)
         return batch
 
     def _mark_then_next(self, conn: sqlite3.Connection, upto: int) -> Pending:
@@ -339,7 +344,7 @@ class Publisher:
         with write_transaction(conn):
             changelog.mark_published(conn, upto)
             if batch.upto:
-                changelog.set_intent(conn, batch.upto)
+                changelog.set_intent(conn, batch.upto, self.epoch)
         return batch
 
     async def flush_once(self) -> int:

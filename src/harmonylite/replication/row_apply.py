@@ -16,6 +16,7 @@ from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.cdc.schema import TableInfo, fold_key, table_info
 from harmonylite.db.connection import fetch_all
 from harmonylite.replication import conflicts, parking, statements
+from harmonylite.replication.deadletter import key_text
 from harmonylite.replication.event import Batch, RowChange
 from harmonylite.replication.outcome import (
     APPLIED,
@@ -41,6 +42,7 @@ class RowApplier:
     """Holds prepared SQL per table shape; the per-change half of :class:`Applier`."""
 
     def __init__(self, *, skip_pending: bool = True, origin: str = "",
+                 own_origins: dict[str, int | None] | None = None,
                  replicated: Callable[[str], bool] | None = None,
                  unpark_settle: float = 0.0) -> None:
         self._tables: dict[str, TableInfo | None] = {}
@@ -55,11 +57,17 @@ class RowApplier:
         self.settle = Settle(unpark_settle)
         # With publish = false local changes are never sent, so they must not hide incoming ones.
         self.skip_pending = skip_pending
-        # This database's own origin (node id and epoch): its own changes to a table without a
-        # primary key are already here, and applying them again would add a second copy.
+        # This database's own origin (node id and epoch), and the origins it published under
+        # on earlier starts (see ``node.origin``): its own changes to a table without a primary
+        # key are already here, and applying them again would add a second copy.
         self.origin = origin
+        self.own_origins: dict[str, int | None] = dict(own_origins or {})
+        if origin:
+            self.own_origins[origin] = None
         self.node_id = int(origin.split(":")[0]) if origin else 0
         self._marks: dict[str, int] = {}  # the origins' marks of the stream being applied
+        self._cid = 0  # the id of the change being applied in its origin's log (0: unknown)
+        self._provisional: set[tuple[str, str]] = set()  # rows with provisional conflicts
         self.replicated = replicated  # tables replicated here (None: all)
         self._ignored: set[str] = set()
         self._replicated_cache: dict[str, bool] = {}  # table -> replicated (patterns cost)
@@ -84,6 +92,9 @@ class RowApplier:
         self._shapes_seen.clear()
         self._shapes = changelog.registry(conn)
         parking.ensure_origin_column(conn)
+        conflicts.ensure_provisional_column(conn)
+        if at_start:
+            self._provisional = conflicts.provisional_keys(conn)
         return True
 
     def _local(self, conn: sqlite3.Connection, table: str) -> TableInfo | None:
@@ -164,7 +175,7 @@ class RowApplier:
             return PARKED
         if local is None or shape is None:
             raise UnknownTable(f"no table {table!r} in the local database")
-        own = bool(self.origin) and batch.origin == self.origin
+        own = self._own(batch)
         if local.content_keyed and own:
             return SKIPPED
         values = ch.values
@@ -187,6 +198,8 @@ class RowApplier:
             local_key = tuple(values[i] for i in shape.local_key)
             st = self._statements(local, cols, ch.op, statements.raw_mask(local_key))
             statements.run(conn, local, st, cols, vals, local_key)
+            if own:
+                self._settle(conn, table, local_key, deleted=True)
             return APPLIED
         local_key = tuple(values[i] for i in shape.local_key) if shape.local_key else key
         st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
@@ -200,13 +213,33 @@ class RowApplier:
         except sqlite3.IntegrityError as exc:
             # A UNIQUE value another row holds here: the change later in the table's one order
             # wins, the same way on every node (see ``conflicts``).
-            if "UNIQUE" not in str(exc) or not conflicts.displace(
-                    conn, local, cols, vals, local_key, stream=stream, seq=seq,
-                    origin=batch.node_id):
+            if "UNIQUE" not in str(exc):
                 raise
-            self.displaced += 1
+            done = conflicts.displace(
+                conn, local, cols, vals, local_key, stream=stream, seq=seq,
+                origin=batch.node_id, comes_back=self._comes_back(conn, local))
+            if not done.removed:
+                raise
+            self.displaced += done.recorded
+            self._provisional.update(done.provisional)
             statements.run(conn, local, st, cols, vals, local_key)
+        if own:
+            self._settle(conn, table, local_key, deleted=False)
         return APPLIED
+
+    def _settle(self, conn: sqlite3.Connection, table: str, key: tuple[object, ...], *,
+                deleted: bool) -> None:
+        """This node's own change to a row came back: the provisional conflict records of the
+        row it decides go (the row is back) or stay for good (it comes back deleted)."""
+        if not self._provisional or self._cid <= 0:
+            return
+        ident = (table, key_text(key))
+        if ident not in self._provisional:
+            return
+        kept, left = conflicts.settle(conn, table, key, self._cid, deleted=deleted)
+        self.displaced += kept
+        if not left:
+            self._provisional.discard(ident)
 
     def _insert(self, conn: sqlite3.Connection, local: TableInfo, st: statements.Statements,
                 cols: tuple[str, ...], vals: tuple[object, ...], key: tuple[object, ...],
@@ -219,7 +252,7 @@ class RowApplier:
         found = fetch_all(conn, st.select_row, key)
         row = found[0] if found else None
         # (A node's own INSERT coming back may meet its own later write: not a conflict.)
-        if row is not None and not (self.origin and batch.origin == self.origin):
+        if row is not None and not self._own(batch):
             have = dict(zip(local.columns, row, strict=True))
             if any(have.get(c) != v or type(have.get(c)) is not type(v)
                    for c, v in zip(cols, vals, strict=True)):
@@ -249,9 +282,39 @@ class RowApplier:
         UNIQUE values from the rows holding them, as on the nodes that write it; rows with a
         pending local change of their own are spared (that change follows in the stream)."""
         name, collations = local.name, local.key_collations
-        return conflicts.displace(
+        done = conflicts.displace(
             conn, local, cols, vals, key, stream=stream, seq=seq, origin=origin,
-            spare=lambda row_key: (name, fold_key(row_key, collations)) in pending)
+            spare=lambda row_key: (name, fold_key(row_key, collations)) in pending,
+            comes_back=self._comes_back(conn, local))
+        self._provisional.update(done.provisional)
+        return done.recorded
+
+    def _own(self, batch: Batch) -> bool:
+        """Whether ``batch`` holds changes this database made (so they are here already): its
+        origin is this database's, and an earlier start's only up to the ids it sent then."""
+        if not batch.origin or batch.origin not in self.own_origins:
+            return False
+        bound = self.own_origins[batch.origin]
+        return bound is None or (bool(batch.ids) and max(batch.ids) <= bound)
+
+    def _comes_back(self, conn: sqlite3.Connection, local: TableInfo
+                    ) -> Callable[[tuple[object, ...]], int | None]:
+        """For a row about to be displaced: the id of this node's newest change to it that has
+        not come back from the stream yet (None: none). That change follows in the stream and
+        decides whether the row is really displaced (see ``conflicts``)."""
+        if local.content_keyed or not self.origin or not self.skip_pending:
+            return lambda key: None
+        tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
+        if tid is None:
+            return lambda key: None
+        back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
+
+        def newest(key: tuple[object, ...]) -> int | None:
+            where = " AND ".join(f"k{i} IS ?" for i in range(len(key)))
+            row = conn.execute(f"SELECT max(id) FROM {ddl.LOG} WHERE tid = ? AND id > ? AND "
+                               f"{where}", (tid, back, *key)).fetchone()
+            return int(row[0]) if row and row[0] is not None else None
+        return newest
 
     def _own_in_flight(self, conn: sqlite3.Connection, local: TableInfo,
                        key: tuple[object, ...]) -> bool:
@@ -263,6 +326,9 @@ class RowApplier:
         if tid is None:
             return False
         where = " AND ".join(f"k{i} IS ?" for i in range(len(key)))
+        # Change ids grow across this database's starts: the highest of its own origins' marks
+        # is how far its own changes have come back.
+        back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
         return bool(conn.execute(
             f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND {where} LIMIT 1",
-            (tid, self._marks.get(self.origin, 0), *key)).fetchone())
+            (tid, back, *key)).fetchone())

@@ -37,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls = verbs.add_parser("list", help="stream, sequence, origin, table, key and error of each")
     ls.add_argument("-json", "--json", action="store_true", help="print a JSON array")
     show = verbs.add_parser("show", help="one dead letter, with the change it holds")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=int, help="its id, from list")
     for name, what in (("retry", "apply again"), ("drop", "delete")):
         v = verbs.add_parser(name, help=f"{what} one dead letter, or all of them")
-        v.add_argument("id", type=int, nargs="?")
-        v.add_argument("-all", "--all", action="store_true")
+        v.add_argument("id", type=int, nargs="?", help="its id, from list")
+        v.add_argument("-all", "--all", action="store_true", help="every dead letter")
     return p
 
 

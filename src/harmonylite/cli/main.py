@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sqlite3
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harmonylite import __version__
 from harmonylite.config import ClusterFlags, Config, load_config
@@ -18,6 +21,85 @@ from harmonylite.ops.logs import setup_logging
 log = logging.getLogger("harmonylite")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 75
+EXIT_CODES = (
+    (EXIT_OK, "success"),
+    (EXIT_FAILURE, "failure at run time (the message says what failed; a snapshot verification "
+                   "names its check)"),
+    (EXIT_USAGE, "bad configuration or usage (the message names the key or flag, the value and "
+                 "what is allowed)"),
+    (EXIT_BUSY, "a snapshot is already being captured (`system busy capturing snapshot`)"),
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A verb after the global flags: ``module`` has ``build_parser()`` and ``main(cfg, argv)``."""
+
+    name: str
+    module: str
+    summary: str
+
+    def load(self) -> Any:
+        return importlib.import_module(self.module)
+
+
+# The one list of commands: dispatch, --help and docs/cli.md all read it.
+COMMANDS = (
+    Command("snapshot", "harmonylite.cli.snapshot", "take, list, verify and restore snapshots"),
+    Command("dead-letters", "harmonylite.cli.dead_letters",
+            "changes this node could not apply: list, show, retry, drop"),
+    Command("schema", "harmonylite.cli.schema",
+            "this node's schema and parked changes, or every node's (--cluster)"),
+    Command("conflicts", "harmonylite.cli.conflicts",
+            "rows this node removed because a later change took their UNIQUE value"),
+    Command("shared-settings", "harmonylite.cli.shared_settings",
+            "the settings every node must share, as the cluster recorded them; apply changes "
+            "the shard count for the whole cluster"),
+)
+
+
+def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser, str]]:
+    """The verbs of a command's parser with their help (``snapshot`` -> save, list, ...)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            return [(name, sub, helps.get(name, "")) for name, sub in action.choices.items()]
+    return []
+
+
+def option_name(action: argparse.Action) -> str:
+    """The two-dash spelling (every flag also takes one dash)."""
+    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+
+
+def synopsis(prog: str, parser: argparse.ArgumentParser) -> str:
+    """``harmonylite snapshot restore [ID|latest] [--output PATH] [--force]``, help left out."""
+    parts = [prog]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if not action.option_strings:
+            name = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+            parts.append(f"[{name}]" if action.nargs == "?" else name)
+            continue
+        flag = option_name(action)
+        if action.nargs != 0:
+            metavar = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+            flag += f" {metavar}"
+        parts.append(flag if action.required else f"[{flag}]")
+    return " ".join(parts)
+
+
+def _commands_epilog() -> str:
+    lines = ["commands (after the flags: harmonylite -config PATH COMMAND ...):"]
+    for command in COMMANDS:
+        for name, sub, text in subcommands(command.load().build_parser()):
+            lines.append(f"  {synopsis(f'{command.name} {name}', sub)}")
+            lines.append(f"      {text}")
+    lines += ["  (no command)", "      run a node", "", "exit codes:"]
+    lines += [f"  {code:<3} {text}" for code, text in EXIT_CODES]
+    lines += ["", "Flags take one or two dashes. `harmonylite COMMAND --help` describes a command."]
+    return "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,10 +109,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="harmonylite", description="Leaderless SQLite replication over NATS "
-                "JetStream, with verified snapshots.", allow_abbrev=False)
+                "JetStream, with verified snapshots.", allow_abbrev=False,
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_commands_epilog())
     p.add_argument("-config", "--config", default=None, metavar="PATH",
-                   help="TOML configuration (default config.toml, where a missing file means "
-                   "all defaults; a file named here must exist)")
+                   help="TOML configuration; a file named here must exist (without -config: "
+                   "config.toml when present, else all defaults)")
     p.add_argument("-node-id", "--node-id", type=int, default=None, metavar="N",
                    help="override node_id (0: no override, as in HarmonyLite)")
     p.add_argument("-cleanup", "--cleanup", action="store_true",
@@ -51,9 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for HarmonyLite compatibility: Go's pprof server has no "
                    "equivalent here (a warning says so; profile with py-spy instead)")
     p.add_argument("-version", "--version", action="store_true", help="print the version")
-    p.add_argument("verb", nargs=argparse.REMAINDER,
-                   help="snapshot list|save|verify|restore, dead-letters list|show|retry|drop, "
-                   "schema status, conflicts list, shared-settings show|apply")
+    p.add_argument("verb", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                   help="one of: " + ", ".join(c.name for c in COMMANDS) + " (below)")
     return p
 
 
@@ -92,17 +174,12 @@ def _cleanup(cfg: Config) -> int:
     return EXIT_OK
 
 
-def _schema(cfg: Config, argv: list[str]) -> int:
-    try:
-        from harmonylite.cli import schema  # type: ignore[attr-defined, unused-ignore]
-    except ImportError as exc:
-        if exc.name != "harmonylite.cli.schema":
-            raise
-        print("harmonylite: schema status is not available in this version of harmonylite",
-              file=sys.stderr)
-        return EXIT_FAILURE
-    code: int = schema.main(cfg, argv)
-    return code
+def _command(name: str) -> Command:
+    for command in COMMANDS:
+        if command.name == name:
+            return command
+    raise UsageError(f"unknown command {name!r}: the commands are "
+                     + ", ".join(repr(c.name) for c in COMMANDS))
 
 
 def run(argv: Sequence[str]) -> int:
@@ -110,6 +187,14 @@ def run(argv: Sequence[str]) -> int:
     if args.version:
         print(f"harmonylite {__version__}")
         return EXIT_OK
+    if args.verb:
+        command = _command(args.verb[0])
+        if {"-h", "--help"} & set(args.verb[1:]):
+            # A command's help needs no configuration: its parser prints it and exits 0.
+            try:
+                command.load().build_parser().parse_args(args.verb[1:])
+            except SystemExit as exc:
+                return int(exc.code or 0)
     cfg = _load(args)
     if args.cleanup:
         return _cleanup(cfg)
@@ -119,26 +204,9 @@ def run(argv: Sequence[str]) -> int:
     if args.schema_status or args.schema_status_cluster:
         verb = ["schema", "status", *(["--cluster"] if args.schema_status_cluster else [])]
     if verb:
-        if verb[0] == "dead-letters":
-            from harmonylite.cli import dead_letters
-
-            return dead_letters.main(cfg, verb[1:])
-        if verb[0] == "schema":
-            return _schema(cfg, verb[1:])
-        if verb[0] == "conflicts":
-            from harmonylite.cli import conflicts
-
-            return conflicts.main(cfg, verb[1:])
-        if verb[0] == "shared-settings":
-            from harmonylite.cli import shared_settings
-
-            return shared_settings.main(cfg, verb[1:])
-        if verb[0] != "snapshot":
-            raise UsageError(f"unknown command {verb[0]!r}: the verbs are 'snapshot', "
-                             "'dead-letters', 'schema', 'conflicts' and 'shared-settings'")
-        from harmonylite.cli import snapshot
-
-        return snapshot.main(cfg, verb[1:])
+        command = _command(verb[0])
+        code: int = command.load().main(cfg, verb[1:])
+        return code
     from harmonylite.node.daemon import run_node
 
     return asyncio.run(run_node(cfg))

@@ -53,9 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls = verbs.add_parser("list", help="committed snapshots, newest first")
     ls.add_argument("-json", "--json", action="store_true", help="print a JSON array of manifests")
     ver = verbs.add_parser("verify", help="download a snapshot and check size, SHA-256, integrity")
-    ver.add_argument("id", nargs="?", default="latest", metavar="ID|latest")
+    ver.add_argument("id", nargs="?", default="latest", metavar="ID|latest",
+                     help="a snapshot id, or latest (the default): the newest")
     res = verbs.add_parser("restore", help="download, verify and write a snapshot's database")
-    res.add_argument("id", nargs="?", default="latest", metavar="ID|latest")
+    res.add_argument("id", nargs="?", default="latest", metavar="ID|latest",
+                     help="a snapshot id (that one only), or latest (the default): the newest "
+                     "sound one, falling back to older ones")
     res.add_argument("-output", "--output", "-o", default=None, metavar="PATH",
                      help="write the restored database here (must not exist); nothing else is "
                      "touched. Without it: replace this node's db_path (the node must be stopped)")

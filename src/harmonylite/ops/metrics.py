@@ -109,7 +109,8 @@ class Metrics:
         self.pending_publish = Gauge(
             "pending_publish", "Captured changes not yet acknowledged by JetStream.", **ns)
         self.apply_failures_total = Counter(
-            "apply_failures", "Stream messages skipped because they could not be applied.", **ns)
+            "apply_failures", "Stream messages not applied whole: the changes that failed are "
+            "in the dead-letter table.", **ns)
         self.replication_lag_seconds = Gauge(
             "replication_lag_seconds", "For the last applied message: apply time minus its "
             "publish time.", **ns)

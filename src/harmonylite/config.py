@@ -19,6 +19,8 @@ from harmonylite.errors import ConfigError
 
 STORES = ("nats", "s3", "sftp", "webdav", "file")
 LOG_FORMATS = ("console", "json")
+# What a node joining with rows of its own does when the cluster has a snapshot (docs/recovery.md).
+JOIN_MODES = ("refuse", "replace", "merge")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class SnapshotConfig:
     temp_dir: str = ""
     restore_timeout: int = 300_000  # ms a restore keeps trying while the application writes
     request_timeout: int = 120_000  # ms a node behind the streams waits for a fresh snapshot
+    join: str = "refuse"  # a database with rows of its own and a snapshot: refuse|replace|merge
     nats: NatsStoreConfig = field(default_factory=NatsStoreConfig)
     s3: S3Config = field(default_factory=S3Config)
     sftp: SftpConfig = field(default_factory=SftpConfig)
@@ -213,6 +216,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "snapshot.store": STORES,
     "logging.format": LOG_FORMATS,
+    "snapshot.join": JOIN_MODES,
 }
 
 
@@ -342,6 +346,13 @@ def _check_store(snap: SnapshotConfig) -> None:
         raise ConfigError("snapshot.sftp.url", "<redacted>", "must look like sftp://user@host:port/path")
     if snap.store == "webdav" and not snap.webdav.url.startswith(("http://", "https://")):
         raise ConfigError("snapshot.webdav.url", "<redacted>", "must start with http:// or https://")
+
+
+def with_join(cfg: Config, mode: str) -> Config:
+    """``cfg`` with ``snapshot.join`` set from the command line (``-join MODE``)."""
+    if mode not in JOIN_MODES:
+        raise ConfigError("-join", mode, "must be one of " + ", ".join(JOIN_MODES))
+    return dataclasses.replace(cfg, snapshot=dataclasses.replace(cfg.snapshot, join=mode))
 
 
 def load_config(

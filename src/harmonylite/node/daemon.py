@@ -35,7 +35,7 @@ from harmonylite.cdc.install import InstallReport, install
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
-from harmonylite.node import status
+from harmonylite.node import join, status
 from harmonylite.node.embedded_nats import EmbeddedNats
 from harmonylite.node.housekeeping import housekeeping
 from harmonylite.node.schema_follow import SchemaFollower
@@ -100,6 +100,7 @@ class Node:
         # Streams read since recovery began, handed to the consumers when they subscribe.
         self.read_ahead: dict[str, ReadAhead] = {}
         self.waiting: str | None = None  # why the start is waiting (health 503 meanwhile)
+        self.joining: join.Joining | None = None  # a database with rows of its own (node/join.py)
         self._background: set[asyncio.Task[None]] = set()
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
@@ -120,6 +121,10 @@ class Node:
         await self._start_servers()
         await self._connect()
         assert self.js is not None
+        if cfg.replicate and cfg.snapshot.enabled:
+            # Before anything writes to it: rows of its own are never replaced by the cluster's
+            # snapshot unless the operator chose how (snapshot.join; docs/recovery.md).
+            self.joining = await join.check(self)
         if self.db_path.exists():
             # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
             # its positions read) before anything could restore over it.
@@ -136,6 +141,7 @@ class Node:
         self.install_report = await self.writer.call(
             lambda conn: install(conn, cfg.replicates_table))
         await self.writer.call(takeover.replay_pending)  # HarmonyLite's, through our capture
+        await join.finish(self, self.restored)  # a merge's rows, through our capture
         epoch = await self.writer.call(_epoch)
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
         self.positions = await self._load_positions()

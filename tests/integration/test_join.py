@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from test_recovery import (
+    PAUSE_ENV,
     SCHEMA,
     Cluster,
     db_digest,
@@ -181,3 +182,27 @@ def test_a_bad_join_value_is_a_usage_error(tmp_path: Path, where: str) -> None:
     key = "snapshot.join" if where == "config" else "-join"
     assert f"invalid configuration {key} = 'maybe': must be one of refuse, replace, merge" \
         in res.stderr
+
+
+def test_merge_survives_a_kill_after_the_install(cluster: Cluster,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    a, snap = seeded(cluster)
+    j = joiner(cluster, 3, join="merge")
+    marker = j.dir / "paused"
+    monkeypatch.setenv(PAUSE_ENV, f"after:{marker}")
+    j.start_async()
+    monkeypatch.delenv(PAUSE_ENV)
+    wait_until(marker.exists, 60, "the install to pause")
+    j.kill()  # the snapshot is installed, its rows not merged yet
+    assert (j.dir / "data.db.join-merge").exists()
+    assert [r[0] for r in items(j)] == list(range(1, 21))
+    mark = len(j.log_text())
+    j.start()
+    text = j.log_text()[mark:]
+    assert f"Snapshot restored {snap}" in text and "merged 4 rows" in text
+    [copy] = copies(j)
+    want = sorted({**{i: f"row {i}" for i in range(1, 21)}, **dict(OWN)}.items())
+    for n in (a, j):
+        wait_until(lambda n=n: items(n) == want, 30, f"node {n.node_id} to hold every row")
+    assert not (j.dir / "data.db.join-merge").exists()
+    assert rows_of(copy, "items") == sorted(OWN)

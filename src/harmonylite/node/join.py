@@ -115,7 +115,8 @@ def own_data(cfg: Config, db_path: Path, seq_map_path: Path) -> OwnData | None:
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         positions = changelog.applied_sequences(conn)
-        if any(positions.get(s, 0) > 0 for s in cfg.stream_names()):
+        # (A restored snapshot records its positions even at 0, a stream it never saw.)
+        if any(s in positions for s in cfg.stream_names()):
             return None
         if _inherits_harmonylite_positions(conn):
             return None

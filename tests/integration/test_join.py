@@ -148,6 +148,19 @@ def test_empty_database_is_provisioned_without_a_question(cluster: Cluster) -> N
     assert len(items(j)) == 20
 
 
+def test_rows_the_snapshot_holds_too_are_not_its_own(cluster: Cluster) -> None:
+    """Nodes that all start with the same data (HarmonyLite's example cluster): the first one's
+    snapshot holds every row of the others, so they are provisioned with no question."""
+    _, snap = seeded(cluster)
+    j = joiner(cluster, 3, rows=False)
+    write(j, range(1, 6))
+    j.start()
+    text = j.log_text()
+    assert f"holds only rows that snapshot {snap} holds too" in text
+    assert f"Snapshot restored {snap}" in text
+    assert copies(j) == [] and len(items(j)) == 20
+
+
 def test_rows_of_its_own_without_a_snapshot_start_and_stay_local(cluster: Cluster) -> None:
     a = cluster.node(1).start()
     write(a, range(1, 4))

@@ -13,7 +13,8 @@ import pytest
 from harmonylite.cdc.install import install
 from harmonylite.config import Config, parse_config, with_join
 from harmonylite.errors import ConfigError
-from harmonylite.node.join import OwnData, keep_copy, merge_rows, own_data, republish
+from harmonylite.node.join import keep_copy
+from harmonylite.node.join_rows import OwnData, lacking_rows, merge_rows, own_data, republish
 from harmonylite.replication.seqmap import write_seq_map
 
 STREAM = "harmonylite-changes-c-1"
@@ -136,3 +137,17 @@ def test_join_values() -> None:
         cfg(snapshot={"join": "yes"})
     with pytest.raises(ConfigError, match=r"-join = 'yes': must be one of refuse, replace, merge"):
         with_join(cfg(), "yes")
+
+
+def test_rows_the_snapshot_lacks(tmp_path: Path) -> None:
+    snap = make(tmp_path / "snap.db", "CREATE TABLE t(id INTEGER PRIMARY KEY, v)",
+                "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    same = make(tmp_path / "same.db", "CREATE TABLE t(id INTEGER PRIMARY KEY, v)",
+                "INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    before = digest(same)
+    assert lacking_rows(same, snap, OwnData({"t": 2})) is None  # a subset: nothing is lost
+    assert digest(same) == before
+    other = make(tmp_path / "other.db", "CREATE TABLE t(id INTEGER PRIMARY KEY, v)",
+                 "INSERT INTO t VALUES (1, 'a'), (2, 'changed'), (9, 'new')",
+                 "CREATE TABLE u(id)", "INSERT INTO u VALUES (1)")
+    assert lacking_rows(other, snap, OwnData({"t": 3, "u": 1})) == OwnData({"t": 2, "u": 1})

@@ -200,9 +200,9 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
             targets = choice.usable  # better than an empty database; the gap stays loud
 
         # A database with rows of its own is replaced only as the operator chose.
+        if node.joining is not None:
+            node.joining = await join.decide(cfg, store, targets, db_path, node.joining)
         joining = node.joining
-        if joining is not None:
-            join.guard(joining, db_path, targets[0].id)
 
         async def before_install() -> None:
             await _publish_before_restore(node)

@@ -5,8 +5,10 @@ position on any of the cluster's streams (it never ran harmonylite here, or ran 
 cluster), and its replicated tables hold rows. Restoring the cluster's snapshot over it would
 replace those rows, so it never happens silently; ``snapshot.join`` (or ``-join``) says what to do:
 
-- ``refuse`` (the default): the node stops (exit 2) before anything touches the file, naming the
-  database, the rows per table, the snapshot and the choices;
+- ``refuse`` (the default): unless the newest sound snapshot holds every row of the database as
+  it is (nodes that all started with the same data: nothing would be lost, the node is
+  provisioned as before), the node stops (exit 2) before anything touches the file, naming the
+  database, the rows per table the snapshot lacks, the snapshot and the choices;
 - ``replace``: a consistent copy of the file is kept beside it
   (``<db>.before-join-YYYYmmddTHHMMSSZ``, SQLite's backup API), then the snapshot is installed;
 - ``merge``: the same copy, the snapshot installed, then the copy's rows are written into the

@@ -167,7 +167,8 @@ def test_rows_of_its_own_without_a_snapshot_start_and_stay_local(cluster: Cluste
     j = joiner(cluster, 3).start()
     text = j.log_text()
     assert "no snapshot in the store" in text
-    assert "its 4 rows (items: 4 rows) are not published" in text
+    assert "keeps its 4 rows (items: 4 rows), no snapshot installed" in text
+    assert "those rows are not published" in text
     wait_until(lambda: len(items(j)) == 7, 30, "j to replay the stream")
     assert [r[0] for r in items(a)] == [1, 2, 3]
     assert copies(j) == []

@@ -248,9 +248,9 @@ async def finish(node: Node, restored: str | None) -> None:
         log.warning("merged %s of %s (%s) into the cluster as this node's own changes",
                     rows_text(merged), db_path, joining.own, extra={"rows": merged})
     else:
-        log.warning("database %s keeps the rows of its own and replays the streams; its %s "
-                    "(%s) are not published: they stay on this node only (join = \"merge\" "
-                    "publishes them)", db_path, rows_text(joining.own.total), joining.own,
-                    extra={"rows": joining.own.total})
+        log.warning("database %s keeps its %s (%s), no snapshot installed, and replays the "
+                    "streams; those rows are not published (right when every node started with "
+                    "the same data; join = \"merge\" publishes them)", db_path,
+                    rows_text(joining.own.total), joining.own, extra={"rows": joining.own.total})
 
 

@@ -22,6 +22,8 @@ from harmonylite.names import DEFAULT_STREAM_PREFIX, DEFAULT_SUBJECT_PREFIX, NAM
 
 STORES = ("nats", "s3", "sftp", "webdav", "file")
 LOG_FORMATS = ("console", "json")
+# What a node joining with rows of its own does when the cluster has a snapshot (docs/recovery.md).
+JOIN_MODES = ("refuse", "replace", "merge")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class SnapshotConfig:
     temp_dir: str = ""
     restore_timeout: int = 300_000  # ms a restore keeps trying while the application writes
     request_timeout: int = 120_000  # ms a node behind the streams waits for a fresh snapshot
+    join: str = "refuse"  # a database with rows of its own and a snapshot: refuse|replace|merge
     nats: NatsStoreConfig = field(default_factory=NatsStoreConfig)
     s3: S3Config = field(default_factory=S3Config)
     sftp: SftpConfig = field(default_factory=SftpConfig)
@@ -208,6 +211,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "snapshot.store": STORES,
     "logging.format": LOG_FORMATS,
+    "snapshot.join": JOIN_MODES,
 }
 
 
@@ -383,6 +387,13 @@ def expand_env(data: Any, env: typing.Mapping[str, str], key: str = "") -> Any:
         return env[name]
 
     return _ENV_REF.sub(one, data)
+
+
+def with_join(cfg: Config, mode: str) -> Config:
+    """``cfg`` with ``snapshot.join`` set from the command line (``-join MODE``)."""
+    if mode not in JOIN_MODES:
+        raise ConfigError("-join", mode, "must be one of " + ", ".join(JOIN_MODES))
+    return dataclasses.replace(cfg, snapshot=dataclasses.replace(cfg.snapshot, join=mode))
 
 
 def load_config(

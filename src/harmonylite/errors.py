@@ -5,6 +5,7 @@ Hierarchy::
     HarmonyliteError
     ├── ConfigError            bad key, type or value (CLI exit 2); carries key, value, allowed
     ├── UsageError             bad command line (CLI exit 2)
+    ├── JoinRefused            a database with rows of its own would be replaced (CLI exit 2)
     ├── NatsError              NATS unreachable or a JetStream call failed
     ├── ChangeLogError         change capture cannot be installed or read
     ├── DecodeError            a stream message is not a harmonylite change batch
@@ -38,6 +39,11 @@ class ConfigError(HarmonyliteError):
 
 class UsageError(HarmonyliteError):
     pass
+
+
+class JoinRefused(HarmonyliteError):
+    """A node's database holds rows of its own that the cluster's snapshot would replace, and
+    the operator has not chosen what to do (``snapshot.join`` / ``-join``)."""
 
 
 class NatsError(HarmonyliteError):

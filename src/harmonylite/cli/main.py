@@ -14,8 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from harmonylite import __version__
-from harmonylite.config import ClusterFlags, Config, load_config
-from harmonylite.errors import ConfigError, HarmonyliteError, SnapshotBusy, UsageError
+from harmonylite.config import JOIN_MODES, ClusterFlags, Config, load_config, with_join
+from harmonylite.errors import (
+    ConfigError,
+    HarmonyliteError,
+    JoinRefused,
+    SnapshotBusy,
+    UsageError,
+)
 from harmonylite.ops.logs import setup_logging
 
 log = logging.getLogger("harmonylite")
@@ -126,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated cluster addresses of the other embedded servers")
     p.add_argument("-leaf-servers", "--leaf-servers", default="", metavar="LIST",
                    help="comma-separated leaf node remotes for the embedded NATS server")
+    p.add_argument("-join", "--join", default=None, metavar="MODE",
+                   help="what a node whose database has rows of its own (and no stream "
+                   "positions) does when the cluster has a snapshot: "
+                   + " | ".join(JOIN_MODES) + " (overrides snapshot.join)")
     p.add_argument("-schema-status", "--schema-status", action="store_true",
                    help="same as the verb 'schema status'")
     p.add_argument("-schema-status-cluster", "--schema-status-cluster", action="store_true",
@@ -147,6 +157,8 @@ def _load(args: argparse.Namespace) -> Config:
     cluster = ClusterFlags(args.cluster_addr, _split(args.cluster_peers), _split(args.leaf_servers))
     cfg, warnings = load_config(args.config or "config.toml", node_id=args.node_id,
                                 cluster=cluster, required=args.config is not None)
+    if args.join is not None:
+        cfg = with_join(cfg, args.join)
     setup_logging(cfg.node_id, cfg.logging.format, cfg.logging.verbose)
     for w in warnings:
         log.warning(w)
@@ -223,6 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except (ConfigError, UsageError) as exc:
+        print(f"harmonylite: {_safe(exc)}", file=sys.stderr)
+        code = EXIT_USAGE
+    except JoinRefused as exc:
+        # The operator must choose (config or command line): a usage matter, not a failure
+        # that a restart could cure.
+        log.error("%s", exc)
         print(f"harmonylite: {_safe(exc)}", file=sys.stderr)
         code = EXIT_USAGE
     except SnapshotBusy as exc:

@@ -84,6 +84,11 @@ KEYS: dict[str, KeyDoc] = {
                                        "it gives up with the database untouched."),
     "snapshot.request_timeout": KeyDoc("Milliseconds between reminders while a node that needs a "
                                        "snapshot waits for the leader to take one."),
+    "snapshot.join": KeyDoc("A node whose database has rows of its own (no positions on the "
+                            "cluster's streams) that the cluster's snapshot lacks: `refuse` to "
+                            "start, `replace` them by the snapshot, or `merge` them into it as "
+                            "this node's changes; both keep a copy of the old file. `-join` "
+                            "overrides it."),
     "snapshot.nats.replicas": KeyDoc("Replicas of the snapshot object store.", shared=True),
     "snapshot.nats.bucket": KeyDoc("Object store bucket. Empty: "
                                    "`{stream_prefix}-snapshot-store`.", shared=True),

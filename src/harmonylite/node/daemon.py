@@ -40,7 +40,7 @@ from harmonylite.cdc.install import InstallReport, install
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
-from harmonylite.node import origin, status
+from harmonylite.node import join, origin, status
 from harmonylite.node.claim import NodeClaim
 from harmonylite.node.embedded_nats import EmbeddedNats
 from harmonylite.node.housekeeping import housekeeping
@@ -111,6 +111,7 @@ class Node:
         # shares (see ``origin``).
         self.epoch = origin.new_epoch()
         self.claim: NodeClaim | None = None
+        self.joining: join.Joining | None = None  # a database with rows of its own (node/join.py)
         self._background: set[asyncio.Task[None]] = set()
         self.replicated_total = 0
         self.snapshots: SnapshotService | None = None
@@ -165,6 +166,10 @@ class Node:
                                replicas=cfg.replication_log.replicas)
         await self.claim.start()
         self._spawn("node_id claim", self.claim.run)
+        if cfg.replicate and cfg.snapshot.enabled:
+            # Before anything writes to it: rows of its own are never replaced by the cluster's
+            # snapshot unless the operator chose how (snapshot.join; docs/recovery.md).
+            self.joining = await join.check(self)
         if self.db_path.exists():
             # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
             # its positions read) before anything could restore over it.
@@ -181,6 +186,7 @@ class Node:
         self.install_report = await self.writer.call(
             lambda conn: install(conn, cfg.replicates_table))
         await self.writer.call(takeover.replay_pending)  # HarmonyLite's, through our capture
+        await join.finish(self, self.restored)  # a merge's rows, through our capture
         epoch = self.epoch
         own_origins = await self.writer.call(
             lambda c: origin.adopt(c, cfg.node_id, epoch, self.db_path))

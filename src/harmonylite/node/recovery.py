@@ -33,7 +33,7 @@ from harmonylite.errors import (
     StorageError,
     StorageUnavailable,
 )
-from harmonylite.node import install
+from harmonylite.node import install, join
 from harmonylite.node.coverage import Gap, choose, gaps, need, stream_heads
 from harmonylite.node.restore_loop import (
     NoSoundSnapshot,
@@ -76,7 +76,7 @@ def _log_gaps(found: list[Gap], what: str) -> None:
 LIST_PATIENCE = 20.0  # seconds a store answering "unavailable" is retried at start
 
 
-async def _list_patiently(store: ObjectStore) -> list[Manifest]:
+async def list_patiently(store: ObjectStore) -> list[Manifest]:
     """List the store; while it says it is unavailable (a JetStream cluster still forming
     answers 503 for seconds), retry quietly for a while before giving up."""
     loop = asyncio.get_running_loop()
@@ -165,7 +165,7 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
     store = await open_store(cfg.snapshot, js=node.js, bucket=cfg.names.snapshot_bucket)
     try:
         try:
-            candidates = await _list_patiently(store)
+            candidates = await list_patiently(store)
         except StorageError as exc:
             if not db_exists:
                 raise SnapshotError(f"cannot provision {db_path}: the snapshot store cannot be "
@@ -198,8 +198,15 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
                 return None
             targets = choice.usable  # better than an empty database; the gap stays loud
 
+        # A database with rows of its own is replaced only as the operator chose.
+        if node.joining is not None:
+            node.joining = await join.decide(cfg, store, targets, db_path, node.joining)
+        joining = node.joining
+
         async def before_install() -> None:
             await _publish_before_restore(node)
+            if joining is not None:
+                await join.before_install(joining, db_path)
 
         unsound: set[str] = set()
         for attempt in range(1, CATCH_UP_TRIES + 1):

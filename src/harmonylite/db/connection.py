@@ -99,12 +99,20 @@ class DbThread:
         self.path = Path(path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"db-{name}")
         self._conn: sqlite3.Connection | None = None
+        self._aux: sqlite3.Connection | None = None
         self._readonly = readonly
 
     def _open(self) -> sqlite3.Connection:
         if self._conn is None:
             self._conn = open_connection(self.path, readonly=self._readonly)
         return self._conn
+
+    def aux(self) -> sqlite3.Connection:
+        """A second connection on this thread (call only from inside ``call``): it writes while
+        the first holds a read transaction open; closed with the thread."""
+        if self._aux is None:
+            self._aux = open_connection(self.path, readonly=self._readonly)
+        return self._aux
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -115,9 +123,10 @@ class DbThread:
 
     def close(self) -> None:
         def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            for conn in (self._conn, self._aux):
+                if conn is not None:
+                    conn.close()
+            self._conn = self._aux = None
 
         self._pool.submit(_close).result()
         self._pool.shutdown(wait=True)

@@ -16,6 +16,12 @@ Text that is not valid UTF-8 (SQLite stores whatever bytes it is given) travels 
 ``RAW_TEXT_TAG`` around its bytes and comes back as :class:`RawText`, so it is written back
 byte-exactly as TEXT.
 
+Two headers frame an origin's transactions: ``Harmonylite-Origin`` (``node_id:epoch``) on every
+message, and ``Harmonylite-More: 1`` on each message of a publish batch after which more of that
+batch follows on the same stream. A receiver applies a batch's messages in one transaction (see
+``consumer``). Both are optional: a message without them is a batch of its own, as a previous
+version reads every message.
+
 CBOR keeps every SQLite value exactly (int64, float, text with NUL, blobs, NULL). With
 compression on, the CBOR bytes are zstd frames; decoding recognises the zstd magic number, so a
 reader needs no configuration to read either form.
@@ -35,6 +41,8 @@ from harmonylite.db.connection import RawText
 from harmonylite.errors import DecodeError
 
 FORMAT = 1
+ORIGIN_HEADER = "Harmonylite-Origin"
+MORE_HEADER = "Harmonylite-More"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()

@@ -8,11 +8,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from harmonylite.db.connection import open_connection
+from harmonylite.db.connection import open_connection, trim_wal
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 0.01  # seconds between background WAL checkpoints while the database changes
+TRIM_EVERY = 1.0  # seconds between looks at the WAL's size (see ``trim_wal``)
 
 
 class ChangeWatcher:
@@ -25,6 +26,9 @@ class ChangeWatcher:
     a writer). The change log doubles the WAL frames each application commit writes, and with them
     the checkpoints SQLite would otherwise run inside the application's commits once the WAL
     passes 1,000 frames; done here, on the node's own thread, that cost leaves the application.
+
+    Once a second it gives back the space of a WAL that grew past ``WAL_SIZE_LIMIT`` (a long
+    reader held it back), as soon as no reader needs it, also when nothing is written any more.
     """
 
     def __init__(self, db_path: str, interval: float, wake: Callable[[], None],
@@ -51,6 +55,7 @@ class ChangeWatcher:
             last = conn.execute("PRAGMA data_version").fetchone()[0]
             schema = conn.execute("PRAGMA schema_version").fetchone()[0]
             dirty, checkpointed = False, time.monotonic()
+            trimmed = checkpointed
             failing: str | None = None
             while not self._stop.wait(self._interval):
                 try:
@@ -67,6 +72,10 @@ class ChangeWatcher:
                     if dirty and time.monotonic() - checkpointed >= self._checkpoint_every:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                         dirty, checkpointed = False, time.monotonic()
+                    if time.monotonic() - trimmed >= TRIM_EVERY:
+                        trimmed = time.monotonic()
+                        if trim_wal(conn, self._db_path):
+                            log.debug("WAL truncated")
                     if failing is not None:
                         log.info("change watcher reads the database again")
                         failing = None

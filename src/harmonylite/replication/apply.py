@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.db.connection import fetch_all, write_transaction
@@ -38,6 +39,7 @@ from harmonylite.replication.outcome import (
     is_transient,
 )
 from harmonylite.replication.row_apply import RowApplier
+from harmonylite.replication.spool import Payload, as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,7 @@ class Applier(RowApplier):
         return applied
 
     def apply(
-        self, conn: sqlite3.Connection, stream: str, messages: list[tuple[int, bytes]],
+        self, conn: sqlite3.Connection, stream: str, messages: Sequence[tuple[int, Payload]],
         *, replay: bool = False,
     ) -> ApplyResult:
         """Apply messages (sequence, payload) in order and record the stream position.
@@ -179,7 +181,7 @@ class Applier(RowApplier):
                 try:
                     batch = decode(data)
                 except DecodeError as exc:
-                    deadletter.record_message(conn, stream, seq, data, str(exc))
+                    deadletter.record_message(conn, stream, seq, as_bytes(data), str(exc))
                     result.failed.append((seq, str(exc)))
                     result.dead_letters += 1
                     continue

@@ -50,6 +50,7 @@ from harmonylite.replication.apply import Applier
 from harmonylite.replication.event import MORE_HEADER, ORIGIN_HEADER
 from harmonylite.replication.nats_link import describe_error
 from harmonylite.replication.outcome import ApplyResult, is_transient
+from harmonylite.replication.spool import Payload, held_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ GapHandler = Callable[[str, int, int], None]
 
 class Queued(NamedTuple):
     seq: int
-    data: bytes
+    data: Payload
     at: float  # JetStream time (epoch seconds)
     origin: str = ""  # the publishing database (node:epoch), when the message says
     more: bool = False  # more of the origin's batch follows on this stream
@@ -104,6 +105,7 @@ class ShardConsumer:
         self._on_applied = on_applied
         self._on_gap = on_gap
         self._holding: list[Queued] = []  # the group being applied
+        self._spool = writer.path.parent  # large changes wait in files beside the database
         self.applied_messages = 0
         self.failed_messages = 0
         self.last_applied_at: float | None = None
@@ -137,7 +139,7 @@ class ShardConsumer:
         try:
             # A large change arrives as a reference to an object: fetched here (retried until it
             # succeeds), so everything after it waits and the applier sees an ordinary payload.
-            data = await large_changes.resolve(self.js, msg.data, msg.headers)
+            data = await large_changes.resolve(self.js, msg.data, msg.headers, self._spool)
             if seq <= self._queued_upto:
                 return  # queued meanwhile by a newer subscription (a resubscribe during the fetch)
             self.stream_last_seq = max(self.stream_last_seq, seq + meta.num_pending)
@@ -328,7 +330,7 @@ class ShardConsumer:
         def take(m: Queued) -> None:
             nonlocal size
             group.append(m)
-            size += len(m.data)
+            size += held_bytes(m.data)
             if m.more:
                 open_.setdefault(m.origin, m.seq)
             else:

@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nats.errors import NoRespondersError
@@ -44,7 +45,14 @@ from harmonylite.db.connection import DbThread
 from harmonylite.errors import StorageUnavailable
 from harmonylite.ops.metrics import Metrics
 from harmonylite.replication.batches import BatchReader, Chunk
-from harmonylite.replication.event import MORE_HEADER, ORIGIN_HEADER, encode, shard_of
+from harmonylite.replication.event import (
+    MORE_HEADER,
+    ORIGIN_HEADER,
+    encode,
+    encode_into,
+    raw_size,
+    shard_of,
+)
 from harmonylite.replication.large_changes import (
     REF_HEADER,
     LargeChangeStore,
@@ -53,6 +61,7 @@ from harmonylite.replication.large_changes import (
     server_limit,
     split_by_size,
 )
+from harmonylite.replication.spool import Payload, Spooled, as_bytes
 from harmonylite.replication.watcher import ChangeWatcher
 
 __all__ = ["ChangeWatcher", "Publisher"]
@@ -75,11 +84,25 @@ CRASH_AFTER_ACK = os.environ.get("HARMONYLITE_TEST_CRASH_AFTER_ACK") == "1"
 CRASH_EXIT_CODE = 86
 
 
+class _Counter:
+    """A sink that only counts what is written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 @dataclass
 class Outgoing:
     msg_id: str
     subject: str
-    payload: bytes
+    payload: Payload  # a large one in a file (sent out of band)
     count: int
     first: tuple[str, tuple[object, ...]]  # table and key of its first change, for reports
     more: bool = False  # more of the batch follows on this shard
@@ -138,14 +161,32 @@ class Publisher:
         compress = self.cfg.replication_log.compress
         limit = server_limit(self.js)
 
+        node, epoch = self.cfg.node_id, self.epoch
+
         def size_of(part: list[Change]) -> int:
-            return len(encode(self.cfg.node_id, part, by_name, compress, self.epoch))
+            if raw_size(part) <= limit:
+                return len(encode(node, part, by_name, compress, epoch))
+            counted = _Counter()  # large values: measured without a copy of the encoding
+            encode_into(counted, node, part, by_name, compress, epoch)
+            return counted.size
+
+        def payload_of(part: list[Change]) -> Payload:
+            if raw_size(part) <= limit:
+                return encode(node, part, by_name, compress, epoch)
+            # Likely carried out of band: encoded into a file, uploaded from there.
+            spooled = Spooled(Path(self.cfg.db_path).parent)
+            encode_into(spooled, node, part, by_name, compress, epoch)
+            if len(spooled) > limit:
+                return spooled
+            small = spooled.read()  # compressed into a message after all
+            spooled.close()
+            return small
 
         last: dict[int, Outgoing] = {}  # each shard's last message
         for shard, group in sorted(groups.items()):
             for part in split_by_size(group, size_of, limit):
                 msg_id = f"{self.cfg.node_id}:{self.epoch}:{part[0].id}-{part[-1].id}:{shard}"
-                payload = encode(self.cfg.node_id, part, by_name, compress, self.epoch)
+                payload = payload_of(part)
                 subject = self.cfg.subject(shard)
                 shape = by_name[part[0].table]
                 first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
@@ -217,11 +258,12 @@ class Publisher:
                 headers = {"Nats-Msg-Id": m.msg_id, ORIGIN_HEADER: self.origin}
                 if m.more:
                     headers[MORE_HEADER] = "1"
-                if m.reference is None and len(m.payload) > limit:
+                if m.reference is None and (isinstance(m.payload, Spooled)
+                                            or len(m.payload) > limit):
                     m.reference = await self._out_of_band(m, limit)
                 if m.reference is not None:
                     headers[REF_HEADER] = "1"
-                body = m.payload if m.reference is None else m.reference
+                body = as_bytes(m.payload) if m.reference is None else m.reference
                 futures.append(await self.js.publish_async(
                     m.subject, body, headers=headers, wait_stall=ACK_TIMEOUT))
             errors: list[BaseException] = []

@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from harmonylite.replication import large_changes
+from harmonylite.replication.spool import as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ReadAhead:
         seq = meta.sequence.stream
         if seq <= self.last:
             return  # delivered again by the ordered consumer after a reset
-        data = await large_changes.resolve(self.js, msg.data, msg.headers)
+        data = as_bytes(await large_changes.resolve(self.js, msg.data, msg.headers))
         if seq <= self.last:
             return
         if seq > self.last + 1:

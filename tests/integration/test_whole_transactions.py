@@ -119,3 +119,46 @@ def test_a_reader_never_sees_part_of_a_transaction(
     assert len(states) > 3, "the reader never saw the rows change: the test proves nothing"
     assert not broken, (f"{len(broken)} of {reads} reads on node 2 saw a transaction in part "
                         f"(sums per shard {broken[0]}, expected {expected})")
+
+
+def test_a_200000_row_bulk_load_arrives_in_one_piece(tmp_path: Path,
+                                                      nats_server: NatsServer) -> None:
+    nodes = []
+    for i in (1, 2):
+        node = NodeProc(tmp_path / f"node{i}", i, {"nats": {"urls": [nats_server.url]},
+                                                   "replication_log": {"shards": 2}})
+        node.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER)")
+        nodes.append(node.start())
+    a, b = nodes
+    total = 200_000
+    stop = threading.Event()
+    seen: set[int] = set()
+
+    def read() -> None:
+        r = sqlite3.connect(b.db, isolation_level=None, timeout=30)
+        try:
+            while not stop.is_set():
+                seen.add(r.execute("SELECT count(*) FROM items").fetchone()[0])
+        finally:
+            r.close()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        conn = a.connect()
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO items VALUES (?, ?, ?)",
+                         ((i, f"item {i:08d}", i % 97) for i in range(total)))
+        conn.execute("COMMIT")
+        conn.close()
+        wait_until(lambda: total in seen, 300, "the bulk load on node 2")
+    finally:
+        stop.set()
+        reader.join(30)
+        for node in nodes:
+            node.stop()
+    # Two shards: each applies its own part whole, so a reader sees 0, one shard's part, or all.
+    per_shard = {s: 0 for s in (1, 2)}
+    for i in range(total):
+        per_shard[shard_of("items", [i], 2)] += 1
+    assert seen <= {0, per_shard[1], per_shard[2], total}, sorted(seen)[:20]

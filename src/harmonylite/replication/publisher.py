@@ -327,7 +327,7 @@ class Publisher:
         while True:
             n = await self.flush_once()
             total += n
-            if n == 0:
+            if n == 0 and self._inflight is None:  # (a chunk may collapse to no change)
                 return total
 
     async def run(self, stop: asyncio.Event) -> None:

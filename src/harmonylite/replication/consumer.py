@@ -320,8 +320,8 @@ class ShardConsumer:
 
     async def _gather(self, first: Queued, stop: asyncio.Event) -> list[Queued] | None:
         """A group from ``first`` on: what is queued (up to ``MAX_GROUP``), and further until no
-        origin's batch is open in it. None when stopped while waiting (nothing applied; the
-        messages come again from the stream at the next start)."""
+        origin's batch is open in it. None when stopped while waiting: nothing is applied now
+        (the messages stay held, as a group in hand always does)."""
         group: list[Queued] = []
         self._holding = group
         open_: dict[str, int] = {}  # origins whose batch is not ended yet -> its first sequence

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 PREFIX = "__harmonylite__"
+# The WAL is cut back to this size when SQLite restarts it (``journal_size_limit``), and
+# ``trim_wal`` truncates a WAL that grew past it. A long reader on a node that keeps receiving
+# rows makes the WAL grow (it cannot be reset while the reader may need it); without a limit
+# SQLite keeps the file at its largest size for good.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 
 class RawText(bytes):
@@ -89,7 +95,41 @@ def open_connection(path: str | Path, *, readonly: bool = False) -> sqlite3.Conn
         if str(mode).lower() != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
     return conn
+
+
+def wal_size(db_path: str | Path) -> int:
+    try:
+        return os.path.getsize(f"{db_path}-wal")
+    except FileNotFoundError:
+        return 0
+
+
+def trim_wal(conn: sqlite3.Connection, db_path: str | Path, limit: int = WAL_SIZE_LIMIT) -> bool:
+    """Truncate the WAL when it grew past ``limit`` and nothing needs it any more; True if done.
+
+    Never waits: a PASSIVE checkpoint first (it waits for no one); only when that copied every
+    frame into the database does a TRUNCATE follow, with no busy timeout, so a reader that still
+    uses the WAL or a writer in progress makes it give up at once (tried again later). The
+    writer lock it takes meanwhile is held for an ``ftruncate``: all frames are copied already.
+    """
+    if wal_size(db_path) <= limit:
+        return False
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if busy or frames != copied:
+        return False  # a reader still needs frames the database does not have
+    previous = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return False
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {previous}")
+    return not busy
 
 
 class DbThread:
@@ -99,12 +139,20 @@ class DbThread:
         self.path = Path(path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"db-{name}")
         self._conn: sqlite3.Connection | None = None
+        self._aux: sqlite3.Connection | None = None
         self._readonly = readonly
 
     def _open(self) -> sqlite3.Connection:
         if self._conn is None:
             self._conn = open_connection(self.path, readonly=self._readonly)
         return self._conn
+
+    def aux(self) -> sqlite3.Connection:
+        """A second connection on this thread (call only from inside ``call``): it writes while
+        the first holds a read transaction open; closed with the thread."""
+        if self._aux is None:
+            self._aux = open_connection(self.path, readonly=self._readonly)
+        return self._aux
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -115,9 +163,10 @@ class DbThread:
 
     def close(self) -> None:
         def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            for conn in (self._conn, self._aux):
+                if conn is not None:
+                    conn.close()
+            self._conn = self._aux = None
 
         self._pool.submit(_close).result()
         self._pool.shutdown(wait=True)

@@ -43,7 +43,9 @@ KEYS: dict[str, KeyDoc] = {
     "publish": KeyDoc("Publish this node's changes. Changes written while false are never sent."),
     "replicate": KeyDoc("Apply the other nodes' changes. A node that does not replicate never "
                         "leads snapshots."),
-    "scan_max_changes": KeyDoc("Changes read from the change log per publish batch."),
+    "scan_max_changes": KeyDoc("Changes read from the change log at a time: a publish batch "
+                               "(everything pending when it begins, so never part of a "
+                               "transaction) is read and sent in chunks of this many."),
     "cleanup_interval": KeyDoc("Milliseconds between prunings of published change-log rows "
                                "(also how often parked changes are retried)."),
     "sleep_timeout": KeyDoc("Milliseconds without publishing or applying after which the node "

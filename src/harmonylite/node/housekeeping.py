@@ -8,7 +8,7 @@ import sqlite3
 
 from harmonylite.aio import wait_any
 from harmonylite.cdc import changelog, ddl
-from harmonylite.db.connection import DbThread
+from harmonylite.db.connection import DbThread, trim_wal
 from harmonylite.node.schema_follow import SchemaFollower
 from harmonylite.replication.apply import Applier
 
@@ -33,6 +33,8 @@ async def housekeeping(stop: asyncio.Event, writer: DbThread, *, interval: float
         try:
             if not publish:
                 await writer.call(discard_unpublishable)
+                # No change watcher runs without publishing: the WAL is trimmed from here.
+                await writer.call(lambda conn: trim_wal(conn, writer.path))
             pruned = await writer.call(changelog.prune)
             if pruned:
                 log.debug("pruned %d published changes", pruned)

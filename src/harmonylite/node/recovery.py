@@ -138,7 +138,7 @@ async def recover(node: Node) -> Recovery:
     subjects = cfg.names.subjects()
     starts = {s: max(heads.get(s, 1), positions.get(s, 0) + 1 if db_exists else 1)
               for s in subjects}
-    readers = await read_ahead(node.js, subjects, starts)
+    readers = await read_ahead(node.js, subjects, starts, db_path.parent)
     try:
         restored = await _recover(node, readers, db_exists, positions, recorded, behind)
     except BaseException:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.db.connection import fetch_all, write_transaction
@@ -38,6 +39,7 @@ from harmonylite.replication.outcome import (
     is_transient,
 )
 from harmonylite.replication.row_apply import RowApplier
+from harmonylite.replication.spool import Payload, as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class Applier(RowApplier):
         return applied
 
     def apply(
-        self, conn: sqlite3.Connection, stream: str, messages: list[tuple[int, bytes]],
+        self, conn: sqlite3.Connection, stream: str, messages: Sequence[tuple[int, Payload]],
         *, replay: bool = False,
     ) -> ApplyResult:
         """Apply messages (sequence, payload) in order and record the stream position.
@@ -186,8 +188,9 @@ class Applier(RowApplier):
                 try:
                     batch = decode(data)
                 except DecodeError as exc:
-                    about = deadletter.about_message(data, lambda t: self._local_pk(conn, t))
-                    deadletter.record_message(conn, stream, seq, data, str(exc), about)
+                    raw = as_bytes(data)
+                    about = deadletter.about_message(raw, lambda t: self._local_pk(conn, t))
+                    deadletter.record_message(conn, stream, seq, raw, str(exc), about)
                     result.failed.append((seq, f"{exc} (node {about.origin}, table "
                                                f"{about.table}, key {about.key})"))
                     result.dead_letters += 1

@@ -5,6 +5,13 @@ message here); the applying task drains the queue in groups and applies each gro
 transaction on the writer thread. The position is the stream sequence recorded with the data, so a
 restart resumes at exactly the next message.
 
+A group never ends inside an origin's publish batch: messages marked "more follows"
+(``Harmonylite-More``) are held until their origin's batch ends on this stream, so what one
+transaction wrote becomes visible in one transaction (messages of other origins in between are
+applied with them). When nothing arrives for ``HOLD_IDLE`` seconds while a batch is open (its
+node stopped while publishing), or the held messages pass ``HOLD_MAX_BYTES``, what came is
+applied, and a warning says so.
+
 A group in hand is never dropped: a transient error (database locked, disk full…) stalls the
 consumer, which says so once, retries with a capped backoff and resumes by itself; the group
 survives a restart of the task by the supervisor. Stream sequences must be contiguous: a jump
@@ -26,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -39,8 +48,10 @@ from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
 from harmonylite.replication import large_changes
 from harmonylite.replication.apply import Applier
+from harmonylite.replication.event import MORE_HEADER, ORIGIN_HEADER
 from harmonylite.replication.nats_link import describe_error
 from harmonylite.replication.outcome import ApplyResult, is_transient
+from harmonylite.replication.spool import Payload, held_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +65,20 @@ SILENT_AFTER = 4.0  # nothing received this long while the stream is ahead: cons
 SUBSCRIBE_TIMEOUT = 2.0  # a stream without a leader never answers: do not wait long
 INFO_TIMEOUT = 2.0
 UNREADABLE_AFTER = 3.0  # a stream that does not answer this long is reported as not consumed
+# A publisher sends a batch's messages back to back (acknowledged in milliseconds); this long
+# without the next part means it stopped mid-batch: what came is applied.
+HOLD_IDLE = 10.0
+HOLD_MAX_BYTES = 256 * 1024 * 1024  # a batch held whole up to this many bytes of messages
 
 GapHandler = Callable[[str, int, int], None]
+
+
+class Queued(NamedTuple):
+    seq: int
+    data: Payload
+    at: float  # JetStream time (epoch seconds)
+    origin: str = ""  # the publishing database (node:epoch), when the message says
+    more: bool = False  # more of the origin's batch follows on this stream
 
 
 def near_head(max_entries: int) -> int:
@@ -78,11 +101,13 @@ class ShardConsumer:
         self._queued_upto = position
         # Bounded: while the applier is behind, the callback waits, the subscription stops
         # answering flow control and the server slows down, so memory stays flat on catch-up.
-        self._queue: asyncio.Queue[tuple[int, bytes, float]] = asyncio.Queue(MAX_QUEUED)
+        self._queue: asyncio.Queue[Queued] = asyncio.Queue(MAX_QUEUED)
         self._sub: object | None = None
         self._on_applied = on_applied
         self._on_gap = on_gap
-        self._holding: list[tuple[int, bytes, float]] = []  # the group being applied
+        self._holding: list[Queued] = []  # the group being applied
+        self._preloaded: deque[Queued] = deque()  # read ahead during a restore: before the queue
+        self._spool = writer.path.parent  # large changes wait in files beside the database
         self.applied_messages = 0
         self.failed_messages = 0
         self.last_applied_at: float | None = None
@@ -116,25 +141,30 @@ class ShardConsumer:
         try:
             # A large change arrives as a reference to an object: fetched here (retried until it
             # succeeds), so everything after it waits and the applier sees an ordinary payload.
-            data = await large_changes.resolve(self.js, msg.data, msg.headers)
+            data = await large_changes.resolve(self.js, msg.data, msg.headers, self._spool)
             if seq <= self._queued_upto:
                 return  # queued meanwhile by a newer subscription (a resubscribe during the fetch)
             self.stream_last_seq = max(self.stream_last_seq, seq + meta.num_pending)
             if seq > self._queued_upto + 1:
                 self._gap(self._queued_upto + 1, seq - 1)
             self._queued_upto = seq
-            await self._queue.put((seq, data, meta.timestamp.timestamp()))
+            headers = msg.headers or {}
+            await self._queue.put(Queued(seq, data, meta.timestamp.timestamp(),
+                                         headers.get(ORIGIN_HEADER, ""),
+                                         headers.get(MORE_HEADER) == "1"))
         finally:
             self._in_callback = False
             self._last_received = time.monotonic()
 
-    def preload(self, messages: list[tuple[int, bytes, float]]) -> None:
+    def preload(self, messages: list[Queued]) -> None:
         """Messages already read (by a read-ahead during a restore), contiguous after this
-        consumer's position: applied first, and the subscription starts after them."""
-        if not messages or self._holding or messages[0][0] != self._queued_upto + 1:
+        consumer's position: applied first, as if queued, and the subscription starts after
+        them."""
+        if not messages or self._holding or self._preloaded \
+                or messages[0].seq != self._queued_upto + 1:
             return
-        self._holding = list(messages)
-        self._queued_upto = messages[-1][0]
+        self._preloaded.extend(messages)
+        self._queued_upto = messages[-1].seq
         self.stream_last_seq = max(self.stream_last_seq, self._queued_upto)
         log.debug("consuming %s from sequence %d: %d messages read ahead during the restore, "
                   "then the stream", self.stream, messages[0][0], len(messages))
@@ -280,26 +310,78 @@ class ShardConsumer:
         if self._holding:  # restarted by the supervisor with a group still in hand
             await self._apply(self._holding, stop)
         while not stop.is_set():
-            get = asyncio.create_task(self._queue.get())
-            halt = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({get, halt}, return_when=asyncio.FIRST_COMPLETED)
-            halt.cancel()
-            if get not in done:
-                get.cancel()
+            if self._preloaded:
+                first = self._preloaded.popleft()
+            else:
+                get = asyncio.create_task(self._queue.get())
+                halt = asyncio.create_task(stop.wait())
+                done, _ = await asyncio.wait({get, halt}, return_when=asyncio.FIRST_COMPLETED)
+                halt.cancel()
+                if get not in done:
+                    get.cancel()
+                    return
+                first = get.result()
+            group = await self._gather(first, stop)
+            if group is None:
                 return
-            group = [get.result()]
-            while len(group) < MAX_GROUP and not self._queue.empty():
-                group.append(self._queue.get_nowait())
-            self._holding = group
             await self._apply(group, stop)
 
-    async def _apply(self, group: list[tuple[int, bytes, float]], stop: asyncio.Event) -> None:
-        group = [m for m in group if m[0] > self.position]
+    async def _gather(self, first: Queued, stop: asyncio.Event) -> list[Queued] | None:
+        """A group from ``first`` on: what is queued (up to ``MAX_GROUP``), and further until no
+        origin's batch is open in it. None when stopped while waiting: nothing is applied now
+        (the messages stay held, as a group in hand always does)."""
+        group: list[Queued] = []
+        self._holding = group
+        open_: dict[str, int] = {}  # origins whose batch is not ended yet -> its first sequence
+        size = 0
+
+        def take(m: Queued) -> None:
+            nonlocal size
+            group.append(m)
+            size += held_bytes(m.data)
+            if m.more:
+                open_.setdefault(m.origin, m.seq)
+            else:
+                open_.pop(m.origin, None)
+
+        take(first)
+        while True:
+            while (len(group) < MAX_GROUP or open_) and (self._preloaded
+                                                         or not self._queue.empty()):
+                take(self._preloaded.popleft() if self._preloaded else self._queue.get_nowait())
+            if not open_:
+                return group
+            if size > HOLD_MAX_BYTES:
+                self._part_applied(open_, f"it passed {HOLD_MAX_BYTES} bytes of messages")
+                return group
+            get = asyncio.create_task(self._queue.get())
+            halt = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({get, halt}, timeout=HOLD_IDLE,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            halt.cancel()
+            if get in done:
+                take(get.result())
+                continue
+            get.cancel()
+            if halt in done:
+                return None
+            self._part_applied(open_, f"nothing came for {HOLD_IDLE:.0f} s (its node stopped "
+                               "while publishing?)")
+            return group
+
+    def _part_applied(self, open_: dict[str, int], why: str) -> None:
+        for origin, seq in open_.items():
+            log.warning("%s: the batch of origin %s from sequence %d is applied as far as it "
+                        "came, not as one transaction: %s", self.stream, origin, seq, why,
+                        extra={"stream": self.stream, "sequence": seq})
+
+    async def _apply(self, group: list[Queued], stop: asyncio.Event) -> None:
+        group = [m for m in group if m.seq > self.position]
         if not group:
             self._holding = []
             return
         stream = self.stream
-        msgs = [(seq, data) for seq, data, _ in group]
+        msgs = [(m.seq, m.data) for m in group]
         backoff = 0.05
         while True:
             try:
@@ -326,8 +408,8 @@ class ShardConsumer:
                      extra={"stream": stream})
             self.stalled = self.stalled_since = None
         self._holding = []
-        result.published_at = group[-1][2]
-        self.last_message_at = group[-1][2]
+        result.published_at = group[-1].at
+        self.last_message_at = group[-1].at
         self.position = max(self.position, result.last_seq)
         self._note_lag(time.monotonic())
         self.applied_messages += result.messages - len(result.failed)

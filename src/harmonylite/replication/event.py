@@ -16,6 +16,12 @@ Text that is not valid UTF-8 (SQLite stores whatever bytes it is given) travels 
 ``RAW_TEXT_TAG`` around its bytes and comes back as :class:`RawText`, so it is written back
 byte-exactly as TEXT.
 
+Two headers frame an origin's transactions: ``Harmonylite-Origin`` (``node_id:epoch``) on every
+message, and ``Harmonylite-More: 1`` on each message of a publish batch after which more of that
+batch follows on the same stream. A receiver applies a batch's messages in one transaction (see
+``consumer``). Both are optional: a message without them is a batch of its own, as a previous
+version reads every message.
+
 CBOR keeps every SQLite value exactly (int64, float, text with NUL, blobs, NULL). With
 compression on, the CBOR bytes are zstd frames; decoding recognises the zstd magic number, so a
 reader needs no configuration to read either form.
@@ -24,8 +30,9 @@ reader needs no configuration to read either form.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import cbor2
 import zstandard
@@ -33,13 +40,19 @@ import zstandard
 from harmonylite.cdc.changelog import Change, TableShape
 from harmonylite.db.connection import RawText
 from harmonylite.errors import DecodeError
+from harmonylite.replication.spool import Payload, Spooled
 
 FORMAT = 1
+ORIGIN_HEADER = "Harmonylite-Origin"
+MORE_HEADER = "Harmonylite-More"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()
-# A decompressed batch larger than this is refused as garbage rather than allocated.
+# A decompressed batch larger than this is refused as garbage rather than allocated (a message
+# read whole; a spooled one, the large change of a verified object, is read in pieces).
 MAX_DECODED = 256 * 1024 * 1024
+# A value this large is handed to the writer as it is by ``encode_into`` (cbor2 would copy it).
+LARGE_VALUE = 1024 * 1024
 
 
 RAW_TEXT_TAG = 26984  # an unassigned CBOR tag: "text whose bytes are not valid UTF-8"
@@ -98,10 +111,8 @@ def shard_of(table: str, key: Sequence[object], shards: int) -> int:
     return int.from_bytes(digest, "big") % shards + 1
 
 
-def encode(
-    node_id: int, changes: Iterable[Change], shapes: dict[str, TableShape], compress: bool,
-    epoch: str = "",
-) -> bytes:
+def _document(node_id: int, changes: Iterable[Change], shapes: dict[str, TableShape],
+              epoch: str) -> dict[str, object]:
     cols: dict[str, list[str]] = {}
     keys: dict[str, list[str]] = {}
     body: list[list[object]] = []
@@ -122,7 +133,14 @@ def encode(
         doc["i"] = ids
     if hashes:
         doc["h"] = hashes
-    raw = cbor2.dumps(doc)
+    return doc
+
+
+def encode(
+    node_id: int, changes: Iterable[Change], shapes: dict[str, TableShape], compress: bool,
+    epoch: str = "",
+) -> bytes:
+    raw = cbor2.dumps(_document(node_id, changes, shapes, epoch))
     return _compressor.compress(raw) if compress else raw
 
 
@@ -137,12 +155,81 @@ def loads_raw(data: bytes) -> object:
         return None
 
 
-def decode(data: bytes) -> Batch:
+def raw_size(changes: Iterable[Change]) -> int:
+    """Bytes of the text and blob values of ``changes`` (what their encoding is about)."""
+    return sum(len(v) for ch in changes for v in ch.values if isinstance(v, bytes | str))
+
+
+class Sink(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+def encode_into(
+    sink: Sink, node_id: int, changes: Iterable[Change],
+    shapes: dict[str, TableShape], compress: bool, epoch: str = "",
+) -> None:
+    """:func:`encode`, written to ``sink`` in pieces: a large value is never copied (the same
+    bytes a reader decodes, zstd frames too)."""
+    doc = _document(node_id, changes, shapes, epoch)
+    if not compress:
+        _dump(doc, sink.write)
+        return
+    writer = _compressor.stream_writer(sink, closefd=False)  # type: ignore[arg-type]
+    _dump(doc, writer.write)
+    writer.flush(zstandard.FLUSH_FRAME)
+
+
+def _large(obj: object) -> bool:
+    return type(obj) is list or (type(obj) is bytes and len(obj) >= LARGE_VALUE)
+
+
+def _head(major: int, n: int) -> bytes:
+    if n < 24:
+        return bytes([major << 5 | n])
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * width):
+            return bytes([major << 5 | info]) + n.to_bytes(width, "big")
+    raise ValueError(f"a CBOR length of {n} is too large")
+
+
+def _dump(obj: object, write: Callable[[bytes], object]) -> None:
+    """CBOR of ``obj`` as cbor2 writes it, containers and large blobs written piece by piece."""
+    if type(obj) is dict:
+        write(_head(5, len(obj)))
+        for k, v in obj.items():
+            write(cbor2.dumps(k))
+            _dump(v, write)
+    elif type(obj) is list and any(map(_large, obj)):
+        write(_head(4, len(obj)))
+        for item in obj:
+            _dump(item, write)
+    elif type(obj) is bytes and len(obj) >= LARGE_VALUE:
+        write(_head(2, len(obj)))
+        write(obj)
+    else:
+        write(cbor2.dumps(obj))
+
+
+def _load(data: Payload) -> object:
+    if isinstance(data, Spooled):
+        file = data.reader()
+        magic = file.read(4)
+        file.seek(0)
+        if magic != ZSTD_MAGIC:
+            return cbor2.load(file, tag_hook=_tag_hook)
+        stream = _decompressor.stream_reader(file, read_across_frames=True, closefd=False)
+        return cbor2.load(stream, tag_hook=_tag_hook)
+    if data[:4] == ZSTD_MAGIC:
+        data = _decompressor.decompress(data, max_output_size=MAX_DECODED)
+    return cbor2.loads(data, tag_hook=_tag_hook)
+
+
+def decode(data: Payload) -> Batch:
     """Parse a message; anything that is not a well-formed batch raises DecodeError."""
     try:
-        if data[:4] == ZSTD_MAGIC:
-            data = _decompressor.decompress(data, max_output_size=MAX_DECODED)
-        obj = cbor2.loads(data, tag_hook=_tag_hook)
+        obj = _load(data)
     except Exception as exc:  # cbor2 and zstandard raise many unrelated types on garbage
         raise DecodeError(f"not a harmonylite change batch: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("v") != FORMAT:

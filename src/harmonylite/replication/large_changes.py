@@ -31,12 +31,14 @@ import logging
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import cbor2
 from nats.js import JetStreamContext
 
 from harmonylite.errors import DecodeError, ObjectNotFound, StorageUnavailable
+from harmonylite.replication.spool import Payload, Spooled
 from harmonylite.snapshot.storage.nats_objects import NatsObjectStore
 
 log = logging.getLogger(__name__)
@@ -121,12 +123,17 @@ class LargeChangeStore:
         self.node_id = node_id
         self._store: NatsObjectStore | None = None
 
-    async def put(self, payload: bytes, table: str, key: Sequence[object]) -> Reference:
-        """Store ``payload`` (unless an identical object is there already); raises StorageError."""
+    async def put(self, payload: Payload, table: str, key: Sequence[object]) -> Reference:
+        """Store ``payload`` (unless an identical object is there already); raises StorageError.
+        A spooled payload is uploaded from its file in chunks."""
         if self._store is None:
             # Created on first use: a cluster that never writes a large change has no bucket.
             self._store = await NatsObjectStore.open(self.js, self.bucket, replicas=self.replicas)
-        sha = hashlib.sha256(payload).hexdigest()
+        if isinstance(payload, Spooled):
+            payload.flush()
+            sha = payload.sha256
+        else:
+            sha = hashlib.sha256(payload).hexdigest()
         ref = Reference(self.bucket, f"{self.node_id}-{sha}", sha, len(payload), table,
                         tuple(key))
         try:
@@ -135,7 +142,10 @@ class LargeChangeStore:
         except ObjectNotFound:
             stored = False
         if not stored:
-            await self._store.upload_bytes(ref.name, payload)
+            if isinstance(payload, Spooled):
+                await self._store.upload(ref.name, payload.path)
+            else:
+                await self._store.upload_bytes(ref.name, payload)
         return ref
 
 
@@ -155,18 +165,33 @@ async def _reader(js: JetStreamContext, bucket: str) -> NatsObjectStore:
     return store
 
 
-async def _fetch(js: JetStreamContext, ref: Reference) -> bytes:
+async def _fetch(js: JetStreamContext, ref: Reference, spool: Path | None) -> Payload:
     store = await _reader(js, ref.bucket)
-    data = await store.download_bytes(ref.name)
-    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+    if spool is None:
+        data = await store.download_bytes(ref.name)
+        size, sha = len(data), hashlib.sha256(data).hexdigest()
+        out: Payload = data
+    else:
+        # Into a file in chunks (hashed on the way): memory never holds the whole object.
+        out = Spooled(spool)
+        try:
+            info = await store.download(ref.name, out.path)
+        except BaseException:
+            out.close()
+            raise
+        size, sha = info.size, info.sha256 or ""
+        out.adopt(size, sha)
+    if size != ref.size or sha != ref.sha256:
         raise StorageUnavailable(
-            f"object {ref.name} in bucket {ref.bucket} is {len(data)} bytes with another "
+            f"object {ref.name} in bucket {ref.bucket} is {size} bytes with another "
             f"SHA-256 than its reference ({ref.size} bytes, {ref.sha256})")
-    return data
+    return out
 
 
-async def resolve(js: JetStreamContext, data: bytes, headers: Mapping[str, str] | None) -> bytes:
-    """The payload a stream message stands for: ``data`` itself, or the object it refers to.
+async def resolve(js: JetStreamContext, data: bytes, headers: Mapping[str, str] | None,
+                  spool: Path | None = None) -> Payload:
+    """The payload a stream message stands for: ``data`` itself, or the object it refers to
+    (kept in a file in ``spool``, the database's directory, when given; in memory otherwise).
 
     Retries a failed fetch with capped backoff for as long as it takes (only cancellation ends
     it), logging when it starts failing and when it recovers. A reference that cannot even be
@@ -183,7 +208,7 @@ async def resolve(js: JetStreamContext, data: bytes, headers: Mapping[str, str] 
     failing = False
     while True:
         try:
-            body = await _fetch(js, ref)
+            body = await _fetch(js, ref, spool)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -1,12 +1,19 @@
 """Publishing pending changes: detect, read a batch, encode per shard, publish, then mark.
 
-A batch stays in memory until every one of its messages is acknowledged; a retry resends only the
+A batch is everything pending when it is read, so it ends at a commit (see ``batches``); it is
+read, encoded and published in chunks of ``scan_max_changes`` changes. Every message carries its
+origin (``Harmonylite-Origin``) and every message of a batch but the last on its shard says "more
+follows" (``Harmonylite-More``), so a receiver applies what one transaction wrote in one
+transaction. A shard that got a "more" message and has nothing in the batch's last chunk gets an
+empty message that ends the batch there.
+
+A chunk stays in memory until every one of its messages is acknowledged; a retry resends only the
 unacknowledged ones, each with the same ``Nats-Msg-Id`` so JetStream drops a copy that was stored
 after all (DESIGN rule 11). The watermark moves only after the whole batch is acknowledged.
 
 The last change id of the batch is recorded before it is sent. If the process dies between the
-acknowledgement and the watermark, the next start re-sends exactly that batch, cut the same way,
-so the message ids repeat and JetStream's duplicate window (2 minutes) drops the copies instead of
+acknowledgement and the watermark, the next start re-sends that batch, cut the same way, so the
+message ids repeat and JetStream's duplicate window (2 minutes) drops the copies instead of
 appending old row states after newer ones.
 
 Messages are cut under the server's ``max_payload`` (learned from the connection's INFO); a message
@@ -19,11 +26,10 @@ import asyncio
 import logging
 import os
 import secrets
-import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nats.errors import NoRespondersError
@@ -31,15 +37,22 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from harmonylite.aio import wait_any
-from harmonylite.cdc import changelog, ddl
-from harmonylite.cdc.changelog import Change, TableShape
-from harmonylite.cdc.rows import RowReader
+from harmonylite.cdc import changelog
+from harmonylite.cdc.changelog import Change
 from harmonylite.cdc.schema import fold_key
 from harmonylite.config import Config
-from harmonylite.db.connection import DbThread, open_connection, write_transaction
+from harmonylite.db.connection import DbThread
 from harmonylite.errors import StorageUnavailable
 from harmonylite.ops.metrics import Metrics
-from harmonylite.replication.event import encode, shard_of
+from harmonylite.replication.batches import BatchReader, Chunk
+from harmonylite.replication.event import (
+    MORE_HEADER,
+    ORIGIN_HEADER,
+    encode,
+    encode_into,
+    raw_size,
+    shard_of,
+)
 from harmonylite.replication.large_changes import (
     REF_HEADER,
     LargeChangeStore,
@@ -47,6 +60,10 @@ from harmonylite.replication.large_changes import (
     server_limit,
     split_by_size,
 )
+from harmonylite.replication.spool import Payload, Spooled, as_bytes
+from harmonylite.replication.watcher import ChangeWatcher
+
+__all__ = ["ChangeWatcher", "Publisher"]
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +81,30 @@ NO_LEADER_FAST_FOR = 30.0
 # is marked published: the crash that a re-send after the duplicate window must survive.
 CRASH_AFTER_ACK = os.environ.get("HARMONYLITE_TEST_CRASH_AFTER_ACK") == "1"
 CRASH_EXIT_CODE = 86
-CHECKPOINT_EVERY = 0.01  # seconds between background WAL checkpoints while the database changes
+
+
+class _Counter:
+    """A sink that only counts what is written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 @dataclass
 class Outgoing:
     msg_id: str
     subject: str
-    payload: bytes
+    payload: Payload  # a large one in a file (sent out of band)
     count: int
     first: tuple[str, tuple[object, ...]]  # table and key of its first change, for reports
+    more: bool = False  # more of the batch follows on this shard
     acked: bool = False
     # Set once the payload is stored out of band: the small message published in its place.
     reference: bytes | None = None
@@ -81,85 +112,12 @@ class Outgoing:
 
 @dataclass
 class InFlight:
+    """One chunk of a batch, as the messages to send."""
+
     upto: int
     entries: int  # change-log entries it covers (several changes to a row collapse into one)
+    final: bool  # the batch's last chunk
     messages: list[Outgoing] = field(default_factory=list)
-
-
-@dataclass
-class Pending:
-    """Change-log entries up to ``upto``, as the changes to send and their tables' shapes."""
-
-    upto: int
-    changes: list[Change]
-    shapes: dict[str, TableShape]
-    entries: int = 0
-    epoch: str = ""  # the epoch it goes out under (a re-sent batch keeps its first one)
-
-
-class ChangeWatcher:
-    """Wakes the publisher when the database changes: polls ``PRAGMA data_version``.
-
-    The pragma reads a counter in shared memory, so a poll costs microseconds and no I/O; polling
-    every few milliseconds keeps detection prompt without spinning a core.
-
-    It also checkpoints the WAL after changes (PASSIVE: it never waits for, or blocks, a reader or
-    a writer). The change log doubles the WAL frames each application commit writes, and with them
-    the checkpoints SQLite would otherwise run inside the application's commits once the WAL
-    passes 1,000 frames; done here, on the node's own thread, that cost leaves the application.
-    """
-
-    def __init__(self, db_path: str, interval: float, wake: Callable[[], None],
-                 checkpoint_every: float = CHECKPOINT_EVERY,
-                 on_schema: Callable[[], None] | None = None) -> None:
-        self._db_path = db_path
-        self._interval = interval
-        self._wake = wake
-        self._checkpoint_every = checkpoint_every
-        self._on_schema = on_schema
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="change-watcher", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        conn = open_connection(self._db_path)
-        try:
-            last = conn.execute("PRAGMA data_version").fetchone()[0]
-            schema = conn.execute("PRAGMA schema_version").fetchone()[0]
-            dirty, checkpointed = False, time.monotonic()
-            failing: str | None = None
-            while not self._stop.wait(self._interval):
-                try:
-                    now = conn.execute("PRAGMA data_version").fetchone()[0]
-                    if now != last:
-                        last, dirty = now, True
-                        self._wake()
-                        # A DDL commit moves data_version too: only then is the schema read.
-                        version = conn.execute("PRAGMA schema_version").fetchone()[0]
-                        if version != schema:
-                            schema = version
-                            if self._on_schema is not None:
-                                self._on_schema()
-                    if dirty and time.monotonic() - checkpointed >= self._checkpoint_every:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                        dirty, checkpointed = False, time.monotonic()
-                    if failing is not None:
-                        log.info("change watcher reads the database again")
-                        failing = None
-                except sqlite3.Error as exc:
-                    # Polled every few ms: say it once per state change, not on every poll.
-                    if str(exc) != failing:
-                        log.warning("change watcher cannot read the database (retrying): %s",
-                                    exc)
-                    failing = str(exc)
-        finally:
-            conn.close()
 
 
 class Publisher:
@@ -179,15 +137,15 @@ class Publisher:
         self.last_error: str | None = None
         # Unix time of the first failed attempt while changes wait to go out (None: none wait).
         self.unpublished_since: float | None = None
-        self._registry: dict[int, TableShape] = {}
-        self._rows = RowReader()
-        self._inflight: InFlight | None = None
-        self._large: LargeChangeStore | None = None
+        self.origin = f"{cfg.node_id}:{self.epoch}"
         # Tables whose republished rows must wait (changes of other nodes parked for them are
         # about to be applied here; see ``Applier.held_tables``).
-        self._held = held
+        self._batches = BatchReader(cfg.scan_max_changes, held, self.epoch)
+        self._inflight: InFlight | None = None
+        self._opened: set[int] = set()  # shards sent a "more follows" in the open batch
+        self._large: LargeChangeStore | None = None
 
-    def _build(self, batch: Pending) -> InFlight:
+    def _build(self, batch: Chunk) -> InFlight:
         by_name, changes = batch.shapes, batch.changes
         shards = self.cfg.replication_log.shards
         groups: dict[int, list[Change]] = {}
@@ -200,23 +158,63 @@ class Publisher:
             key = [] if shape.single_order else list(fold_key(
                 [ch.values[i] for i in shape.pk_indexes], shape.key_collations))
             groups.setdefault(shard_of(ch.table, key, shards), []).append(ch)
-        flight = InFlight(upto=batch.upto, entries=batch.entries)
+        flight = InFlight(upto=batch.upto, entries=batch.entries, final=batch.final)
         compress = self.cfg.replication_log.compress
         limit = server_limit(self.js)
-        epoch = batch.epoch or self.epoch
+
+        # A batch begun before a stop goes out again under the epoch it first went out under
+        # (every start takes a new one, see ``node.origin``), so its message ids match.
+        node, epoch = self.cfg.node_id, self._batches.batch_epoch
 
         def size_of(part: list[Change]) -> int:
-            return len(encode(self.cfg.node_id, part, by_name, compress, epoch))
+            if raw_size(part) <= limit:
+                return len(encode(node, part, by_name, compress, epoch))
+            counted = _Counter()  # large values: measured without a copy of the encoding
+            encode_into(counted, node, part, by_name, compress, epoch)
+            return counted.size
 
+        def payload_of(part: list[Change]) -> Payload:
+            if raw_size(part) <= limit:
+                return encode(node, part, by_name, compress, epoch)
+            # Likely carried out of band: encoded into a file, uploaded from there.
+            spooled = Spooled(Path(self.cfg.db_path).parent)
+            encode_into(spooled, node, part, by_name, compress, epoch)
+            if len(spooled) > limit:
+                return spooled
+            small = spooled.read()  # compressed into a message after all
+            spooled.close()
+            return small
+
+        last: dict[int, Outgoing] = {}  # each shard's last message
         for shard, group in sorted(groups.items()):
             for part in split_by_size(group, size_of, limit):
                 msg_id = f"{self.cfg.node_id}:{epoch}:{part[0].id}-{part[-1].id}:{shard}"
-                payload = encode(self.cfg.node_id, part, by_name, compress, epoch)
+                payload = payload_of(part)
                 subject = self.cfg.names.subject(shard)
                 shape = by_name[part[0].table]
                 first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
-                flight.messages.append(Outgoing(msg_id, subject, payload, len(part), first))
+                last[shard] = Outgoing(msg_id, subject, payload, len(part), first, more=True)
+                flight.messages.append(last[shard])
+        self._mark_ends(flight, last)
         return flight
+
+    def _mark_ends(self, flight: InFlight, last: dict[int, Outgoing]) -> None:
+        """In a batch's last chunk, each shard's last message ends the batch on that shard; a
+        shard that got "more follows" earlier and has nothing here gets an empty message that
+        ends it. The flags of earlier chunks stay: more of the batch follows."""
+        if not flight.final:
+            self._opened.update(last)
+            return
+        for m in last.values():
+            m.more = False
+        compress = self.cfg.replication_log.compress
+        for shard in sorted(self._opened - set(last)):
+            epoch = self._batches.batch_epoch
+            payload = encode(self.cfg.node_id, [], {}, compress, epoch)
+            msg_id = f"{self.cfg.node_id}:{epoch}:end-{flight.upto}:{shard}"
+            flight.messages.append(Outgoing(msg_id, self.cfg.names.subject(shard), payload, 0,
+                                            ("", ())))
+        self._opened = set()
 
     async def _out_of_band(self, m: Outgoing, limit: int) -> bytes:
         """Store an oversized message's payload in the object store; return its reference."""
@@ -261,12 +259,15 @@ class Publisher:
         limit = server_limit(self.js)
         try:
             for m in todo:
-                headers = {"Nats-Msg-Id": m.msg_id}
-                if m.reference is None and len(m.payload) > limit:
+                headers = {"Nats-Msg-Id": m.msg_id, ORIGIN_HEADER: self.origin}
+                if m.more:
+                    headers[MORE_HEADER] = "1"
+                if m.reference is None and (isinstance(m.payload, Spooled)
+                                            or len(m.payload) > limit):
                     m.reference = await self._out_of_band(m, limit)
                 if m.reference is not None:
                     headers[REF_HEADER] = "1"
-                body = m.payload if m.reference is None else m.reference
+                body = as_bytes(m.payload) if m.reference is None else m.reference
                 futures.append(await self.js.publish_async(
                     m.subject, body, headers=headers, wait_stall=ACK_TIMEOUT))
             errors: list[BaseException] = []
@@ -284,85 +285,39 @@ class Publisher:
                 if not fut.done():
                     fut.cancel()
 
-    def _read(self, conn: sqlite3.Connection, after: int, limit: int,
-              upto: int | None = None, held: set[str] | None = None) -> Pending:
-        entries = changelog.read_entries(conn, after, limit, self._registry, upto)
-        if held:
-            # A republished row (rebuilt or new table) read now would lack the changes parked
-            # for its table, and would overwrite them everywhere: stop before it (log order is
-            # kept) until they are applied; the rows are read then.
-            for i, e in enumerate(entries):
-                if e.op == ddl.OP_BACKFILL and self._registry[e.tid].name in held:
-                    entries = entries[:i]
-                    break
-        if not entries:
-            return Pending(0, [], {})
-        changes, shapes = self._rows.changes(conn, entries, self._registry)
-        return Pending(entries[-1].id, changes, shapes, len(entries))
-
-    def _read_consistent(self, conn: sqlite3.Connection, after: int, limit: int,
-                         upto: int | None = None) -> Pending:
-        """Read entries and their rows in one read transaction (one view of the database),
-        without the write lock: the application keeps committing meanwhile."""
-        # Asked before the read transaction starts: a hold ends only once the changes it waits
-        # for are committed, so a read that starts after it ends sees them.
-        held = self._held() if self._held is not None else None
-        conn.execute("BEGIN")
-        try:
-            return self._read(conn, after, limit, upto, held)
-        finally:
-            conn.execute("COMMIT")
-
-    def _next_batch(self, conn: sqlite3.Connection) -> Pending:
-        """The next changes to send, recorded as the publisher's intent before they go out.
-
-        Rows are read before the intent is recorded. Until it is, the applier treats every
-        entry of the batch as a local change not yet sent and leaves those rows alone, so the
-        state read is the state sent; a write after the read has its own, later entry."""
-        if not self._registry:
-            self._registry.update(changelog.registry(conn))
-        wm, upto = changelog.watermark(conn), changelog.intent(conn)
-        if upto > wm:
-            # A batch was being published when the process stopped: send the same changes
-            # again, cut the same way and under the epoch they first went out under (every
-            # start takes a new one, see ``node.origin``), so their message ids match and
-            # JetStream drops any copy it already stored (receivers ignore one it does not).
-            batch = self._read_consistent(conn, wm, 2**62, upto)
-            batch.epoch = changelog.intent_epoch(conn) or self.epoch
-            return batch
-        batch = self._read_consistent(conn, wm, self.cfg.scan_max_changes)
-        if batch.upto:
-            with write_transaction(conn):
-                changelog.set_intent(conn, batch.upto, self.epoch)
-        return batch
-
-    def _mark_then_next(self, conn: sqlite3.Connection, upto: int) -> Pending:
-        """Mark a batch published and take the next one with a single short write transaction:
-        under a steady stream of commits the node takes the write lock once per batch, and only
-        for two one-row updates (the reading happens before, without the lock)."""
-        batch = self._read_consistent(conn, upto, self.cfg.scan_max_changes)
-        with write_transaction(conn):
-            changelog.mark_published(conn, upto)
-            if batch.upto:
-                changelog.set_intent(conn, batch.upto, self.epoch)
-        return batch
-
     async def flush_once(self) -> int:
-        """Publish one batch; returns the number of changes published (0 when none pending)."""
+        """Publish one chunk; returns the number of changes published (0 when none pending)."""
         if self._inflight is None:
-            batch = await self.db.call(self._next_batch)
-            if not batch.upto:
+            if not self._batches.end:
+                self._opened = set()  # a batch given up before its end
+            chunk = await self.db.call(lambda conn: self._batches.next_chunk(self.db.aux(), conn))
+            if chunk is None:
                 if self.pending and self.metrics is not None:
                     self.metrics.set_pending(0)
                 self.pending = 0
                 return 0
-            self._inflight = self._build(batch)
+            self._inflight = self._build(chunk)
+            del chunk  # its rows: memory holds one chunk's encoding, not its values too
         flight = self._inflight
-        await self._send(flight)
-        if CRASH_AFTER_ACK:  # test seam: die between the acknowledgement and the mark
+        try:
+            await self._send(flight)
+        except BaseException:
+            if not flight.final:
+                # Not kept open through an outage (the WAL could not be reset meanwhile): the
+                # batch is read again from the watermark, cut the same way (same message ids).
+                self._inflight, self._opened = None, set()
+                await self.db.call(lambda _: self._batches.abandon(self.db.aux()))
+            raise
+        if CRASH_AFTER_ACK and flight.final:  # test seam: die between the ack and the mark
             os._exit(CRASH_EXIT_CODE)
-        following = await self.db.call(lambda conn: self._mark_then_next(conn, flight.upto))
-        self._inflight = self._build(following) if following.upto else None
+        if flight.final:
+            following = await self.db.call(
+                lambda conn: self._batches.finish(self.db.aux(), conn))
+        else:
+            following = await self.db.call(
+                lambda conn: self._batches.next_chunk(self.db.aux(), conn))
+        self._inflight = self._build(following) if following is not None else None
+        del following
         count = sum(m.count for m in flight.messages)
         self.published_total += count
         if self.metrics is not None:
@@ -376,7 +331,7 @@ class Publisher:
         while True:
             n = await self.flush_once()
             total += n
-            if n == 0:
+            if n == 0 and self._inflight is None:  # (a chunk may collapse to no change)
                 return total
 
     async def run(self, stop: asyncio.Event) -> None:

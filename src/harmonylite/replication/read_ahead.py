@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from pathlib import Path
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from harmonylite.replication import large_changes
+from harmonylite.replication.consumer import Queued
+from harmonylite.replication.event import MORE_HEADER, ORIGIN_HEADER
+from harmonylite.replication.spool import Spooled, held_bytes
 
 log = logging.getLogger(__name__)
-
-Message = tuple[int, bytes, float]  # stream sequence, payload, JetStream time (epoch seconds)
 
 MAX_BYTES = 64 * 1024 * 1024
 INFO_TIMEOUT = 5.0
@@ -38,14 +40,15 @@ class ReadAhead:
     """Every message of ``stream`` from ``start`` on, kept until taken over."""
 
     def __init__(self, js: JetStreamContext, stream: str, subject: str, start: int,
-                 max_bytes: int = MAX_BYTES) -> None:
+                 spool: Path | None = None, max_bytes: int = MAX_BYTES) -> None:
         self.js = js
         self.stream = stream
         self.subject = subject
         self.first = max(1, start)  # the window: every message from here to ``last`` is held
         self.last = self.first - 1
         self.max_bytes = max_bytes
-        self._held: deque[Message] = deque()
+        self._spool = spool  # large changes wait in files there (the database's directory)
+        self._held: deque[Queued] = deque()
         self._bytes = 0
         self._sub: object | None = None
 
@@ -70,38 +73,50 @@ class ReadAhead:
         seq = meta.sequence.stream
         if seq <= self.last:
             return  # delivered again by the ordered consumer after a reset
-        data = await large_changes.resolve(self.js, msg.data, msg.headers)
+        data = await large_changes.resolve(self.js, msg.data, msg.headers, self._spool)
         if seq <= self.last:
             return
         if seq > self.last + 1:
             # The stream dropped messages before they reached us: the window restarts here.
             log.debug("read-ahead of %s: messages %d..%d were dropped first; holding from %d",
                       self.stream, self.last + 1, seq - 1, seq)
-            self._held.clear()
-            self._bytes = 0
+            self._drop(len(self._held))
             self.first = seq
-        self._held.append((seq, data, meta.timestamp.timestamp()))
-        self._bytes += len(data)
+        headers = msg.headers or {}
+        self._held.append(Queued(seq, data, meta.timestamp.timestamp(),
+                                 headers.get(ORIGIN_HEADER, ""), headers.get(MORE_HEADER) == "1"))
+        self._bytes += held_bytes(data)
         self.last = seq
         while self._bytes > self.max_bytes and len(self._held) > 1:
+            self._drop(1)
+            self.first = self._held[0].seq
+
+    def _drop(self, count: int) -> None:
+        for _ in range(count):
             dropped = self._held.popleft()
-            self._bytes -= len(dropped[1])
-            self.first = self._held[0][0]
+            self._bytes -= held_bytes(dropped.data)
+            if isinstance(dropped.data, Spooled):
+                dropped.data.close()
 
     def covers(self, position: int) -> bool:
         """Whether a node at ``position`` finds every later message here (so far)."""
         return self.first <= position + 1
 
-    def take_after(self, position: int) -> list[Message]:
-        """The messages after ``position``, in order (empty unless :meth:`covers` it)."""
+    def take_after(self, position: int) -> list[Queued]:
+        """The messages after ``position``, in order (empty unless :meth:`covers` it); they
+        are the taker's from now on."""
         if not self.covers(position):
             return []
-        return [m for m in self._held if m[0] > position]
+        while self._held and self._held[0].seq <= position:
+            self._drop(1)
+        taken = list(self._held)
+        self._held.clear()
+        self._bytes = 0
+        return taken
 
     async def stop(self) -> None:
         sub, self._sub = self._sub, None
-        self._held.clear()
-        self._bytes = 0
+        self._drop(len(self._held))
         if sub is not None:
             try:
                 await sub.unsubscribe()  # type: ignore[attr-defined]
@@ -109,13 +124,14 @@ class ReadAhead:
                 log.debug("unsubscribe the read-ahead of %s: %s", self.stream, exc)
 
 
-async def read_ahead(js: JetStreamContext, streams: dict[str, str],
-                     starts: dict[str, int]) -> dict[str, ReadAhead]:
+async def read_ahead(js: JetStreamContext, streams: dict[str, str], starts: dict[str, int],
+                     spool: Path | None = None) -> dict[str, ReadAhead]:
     """Start one :class:`ReadAhead` per stream (name -> subject) at ``starts`` (or 1)."""
     out: dict[str, ReadAhead] = {}
     try:
         for stream, subject in streams.items():
-            out[stream] = await ReadAhead(js, stream, subject, starts.get(stream, 1)).start()
+            out[stream] = await ReadAhead(js, stream, subject, starts.get(stream, 1),
+                                          spool).start()
     except BaseException:
         await stop_all(out)
         raise

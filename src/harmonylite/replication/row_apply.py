@@ -10,12 +10,13 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.cdc.schema import TableInfo, fold_key, table_info
 from harmonylite.db.connection import fetch_all
-from harmonylite.replication import conflicts, parking, statements
+from harmonylite.replication import conflicts, large_values, parking, statements
 from harmonylite.replication.deadletter import key_text
 from harmonylite.replication.event import Batch, RowChange
 from harmonylite.replication.outcome import (
@@ -47,8 +48,9 @@ class RowApplier:
                  unpark_settle: float = 0.0) -> None:
         self._tables: dict[str, TableInfo | None] = {}
         self._schema_version = -1
-        self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None],
-                        statements.Statements] = {}
+        self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None,
+                              tuple[bool, ...] | None], statements.Statements] = {}
+        self._rowid: dict[str, bool] = {}  # table -> blob I/O can address its rows
         self._shapes: dict[int, changelog.TableShape] = {}
         self._shapes_seen: dict[tuple[str, tuple[str, ...], tuple[str, ...]], ChangeShape] = {}
         self._pending = changelog.PendingKeys()
@@ -89,6 +91,7 @@ class RowApplier:
         self.settle.schema_changed(at_start=at_start)
         self._tables.clear()
         self._sql.clear()
+        self._rowid.clear()
         self._shapes_seen.clear()
         self._shapes = changelog.registry(conn)
         parking.ensure_origin_column(conn)
@@ -133,11 +136,12 @@ class RowApplier:
         return found
 
     def _statements(self, local: TableInfo, columns: tuple[str, ...], op: int,
-                    mask: tuple[bool, ...] | None) -> statements.Statements:
-        key = (local.name, columns, op, mask)
+                    mask: tuple[bool, ...] | None,
+                    zero: tuple[bool, ...] | None = None) -> statements.Statements:
+        key = (local.name, columns, op, mask, zero)
         cached = self._sql.get(key)
         if cached is None:
-            cached = self._sql[key] = statements.build(local, columns, op, mask)
+            cached = self._sql[key] = statements.build(local, columns, op, mask, zero)
         return cached
 
     def _apply_change(
@@ -202,6 +206,10 @@ class RowApplier:
                 self._settle(conn, table, local_key, deleted=True)
             return APPLIED
         local_key = tuple(values[i] for i in shape.local_key) if shape.local_key else key
+        big = large_values.positions(local, cols, vals)
+        if big and self._has_rowid(conn, local) and self._apply_large(
+                conn, local, ch.op, cols, vals, local_key, big, own):
+            return APPLIED
         st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
         try:
             # (A node's own changes coming back never conflict with it: one upsert, which
@@ -240,6 +248,41 @@ class RowApplier:
         self.displaced += kept
         if not left:
             self._provisional.discard(ident)
+
+    def _has_rowid(self, conn: sqlite3.Connection, local: TableInfo) -> bool:
+        found = self._rowid.get(local.name)
+        if found is None:
+            found = self._rowid[local.name] = large_values.has_rowid(conn, local)
+        return found
+
+    def _apply_large(self, conn: sqlite3.Connection, local: TableInfo, op: int,
+                     cols: tuple[str, ...], vals: tuple[object, ...], key: tuple[object, ...],
+                     big: tuple[int, ...], own: bool) -> bool:
+        """A change with large blobs: the row with ``zeroblob`` placeholders (or without the
+        columns that already hold the same bytes), then the blobs in pieces (``large_values``).
+        False, having written nothing, for an INSERT that meets a row of another node: the
+        conflict rules record the whole row (the ordinary path)."""
+        rowid = large_values.rowid_of(conn, local, key)
+        if rowid is not None and op == ddl.OP_INSERT and not own:
+            return False
+        blobs = {i: cast(bytes, vals[i]) for i in big}
+        fill = [i for i in big if rowid is None or not large_values.stored_equal(
+            conn, local.name, cols[i], rowid, blobs[i])]
+        kept = [i for i in range(len(cols)) if i not in blobs or i in fill]
+        cols_k = tuple(cols[i] for i in kept)
+        vals_k = tuple(len(blobs[i]) if i in fill else vals[i] for i in kept)
+        zero = tuple(i in fill for i in kept)
+        st = self._statements(local, cols_k, op, statements.raw_mask(vals_k), zero)
+        statements.run(conn, local, st, cols_k, vals_k, key)
+        if not fill:
+            return True
+        rowid = large_values.rowid_of(conn, local, key)
+        if rowid is None:  # the row was just written: not finding it is a bug, not a skip
+            raise RuntimeError(f"the row of table {local.name!r} key {key!r} is not there "
+                               "after writing it")
+        for i in fill:
+            large_values.write(conn, local.name, cols[i], rowid, blobs[i])
+        return True
 
     def _insert(self, conn: sqlite3.Connection, local: TableInfo, st: statements.Statements,
                 cols: tuple[str, ...], vals: tuple[object, ...], key: tuple[object, ...],

@@ -61,10 +61,12 @@ class Statements:
 
 
 def build(local: TableInfo, columns: tuple[str, ...], op: int,
-          mask: tuple[bool, ...] | None) -> Statements:
+          mask: tuple[bool, ...] | None, zero: tuple[bool, ...] | None = None) -> Statements:
     """Statements for a change of ``columns`` (a subset of the table's, in the sender's order).
 
-    For a delete, ``mask`` covers the key values in key order; otherwise the column values."""
+    For a delete, ``mask`` covers the key values in key order; otherwise the column values.
+    ``zero`` marks the values bound as a length and written as ``zeroblob`` (filled in later,
+    see ``large_values``)."""
     t = quote_ident(local.name)
     if op == ddl.OP_DELETE:
         where = " AND ".join(f"{quote_ident(c)} IS {_mark(mask, i)}"
@@ -74,7 +76,8 @@ def build(local: TableInfo, columns: tuple[str, ...], op: int,
                                      f"WHERE {where} LIMIT 1)")
         return Statements(delete=f"DELETE FROM {t} WHERE {where}")
     names = ", ".join(quote_ident(c) for c in columns)
-    marks = ", ".join(_mark(mask, i) for i in range(len(columns)))
+    marks = ", ".join("zeroblob(?)" if zero is not None and zero[i] else _mark(mask, i)
+                      for i in range(len(columns)))
     insert = f"INSERT INTO {t}({names}) VALUES ({marks})"
     if local.content_keyed:
         return Statements(insert=insert)

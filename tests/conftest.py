@@ -51,6 +51,26 @@ def no_credentials_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Itera
     assert not leaks, f"credentials found in harmonylite logs: {leaks}"
 
 
+# Under pytest-xdist (scripts/test.sh) each worker takes the next test when it is almost out of
+# work; a long test handed out last would run alone at the end. So the longest kinds go first:
+# the convergence seeds (20-60 s each), then the other real-process tests and the property tests
+# (Hypothesis: CPU-bound, up to a minute on a loaded machine), the other unit tests last. The
+# order inside a module is kept (the modules sharing one cluster rely on it).
+_ORDER = ("tests/convergence/", "tests/integration/", "tests/contract/", "tests/unit/")
+
+
+def _rank(item: pytest.Item) -> int:
+    path = item.path.as_posix()
+    rank = next((i for i, d in enumerate(_ORDER) if f"/{d}" in path), len(_ORDER))
+    if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        rank = min(rank, 1)
+    return rank
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_rank)  # stable: the order within each kind stays as collected
+
+
 @pytest.fixture(autouse=True)
 def _stop_leftover_nodes() -> Iterator[None]:
     yield

@@ -25,6 +25,10 @@ import pytest
 
 from nodes import wait_until
 
+# One cluster on fixed ports serves the whole module, in order: under pytest-xdist the module
+# runs on one worker.
+pytestmark = pytest.mark.xdist_group("harmonylite-e2e")
+
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "harmonylite-examples"
 PORTS = {1: 4221, 2: 4222, 3: 4223}
 FIXED_PORTS = (4221, 4222, 4223, 8222, 8223, 8224, 3010, 3011)

@@ -56,11 +56,9 @@ trap 'rm -f "$mypy_out"' EXIT
 mypy_pid=$!
 
 workers=${HARMONYLITE_TEST_WORKERS:-4}
-# loadgroup: a module whose tests share one cluster in order carries an xdist_group mark and
-# runs on one worker; every other test goes to whichever worker is free (tests/conftest.py
-# hands out the longest first).
-pytest=(.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15
-        -n "$workers" --dist loadgroup)
+# Each test goes to whichever worker is free, the longest first; a module whose tests share one
+# cluster in order goes whole to one worker (tests/conftest.py: SHARED_CLUSTER_MODULES).
+pytest=(.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n "$workers")
 if [ "$quick" = 1 ]; then
   pytest+=(tests/unit)
 fi

@@ -4,6 +4,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,6 +70,31 @@ def _rank(item: pytest.Item) -> int:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=_rank)  # stable: the order within each kind stays as collected
+
+
+# Modules whose tests share one cluster (a module-scoped fixture) and run in order, one scenario
+# after the other: under pytest-xdist each goes to one worker as a whole. (xdist's own
+# ``xdist_group`` mark no longer groups anything under pytest 9.2: pytest-dev/pytest-xdist#1386.)
+SHARED_CLUSTER_MODULES = frozenset({
+    "tests/integration/test_harmonylite_e2e.py",  # fixed ports and paths: one cluster at a time
+    "tests/integration/test_jetstream_cluster.py",
+})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With ``-n N`` (``--dist load``): each test to the next free worker, except that the
+    modules above go whole to one worker (first, being the longest units)."""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist asked for explicitly: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_CLUSTER_MODULES else nodeid
+
+    return SharedModulesTogether(config, log)
 
 
 @pytest.fixture(autouse=True)

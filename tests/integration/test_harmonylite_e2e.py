@@ -25,10 +25,6 @@ import pytest
 
 from nodes import wait_until
 
-# One cluster on fixed ports serves the whole module, in order: under pytest-xdist the module
-# runs on one worker.
-pytestmark = pytest.mark.xdist_group("harmonylite-e2e")
-
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "harmonylite-examples"
 PORTS = {1: 4221, 2: 4222, 3: 4223}
 FIXED_PORTS = (4221, 4222, 4223, 8222, 8223, 8224, 3010, 3011)
@@ -121,6 +117,8 @@ def eventually(n: int, sql: str, want: object, params: tuple[object, ...] = (),
     wait_until(lambda: q(n, sql, params) == want, timeout, f"node {n}: {sql} == {want}")
 
 
+# Shared by the module's tests in order: SHARED_CLUSTER_MODULES in tests/conftest.py sends
+# the whole module to one pytest-xdist worker.
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     lock = Path("/tmp/harmonylite-e2e.lock").open("w")  # noqa: SIM115 - held for the module

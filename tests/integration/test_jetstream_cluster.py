@@ -29,8 +29,6 @@ from nodes import NodeProc, stop_leftovers, wait_until
 from servers import free_port
 from workload import SCHEMA, Workload
 
-# The scenarios share one cluster, in order: under pytest-xdist the module runs on one worker.
-pytestmark = pytest.mark.xdist_group("jetstream-cluster")
 STREAMS = ["harmonylite-changes-c-1", "harmonylite-changes-c-2"]
 SNAPSHOT_BUCKET = "harmonylite-changes-snapshot-store"
 # Slack over the measured election on this shared 2-core machine (the goal is 2 s).
@@ -126,6 +124,8 @@ class Rig:
                    f"{what}: every node healthy again")
 
 
+# Shared by the module's tests in order: SHARED_CLUSTER_MODULES in tests/conftest.py sends
+# the whole module to one pytest-xdist worker.
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     r = Rig(tmp_path_factory.mktemp("jscluster"))

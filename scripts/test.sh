@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: creates .venv, installs the package with its test
-# extra, installs OpenSSH's server (for the SFTP store tests) when missing, then lint, types, tests.
+# Runs the test suite; see CONTRIBUTING.md.
+#
+#   scripts/test.sh                       everything: lint, types, every test (what CI runs)
+#   scripts/test.sh --quick               lint, types, unit and property tests (no servers)
+#   scripts/test.sh tests/unit -k config  lint, types, then pytest with these arguments
+#
+# On a fresh machine it creates .venv, installs the package with its test extra (with uv when it
+# can, else pip; again only when pyproject.toml changes) and OpenSSH's server (for the SFTP store
+# tests) when missing. Tests run on HARMONYLITE_TEST_WORKERS pytest-xdist workers (default 6;
+# pass -n 0 to run them in one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x /usr/sbin/sshd ]; then
+quick=0
+args=()
+for a in "$@"; do
+  if [ "$a" = --quick ]; then quick=1; else args+=("$a"); fi
+done
+
+if [ "$quick" = 0 ] && [ ! -x /usr/sbin/sshd ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null
   else
@@ -16,13 +30,48 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -E '^(WARNING|  )' || true
-.venv/bin/python -c 'import harmonylite, nats, boto3, asyncssh, wsgidav, hypothesis' 
+# Install when the declared dependencies changed since the last install into this venv.
+stamp=.venv/.harmonylite-test-deps
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # uv resolves and installs in parallel: about a minute less than pip on a fresh clone.
+  if [ -x .venv/bin/uv ] || .venv/bin/python -m pip install -q uv >/dev/null 2>&1; then
+    .venv/bin/uv pip install -q --python .venv/bin/python -e '.[test]'
+  else
+    echo "note: uv not installable; installing with pip" >&2
+    .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -E '^(WARNING|  )' || true
+  fi
+  .venv/bin/python -c 'import harmonylite, nats, boto3, asyncssh, wsgidav, hypothesis, xdist'
+  echo "$want" > "$stamp"
+fi
 
 echo "== ruff"
 .venv/bin/ruff check src tests bench
+
+# mypy runs beside pytest (the tests mostly wait on servers and node processes); its report is
+# printed when it ends, and a type error fails the run as before.
+mypy_out=$(mktemp)
+trap 'rm -f "$mypy_out"' EXIT
+.venv/bin/mypy >"$mypy_out" 2>&1 &
+mypy_pid=$!
+
+workers=${HARMONYLITE_TEST_WORKERS:-6}
+# Each test goes to whichever worker is free, the longest first; a module whose tests share one
+# cluster in order goes whole to one worker (tests/conftest.py: SHARED_CLUSTER_MODULES).
+pytest=(.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n "$workers")
+if [ "$quick" = 1 ]; then
+  pytest+=(tests/unit)
+fi
+
+echo "== pytest (${workers} workers)"
+status=0
+"${pytest[@]}" "${args[@]}" || status=$?
+
 echo "== mypy"
-.venv/bin/mypy
-echo "== pytest"
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+mypy_status=0
+wait "$mypy_pid" || mypy_status=$?
+cat "$mypy_out"
+if [ "$mypy_status" != 0 ]; then
+  exit "$mypy_status"
+fi
+exit "$status"

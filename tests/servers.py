@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -10,12 +11,75 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
+
+# Listening ports come from a block of this range that one test process holds alone. A port
+# picked by binding 0 and releasing it is only free until someone else binds it: with several
+# pytest-xdist workers (or several runs of the suite on one machine) starting servers at once,
+# two of them would pick the same one. The range is below Linux's ephemeral range (32768 and up),
+# so the kernel never hands a port from it to an outgoing connection or to a server bound to 0.
+PORT_RANGE = (10000, 32000)
+PORT_BLOCK = 1000
+_LOCK_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "harmonylite-test-ports"
+
+
+class _PortBlock:
+    """The block of ports this process holds (by an flock on its lock file, released when the
+    process exits, however it exits) and the next port to hand out from it."""
+
+    def __init__(self) -> None:
+        self.lock: IO[str] | None = None
+        self.start = 0
+        self.next = 0
+
+    def claim(self) -> None:
+        _LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        count = (PORT_RANGE[1] - PORT_RANGE[0]) // PORT_BLOCK
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3"; empty when not under xdist
+        first = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+        for i in range(count):
+            index = (first + i) % count
+            lock = (_LOCK_DIR / f"block-{index}.lock").open("w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            self.lock = lock
+            self.start = self.next = PORT_RANGE[0] + index * PORT_BLOCK
+            return
+        raise RuntimeError(f"all {count} test port blocks in {_LOCK_DIR} are held by other "
+                           "processes")
+
+    def port(self) -> int:
+        if self.lock is None:
+            self.claim()
+        # Round the block; a port still bound (a session server, a server of this test) is
+        # skipped. Going round once takes a thousand servers, so a port a test keeps for a
+        # server it restarts later is not handed out again meanwhile.
+        for _ in range(PORT_BLOCK):
+            candidate = self.next
+            self.next = self.start + (self.next - self.start + 1) % PORT_BLOCK
+            if _bindable(candidate):
+                return candidate
+        raise RuntimeError(f"no free port in {self.start}..{self.start + PORT_BLOCK - 1}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:  # no SO_REUSEADDR: a port with lingering connections is skipped
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+_BLOCK = _PortBlock()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, that no other test process of this machine will hand out."""
+    return _BLOCK.port()
 
 
 def wait_port(

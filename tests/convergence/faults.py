@@ -145,8 +145,8 @@ class FaultRunner(threading.Thread):
         elif f.kind == "restore":
             c.forced_restore(f.node)
         elif f.kind == "disk":
-            c.fill_disk(f.node)
-            try:
+            try:  # freed even when filling fails part-way
+                c.fill_disk(f.node)
                 self.stop.wait(f.duration)
             finally:
                 c.free_disk(f.node)

@@ -7,6 +7,7 @@ here is stopped by its PID in ``close()``, also when the run fails.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sqlite3
@@ -163,14 +164,17 @@ class Harness:
         """Take every free byte of the file system node ``i``'s database is on."""
         if not self.mounts:
             raise RuntimeError("the disk fault needs the databases on small file systems")
-        with self._filler(i).open("wb") as f:
-            block = b"\0" * (1 << 20)
-            try:
+        # ENOSPC is the point wherever it comes from: the write, the open (the node's own writes
+        # may fill the disk first) or the close (a buffered file flushes what it kept). One
+        # that escaped here once failed the run as a harness error with the disk left full.
+        block = b"\0" * (1 << 20)
+        try:
+            with self._filler(i).open("wb", buffering=0) as f:
                 while True:
                     f.write(block)
-                    f.flush()
-            except OSError:  # ENOSPC: the disk is full, which is the point
-                pass
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
 
     def free_disk(self, i: int) -> None:
         self._filler(i).unlink(missing_ok=True)

@@ -117,6 +117,8 @@ def eventually(n: int, sql: str, want: object, params: tuple[object, ...] = (),
     wait_until(lambda: q(n, sql, params) == want, timeout, f"node {n}: {sql} == {want}")
 
 
+# Shared by the module's tests in order: SHARED_CLUSTER_MODULES in tests/conftest.py sends
+# the whole module to one pytest-xdist worker.
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     lock = Path("/tmp/harmonylite-e2e.lock").open("w")  # noqa: SIM115 - held for the module

@@ -124,6 +124,8 @@ class Rig:
                    f"{what}: every node healthy again")
 
 
+# Shared by the module's tests in order: SHARED_CLUSTER_MODULES in tests/conftest.py sends
+# the whole module to one pytest-xdist worker.
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     r = Rig(tmp_path_factory.mktemp("jscluster"))

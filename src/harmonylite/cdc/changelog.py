@@ -133,19 +133,13 @@ def prune(conn: sqlite3.Connection) -> int:
 
 
 class PendingKeys:
-    """(table, key) of every row whose newest local change has not been sent yet; and of every
-    row whose newest local change has not come back from the stream yet.
+    """(table, key) of every row whose newest local change has not been sent yet.
 
-    Only changes above the publisher's intent count as not sent: those are certain to reach the
-    stream after anything this node receives now. A change already handed to the publisher may
-    sit anywhere in the stream relative to an incoming one, so it must not hide it. (The
-    publisher records its intent in its own write transaction, which cannot commit while the
-    applier holds the write lock, so the two never disagree about which changes were sent.)
-
-    A change sent but not back yet still hides this node's own *older* changes to its row as
-    they come back (:meth:`came_back`): they precede it in the row's stream, so their echo would
-    only step the row back until it arrives. Such a row stays here until its newest change comes
-    back; the change log may be pruned meanwhile (see ``Applier.prune_log``).
+    Only changes above the publisher's intent count: those are certain to reach the stream after
+    anything this node receives now. A change already handed to the publisher may sit anywhere in
+    the stream relative to an incoming one, so it must not hide it. (The publisher records its
+    intent in its own write transaction, which cannot commit while the applier holds the write
+    lock, so the two never disagree about which changes were sent.)
 
     Each refresh reads only the changes captured since the previous one, so checking a batch of
     incoming messages against the local pending changes costs nothing when there are none.
@@ -153,17 +147,14 @@ class PendingKeys:
 
     def __init__(self) -> None:
         self._latest: dict[tuple[str, tuple[object, ...]], int] = {}
-        self._unechoed: dict[tuple[str, tuple[object, ...]], int] = {}
         self._scanned = 0
 
     def refresh(self, conn: sqlite3.Connection, shapes: dict[int, TableShape],
                 fold: Callable[[str, tuple[object, ...]], tuple[object, ...]] | None = None,
-                echoes: Callable[[str], bool] | None = None) -> None:
-        """Read the changes captured since the last refresh. ``echoes`` names the tables whose
-        own changes come back through :meth:`came_back` (None: none are followed)."""
+                ) -> None:
         wm = max(watermark(conn), intent(conn))
-        if echoes is None and self._scanned < wm:
-            self._scanned = wm  # nothing sent is followed: no need to read it
+        if self._scanned < wm:
+            self._scanned = wm
         rows = fetch_all(conn, f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id",
                          (self._scanned,))
         for row in rows:
@@ -175,29 +166,10 @@ class PendingKeys:
                 continue
             name = shapes[entry.tid].name
             key = fold(name, entry.key) if fold is not None else entry.key
-            if entry.id > wm:
-                self._latest[(name, key)] = entry.id
-            if echoes is not None and echoes(name):
-                self._unechoed[(name, key)] = entry.id
+            self._latest[(name, key)] = entry.id
+            self._scanned = entry.id
         if self._latest and min(self._latest.values()) <= wm:
             self._latest = {k: v for k, v in self._latest.items() if v > wm}
-
-    def came_back(self, key: tuple[str, tuple[object, ...]], change_id: int) -> bool:
-        """This node's own change ``change_id`` to the row ``key`` came back from the stream:
-        True when a newer local change of the row is still to come back (applying this one
-        would step the row back past it)."""
-        newest = self._unechoed.get(key)
-        if newest is None:
-            return False
-        if newest > change_id:
-            return True
-        del self._unechoed[key]
-        return False
-
-    @property
-    def scanned(self) -> int:
-        """The newest change id read so far."""
-        return self._scanned
 
     def __contains__(self, key: object) -> bool:
         return key in self._latest

@@ -35,9 +35,7 @@ async def housekeeping(stop: asyncio.Event, writer: DbThread, *, interval: float
                 await writer.call(discard_unpublishable)
                 # No change watcher runs without publishing: the WAL is trimmed from here.
                 await writer.call(lambda conn: trim_wal(conn, writer.path))
-            # With an applier, the rows of the changes pruned are noted first (see
-            # ``Applier.prune_log``).
-            pruned = await writer.call(changelog.prune if applier is None else applier.prune_log)
+            pruned = await writer.call(changelog.prune)
             if pruned:
                 log.debug("pruned %d published changes", pruned)
             if applier is not None:

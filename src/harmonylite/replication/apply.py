@@ -142,16 +142,6 @@ class Applier(RowApplier):
             log.info("applied %d dead letters that the schema now accepts", applied)
         return applied
 
-    def prune_log(self, conn: sqlite3.Connection) -> int:
-        """Delete published changes from the change log (``changelog.prune``), once the rows
-        they changed are noted: a change sent but not back from the stream yet still keeps this
-        node's older changes coming back from stepping its row back (``PendingKeys``)."""
-        with write_transaction(conn):
-            if self.skip_pending:
-                self._refresh(conn)
-                self._refresh_pending(conn)
-            return changelog.prune(conn)
-
     def retry_parked(self, conn: sqlite3.Connection) -> int:
         """Apply parked changes whose table appeared since the last look (a cheap no-op when
         the schema did not change)."""
@@ -162,7 +152,7 @@ class Applier(RowApplier):
             self.settle.transaction_started(self._parked_tables)
             if self.settle.due(self._parked_tables):
                 conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
-                self._refresh_pending(conn)
+                self._pending.refresh(conn, self._shapes, self._folder(conn))
                 applied = self._unpark(conn, self._pending)
                 conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
         self.settle.transaction_committed(self._parked_tables)
@@ -183,7 +173,7 @@ class Applier(RowApplier):
             self._refresh(conn)
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
             if self.skip_pending:
-                self._refresh_pending(conn)
+                self._pending.refresh(conn, self._shapes, self._folder(conn))
             pending = self._pending
             self._parked_tables = parking.parked_tables(conn)
             self.settle.transaction_started(self._parked_tables)

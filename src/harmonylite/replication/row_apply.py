@@ -100,16 +100,6 @@ class RowApplier:
             self._provisional = conflicts.provisional_keys(conn)
         return True
 
-    def _refresh_pending(self, conn: sqlite3.Connection) -> None:
-        """Read the local changes captured since the last look (see ``PendingKeys``)."""
-        followed: Callable[[str], bool] | None = None
-        if self.skip_pending and self.origin:
-            def followed(table: str) -> bool:
-                # Tables whose own changes come back through ``_apply_change`` by key.
-                local = self._local(conn, table)
-                return local is not None and not local.content_keyed
-        self._pending.refresh(conn, self._shapes, self._folder(conn), followed)
-
     def _local(self, conn: sqlite3.Connection, table: str) -> TableInfo | None:
         if table not in self._tables:
             exists = conn.execute(
@@ -207,18 +197,6 @@ class RowApplier:
             if ch.op != ddl.OP_DELETE and local.unique_indexes:
                 self.displaced += self._displace_for_skipped(
                     conn, local, cols, vals, key, pending, stream, seq, batch.node_id)
-            return SKIPPED
-        if own and self._cid > 0 and self.skip_pending and not local.content_keyed \
-                and pending.came_back((table, fold_key(key, local.key_collations)), self._cid):
-            # This node's own change coming back, while a newer local change of the row (sent,
-            # not back yet) follows it in the stream: applying it would only step the row back
-            # until then, and an application reading the row meanwhile would build on the older
-            # value. What it does to other rows still happens here as on every node.
-            if ch.op != ddl.OP_DELETE and local.unique_indexes:
-                self.displaced += self._displace_for_skipped(
-                    conn, local, cols, vals, key, pending, stream, seq, batch.node_id)
-            local_key = tuple(values[i] for i in shape.local_key) if shape.local_key else key
-            self._settle(conn, table, local_key, deleted=ch.op == ddl.OP_DELETE)
             return SKIPPED
         if ch.op == ddl.OP_DELETE:
             local_key = tuple(values[i] for i in shape.local_key)

@@ -7,8 +7,8 @@
 #
 # On a fresh machine it creates .venv, installs the package with its test extra (with uv when it
 # can, else pip; again only when pyproject.toml changes) and OpenSSH's server (for the SFTP store
-# tests) when missing. Tests run on HARMONYLITE_TEST_WORKERS pytest-xdist workers (default 6;
-# pass -n 0 to run them in one process).
+# tests) when missing. Tests run on HARMONYLITE_TEST_WORKERS pytest-xdist workers (default 6, 2
+# with --quick; pass -n 0 to run them in one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,7 +55,11 @@ trap 'rm -f "$mypy_out"' EXIT
 .venv/bin/mypy >"$mypy_out" 2>&1 &
 mypy_pid=$!
 
-workers=${HARMONYLITE_TEST_WORKERS:-6}
+# Six workers for the whole suite: its tests mostly wait on servers and node processes. Two for
+# the quick loop: unit and property tests keep a core busy each.
+default_workers=6
+if [ "$quick" = 1 ]; then default_workers=2; fi
+workers=${HARMONYLITE_TEST_WORKERS:-$default_workers}
 # Each test goes to whichever worker is free, the longest first; a module whose tests share one
 # cluster in order goes whole to one worker (tests/conftest.py: SHARED_CLUSTER_MODULES).
 pytest=(.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n "$workers")

@@ -7,15 +7,21 @@
 #
 # On a fresh machine it creates .venv, installs the package with its test extra (with uv when it
 # can, else pip; again only when pyproject.toml changes) and OpenSSH's server (for the SFTP store
-# tests) when missing. Tests run on HARMONYLITE_TEST_WORKERS pytest-xdist workers (default 6;
-# pass -n 0 to run them in one process).
+# tests) when missing. Tests run on HARMONYLITE_TEST_WORKERS pytest-xdist workers (default 6; 2
+# with --quick; none, in one process, when pytest arguments are given without -n).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 quick=0
+named=0  # tests named on the command line (a path, or path::test)
 args=()
 for a in "$@"; do
-  if [ "$a" = --quick ]; then quick=1; else args+=("$a"); fi
+  if [ "$a" = --quick ]; then
+    quick=1
+  else
+    args+=("$a")
+    if [[ "$a" != -* ]] && [ -e "${a%%::*}" ]; then named=1; fi
+  fi
 done
 
 if [ "$quick" = 0 ] && [ ! -x /usr/sbin/sshd ]; then
@@ -55,15 +61,28 @@ trap 'rm -f "$mypy_out"' EXIT
 .venv/bin/mypy >"$mypy_out" 2>&1 &
 mypy_pid=$!
 
-workers=${HARMONYLITE_TEST_WORKERS:-6}
+# Six workers for the whole suite: its tests mostly wait on servers and node processes. Two for
+# the quick loop: unit and property tests keep a core busy each. Tests named on the command line
+# run in this process (starting workers costs more than a few tests) unless -n is given too.
+if [ "$quick" = 1 ]; then
+  default_workers=2
+elif [ "$named" = 1 ]; then
+  default_workers=0
+else
+  default_workers=6
+fi
+workers=${HARMONYLITE_TEST_WORKERS:-$default_workers}
 # Each test goes to whichever worker is free, the longest first; a module whose tests share one
 # cluster in order goes whole to one worker (tests/conftest.py: SHARED_CLUSTER_MODULES).
-pytest=(.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -n "$workers")
+pytest=(.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15)
+if [ "$workers" != 0 ]; then
+  pytest+=(-n "$workers")
+fi
 if [ "$quick" = 1 ]; then
   pytest+=(tests/unit)
 fi
 
-echo "== pytest (${workers} workers)"
+echo "== pytest (workers: ${workers})"
 status=0
 "${pytest[@]}" "${args[@]}" || status=$?
 

@@ -283,7 +283,7 @@ class Harness:
         stop.wait(write_seconds)  # the write phase's length
         stop.set()
         for w in writers:
-            w.join(60)
+            w.join(300)  # a writer finishing its migrations restarts its node (schema_restart)
         runner.join(120)
         notes = [f"writer {w.name}: {w.error!r}" for w in writers if w.error is not None]
         if runner.error is not None:

@@ -150,6 +150,8 @@ class Writer(threading.Thread):
                     slot += 1
                     continue
                 self.stop.wait(pause)
+            if self.profile.migrations:
+                self.finish_migrations()
         except BaseException as exc:  # reported by the harness
             self.error = exc
         finally:
@@ -379,10 +381,27 @@ class Writer(threading.Thread):
             self.history.count("busy")
 
     def _maybe_migrate(self, elapsed: float) -> None:
-        from .migrations import FRESH_STEP, STEPS, run_step
+        from .migrations import STEPS
         period = self.profile.write_seconds / (len(STEPS) + 2)
         due = (self.migration_step + 1) * period + self.index * period / 3
         if self.migration_step < len(STEPS) and elapsed >= due:
+            self._migrate_next()
+
+    def finish_migrations(self) -> None:
+        """The rollout completed after the writes: the steps this node had not reached yet
+        (each restart of ``schema_restart`` slows a node down; on a loaded machine the write
+        phase may end before its last steps, and nodes left on different schemas are an
+        unfinished rollout, not a divergence)."""
+        from .migrations import STEPS
+        while self.migration_step < len(STEPS):
+            with self.app:
+                if self.conn is None:
+                    self.conn = self._connect()
+                self._migrate_next()
+
+    def _migrate_next(self) -> None:
+        from .migrations import FRESH_STEP, STEPS, run_step
+        if self.migration_step < len(STEPS):
             assert self.conn is not None
             if run_step(self.conn, self.migration_step, self.node_id, self.history,
                         framework="framework" in self.profile.features):

@@ -16,7 +16,13 @@ from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.cdc.schema import TableInfo, fold_key, table_info
 from harmonylite.db.connection import fetch_all
-from harmonylite.replication import conflicts, large_values, parking, statements
+from harmonylite.replication import (
+    conflicts,
+    content_rows,
+    large_values,
+    parking,
+    statements,
+)
 from harmonylite.replication.deadletter import key_text
 from harmonylite.replication.event import Batch, RowChange
 from harmonylite.replication.outcome import (
@@ -200,6 +206,8 @@ class RowApplier:
             return SKIPPED
         if ch.op == ddl.OP_DELETE:
             local_key = tuple(values[i] for i in shape.local_key)
+            if local.content_keyed and self._removal_absorbed(conn, local, local_key):
+                return SKIPPED  # see content_rows: the stream's order leaves the rows as here
             st = self._statements(local, cols, ch.op, statements.raw_mask(local_key))
             statements.run(conn, local, st, cols, vals, local_key)
             if own:
@@ -358,6 +366,18 @@ class RowApplier:
                                f"{where}", (tid, back, *key)).fetchone()
             return int(row[0]) if row and row[0] is not None else None
         return newest
+
+    def _removal_absorbed(self, conn: sqlite3.Connection, local: TableInfo,
+                          key: tuple[object, ...]) -> bool:
+        """A removal from a table without a primary key that this node's own changes in
+        flight account for already (see :mod:`content_rows`)."""
+        if not self.origin or not self.skip_pending:  # publish = false: nothing goes out
+            return False
+        tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
+        if tid is None:
+            return False
+        back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
+        return content_rows.removal_absorbed(conn, local, tid, back, key)
 
     def _own_in_flight(self, conn: sqlite3.Connection, local: TableInfo,
                        key: tuple[object, ...]) -> bool:

@@ -36,6 +36,9 @@ def _mark(mask: tuple[bool, ...] | None, i: int) -> str:
     return "CAST(? AS TEXT)" if mask is not None and mask[i] else "?"
 
 
+mark = _mark  # the parameter for the i-th value (text that is not UTF-8 bound as TEXT)
+
+
 def _mark_n(mask: tuple[bool, ...] | None, i: int) -> str:
     return f"CAST(?{i + 1} AS TEXT)" if mask is not None and mask[i] else f"?{i + 1}"
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -157,6 +160,26 @@ class DbThread:
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(self._open()))
+
+    async def call_waiting(self, fn: Callable[[sqlite3.Connection], T], what: str,
+                           stop: asyncio.Event | None = None) -> T:
+        """``call(fn)``, tried again for as long as another connection holds the write lock
+        past SQLite's busy timeout (an application's long transaction): said once, never a
+        reason to give up. ``stop`` ends the wait (the error is raised then)."""
+        warned = False
+        while True:
+            try:
+                return await self.call(fn)
+            except sqlite3.OperationalError as exc:
+                text = str(exc).lower()
+                if ("locked" not in text and "busy" not in text) or (
+                        stop is not None and stop.is_set()):
+                    raise
+                if not warned:
+                    log.warning("waiting for the write lock on %s to %s: %s", self.path, what,
+                                exc, extra={"path": str(self.path)})
+                    warned = True
+            # Each try already waited a whole busy timeout inside SQLite: try again at once.
 
     def call_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return self._pool.submit(lambda: fn(self._open())).result()

@@ -173,7 +173,8 @@ class Node:
         if self.db_path.exists():
             # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
             # its positions read) before anything could restore over it.
-            await self.writer.call(lambda c: takeover.take_over(c, self.seq_map_path))
+            await self.writer.call_waiting(lambda c: takeover.take_over(c, self.seq_map_path),
+                                           "start", self.stop_event)
         if cfg.replicate and cfg.snapshot.enabled:
             # Restore from a snapshot when this node is new, lost its data or fell behind what
             # the streams still hold (and publish its pending changes first).
@@ -183,13 +184,16 @@ class Node:
             self.restored, self.read_ahead = recovery.restored, recovery.readers
         if not self.db_path.exists():
             raise HarmonyliteError(f"database file {self.db_path} does not exist")
-        self.install_report = await self.writer.call(
-            lambda conn: install(conn, cfg.replicates_table))
-        await self.writer.call(takeover.replay_pending)  # HarmonyLite's, through our capture
+        self.install_report = await self.writer.call_waiting(
+            lambda conn: install(conn, cfg.replicates_table), "install change capture",
+            self.stop_event)
+        # HarmonyLite's pending changes, through our capture.
+        await self.writer.call_waiting(takeover.replay_pending, "start", self.stop_event)
         await join.finish(self, self.restored)  # a merge's rows, through our capture
         epoch = self.epoch
-        own_origins = await self.writer.call(
-            lambda c: origin.adopt(c, cfg.node_id, epoch, self.db_path))
+        own_origins = await self.writer.call_waiting(
+            lambda c: origin.adopt(c, cfg.node_id, epoch, self.db_path), "start",
+            self.stop_event)
         log.info("change capture installed", extra={"tables": len(self.install_report.tables)})
         self.positions = await self._load_positions()
         self.dead_letters = await self.writer.call(deadletter.count)

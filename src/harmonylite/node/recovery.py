@@ -73,7 +73,7 @@ def _log_gaps(found: list[Gap], what: str) -> None:
                   extra={"stream": gap.stream, "from_seq": gap.first, "to_seq": gap.last})
 
 
-LIST_PATIENCE = 20.0  # seconds a store answering "unavailable" is retried at start
+LIST_PATIENCE = 60.0  # seconds a store answering "unavailable" (or timing out) is retried at start
 
 
 async def list_patiently(store: ObjectStore) -> list[Manifest]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,19 @@ def wait_until(pred: Callable[[], bool], timeout: float = 20.0, what: str = "con
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def health(n: NodeProc) -> tuple[int, dict[str, Any]]:
+    """GET the node's health endpoint (``health_check.bind`` in its config): the status and the
+    JSON body; (0, {}) while nothing answers yet."""
+    bind = n.config_path.read_text().split('bind = "')[1].split('"')[0]
+    try:
+        with urllib.request.urlopen(f"http://{bind}/health", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return 0, {}
 
 
 # Every node process a test starts, so that one left running by a failed test is stopped.

@@ -5,9 +5,6 @@ nats-server and a file store."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +21,10 @@ from test_recovery import (
 )
 from test_recovery_under_writes import Writer
 
-from nodes import NodeProc, wait_until
+from nodes import NodeProc, health, wait_until
 from servers import free_port
 
 pytest_plugins = ["test_recovery"]  # the ``cluster`` fixture
-
-
-def _health(n: NodeProc) -> tuple[int, dict[str, Any]]:
-    bind = n.config_path.read_text().split('bind = "')[1].split('"')[0]
-    try:
-        with urllib.request.urlopen(f"http://{bind}/health", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-    except OSError:
-        return 0, {}
 
 
 def _ids(node: NodeProc) -> set[int]:
@@ -122,7 +108,7 @@ def test_only_unsound_snapshots_cover_a_node_behind_so_it_asks_the_leader(
     seen_503: list[dict[str, Any]] = []
 
     def started_or_waiting() -> bool:
-        code, body = _health(b)
+        code, body = health(b)
         if code == 503 and any("waiting for a snapshot" in p for p in body.get("reasons", [])
                                + body.get("problems", [])):
             seen_503.append(body)

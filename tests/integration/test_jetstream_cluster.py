@@ -15,8 +15,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from cluster import Cluster
-from nodes import NodeProc, stop_leftovers, wait_until
+from nodes import NodeProc, health, stop_leftovers, wait_until
 from servers import free_port
 from workload import SCHEMA, Workload
 
@@ -33,15 +31,6 @@ STREAMS = ["harmonylite-changes-c-1", "harmonylite-changes-c-2"]
 SNAPSHOT_BUCKET = "harmonylite-changes-snapshot-store"
 # Slack over the measured election on this shared 2-core machine (the goal is 2 s).
 STALL_SLACK = 4.0
-
-
-def health(n: NodeProc) -> tuple[int, dict[str, Any]]:
-    bind = n.config_path.read_text().split('bind = "')[1].split('"')[0]
-    try:
-        with urllib.request.urlopen(f"http://{bind}/health", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 class Rig:

@@ -35,6 +35,7 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from harmonylite.errors import ConfigError
+from harmonylite.node.server_lock import pid_alive
 from harmonylite.snapshot.lease_kv import (
     bounded,
     bucket_ttl,
@@ -56,16 +57,6 @@ def boot_id() -> str:
         return BOOT_ID.read_text().strip()
     except OSError:
         return ""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe(holder: dict[str, Any]) -> str:

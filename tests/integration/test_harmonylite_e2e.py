@@ -277,6 +277,7 @@ def _leader(cluster: Cluster) -> int | None:
     holders = []
     for n in list(cluster.procs):
         text = cluster.log_text(n)
+        text = text[text.rfind(" stopped\n") + 1:]  # this process's lines, not a previous one's
         if text.rfind("Became snapshot leader") > text.rfind("snapshot leadership"):
             holders.append(n)
     return holders[0] if len(holders) == 1 else None

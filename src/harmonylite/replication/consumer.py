@@ -49,7 +49,7 @@ from harmonylite.errors import NatsError
 from harmonylite.replication import large_changes
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.event import MORE_HEADER, ORIGIN_HEADER
-from harmonylite.replication.nats_link import describe_error
+from harmonylite.replication.nats_link import describe_error, is_stream_offline
 from harmonylite.replication.outcome import ApplyResult, is_transient
 from harmonylite.replication.spool import Payload, held_bytes
 
@@ -128,6 +128,9 @@ class ShardConsumer:
         self._in_callback = False
         self._silent = False  # the last loss was a subscription that delivered nothing
         self._unreadable_since: float | None = None  # since when the stream does not answer
+        # The cluster says the stream is offline (all its servers down): no node can consume it,
+        # so this node is no further behind than any other.
+        self.stream_offline = False
 
     async def _on_msg(self, msg: Msg) -> None:
         self._last_received = time.monotonic()
@@ -224,6 +227,7 @@ class ShardConsumer:
                     # Whatever failed (timeout, 503 without a leader, a closed connection), the
                     # only way forward is to try again: never give up on a stream.
                     self._sub = None
+                    self.stream_offline = is_stream_offline(exc)
                     self._lost(f"cannot subscribe: {describe_error(exc)}")
                     # Attempts start every ``backoff`` seconds: one that timed out has already
                     # waited, so the next follows at once once the cluster can answer.
@@ -248,12 +252,14 @@ class ShardConsumer:
         except Exception as exc:
             # No leader, no quorum: nothing can be consumed from the stream meanwhile. Said in
             # health once it lasts, and head_seen_at ages for the snapshot leader's check.
+            self.stream_offline = is_stream_offline(exc)
             now = time.monotonic()
             self._unreadable_since = self._unreadable_since or now
             if now - self._unreadable_since >= UNREADABLE_AFTER:
                 self._lost(f"the stream does not answer ({describe_error(exc)})")
             return
         self._unreadable_since = None
+        self.stream_offline = False
         now = time.monotonic()
         head = int(info.state.last_seq)
         self.head_seen_at = now

@@ -31,6 +31,14 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+STREAM_OFFLINE = 10118  # JetStream's err_code: every server holding the stream is down
+
+
+def is_stream_offline(exc: BaseException) -> bool:
+    """The cluster answered that the stream is offline: no node can read it, not just this one."""
+    return isinstance(exc, APIError) and exc.err_code == STREAM_OFFLINE
+
+
 def stream_config(cfg: Config, shard: int) -> StreamConfig:
     rl = cfg.replication_log
     return StreamConfig(

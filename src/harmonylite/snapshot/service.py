@@ -70,6 +70,8 @@ class SnapshotService:
             return "the consumers are not running yet"
         now = time.monotonic()
         for c in node.consumers:
+            if c.stream_offline:
+                continue  # offline for every node alike (its servers are down): no one is ahead
             if c.not_consuming is not None:
                 return f"{c.stream} is not being consumed"
             if c.stalled is not None:

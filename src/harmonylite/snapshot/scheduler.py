@@ -371,7 +371,9 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.snapshot_saved(result.duration, manifest.stored_bytes,
                                         manifest.created_at, snapshot_id=manifest.id)
-        self._adopt(manifest, base=started)
+        # The next interval counts from the moment the manifest names (its created_at), not from
+        # the trigger: on a busy machine the capture may start well after the trigger fired.
+        self._adopt(manifest)
 
     def _unless_at(self) -> dict[str, int] | None:
         """No capture at exactly the newest snapshot's position, unless that one is unsound."""

@@ -507,16 +507,21 @@ def test_django_concurrent_inserts_lose_nothing_silently(
 ) -> None:
     a, b = start_pair(project.v2_db)
     # The same instant on both nodes (two threads, one per node's database): Django's
-    # auto-increment picks the same next id on each.
+    # auto-increment picks the same next id on each. Each thread holds its database's write
+    # lock (an UPDATE that matches nothing) before the two meet, so neither node can apply the
+    # other's row first, however quickly it arrives.
     out = orm(project.dir, a, """
         import json, threading
+        from django.db import transaction
         from library.models import Author, Book
         barrier = threading.Barrier(2)
         made = {}
         def create(alias, name):
-            barrier.wait()
-            author = Author.objects.using(alias).create(name=name)
-            book = Book.objects.using(alias).create(author=author, title=name + "'s book")
+            with transaction.atomic(using=alias):
+                Author.objects.using(alias).filter(pk=-1).update(name=name)
+                barrier.wait()
+                author = Author.objects.using(alias).create(name=name)
+                book = Book.objects.using(alias).create(author=author, title=name + "'s book")
             made[alias] = [author.pk, book.pk]
         threads = [threading.Thread(target=create, args=args)
                    for args in (("default", "Ann on node 1"), ("other", "Bob on node 2"))]

@@ -84,6 +84,9 @@ class SnapshotConfig:
     restore_timeout: int = 300_000  # ms a restore keeps trying while the application writes
     request_timeout: int = 120_000  # ms a node behind the streams waits for a fresh snapshot
     join: str = "refuse"  # a database with rows of its own and a snapshot: refuse|replace|merge
+    archive: bool = False  # keep the change streams in the store as segments (point in time)
+    archive_retention: int = 604_800_000  # ms of history kept: segments and snapshots
+    archive_interval: int = 10_000  # ms a change may wait before its segment is stored
     nats: NatsStoreConfig = field(default_factory=NatsStoreConfig)
     s3: S3Config = field(default_factory=S3Config)
     sftp: SftpConfig = field(default_factory=SftpConfig)
@@ -203,6 +206,8 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "snapshot.keep": (1, 10_000),
     "snapshot.restore_timeout": (0, None),
     "snapshot.request_timeout": (0, None),
+    "snapshot.archive_retention": (1000, None),
+    "snapshot.archive_interval": (10, None),
     "snapshot.nats.replicas": (1, 5),
     "nats.connect_retries": (0, None),
     "nats.reconnect_wait_seconds": (0, None),

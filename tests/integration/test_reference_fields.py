@@ -35,7 +35,8 @@ def test_health_document_and_metrics_match_the_reference(tmp_path: Path,
     node = NodeProc(tmp_path / "n1", 1, {
         "nats": {"urls": [nats_server.url]},
         "replication_log": {"shards": 2},
-        "snapshot": {"store": "file", "file": {"path": str(tmp_path / "snaps")}},
+        "snapshot": {"store": "file", "file": {"path": str(tmp_path / "snaps")},
+                     "archive": True, "archive_interval": 200},
         "health_check": {"enable": True, "bind": f"127.0.0.1:{health_port}"},
         "prometheus": {"enable": True, "bind": f"127.0.0.1:{metrics_port}"},
     })
@@ -45,6 +46,9 @@ def test_health_document_and_metrics_match_the_reference(tmp_path: Path,
     health = f"http://127.0.0.1:{health_port}/health"
     wait_until(lambda: httpx.get(health, timeout=5).json()["snapshot"]["last_id"] is not None,
                60, "the first snapshot")
+    # The archive's fields are there once it wrote the first segment.
+    wait_until(lambda: (httpx.get(health, timeout=5).json()["archive"]
+                        ["newest_segment_age_seconds"]) is not None, 60, "the first segment")
     body = httpx.get(health, timeout=5).json()
     assert flatten(body) == set(FIELDS), body
 

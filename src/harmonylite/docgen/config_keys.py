@@ -91,6 +91,20 @@ KEYS: dict[str, KeyDoc] = {
                             "start, `replace` them by the snapshot, or `merge` them into it as "
                             "this node's changes; both keep a copy of the old file. `-join` "
                             "overrides it."),
+    "snapshot.archive": KeyDoc("Keep every change of the streams in the snapshot store as "
+                               "compressed, checksummed segments, written by the snapshot "
+                               "leader, so a database can be restored to any point in time "
+                               "inside `archive_retention` ([point in time](point-in-time.md)).",
+                               shared=True),
+    "snapshot.archive_retention": KeyDoc("With `archive`: milliseconds of history kept. "
+                                         "Snapshots newer than this, and the newest one older, "
+                                         "are kept (at least `keep`), and segments from that "
+                                         "oldest snapshot on, so the history has no hole.",
+                                         shared=True),
+    "snapshot.archive_interval": KeyDoc("With `archive`: milliseconds a change may wait before "
+                                        "its segment is stored (a segment is also stored at "
+                                        "20000 messages or 16 MiB). The archive trails the "
+                                        "streams by about this much."),
     "snapshot.nats.replicas": KeyDoc("Replicas of the snapshot object store.", shared=True),
     "snapshot.nats.bucket": KeyDoc("Object store bucket. Empty: "
                                    "`{stream_prefix}-snapshot-store`.", shared=True),

@@ -46,6 +46,15 @@ FIELDS: dict[str, str] = {
     "schema.parked": "those changes per table",
     "schema.mismatched_tables": "tables with parked changes: a migration this node has not run",
     "schema.tables": "this node's tables with the hash of their shape",
+    "archive.writing": "with `snapshot.archive`: this node writes the archive (it holds the "
+                       "snapshot lease)",
+    "archive.newest_segment_age_seconds": "seconds since the server time of the newest "
+                                          "archived message this node knows of (`null`: none)",
+    "archive.last_error": "the store's last error while archiving, cleared by the next segment",
+    "archive.streams.<stream>.archived_sequence": "the newest sequence of the stream archived",
+    "archive.streams.<stream>.lag_messages": "messages the stream holds beyond the archive",
+    "archive.streams.<stream>.gap": "`[first, last]` of messages the stream dropped before they "
+                                    "were archived, or `null` (`archive verify` names it too)",
     "reasons": "why the node is unhealthy, one sentence each; empty when healthy",
 }
 

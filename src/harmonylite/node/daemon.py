@@ -429,6 +429,8 @@ class Node:
             "warnings": self.warnings(),
             "schema": self.schema.status() if self.schema is not None else {},
             "problems": self.problems(),
+            **({"archive": self.snapshots.archive.status()}
+               if self.snapshots is not None and self.snapshots.archive is not None else {}),
         }
 
     def replication_state(self) -> dict[str, Any]:
@@ -439,7 +441,13 @@ class Node:
         return self._conflicts_at_start + (self.applier.displaced if self.applier else 0)
 
     def warnings(self) -> list[str]:
-        return status.warnings(self.dead_letters, self.conflicts())
+        out = status.warnings(self.dead_letters, self.conflicts())
+        archive = self.snapshots.archive if self.snapshots is not None else None
+        if archive is not None:
+            out += [f"the archive of {s} misses messages {st.gap[0]}..{st.gap[1]}: the stream "
+                    "dropped them before they were archived (harmonylite archive verify)"
+                    for s, st in sorted(archive.state.items()) if st.gap]
+        return out
 
     def problems(self) -> list[str]:
         out = status.problems(self.supervisor, self.consumers, self.gaps)

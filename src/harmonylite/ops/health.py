@@ -174,7 +174,7 @@ def evaluate(
     }
     if staleness is not None:
         body["snapshot"]["staleness_seconds"] = round(staleness, 3)
-    for extra in ("replication", "dead_letters", "conflicts", "schema", "warnings"):
+    for extra in ("replication", "dead_letters", "conflicts", "schema", "warnings", "archive"):
         if extra in status:
             body[extra] = status[extra]
     return healthy, body

@@ -135,6 +135,15 @@ class Metrics:
         self.stream_gaps_total = Counter(
             "stream_gaps", "Times a stream was found to have dropped messages this node had not "
             "applied.", **ns)
+        # The archive of the streams (snapshot.archive), on the node that writes it.
+        self.archive_lag_messages = Gauge(
+            "archive_lag_messages", "Messages a stream holds beyond its archive (on the "
+            "snapshot leader, which writes the archive).", ["stream"], **ns)
+        self.archive_segment_age_seconds = Gauge(
+            "archive_segment_age_seconds", "Seconds since the server time of the newest "
+            "archived message (NaN where no archive is written).", **ns)
+        self.archive_segment_age_seconds.set_function(self._archive_age_value)
+        self._archive_age_source: Callable[[], float | None] | None = None
         self.nats_connected = Gauge(
             "nats_connected", "1 while the NATS connection is up, else 0.", **ns)
         self.nats_connected.set_function(self._nats_value)
@@ -182,6 +191,23 @@ class Metrics:
     def track_nats_connected(self, source: Callable[[], bool]) -> None:
         """Read the connection state from ``source`` at every scrape."""
         self._nats_source = source
+
+    # --- archive -------------------------------------------------------------------------------
+    def archive_state(self, stream: str, lag: int) -> None:
+        self.archive_lag_messages.labels(stream).set(max(0, lag))
+
+    def track_archive_age(self, source: Callable[[], float | None]) -> None:
+        """Read the newest archived message's age from ``source`` at every scrape."""
+        self._archive_age_source = source
+
+    def _archive_age_value(self) -> float:
+        if self._archive_age_source is None:
+            return math.nan
+        try:
+            age = self._archive_age_source()
+        except Exception:
+            return math.nan
+        return math.nan if age is None else float(age)
 
     # --- snapshots -----------------------------------------------------------------------------
     def snapshot_saved(

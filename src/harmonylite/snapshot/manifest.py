@@ -246,20 +246,37 @@ async def delete_snapshot(store: ObjectStore, manifest: Manifest) -> None:
     await store.delete(manifest.manifest_key)
 
 
-async def prune(store: ObjectStore, keep: int) -> list[str]:
-    """Delete committed snapshots beyond the newest ``keep`` (oldest first); returns their ids.
+def retained(committed: list[Manifest], keep: int,
+             keep_since: datetime | None = None) -> list[Manifest]:
+    """Of ``committed`` (newest first), those retention keeps: the newest ``keep`` and, with
+    ``keep_since`` (an archive's horizon), every one taken since then plus the newest one
+    before it, where the archive's history begins."""
+    kept = {m.id for m in committed[:keep]}
+    if keep_since is not None:
+        older = [m for m in committed if _created(m) < keep_since]
+        kept |= {m.id for m in committed if _created(m) >= keep_since}
+        if older:
+            kept.add(older[0].id)
+    return [m for m in committed if m.id in kept]
+
+
+async def prune(store: ObjectStore, keep: int,
+                keep_since: datetime | None = None) -> list[str]:
+    """Delete committed snapshots retention does not keep (see :func:`retained`), oldest first;
+    returns their ids.
 
     Data objects without a manifest are leftovers of failed runs when the store's own clock
     puts them well (LEFTOVER_GRACE) before the oldest kept manifest: a capture still uploading
     is never removed, whatever the clocks of the nodes say.
     """
     committed = await list_snapshots(store)
-    doomed = list(reversed(committed[keep:]))
+    kept = retained(committed, keep, keep_since)
+    kept_ids = {m.id for m in kept}
+    doomed = [m for m in reversed(committed) if m.id not in kept_ids]
     removed: list[str] = []
     for manifest in doomed:
         await delete_snapshot(store, manifest)
         removed.append(manifest.id)
-    kept = committed[:keep]
     if kept:
         listing = await store.list(PREFIX)
         stamps = {i.key: i.modified for i in listing}

@@ -264,7 +264,11 @@ class SnapshotPipeline:
     async def _prune(self) -> list[str]:
         """Retention after a commit; a failure here does not undo the committed snapshot."""
         try:
-            removed = await prune(self.store, self.cfg.snapshot.keep)
+            snap = self.cfg.snapshot
+            # With the archive on, snapshots stay as long as its history does.
+            since = datetime.now(UTC) - timedelta(milliseconds=snap.archive_retention) \
+                if snap.archive else None
+            removed = await prune(self.store, snap.keep, since)
         except Exception as exc:
             log.warning("pruning old snapshots failed: %s", packing.reason(exc))
             return []

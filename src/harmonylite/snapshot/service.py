@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harmonylite.archive.writer import ArchiveWriter, Lease
 from harmonylite.replication.consumer import near_head
 from harmonylite.snapshot.freshness import Freshness
 from harmonylite.snapshot.leader import LeaderElection
@@ -58,6 +60,14 @@ class SnapshotService:
                                    heads=self.heads, local_since=self._unpublished_since)
         node.metrics.track_snapshot_freshness(self.freshness.state)
         node.link.on_reconnect.append(self._reconnected)
+        self.archive: ArchiveWriter | None = None
+        if cfg.snapshot.archive:
+            self.archive = ArchiveWriter(
+                js=node.js, open_store=self._open_store, lease=Lease(self.election),
+                streams=cfg.names.subjects(), node_id=cfg.node_id,
+                interval_ms=cfg.snapshot.archive_interval,
+                spool=Path(cfg.snapshot.temp_dir) if cfg.snapshot.temp_dir else None,
+                metrics=node.metrics)
 
     def stale_reason(self) -> str | None:
         """Why a snapshot of this node's database now would be stale (None: it would not)."""
@@ -110,6 +120,8 @@ class SnapshotService:
         tasks = [asyncio.create_task(self.election.run(stop)),
                  asyncio.create_task(self.scheduler.run(stop)),
                  asyncio.create_task(self.freshness.run(stop))]
+        if self.archive is not None:
+            tasks.append(asyncio.create_task(self.archive.run(stop)))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -118,5 +130,7 @@ class SnapshotService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
+        if self.archive is not None:
+            await self.archive.close()
         await self.scheduler.close()
         await self.election.release()

@@ -1,0 +1,92 @@
+"""The archive's segment format and catalog, without a store."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from harmonylite.archive import catalog, segment
+from harmonylite.archive.segment import Message, SegmentError, SegmentManifest, SegmentRef
+from harmonylite.snapshot.manifest import Manifest
+
+
+def msgs(first: int, last: int, t0: int = 1_700_000_000_000_000) -> list[Message]:
+    return [Message(s, t0 + s * 1000, {"Harmonylite-Origin": "1:ab"}, bytes([s % 256]) * s)
+            for s in range(first, last + 1)]
+
+
+def test_round_trip_keeps_sequences_times_headers_and_bytes() -> None:
+    messages = msgs(5, 40) + [Message(41, 1, {}, b"")]
+    stored, manifest = segment.encode("s-1", messages, 7)
+    assert manifest.first_seq == 5 and manifest.last_seq == 41 and manifest.count == 37
+    back = SegmentManifest.from_json(manifest.ref.manifest_key, manifest.to_json())
+    assert back == manifest
+    assert segment.decode(back, stored) == messages
+    assert len(stored) < sum(len(m.data) for m in messages)  # compressed
+
+
+def test_key_names_range_and_times() -> None:
+    _, manifest = segment.encode("s-1", msgs(1, 3), 1)
+    ref = manifest.ref
+    assert segment.parse_key(ref.data_key) == (ref, "data")
+    assert segment.parse_key(ref.manifest_key) == (ref, "manifest")
+    assert ref.data_key.startswith("archive/s-1/00000000000000000001-00000000000000000003-")
+    assert segment.parse_key("snapshots/x.json") is None
+    assert segment.parse_key("archive/heads/s-1.json") is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "other"])
+def test_corruption_is_named(damage: str) -> None:
+    stored, manifest = segment.encode("s-1", msgs(1, 50), 1)
+    if damage == "flip":
+        bad = stored[:20] + bytes([stored[20] ^ 1]) + stored[21:]
+    elif damage == "truncate":
+        bad = stored[:-3]
+    else:
+        bad, _ = segment.encode("s-1", msgs(1, 49), 1)
+    with pytest.raises(SegmentError) as err:
+        segment.decode(manifest, bad)
+    assert manifest.ref.data_key in str(err.value)
+
+
+def test_messages_must_be_contiguous() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        segment.encode("s-1", msgs(1, 2) + msgs(4, 4), 1)
+
+
+def test_time_conversion_is_exact() -> None:
+    when = datetime(2026, 12, 5, 8, 1, 2, 345678, tzinfo=UTC)
+    us = segment.datetime_to_us(when)
+    assert segment.us_to_rfc3339(us) == "2026-12-05T08:01:02.345678Z"
+
+
+def ref(first: int, last: int) -> SegmentRef:
+    return SegmentRef("s-1", first, last, first * 10, last * 10)
+
+
+def test_coverage_gaps_and_chains() -> None:
+    arch = catalog.StreamArchive("s-1", [ref(1, 10), ref(5, 20), ref(21, 30), ref(40, 50)])
+    assert arch.gaps() == [(31, 39)]
+    assert arch.covers(0, 30) is None
+    assert arch.covers(12, 45) == (31, 39)
+    assert [s.first for s in arch.chain(12, 30)] == [5, 21]
+    assert arch.last == 50
+
+
+def manifest(sid: str, seq: int, created: str) -> Manifest:
+    return Manifest(id=sid, node_id=1, created_at=created, db_bytes=1, db_sha256="",
+                    stored_bytes=1, stored_sha256="", compression="none",
+                    sequences={"s-1": seq})
+
+
+def test_window_starts_at_the_oldest_snapshot_the_archive_continues() -> None:
+    new = manifest("p000000000000040-20261205T080000Z-1-00000001", 40, "2026-12-05T08:00:00Z")
+    mid = manifest("p000000000000020-20261205T070000Z-1-00000002", 20, "2026-12-05T07:00:00Z")
+    old = manifest("p000000000000003-20261205T060000Z-1-00000003", 3, "2026-12-05T06:00:00Z")
+    arch = catalog.StreamArchive("s-1", [ref(10, 30), ref(31, 45)])
+    win = catalog.window([new, mid, old], {"s-1": arch})
+    assert win.start is mid  # old needs 4..9, which is missing
+    assert win.end_us == win.start_us  # the archive ends (450 us) before that snapshot
+    assert catalog.prunable([new, mid], {"s-1": arch}) == []
+    assert catalog.prunable([new], {"s-1": arch}) == [ref(10, 30)]

@@ -17,7 +17,7 @@ def msgs(first: int, last: int, t0: int = 1_700_000_000_000_000) -> list[Message
 
 
 def test_round_trip_keeps_sequences_times_headers_and_bytes() -> None:
-    messages = msgs(5, 40) + [Message(41, 1, {}, b"")]
+    messages = [*msgs(5, 40), Message(41, 1, {}, b"")]
     stored, manifest = segment.encode("s-1", messages, 7)
     assert manifest.first_seq == 5 and manifest.last_seq == 41 and manifest.count == 37
     back = SegmentManifest.from_json(manifest.ref.manifest_key, manifest.to_json())
@@ -52,7 +52,7 @@ def test_corruption_is_named(damage: str) -> None:
 
 def test_messages_must_be_contiguous() -> None:
     with pytest.raises(ValueError, match="contiguous"):
-        segment.encode("s-1", msgs(1, 2) + msgs(4, 4), 1)
+        segment.encode("s-1", [*msgs(1, 2), *msgs(4, 4)], 1)
 
 
 def test_time_conversion_is_exact() -> None:

@@ -78,6 +78,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 SHARED_CLUSTER_MODULES = frozenset({
     "tests/integration/test_harmonylite_e2e.py",  # fixed ports and paths: one cluster at a time
     "tests/integration/test_jetstream_cluster.py",
+    "tests/integration/test_cluster_status.py",
 })
 
 

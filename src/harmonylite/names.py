@@ -3,11 +3,11 @@
 Two clusters may share one NATS account when their ``[nats] stream_prefix`` differ (their
 ``subject_prefix`` must differ too, or their streams would claim the same subjects). Everything a
 cluster keeps in NATS is then its own: streams and subjects carry the prefixes, the snapshot and
-large-change object stores are named after ``stream_prefix``, and the buckets that have fixed
-names in HarmonyLite (the lease bucket ``e-harmonylite``, the schema registry) get the cluster's
-``stream_prefix`` as a suffix. A cluster on the default ``stream_prefix`` keeps exactly the names
-HarmonyLite uses, so a node taken over from HarmonyLite (or an older harmonylite) meets its
-cluster where it was.
+large-change object stores and the heartbeat buckets are named after ``stream_prefix``, and the
+buckets that have fixed names in HarmonyLite (the lease bucket ``e-harmonylite``, the schema
+registry) get the cluster's ``stream_prefix`` as a suffix. A cluster on the default
+``stream_prefix`` keeps exactly the names HarmonyLite uses, so a node taken over from HarmonyLite
+(or an older harmonylite) meets its cluster where it was.
 
 The namespace is the ``stream_prefix``: the ``subject_prefix`` is one of the settings every node
 must share (see :mod:`harmonylite.node.shared_settings`), so a node whose subject prefix differs
@@ -115,9 +115,23 @@ class Namespace:
         """Object store of changes too large for one message."""
         return f"{self.stream_prefix}-large-changes"
 
+    @property
+    def heartbeat_bucket(self) -> str:
+        """KV: each node's state, put about once a second (``cluster status``, the live page);
+        keys expire an hour after a node's last beat."""
+        return f"{self.stream_prefix}-heartbeats"
+
+    @property
+    def last_seen_bucket(self) -> str:
+        """KV without TTL: each node's last heartbeat, kept every few seconds and at a clean
+        stop, so a node that stopped beating stays in view until ``cluster forget``."""
+        return f"{self.stream_prefix}-last-seen"
+
     def describe(self) -> dict[str, object]:
         """Every name, for logs and the ``shared-settings show`` command."""
         return {"streams": self.subjects(), "lease_bucket": self.lease_bucket,
                 "schema_bucket": self.schema_bucket, "settings_bucket": self.settings_bucket,
                 "snapshot_bucket": self.snapshot_bucket,
-                "large_changes_bucket": self.large_changes_bucket}
+                "large_changes_bucket": self.large_changes_bucket,
+                "heartbeat_bucket": self.heartbeat_bucket,
+                "last_seen_bucket": self.last_seen_bucket}

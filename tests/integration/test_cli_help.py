@@ -14,7 +14,7 @@ EVERY = (
     "-config", "-node-id", "-cluster-addr", "-cluster-peers", "-leaf-servers", "-cleanup",
     "-save-snapshot", "-schema-status", "-schema-status-cluster", "-pprof", "-version",
     "--output", "--integrity-check", "--force", "--json", "--all", "shared-settings show",
-    "shared-settings apply",
+    "shared-settings apply", "cluster status", "cluster forget", "--watch", "--max-lag",
 )
 
 
@@ -34,7 +34,8 @@ def test_help_lists_every_command_flag_and_exit_code(tmp_path: Path) -> None:
 
 def test_a_commands_help_needs_no_configuration(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("this is = not [valid toml\n")
-    for command in ("snapshot", "dead-letters", "schema", "conflicts", "shared-settings"):
+    for command in ("snapshot", "dead-letters", "schema", "conflicts", "shared-settings",
+                    "cluster"):
         out = harmonylite(tmp_path, command, "--help")
         assert out.returncode == 0, (command, out.stderr)
         assert f"harmonylite {command}" in out.stdout

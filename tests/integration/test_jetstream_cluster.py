@@ -135,7 +135,8 @@ def test_every_bucket_follows_the_configured_replicas(rig: Rig) -> None:
     wait_until(lambda: any("Snapshot saved" in n.log_text() for n in rig.nodes), 60,
                "the first snapshot")
     for stream in [*STREAMS, "KV_e-harmonylite", "KV_harmonylite-schema-registry",
-                   "KV_harmonylite-cluster-settings", f"OBJ_{SNAPSHOT_BUCKET}"]:
+                   "KV_harmonylite-cluster-settings", "KV_harmonylite-changes-heartbeats",
+                   "KV_harmonylite-changes-last-seen", f"OBJ_{SNAPSHOT_BUCKET}"]:
         info = rig.cluster.stream_state(stream)
         assert info.config.num_replicas == 3, f"{stream} has {info.config.num_replicas} replicas"
 

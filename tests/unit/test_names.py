@@ -17,7 +17,8 @@ def names_of(nats: dict[str, object], **replication_log: object) -> Namespace:
 
 def every_name(ns: Namespace) -> set[str]:
     return {*ns.streams(), *ns.subjects().values(), ns.lease_bucket, ns.schema_bucket,
-            ns.settings_bucket, ns.snapshot_bucket, ns.large_changes_bucket}
+            ns.settings_bucket, ns.snapshot_bucket, ns.large_changes_bucket,
+            ns.heartbeat_bucket, ns.last_seen_bucket}
 
 
 def test_the_defaults_are_harmonylites_names() -> None:
@@ -28,6 +29,8 @@ def test_the_defaults_are_harmonylites_names() -> None:
     assert ns.schema_bucket == "harmonylite-schema-registry"
     assert ns.snapshot_bucket == "harmonylite-changes-snapshot-store"
     assert ns.large_changes_bucket == "harmonylite-changes-large-changes"
+    assert ns.heartbeat_bucket == "harmonylite-changes-heartbeats"
+    assert ns.last_seen_bucket == "harmonylite-changes-last-seen"
     assert names_of({}, compress=False).stream(1) == "harmonylite-changes-1"
 
 

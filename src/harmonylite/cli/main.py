@@ -58,6 +58,8 @@ COMMANDS = (
             "this node's schema and parked changes, or every node's (--cluster)"),
     Command("conflicts", "harmonylite.cli.conflicts",
             "rows this node removed because a later change took their UNIQUE value"),
+    Command("cluster", "harmonylite.cli.cluster",
+            "every node of the cluster from its heartbeats: status (worst first), forget"),
     Command("shared-settings", "harmonylite.cli.shared_settings",
             "the settings every node must share, as the cluster recorded them; apply changes "
             "the shard count for the whole cluster"),

@@ -37,12 +37,14 @@ from harmonylite import __version__
 from harmonylite.aio import wait_any
 from harmonylite.cdc import changelog, takeover
 from harmonylite.cdc.install import InstallReport, install
+from harmonylite.cluster.heartbeat import Buckets, HeartbeatPublisher
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
 from harmonylite.node import join, origin, status
 from harmonylite.node.claim import NodeClaim
 from harmonylite.node.embedded_nats import EmbeddedNats
+from harmonylite.node.heartbeat_state import Lease, collector
 from harmonylite.node.housekeeping import housekeeping
 from harmonylite.node.schema_follow import SchemaFollower
 from harmonylite.node.shared_settings import (
@@ -239,6 +241,7 @@ class Node:
 
                 self.snapshots = SnapshotService(self)
                 self._spawn("snapshots", self.snapshots.run)
+        self._start_heartbeats()
         chores = functools.partial(
             housekeeping, self.stop_event, self.writer, interval=cfg.cleanup_interval / 1000,
             publish=cfg.publish, applier=self.applier, schema=self.schema)
@@ -249,6 +252,26 @@ class Node:
         log.info("node started", extra={"version": __version__, "publish": cfg.publish,
                                         "replicate": cfg.replicate,
                                         "shards": cfg.replication_log.shards})
+
+    def _start_heartbeats(self) -> None:
+        """This node's state in the cluster's heartbeat bucket every second (cluster status,
+        the live page)."""
+        cfg = self.cfg
+        buckets = Buckets(cfg.names.heartbeat_bucket, cfg.names.last_seen_bucket,
+                          replicas=cfg.replication_log.replicas,
+                          update_existing=cfg.replication_log.update_existing)
+        publisher = HeartbeatPublisher(
+            self.js, cfg.node_id, buckets, collector(cfg, self.health_status, self.lease),
+            lambda: self.nc is not None and self.nc.is_connected)
+        self._spawn("heartbeats", publisher.run)
+
+    def lease(self) -> Lease | None:
+        """The snapshot lease as this node sees it (None: it takes no part in snapshots)."""
+        if self.snapshots is None:
+            return None
+        e = self.snapshots.election
+        return Lease(e.holder if e.is_leader or e.holder != self.cfg.node_id else None, e.term,
+                     e.is_leader)
 
     async def _consume(self, stream: str, subject: str, applier: Applier) -> None:
         assert self.js is not None

@@ -2,14 +2,14 @@
 
 A node started with a value that differs from the cluster's refuses to start (exit 2) and names
 the key, its value and the cluster's. Changing the shard count is done for the whole cluster
-with ``harmonylite shared-settings apply``: nodes still running the old value say so on health
-(503), and nodes running the new one read the retired streams, so no row is lost on the way.
+with ``harmonylite shared-settings apply`` while every node is stopped (refused while one runs);
+the nodes then read the old streams up to the cut before anything newer, so no row is lost and
+every node ends on the same version of each row.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,63 +103,114 @@ async def _stream_names(url: str) -> list[str]:
         await nc.close()
 
 
-def test_changing_shards_one_node_at_a_time_loses_no_row(
+def write(node: NodeProc, ids_: range) -> None:
+    for i in ids_:
+        node.execute("INSERT INTO items VALUES (?, ?)", (i, f"row {i}"))
+
+
+def update(node: NodeProc, tag: str, rows_: range = range(1, 41)) -> None:
+    for i in rows_:
+        node.execute("UPDATE items SET name = ? WHERE id = ?", (f"{tag} {i}", i))
+
+
+def rows(node: NodeProc) -> list[tuple[Any, ...]]:
+    return node.query("SELECT id, name FROM items ORDER BY id")
+
+
+def refused_while_running(node: NodeProc, running: NodeProc) -> None:
+    """``shared-settings apply`` of a new shard count while ``running`` runs: exit 2, naming the
+    key, the running node and the procedure."""
+    out = node.cli("shared-settings", "apply")
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert "replication_log.shards" in text and f"node {running.node_id}" in text, text
+    assert "Stop every node" in text and "Changing the shard count" in text, text
+    assert health(running)[0] == 200  # nothing was recorded
+
+
+def test_lowering_shards_is_done_with_the_cluster_stopped_and_loses_no_row(
         tmp_path: Path, nats_server: NatsServer) -> None:
     a = make_node(tmp_path, 1, nats_server.url, shards=4)
     b = make_node(tmp_path, 2, nats_server.url, shards=4)
     a.start_async()
     b.start()
     a.wait_started()
-    next_id = iter(range(1, 10_000))
+    write(a, range(1, 41))
+    write(b, range(41, 81))
+    wait_until(lambda: ids(a) == ids(b) == set(range(1, 81)), 30, "both nodes at 80 rows")
 
-    def write(node: NodeProc, count: int) -> None:
-        for _ in range(count):
-            i = next(next_id)
-            node.execute("INSERT INTO items VALUES (?, ?)", (i, f"row {i}"))
-
-    write(a, 60)
-    write(b, 60)
-    wait_until(lambda: ids(a) == ids(b) == set(range(1, 121)), 30, "both nodes at 120 rows")
-
-    # Rolling restart, first node: its new shard count differs from the cluster's.
+    # One node at a time: a node on the new count is refused at start, and so is the change.
     assert a.stop() == 0
-    write(b, 50)  # rows b publishes on its four shards while a is down
+    write(b, range(81, 121))  # on b's four shards while a is down: a reads them later
     set_replication_log(a, shards=1)
     code, text = run_to_exit(a)
     assert code == 2, text
-    assert "replication_log.shards" in text and "1" in text and "4" in text, text
+    assert "replication_log.shards = 1 on this node, the cluster's is 4" in text, text
+    refused_while_running(a, b)
 
-    # The change, for the whole cluster.
+    # With every node stopped, the change is recorded; the nodes start on the new count.
+    assert b.stop() == 0
     out = a.cli("shared-settings", "apply")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "replication_log.shards" in out.stdout
-
-    # b still runs with 4 shards: it says so on health, naming the key and both values.
-    def b_says_so() -> bool:
-        code, body = health(b)
-        return code == 503 and any("replication_log.shards" in r for r in body.get("reasons", []))
-
-    wait_until(b_says_so, 20, "b to report the difference on health")
-
-    # a runs with one shard now, while b (four shards) keeps writing.
-    writing = threading.Thread(target=write, args=(b, 100))
-    writing.start()
-    a.start()
-    write(a, 50)
-    writing.join()
-    assert b.stop() == 0
+    assert "replication_log.shards: 4 -> 1" in out.stdout, out.stdout
     set_replication_log(b, shards=1)
+    a.start_async()
     b.start()
-    write(b, 20)
-    total = set(range(1, next(next_id)))
-    wait_until(lambda: ids(a) == ids(b) == total, 45,
-               f"both nodes at {len(total)} rows (a {len(ids(a))}, b {len(ids(b))})")
+    a.wait_started()
+    update(a, "a")
+    update(b, "b", range(81, 121))
+    wait_until(lambda: ids(a) == ids(b) == set(range(1, 121)) and rows(a) == rows(b), 45,
+               f"both nodes at 120 equal rows (a {len(ids(a))}, b {len(ids(b))})")
     for node in (a, b):
         wait_until(lambda n=node: health(n)[0] == 200, 20, f"node {node.node_id} healthy")
         assert "Traceback" not in node.log_text(), node.log_text()[-3000:]
     a.stop()
     b.stop()
-    # The retired streams are still there (the operator removes them once every node runs the
-    # new value); nothing else was created.
+    # The retired streams are still there (the operator removes them once every node read
+    # them); nothing else was created.
     assert [s for s in asyncio.run(_stream_names(nats_server.url)) if not s.startswith("KV_")] \
         == [f"harmonylite-changes-c-{n}" for n in range(1, 5)]
+
+
+def test_raising_shards_applies_each_rows_old_changes_first_on_every_node(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    a = make_node(tmp_path, 1, nats_server.url, shards=1)
+    b = make_node(tmp_path, 2, nats_server.url, shards=1)
+    a.start_async()
+    b.start()
+    a.wait_started()
+    write(a, range(1, 41))
+    wait_until(lambda: ids(b) == set(range(1, 41)), 30, "b at 40 rows")
+
+    # One node at a time is refused: under two counts at once a row's changes travel on two
+    # streams, and the nodes would end on different versions.
+    assert a.stop() == 0
+    set_replication_log(a, shards=4)
+    refused_while_running(a, b)
+
+    # b stops behind: a's last changes on the old shard are not applied there yet.
+    assert b.stop() == 0
+    set_replication_log(a, shards=1)
+    a.start()
+    for n in range(3):
+        update(a, f"old {n}")
+    assert a.stop() == 0
+    set_replication_log(a, shards=4)
+    out = a.cli("shared-settings", "apply")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    # The rows change again on the new shards before b starts: b applies the old stream up to
+    # the cut before anything newer, so it ends on the new versions as a does.
+    a.start()
+    update(a, "new")
+    set_replication_log(b, shards=4)
+    b.start()
+    want = [(i, f"new {i}") for i in range(1, 41)]
+    wait_until(lambda: rows(a) == rows(b) == want, 30,
+               f"both nodes on the new versions (b has {rows(b)[:3]}...)")
+    assert "the shard count changed" in b.log_text(), b.log_text()[-5000:]
+    for node in (a, b):
+        wait_until(lambda n=node: health(n)[0] == 200, 20, f"node {node.node_id} healthy")
+        assert "Traceback" not in node.log_text(), node.log_text()[-3000:]
+    a.stop()
+    b.stop()

@@ -69,3 +69,25 @@ async def test_stopping_while_waiting_applies_nothing(tmp_path: Path) -> None:
     await asyncio.sleep(0.05)
     stop.set()
     assert await asyncio.wait_for(gather, 5) is None
+
+
+async def test_messages_past_a_hold_wait_until_the_others_caught_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(consumer, "CUT_POLL", 0.01)
+    c = make(tmp_path)
+    behind = ["s-2 up to 9 (at 3)"]
+    c.hold = consumer.Hold(2, lambda: list(behind))
+    applied: list[list[int]] = []
+
+    async def apply_now(group: list[Queued], stop: asyncio.Event) -> None:
+        applied.append([m.seq for m in group])
+        c.position = group[-1].seq
+
+    monkeypatch.setattr(c, "_apply_now", apply_now)
+    run = asyncio.create_task(c._apply([q(1), q(2), q(3), q(4)], asyncio.Event()))
+    await asyncio.sleep(0.1)
+    assert applied == [[1, 2]] and not run.done()  # up to the hold, then waiting
+    assert c.stalled is not None and "s-2 up to 9" in c.stalled
+    behind.clear()
+    await asyncio.wait_for(run, 5)
+    assert applied == [[1, 2], [3, 4]] and c.hold is None and c.stalled is None

@@ -4,7 +4,8 @@ share (see ``node.shared_settings``).
 ``show`` prints the cluster's record next to this configuration's values and the NATS names the
 cluster uses; exit 0 when they agree, 1 when they differ or nothing is recorded yet. ``apply``
 records this configuration's values as the cluster's: the way to change the shard count for a
-whole cluster (a value only ``apply`` may not change is refused, exit 2).
+whole cluster, while every node is stopped (refused, exit 2, while one runs, and for a value
+that cannot change at all).
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ def main(cfg: Config, argv: Sequence[str]) -> int:
             print("the cluster's shared settings already are this configuration's")
             return 0
         print("changed " + "; ".join(changed))
-        print("restart every node with these values: nodes still running the old ones report "
-              "it on health (503) until restarted")
+        print("start every node with these values (a node started with the old ones is "
+              "refused)")
+        if new.cut != record.cut:
+            print("each node reads the old streams up to "
+                  + ", ".join(f"{s} {last}" for s, last in sorted(new.cut.items()))
+                  + " before anything newer")
         if new.retired:
             print("nodes read the retired streams too, so nothing written there is lost: "
                   + ", ".join(sorted(new.retired)))
@@ -76,6 +81,7 @@ def main(cfg: Config, argv: Sequence[str]) -> int:
             "recorded_by": record.node_id if record else None,
             "updated_at": record.updated_at if record else None,
             "retired_streams": record.retired if record else {},
+            "cut": record.cut if record else {},
             "this_node": shared.own_settings(cfg),
             "differences": [d.key for d in differences],
             "names": cfg.names.describe(),

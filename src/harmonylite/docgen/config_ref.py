@@ -102,7 +102,7 @@ def configuration_md() -> str:
         "shards they do not read) or does not find their snapshots. The cluster records "
         "`shards`, `replication_log.compress` and the `[nats]` prefixes in NATS, and a node whose "
         "values differ refuses to start (exit 2); `harmonylite shared-settings apply` changes "
-        "the shard count for the whole cluster ([operator guide]"
+        "the shard count for the whole cluster while every node is stopped ([operator guide]"
         "(operator-guide.md#changing-the-shard-count)).",
     ]
     current = None

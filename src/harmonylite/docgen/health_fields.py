@@ -76,7 +76,10 @@ CAUSES: tuple[tuple[str, str], ...] = (
      "streams (`publish` or `replicate` false): it goes by the snapshot's age"),
     ("no snapshot after N s of uptime (limit L s)", "no snapshot exists yet after that limit"),
     ("apply stalled on <stream>", "a transient error (database locked, disk full, I/O) has "
-                                  "stopped applying for over 5 s; it retries by itself"),
+                                  "stopped applying for over 5 s; it retries by itself. With "
+                                  "`waiting for … (shard count changed)`: the stream waits "
+                                  "until the old streams are applied up to the cut "
+                                  "([operator guide](operator-guide.md#changing-the-shard-count))"),
     ("stream <stream> is not being consumed", "the subscription was lost (a NATS server died) "
                                               "and is being re-created"),
     ("stream <stream> dropped messages A..B before this node applied them",
@@ -87,6 +90,7 @@ CAUSES: tuple[tuple[str, str], ...] = (
      "the node must restore and asked the snapshot leader for a fresh snapshot"),
     ("no node can take snapshots", "as above, while no node holds the snapshot lease"),
     ("<key> = <value> on this node, the cluster's is <value>", "a setting every node shares was "
-     "changed for the cluster (`shared-settings apply`): restart the node with the cluster's "
-     "value ([operator guide](operator-guide.md#settings-every-node-shares))"),
+     "changed for the cluster (`shared-settings apply`) while this node was cut off from NATS: "
+     "stop it and start it with the cluster's value "
+     "([operator guide](operator-guide.md#settings-every-node-shares))"),
 )

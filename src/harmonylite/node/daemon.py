@@ -48,6 +48,7 @@ from harmonylite.node.heartbeat_state import Lease, collector
 from harmonylite.node.housekeeping import housekeeping
 from harmonylite.node.schema_follow import SchemaFollower
 from harmonylite.node.shared_settings import (
+    Cut,
     Record,
     SettingsMismatch,
     SettingsWatch,
@@ -58,7 +59,7 @@ from harmonylite.ops.health import HttpServer, probe_database, start_health_serv
 from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier
-from harmonylite.replication.consumer import ShardConsumer, near_head
+from harmonylite.replication.consumer import Hold, ShardConsumer, near_head
 from harmonylite.replication.nats_connection import Connection, LinkState
 from harmonylite.replication.nats_link import ensure_streams
 from harmonylite.replication.outcome import ApplyResult
@@ -122,6 +123,8 @@ class Node:
         self.shared: Record | None = None  # the cluster's shared settings, as read at start
         self.settings_watch: SettingsWatch | None = None
         self.retired: dict[str, str] = {}  # retired streams still there, read too: -> subject
+        self.cut: Cut | None = None  # the last shard-count change's cut, held at until passed
+        self._consumed: set[str] = set()
         self.metrics = Metrics.from_config(cfg.prometheus, node_id=cfg.node_id)
         self.metrics.track_nats_connected(lambda: self.nc is not None and self.nc.is_connected)
         self.metrics.parked_changes.set_function(
@@ -207,6 +210,14 @@ class Node:
                                                    own_origins=own_origins,
                                                    replicated=cfg.replicates_table,
                                                    unpark_settle=UNPARK_SETTLE_SECONDS)
+            # Past the last shard-count change's cut, each stream waits until every old stream
+            # is applied up to it: a row's old changes first, on every node alike.
+            self.cut = Cut(self.shared.cut, self.positions)
+            self._consumed = {*cfg.names.streams(), *self.retired}
+            behind = self.cut.waiting_for(self._consumed)
+            if behind:
+                log.info("the shard count changed: applying %s before anything newer",
+                         ", ".join(behind))
             for stream, subject in cfg.names.subjects().items():
                 await self._consume(stream, subject, applier)
             for stream, subject in self.retired.items():
@@ -278,7 +289,8 @@ class Node:
         consumer = ShardConsumer(self.js, stream, subject, self.writer, applier,
                                  self.positions.get(stream, 0), self._applied,
                                  on_gap=self._gap_found,
-                                 near_head=near_head(self.cfg.replication_log.max_entries))
+                                 near_head=near_head(self.cfg.replication_log.max_entries),
+                                 hold=self._hold(stream))
         reader = self.read_ahead.pop(stream, None)
         if reader is not None:
             # Subscribe after the last message read ahead, then stop reading ahead: nothing
@@ -291,6 +303,12 @@ class Node:
         self._spawn(f"consumer {stream}", consumer.run)
         # Re-creates the subscription whenever it is lost (server gone, leader change).
         self._spawn(f"subscription {stream}", consumer.keep)
+
+    def _hold(self, stream: str) -> Hold | None:
+        cut, consumed = self.cut, self._consumed
+        if cut is None or not cut.waiting_for(consumed):
+            return None
+        return Hold(cut.after(stream), lambda: cut.waiting_for(consumed))
 
     async def _start_servers(self) -> None:
         cfg = self.cfg

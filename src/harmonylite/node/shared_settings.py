@@ -13,10 +13,13 @@ with them:
   restarted with the new value.
 
 ``harmonylite shared-settings apply`` (:func:`apply`) records new values. Only the shard count
-may change on a live cluster: the streams of the old count that the new one drops are kept in the
-record as *retired*, and every node reads them (from its own position, to their end and on) next
-to its current streams, so rows a node still on the old count writes there are not lost. The
-others would need new streams on the subjects the current ones hold; see the operator guide.
+may change, and only while no node runs (a live node's claim in the lease bucket refuses it,
+:class:`ShardChangeRefused`): a row's changes go to the stream its key hashes to, and under two
+counts at once one row's changes would travel on two streams in no common order, so nodes would
+end on different versions. The new record keeps the *cut*: each old stream's last sequence when
+the count changed. Every node reads the old streams (the ones the new count drops are *retired*)
+up to the cut before it applies anything after the cut on any stream (:class:`Cut`), so every
+node applies a row's old changes before its new ones.
 
 The list :data:`SHARED` is the one place to declare a setting every node must share.
 """
@@ -31,13 +34,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
 
 from harmonylite.aio import wait_any
 from harmonylite.config import Config
 from harmonylite.errors import ConfigError, NatsError
 from harmonylite.names import SETTINGS_KEY
-from harmonylite.snapshot.lease_kv import bounded, open_bucket
+from harmonylite.node.claim import KEY_PREFIX as CLAIM_PREFIX
+from harmonylite.snapshot.lease_kv import bounded, open_bucket, parse_value
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +98,15 @@ class Difference:
 class Record:
     settings: dict[str, object]
     retired: dict[str, str] = field(default_factory=dict)  # old stream -> its subject
+    # Each stream's last sequence under the previous shard count: read up to it first.
+    cut: dict[str, int] = field(default_factory=dict)
     node_id: int = 0  # the node (or command) that wrote it
     updated_at: float = 0.0
     revision: int = 0
 
     def encode(self) -> bytes:
         return json.dumps({"settings": self.settings, "retired": self.retired,
-                           "node_id": self.node_id, "updated_at": self.updated_at},
+                           "cut": self.cut, "node_id": self.node_id, "updated_at": self.updated_at},
                           sort_keys=True).encode()
 
     @classmethod
@@ -103,6 +114,7 @@ class Record:
         data = json.loads(raw)
         return cls(dict(data["settings"]), {str(k): str(v) for k, v in
                                             dict(data.get("retired") or {}).items()},
+                   {str(k): int(v) for k, v in dict(data.get("cut") or {}).items()},
                    int(data.get("node_id", 0)), float(data.get("updated_at", 0)), revision)
 
     def differences(self, cfg: Config) -> list[Difference]:
@@ -218,8 +230,9 @@ async def _check(js: Any, cfg: Config) -> Record:
 async def apply(js: Any, cfg: Config) -> tuple[Record | None, Record]:
     """Record this configuration's shared settings as the cluster's (the old record, the new).
 
-    Only ``replication_log.shards`` may change on a live cluster; the streams it drops are
-    retired (read by every node until removed). Another key that differs is refused (exit 2).
+    Only ``replication_log.shards`` may change, and only while no node runs
+    (:class:`ShardChangeRefused`); the streams it drops are retired, and each old stream's last
+    sequence is kept as the cut. Another key that differs is refused (exit 2).
     """
     kv = await open_settings(js, cfg)
     old = await read(kv)
@@ -234,14 +247,91 @@ async def apply(js: Any, cfg: Config) -> tuple[Record | None, Record]:
                                "This cannot be changed while the cluster's streams exist: see "
                                "docs/operator-guide.md, \"Settings every node shares\"")
     old_shards = int(str(old.settings.get("replication_log.shards", cfg.replication_log.shards)))
-    before = replace(cfg.names, shards=old_shards)
-    current = cfg.names.subjects()
-    retired = {s: subj for s, subj in {**old.retired, **before.subjects()}.items()
-               if s not in current}
-    new = Record(ours, retired, cfg.node_id, time.time())
+    retired, cut = old.retired, old.cut
+    if old_shards != cfg.replication_log.shards:
+        running = await live_nodes(js, cfg)
+        if running:
+            raise ShardChangeRefused(old_shards, cfg.replication_log.shards, running)
+        before = replace(cfg.names, shards=old_shards)
+        current = cfg.names.subjects()
+        retired = {s: subj for s, subj in {**old.retired, **before.subjects()}.items()
+                   if s not in current}
+        cut = {**old.cut, **await _heads(js, [*before.streams(), *old.retired])}
+    new = Record(ours, retired, cut, cfg.node_id, time.time())
     revision = await bounded(kv.update(SETTINGS_KEY, new.encode(), last=old.revision),
                              OP_TIMEOUT)
     return old, replace(new, revision=revision)
+
+
+class ShardChangeRefused(ConfigError):
+    """The shard count cannot change while nodes run (exit 2)."""
+
+    def __init__(self, old: int, new: int, running: list[dict[str, Any]]) -> None:
+        nodes = "; ".join(f"node {h.get('node_id')} (host {h.get('host')}, pid {h.get('pid')})"
+                          for h in running)
+        super().__init__(
+            "replication_log.shards", new,
+            f"the cluster's is {old}, and it can only change while every node is stopped; "
+            f"running now: {nodes}. Stop every node, run 'harmonylite -config PATH "
+            "shared-settings apply' again, then start the nodes with the new value "
+            "(docs/operator-guide.md, \"Changing the shard count\"; a node that crashed is "
+            "counted as running until its claim expires, snapshot.leader_ttl)")
+
+
+async def live_nodes(js: Any, cfg: Config) -> list[dict[str, Any]]:
+    """The claims running nodes hold in the lease bucket (a crashed node's until it expires)."""
+    kv = await open_bucket(js, cfg.names.lease_bucket, cfg.snapshot.leader_ttl, OP_TIMEOUT,
+                           replicas=cfg.replication_log.replicas)
+    try:
+        keys = await bounded(kv.keys(), OP_TIMEOUT)
+    except NoKeysError:
+        return []
+    found = []
+    for key in sorted(k for k in keys if k.startswith(CLAIM_PREFIX)):
+        try:
+            entry = await bounded(kv.get(key), OP_TIMEOUT)
+        except KeyNotFoundError:
+            continue  # released meanwhile
+        if entry is not None and entry.value:
+            found.append(parse_value(entry.value) or {"node_id": key[len(CLAIM_PREFIX):]})
+    return found
+
+
+async def _heads(js: Any, streams: list[str]) -> dict[str, int]:
+    """Each existing stream's last sequence."""
+    heads = {}
+    for stream in dict.fromkeys(streams):
+        try:
+            info = await bounded(js.stream_info(stream), OP_TIMEOUT)
+        except NotFoundError:
+            continue
+        heads[stream] = int(info.state.last_seq)
+    return heads
+
+
+class Cut:
+    """Holds a node's consumers at the cut of the last shard-count change until every old
+    stream it reads is applied up to its cut: a row's changes under the old count are then
+    applied before its changes under the new one, on every node alike."""
+
+    def __init__(self, cut: dict[str, int], positions: dict[str, int]) -> None:
+        self.cut = cut
+        self.positions = positions  # the node's applied positions, kept current by the node
+        self.passed = not cut
+
+    def after(self, stream: str) -> int:
+        """The last sequence of ``stream`` a consumer may apply before the cut is passed."""
+        return self.cut.get(stream, 0)
+
+    def waiting_for(self, consumed: set[str]) -> list[str]:
+        """The streams (of those consumed) not yet applied up to their cut."""
+        if self.passed:
+            return []
+        behind = [f"{s} up to {last} (at {self.positions.get(s, 0)})"
+                  for s, last in sorted(self.cut.items())
+                  if s in consumed and self.positions.get(s, 0) < last]
+        self.passed = not behind
+        return behind
 
 
 def _live(key: str) -> bool:

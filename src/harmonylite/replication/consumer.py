@@ -71,6 +71,14 @@ HOLD_IDLE = 10.0
 HOLD_MAX_BYTES = 256 * 1024 * 1024  # a batch held whole up to this many bytes of messages
 
 GapHandler = Callable[[str, int, int], None]
+CUT_POLL = 0.2  # how often a consumer held at a cut looks at the other streams' positions
+
+
+class Hold(NamedTuple):
+    """Where a consumer stops until others caught up: after sequence ``after`` of its stream,
+    until ``behind()`` (what is not caught up yet, described) is empty."""
+    after: int
+    behind: Callable[[], list[str]]
 
 
 class Queued(NamedTuple):
@@ -91,8 +99,10 @@ class ShardConsumer:
     def __init__(self, js: JetStreamContext, stream: str, subject: str, writer: DbThread,
                  applier: Applier, position: int,
                  on_applied: Callable[[str, int, ApplyResult], None],
-                 on_gap: GapHandler | None = None, near_head: int = 16) -> None:
+                 on_gap: GapHandler | None = None, near_head: int = 16,
+                 hold: Hold | None = None) -> None:
         self.js = js
+        self.hold = hold
         self.stream = stream
         self.subject = subject
         self.writer = writer
@@ -383,6 +393,40 @@ class ShardConsumer:
 
     async def _apply(self, group: list[Queued], stop: asyncio.Event) -> None:
         group = [m for m in group if m.seq > self.position]
+        if self.hold is not None and group and group[-1].seq > self.hold.after:
+            # Messages past the hold wait until the others are caught up (shard count changed).
+            before = [m for m in group if m.seq <= self.hold.after]
+            if before:
+                await self._apply_now(before, stop)
+                if stop.is_set():
+                    return  # what is not applied stays held
+            self._holding = group = group[len(before):]
+            if not await self._wait_hold(stop):
+                return  # the group stays held
+        await self._apply_now(group, stop)
+
+    async def _wait_hold(self, stop: asyncio.Event) -> bool:
+        assert self.hold is not None
+        behind = self.hold.behind()
+        if behind:
+            since = time.monotonic()
+            log.info("%s: holding messages after sequence %d until %s (the shard count changed: "
+                     "a row's older changes are applied first)", self.stream, self.hold.after,
+                     ", ".join(behind), extra={"stream": self.stream})
+            while behind:
+                self.stalled = "waiting for " + ", ".join(behind) + " (shard count changed)"
+                self.stalled_since = self.stalled_since or since
+                await wait_any(stop, timeout=CUT_POLL)  # a poll period: positions move elsewhere
+                if stop.is_set():
+                    return False
+                behind = self.hold.behind()
+            log.info("%s: applying after sequence %d again", self.stream, self.hold.after,
+                     extra={"stream": self.stream})
+            self.stalled = self.stalled_since = None
+        self.hold = None
+        return True
+
+    async def _apply_now(self, group: list[Queued], stop: asyncio.Event) -> None:
         if not group:
             self._holding = []
             return

@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from harmonylite.age_keys import check_recipients
 from harmonylite.errors import ConfigError
 from harmonylite.names import DEFAULT_STREAM_PREFIX, DEFAULT_SUBJECT_PREFIX, NAME_PATTERN, Namespace
 
@@ -73,6 +74,12 @@ class FileStoreConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    recipients: list[str] = field(default_factory=list)  # age1… public keys: seal with these
+    identity_file: str = ""  # AGE-SECRET-KEY-1… identities: open with these
+
+
+@dataclass(frozen=True)
 class SnapshotConfig:
     enabled: bool = True
     store: str = "nats"
@@ -92,6 +99,7 @@ class SnapshotConfig:
     sftp: SftpConfig = field(default_factory=SftpConfig)
     webdav: WebdavConfig = field(default_factory=WebdavConfig)
     file: FileStoreConfig = field(default_factory=FileStoreConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
 
 
 @dataclass(frozen=True)
@@ -326,6 +334,7 @@ def parse_config(
     if cfg.snapshot.enabled:
         _check_store(cfg.snapshot)
     _check_prefixes(cfg.nats)
+    check_recipients(cfg.snapshot.encryption.recipients)
     return dataclasses.replace(cfg, **changes), warnings
 
 

@@ -12,7 +12,10 @@ Hierarchy::
     ├── StorageError           a snapshot store failed; SDK errors are translated at its edge
     │   ├── ObjectNotFound     the key does not exist
     │   ├── StorageUnavailable the store cannot be reached or refused the operation
-    │   └── StorageAuthError   credentials refused
+    │   ├── StorageAuthError   credentials refused
+    │   └── SealedObjectDamaged a sealed object fails age's authentication (corrupt, truncated)
+    ├── SealError              a sealed object this node has no identity for (names the object
+    │                          and the recipients it was sealed to)
     └── SnapshotError          the snapshot pipeline failed
         ├── SnapshotBusy       a capture is running ("system busy capturing snapshot", exit 75)
         ├── NoSpaceError       the temp dir cannot hold the copy ("no space left on device")
@@ -74,6 +77,22 @@ class StorageUnavailable(StorageError):
 
 class StorageAuthError(StorageError):
     pass
+
+
+class SealedObjectDamaged(StorageError):
+    def __init__(self, key: str, detail: str) -> None:
+        self.key = key
+        super().__init__(f"sealed object {key} is damaged: {detail}")
+
+
+class SealError(HarmonyliteError):
+    """A sealed (age-encrypted) object that none of this node's identities opens."""
+
+    def __init__(self, key: str, recipients: list[str] | None, detail: str) -> None:
+        self.key = key
+        self.recipients = recipients
+        to = ", ".join(recipients) if recipients else "recipients not recorded"
+        super().__init__(f"{key} is sealed with age to {to}: {detail}")
 
 
 class SnapshotError(HarmonyliteError):

@@ -27,6 +27,8 @@ SECTIONS: dict[str, str] = {
     "snapshot.sftp": "`[snapshot.sftp]`",
     "snapshot.webdav": "`[snapshot.webdav]`",
     "snapshot.file": "`[snapshot.file]`: a local or mounted directory",
+    "snapshot.encryption": "`[snapshot.encryption]`: seal stored snapshots with age "
+                           "([encryption.md](encryption.md))",
     "nats": "`[nats]`",
     "logging": "`[logging]`",
     "prometheus": "`[prometheus]`",
@@ -129,6 +131,17 @@ KEYS: dict[str, KeyDoc] = {
     "snapshot.webdav.url": KeyDoc("`http(s)://host/path?dir=/snapshots&login=user&secret=pass`. "
                                   "Required with `store = \"webdav\"`.", shared=True),
     "snapshot.file.path": KeyDoc("Directory. Required with `store = \"file\"`.", shared=True),
+    "snapshot.encryption.recipients": KeyDoc("age X25519 public keys (`age1…`). When set, "
+                                             "every object stored from then on (snapshot data, "
+                                             "archive segments) is sealed to all of them; "
+                                             "manifests stay plain and carry no row data. "
+                                             "Empty: objects are stored plain."),
+    "snapshot.encryption.identity_file": KeyDoc("A file of age identities "
+                                                "(`AGE-SECRET-KEY-1…`, one a line, as "
+                                                "`age-keygen` writes them) that open sealed "
+                                                "objects; list old identities beside new ones "
+                                                "after a rotation. Empty: this node cannot "
+                                                "restore a sealed snapshot."),
     "nats.urls": KeyDoc("NATS servers to connect to. Empty: start the embedded NATS server "
                         "(see the `-cluster-*` flags)."),
     "nats.bind_address": KeyDoc("Client address of the embedded server. `:-1`: 127.0.0.1, a "

@@ -31,6 +31,7 @@ from harmonylite.replication.seqmap import write_seq_map
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
 from harmonylite.snapshot.restore import fetch, work_dir
+from harmonylite.snapshot.sealing import opened
 from harmonylite.snapshot.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ async def restore_newest(
                           manifest.id, exc, extra={"snapshot_id": manifest.id})
                 failures.append(f"{manifest.id} could not be downloaded ({exc})")
             else:
-                carried = install.Carried(manifest.origins, manifest.parked)
+                parked = (await opened(store, manifest)).parked
+                carried = install.Carried(manifest.origins, parked)
                 await asyncio.to_thread(install.prepare_for, verified, db_path,
                                         manifest.sequences, carried, cfg.replicates_table)
                 # A crash from here on must force the check again at the next start.

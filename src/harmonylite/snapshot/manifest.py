@@ -111,6 +111,11 @@ class Manifest:
     # Optional too: each stream's last sequence when the capture began. The difference to
     # ``sequences`` is how far behind the streams the snapshot was (see ``behind``).
     heads: dict[str, int] = field(default_factory=dict)
+    # Optional: with [snapshot.encryption], the recipients the data object is sealed to
+    # ({"scheme": "age-x25519", "recipients": [...]}) and, sealed to them (base64 of an age file),
+    # the parts that name tables or carry row data: ``tables`` and ``parked`` (see sealing.py).
+    encryption: dict[str, Any] = field(default_factory=dict)
+    sealed: str = ""
 
     @property
     def position(self) -> int:
@@ -135,7 +140,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for optional in ("origins", "parked", "heads"):
+        for optional in ("origins", "parked", "heads", "encryption", "sealed"):
             if not out[optional]:
                 del out[optional]
         # "format" first, as in the contract's listing of the keys.
@@ -174,6 +179,8 @@ class Manifest:
                          for s, m in dict(data.get("origins", {})).items()},
                 parked=[dict(p) for p in data.get("parked", [])],
                 heads={str(k): int(v) for k, v in dict(data.get("heads", {})).items()},
+                encryption=dict(data.get("encryption", {})),
+                sealed=str(data.get("sealed", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"malformed snapshot manifest: {exc!r}") from exc

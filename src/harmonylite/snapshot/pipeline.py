@@ -37,6 +37,7 @@ from harmonylite.snapshot.manifest import (
     rfc3339,
 )
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
+from harmonylite.snapshot.sealing import seal_manifest
 from harmonylite.snapshot.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ class SnapshotPipeline:
                 origins=facts.origins,
                 parked=facts.parked,
             )
+            manifest = seal_manifest(self.store, manifest)
             await self._upload_and_commit(manifest, packed.path, fence)
             pruned = await self._prune()
         finally:

@@ -1,8 +1,9 @@
 """Snapshot stores: one protocol (:class:`ObjectStore`), five backends and a factory.
 
-``open_store`` matches on ``snapshot.store``; backends import their SDK lazily so that a node
-using one store never imports the others. ``redact`` strips credentials from URLs and query
-strings before they reach a log line or an error message.
+``open_store`` matches on ``snapshot.store`` and wraps the backend in a :class:`SealedStore`
+(``[snapshot.encryption]``: seals what it writes, opens sealed objects it reads); backends import
+their SDK lazily so that a node using one store never imports the others. ``redact`` strips
+credentials from URLs and query strings before they reach a log line or an error message.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from harmonylite.age_keys import load_keys
 from harmonylite.errors import ConfigError
 
 from .base import ObjectInfo, ObjectStore
+from .sealed import SealedStore
 
 if TYPE_CHECKING:
     import nats.js
 
     from harmonylite.config import SnapshotConfig
 
-__all__ = ["ObjectInfo", "ObjectStore", "open_store", "redact"]
+__all__ = ["ObjectInfo", "ObjectStore", "SealedStore", "open_store", "redact"]
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 _SECRET_PARAM = re.compile(
@@ -50,7 +53,15 @@ async def open_store(
     js: nats.js.JetStreamContext | None = None,
     bucket: str = "",
 ) -> ObjectStore:
-    """Open the store ``cfg.store`` names. "nats" needs ``js`` and the bucket name."""
+    """Open the store ``cfg.store`` names, sealing per ``cfg.encryption``. "nats" needs ``js``
+    and the bucket name."""
+    keys = load_keys(cfg.encryption.recipients, cfg.encryption.identity_file)
+    return SealedStore(await _open_backend(cfg, js, bucket), keys)
+
+
+async def _open_backend(
+    cfg: SnapshotConfig, js: nats.js.JetStreamContext | None, bucket: str
+) -> ObjectStore:
     store = cfg.store
     if store == "file":
         from .file import FileStore

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from harmonylite.cdc.install import install
 from harmonylite.config import Config, parse_config
 from harmonylite.snapshot.pipeline import SnapshotPipeline
-from harmonylite.snapshot.storage import open_store
+from harmonylite.storage import open_store
 from storage_servers import SeaweedFS
 
 BUCKET = "bench"

@@ -39,7 +39,7 @@ from typing import Any
 
 from harmonylite.cdc.install import install
 from harmonylite.config import S3Config
-from harmonylite.snapshot.storage.s3 import S3Store
+from harmonylite.storage.s3 import S3Store
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

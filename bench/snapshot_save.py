@@ -30,7 +30,7 @@ from harmonylite.config import parse_config
 from harmonylite.snapshot import packing
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.restore import restore_to_path
-from harmonylite.snapshot.storage.file import FileStore
+from harmonylite.storage.file import FileStore
 
 
 def build(path: Path, rows: int, log_share: float) -> None:

@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from harmonylite.age_keys import check_recipients
+from harmonylite.bus.names import (
+    DEFAULT_STREAM_PREFIX,
+    DEFAULT_SUBJECT_PREFIX,
+    NAME_PATTERN,
+    Namespace,
+)
 from harmonylite.errors import ConfigError
-from harmonylite.names import DEFAULT_STREAM_PREFIX, DEFAULT_SUBJECT_PREFIX, NAME_PATTERN, Namespace
 
 STORES = ("nats", "s3", "sftp", "webdav", "file")
 LOG_FORMATS = ("console", "json")

@@ -23,7 +23,7 @@ from harmonylite.config import (
     SnapshotConfig,
     WebdavConfig,
 )
-from harmonylite.snapshot.storage import ObjectStore, open_store
+from harmonylite.storage import ObjectStore, open_store
 from servers import NatsServer, free_port
 from storage_servers import SSHD, SeaweedFS, WsgiDAV, ssh_keygen
 

@@ -6,7 +6,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from harmonylite.snapshot.storage import ObjectStore
+from harmonylite.storage import ObjectStore
 
 S3_BUCKET = "harmonylite-contract"  # created once per session on SeaweedFS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from harmonylite.archive import catalog, segment
 from harmonylite.archive.segment import Message
-from harmonylite.snapshot.storage import ObjectStore
+from harmonylite.storage import ObjectStore
 
 
 async def test_segments_round_trip_and_list(store: ObjectStore) -> None:

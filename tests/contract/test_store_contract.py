@@ -11,7 +11,7 @@ import pytest
 from storage_backends import Backend, assert_no_secret
 
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageUnavailable
-from harmonylite.snapshot.storage import ObjectStore
+from harmonylite.storage import ObjectStore
 
 MB = 1024 * 1024
 

@@ -11,8 +11,8 @@ from storage_backends import Backend
 
 from harmonylite.age_keys import Keys, load_identities, new_identity
 from harmonylite.errors import ObjectNotFound, SealError
-from harmonylite.snapshot.storage import ObjectStore, SealedStore
-from harmonylite.snapshot.storage.sealed import MAGIC, seal_key
+from harmonylite.storage import ObjectStore, SealedStore
+from harmonylite.storage.sealed import MAGIC, seal_key
 
 MB = 1024 * 1024
 

@@ -25,8 +25,8 @@ from harmonylite.errors import SealError
 from harmonylite.snapshot.manifest import find_snapshot, list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.restore import restore_to_path
-from harmonylite.snapshot.storage import open_store
-from harmonylite.snapshot.storage.sealed import MAGIC, seal_key
+from harmonylite.storage import open_store
+from harmonylite.storage.sealed import MAGIC, seal_key
 from nodes import NodeProc, wait_until, write_toml
 from servers import NatsServer
 

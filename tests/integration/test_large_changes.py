@@ -15,7 +15,7 @@ import nats
 import pytest
 
 from harmonylite.replication import large_changes
-from harmonylite.snapshot.storage.nats_objects import NatsObjectStore
+from harmonylite.storage.nats_objects import NatsObjectStore
 from nodes import NodeProc, wait_until
 from servers import NatsServer
 

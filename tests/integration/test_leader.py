@@ -29,18 +29,18 @@ import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
 
+from harmonylite.bus.names import LEASE_KEY, LOCK_KEY
+from harmonylite.bus.names import LEGACY_LEASE_BUCKET as BUCKET
 from harmonylite.cdc.install import install
 from harmonylite.cli import snapshot as cli
 from harmonylite.config import Config, parse_config
 from harmonylite.errors import LeaseLost
-from harmonylite.names import LEASE_KEY, LOCK_KEY
-from harmonylite.names import LEGACY_LEASE_BUCKET as BUCKET
 from harmonylite.snapshot.leader import LeaderElection
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.scheduler import Scheduler
-from harmonylite.snapshot.storage.base import ObjectInfo
-from harmonylite.snapshot.storage.file import FileStore
+from harmonylite.storage.base import ObjectInfo
+from harmonylite.storage.file import FileStore
 from nodes import NodeProc, wait_until, write_toml
 from servers import NatsServer, free_port
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import nats
 
 from cluster import Cluster
-from harmonylite.names import LEGACY_LEASE_BUCKET as BUCKET
-from harmonylite.snapshot.lease_kv import open_bucket
+from harmonylite.bus.kv import open_bucket
+from harmonylite.bus.names import LEGACY_LEASE_BUCKET as BUCKET
 from servers import NatsServer
 
 

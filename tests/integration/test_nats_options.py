@@ -11,8 +11,8 @@ import nats
 import nkeys
 import pytest
 
+from harmonylite.bus.streams import ensure_streams
 from harmonylite.config import parse_config
-from harmonylite.replication.nats_link import ensure_streams
 from nodes import NodeProc, wait_until
 from servers import NatsServer
 

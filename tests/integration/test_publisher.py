@@ -7,12 +7,12 @@ from pathlib import Path
 import nats
 import pytest
 
+from harmonylite.bus.streams import ensure_streams
 from harmonylite.cdc import changelog
 from harmonylite.cdc.install import install
 from harmonylite.config import parse_config
 from harmonylite.db.connection import DbThread, open_connection
 from harmonylite.replication.event import decode
-from harmonylite.replication.nats_link import ensure_streams
 from harmonylite.replication.publisher import Publisher
 from servers import NatsServer
 

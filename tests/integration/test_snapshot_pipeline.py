@@ -32,7 +32,7 @@ from harmonylite.snapshot import pipeline as pipeline_module
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
-from harmonylite.snapshot.storage import ObjectStore, open_store
+from harmonylite.storage import ObjectStore, open_store
 from servers import NatsServer
 
 

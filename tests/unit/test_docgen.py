@@ -59,7 +59,7 @@ def _reasons_in_code() -> list[str]:
         "node/recovery.py": r"node\.waiting = f?\"([^\"]+)\"",
         "node/without_nats.py": r"node\.waiting = f?\"([^\"]+)\"",
         "node/shared_settings.py": r"return \(f\"(\{self\.key\}[^\"]+)\"",
-        "replication/nats_connection.py": r"return f\"(NATS unreachable[^\"]+)\"",
+        "bus/connection.py": r"return f\"(NATS unreachable[^\"]+)\"",
     }
     for path, pattern in sources.items():
         text = (SRC / path).read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from harmonylite.snapshot.lease_kv import (
+from harmonylite.bus.kv import (
     backoff_seconds,
     heartbeat_seconds,
     lease_value,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from harmonylite.bus.names import Namespace
 from harmonylite.config import parse_config
 from harmonylite.errors import ConfigError
-from harmonylite.names import Namespace
 from harmonylite.node.shared_settings import SHARED, Record, own_settings
 
 

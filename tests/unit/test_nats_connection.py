@@ -9,7 +9,7 @@ import pytest
 from nats.errors import AuthorizationError, NoServersError
 from nats.errors import Error as NatsClientError
 
-from harmonylite.replication.nats_connection import (
+from harmonylite.bus.connection import (
     LinkState,
     credentials_refused,
     describe_connect_error,

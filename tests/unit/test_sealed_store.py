@@ -18,8 +18,8 @@ from harmonylite.config import parse_config
 from harmonylite.errors import ConfigError, ObjectNotFound, SealedObjectDamaged, SealError
 from harmonylite.snapshot.manifest import Manifest, new_snapshot_id, rfc3339
 from harmonylite.snapshot.sealing import opened, seal_manifest
-from harmonylite.snapshot.storage.file import FileStore
-from harmonylite.snapshot.storage.sealed import MAGIC, SealedStore, _seal_file, _Writer, seal_key
+from harmonylite.storage.file import FileStore
+from harmonylite.storage.sealed import MAGIC, SealedStore, _seal_file, _Writer, seal_key
 
 KEY = "snapshots/p000000000000001-20240101T000000Z-1-0a0b0c0d.db.zst"
 

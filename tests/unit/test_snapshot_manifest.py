@@ -23,7 +23,7 @@ from harmonylite.snapshot.manifest import (
     rfc3339,
     snapshot_id_of_key,
 )
-from harmonylite.snapshot.storage.file import FileStore
+from harmonylite.storage.file import FileStore
 
 T0 = datetime(2024, 5, 17, 8, 30, 0, tzinfo=UTC)
 

@@ -20,7 +20,7 @@ from harmonylite.errors import VerificationError
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
-from harmonylite.snapshot.storage.file import FileStore
+from harmonylite.storage.file import FileStore
 
 cli = pytest.importorskip("harmonylite.cli.snapshot")
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from harmonylite.archive.segment import PREFIX, SegmentRef, parse_key
 from harmonylite.errors import ObjectNotFound
 from harmonylite.snapshot.manifest import Manifest
-from harmonylite.snapshot.storage.base import ObjectStore
+from harmonylite.storage.base import ObjectStore
 
 HEADS_PREFIX = f"{PREFIX}heads/"
 

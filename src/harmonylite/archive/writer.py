@@ -35,9 +35,9 @@ from harmonylite.aio import wait_any
 from harmonylite.archive import catalog, segment
 from harmonylite.archive.stream_tail import StreamTail
 from harmonylite.errors import LeaseLost
-from harmonylite.snapshot.lease_kv import describe
+from harmonylite.bus.kv import describe
 from harmonylite.snapshot.manifest import list_snapshots
-from harmonylite.snapshot.storage.base import ObjectStore
+from harmonylite.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Each node's schema, as the cluster sees it: table hashes, columns and parked changes.
 
 Every node puts its view in the cluster's NATS Key-Value bucket (``harmonylite-schema-registry``
-by default, see :mod:`harmonylite.names`) under ``node-<id>`` at start, after each schema change
+by default, see :mod:`harmonylite.bus.names`) under ``node-<id>`` at start, after each schema change
 and when its parked changes change, so ``harmonylite schema status --cluster`` shows every node
 side by side and marks the tables whose shape differs (a rolling migration in progress, or one
 forgotten on a node).

@@ -30,7 +30,7 @@ from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshot
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.progress import Progress
 from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
-from harmonylite.snapshot.storage import ObjectStore, open_store, redact
+from harmonylite.storage import ObjectStore, open_store, redact
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 @asynccontextmanager
 async def default_js_context(cfg: Config) -> AsyncIterator[Any]:
     """Connect to ``nats.urls``, or start the embedded server when none are configured."""
-    from harmonylite.replication.nats_connection import LinkState, connect
+    from harmonylite.bus.connection import LinkState, connect
 
     embedded = None
     urls = list(cfg.nats.urls)

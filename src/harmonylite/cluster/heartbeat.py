@@ -1,6 +1,6 @@
 """Each node's heartbeat: its state, put in the cluster's heartbeat bucket about once a second.
 
-The heartbeat bucket (``{stream_prefix}-heartbeats``, see :mod:`harmonylite.names`) holds one key
+The heartbeat bucket (``{stream_prefix}-heartbeats``, see :mod:`harmonylite.bus.names`) holds one key
 per node, ``node-<id>``, whose value is the JSON record :mod:`harmonylite.node.heartbeat_state`
 builds (health, streams, lease, newest snapshot, schema hashes, counts, file sizes, uptime) plus
 the node's lag over the last 15 minutes. Its keys expire an hour after a node's last beat, so the
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harmonylite.aio import wait_any
-from harmonylite.snapshot.lease_kv import bounded, describe, open_bucket
+from harmonylite.bus.kv import bounded, describe, open_bucket
 
 log = logging.getLogger(__name__)
 

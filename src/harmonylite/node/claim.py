@@ -34,9 +34,7 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from harmonylite.errors import ConfigError
-from harmonylite.node.server_lock import pid_alive
-from harmonylite.snapshot.lease_kv import (
+from harmonylite.bus.kv import (
     bounded,
     bucket_ttl,
     heartbeat_seconds,
@@ -44,6 +42,8 @@ from harmonylite.snapshot.lease_kv import (
     open_bucket,
     parse_value,
 )
+from harmonylite.errors import ConfigError
+from harmonylite.node.server_lock import pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ from nats.js import JetStreamContext
 
 from harmonylite import __version__
 from harmonylite.aio import wait_any
+from harmonylite.bus.connection import Connection, LinkState
+from harmonylite.bus.streams import ensure_streams
 from harmonylite.cdc import changelog, takeover
 from harmonylite.cdc.install import InstallReport, install
 from harmonylite.cluster.heartbeat import Buckets, HeartbeatPublisher
@@ -60,8 +62,6 @@ from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.consumer import Hold, ShardConsumer, near_head
-from harmonylite.replication.nats_connection import Connection, LinkState
-from harmonylite.replication.nats_link import ensure_streams
 from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
 from harmonylite.replication.read_ahead import ReadAhead, stop_all

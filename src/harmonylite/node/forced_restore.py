@@ -10,15 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harmonylite.bus.streams import ensure_streams
 from harmonylite.config import Config
 from harmonylite.errors import HarmonyliteError, NatsError, SnapshotError
 from harmonylite.node import install
 from harmonylite.node.coverage import choose, gaps, stream_heads
 from harmonylite.node.restore_loop import Restored, RestoreRefused, publish_pending, restore_newest
-from harmonylite.replication.nats_link import ensure_streams
 from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshots
 from harmonylite.snapshot.progress import ProgressSink
-from harmonylite.snapshot.storage import ObjectStore
+from harmonylite.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

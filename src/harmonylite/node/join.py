@@ -53,7 +53,7 @@ from harmonylite.node.join_rows import (
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import NullProgress
 from harmonylite.snapshot.restore import fetch, work_dir
-from harmonylite.snapshot.storage import ObjectStore, open_store
+from harmonylite.storage import ObjectStore, open_store
 
 if TYPE_CHECKING:
     from harmonylite.node.daemon import Node

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harmonylite.aio import wait_any
+from harmonylite.bus.kv import heartbeat_seconds
 from harmonylite.config import Config
 from harmonylite.errors import (
     HarmonyliteError,
@@ -44,9 +45,8 @@ from harmonylite.node.restore_loop import (
 from harmonylite.replication.read_ahead import ReadAhead, read_ahead, stop_all
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 from harmonylite.snapshot import request
-from harmonylite.snapshot.lease_kv import heartbeat_seconds
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
-from harmonylite.snapshot.storage import ObjectStore, open_store
+from harmonylite.storage import ObjectStore, open_store
 
 if TYPE_CHECKING:
     from harmonylite.node.daemon import Node

@@ -32,7 +32,7 @@ from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
 from harmonylite.snapshot.restore import fetch, work_dir
 from harmonylite.snapshot.sealing import opened
-from harmonylite.snapshot.storage import ObjectStore
+from harmonylite.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,11 @@ from nats.js.errors import (
 )
 
 from harmonylite.aio import wait_any
+from harmonylite.bus.kv import bounded, open_bucket, parse_value
+from harmonylite.bus.names import SETTINGS_KEY
 from harmonylite.config import Config
 from harmonylite.errors import ConfigError, NatsError
-from harmonylite.names import SETTINGS_KEY
 from harmonylite.node.claim import KEY_PREFIX as CLAIM_PREFIX
-from harmonylite.snapshot.lease_kv import bounded, open_bucket, parse_value
 
 log = logging.getLogger(__name__)
 

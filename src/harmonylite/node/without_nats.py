@@ -16,9 +16,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from harmonylite.bus.connection import MIN_RECONNECT_WAIT, Connection
 from harmonylite.cdc import takeover
 from harmonylite.cdc.install import install
-from harmonylite.replication.nats_connection import MIN_RECONNECT_WAIT, Connection
 
 if TYPE_CHECKING:
     from harmonylite.node.daemon import Node

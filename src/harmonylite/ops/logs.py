@@ -29,7 +29,7 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 def _redact(text: str) -> str:
     # Every line passes here: credentials in URLs (NATS, stores) never reach the log, whichever
     # module (or library) wrote the message.
-    from harmonylite.snapshot.storage import redact
+    from harmonylite.storage import redact
 
     return redact(text)
 

@@ -44,12 +44,12 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import ServiceUnavailableError
 
 from harmonylite.aio import wait_any
+from harmonylite.bus.streams import describe_error, is_stream_offline
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
 from harmonylite.replication import large_changes
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.event import MORE_HEADER, ORIGIN_HEADER
-from harmonylite.replication.nats_link import describe_error, is_stream_offline
 from harmonylite.replication.outcome import ApplyResult, is_transient
 from harmonylite.replication.spool import Payload, held_bytes
 

@@ -3,7 +3,7 @@
 The publisher cuts each shard's changes into messages under the server's ``max_payload``
 (:func:`split_by_size`). What still does not fit — a single change, a row with a big blob — is
 stored whole in the JetStream Object Store bucket ``{stream_prefix}-large-changes`` (see
-:mod:`harmonylite.names`), and a small *reference* message takes its place in the same shard,
+:mod:`harmonylite.bus.names`), and a small *reference* message takes its place in the same shard,
 at the same position in the stream, with the same ``Nats-Msg-Id``::
 
     header  Harmonylite-Ref: 1
@@ -39,7 +39,7 @@ from nats.js import JetStreamContext
 
 from harmonylite.errors import DecodeError, ObjectNotFound, StorageUnavailable
 from harmonylite.replication.spool import Payload, Spooled
-from harmonylite.snapshot.storage.nats_objects import NatsObjectStore
+from harmonylite.storage.nats_objects import NatsObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The snapshot lease: a compare-and-swap key in the cluster's lease bucket (``e-harmonylite`` by
-default, see :mod:`harmonylite.names`).
+default, see :mod:`harmonylite.bus.names`).
 
 Lease (key ``snapshot-leader``): acquired with ``kv.create``, renewed every heartbeat (TTL / 3, at
 least 1 s) with ``kv.update(last=revision)``, deleted at its revision on a graceful stop. The
@@ -27,9 +27,7 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from harmonylite.aio import wait_any
-from harmonylite.errors import LeaseLost
-from harmonylite.names import LEASE_KEY, kv_subject
-from harmonylite.snapshot.lease_kv import (
+from harmonylite.bus.kv import (
     KV_OP_HEADER,
     backoff_seconds,
     bounded,
@@ -41,6 +39,8 @@ from harmonylite.snapshot.lease_kv import (
     open_bucket,
     parse_value,
 )
+from harmonylite.bus.names import LEASE_KEY, kv_subject
+from harmonylite.errors import LeaseLost
 
 log = logging.getLogger(__name__)
 

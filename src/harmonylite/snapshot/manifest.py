@@ -23,7 +23,7 @@ from typing import Any
 
 from harmonylite import __version__
 from harmonylite.errors import ObjectNotFound, SnapshotError
-from harmonylite.snapshot.storage.base import ObjectStore
+from harmonylite.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 

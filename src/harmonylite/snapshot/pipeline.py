@@ -38,7 +38,7 @@ from harmonylite.snapshot.manifest import (
 )
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
 from harmonylite.snapshot.sealing import seal_manifest
-from harmonylite.snapshot.storage.base import ObjectStore
+from harmonylite.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 # Tests set HARMONYLITE_TEST_CLOCK_OFFSET (seconds) to play a node whose clock is wrong: its

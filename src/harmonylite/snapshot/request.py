@@ -17,8 +17,8 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError
 
-from harmonylite.names import LEASE_KEY, REQUEST_KEY
-from harmonylite.snapshot.lease_kv import bounded, open_bucket, parse_value
+from harmonylite.bus.kv import bounded, open_bucket, parse_value
+from harmonylite.bus.names import LEASE_KEY, REQUEST_KEY
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.packing import CHUNK, check_sound
 from harmonylite.snapshot.pipeline import WORK_PREFIX
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
-from harmonylite.snapshot.storage.base import ObjectStore
+from harmonylite.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 

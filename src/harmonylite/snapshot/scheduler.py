@@ -40,16 +40,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from harmonylite.aio import wait_any
+from harmonylite.bus.kv import bounded, describe
 from harmonylite.config import Config
 from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
 from harmonylite.ops.health import to_epoch
 from harmonylite.snapshot import request
 from harmonylite.snapshot.leader import LeaderElection
-from harmonylite.snapshot.lease_kv import bounded, describe
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.snapshot.pipeline import Fence, SaveResult, SnapshotPipeline, SnapshotUnchanged
-from harmonylite.snapshot.storage.base import ObjectStore
 from harmonylite.snapshot.upload_lock import UploadLock
+from harmonylite.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from harmonylite.errors import SealError, SnapshotError
 from harmonylite.snapshot.manifest import Manifest
-from harmonylite.snapshot.storage.base import ObjectStore
-from harmonylite.snapshot.storage.sealed import SCHEME, SealedStore
+from harmonylite.storage.base import ObjectStore
+from harmonylite.storage.sealed import SCHEME, SealedStore
 
 
 def seal_manifest(store: ObjectStore, manifest: Manifest) -> Manifest:

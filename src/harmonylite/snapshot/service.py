@@ -24,7 +24,7 @@ from harmonylite.replication.consumer import near_head
 from harmonylite.snapshot.freshness import Freshness
 from harmonylite.snapshot.leader import LeaderElection
 from harmonylite.snapshot.scheduler import Scheduler
-from harmonylite.snapshot.storage import ObjectStore, open_store
+from harmonylite.storage import ObjectStore, open_store
 
 if TYPE_CHECKING:
     from harmonylite.node.daemon import Node

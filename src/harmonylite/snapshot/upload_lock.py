@@ -17,9 +17,7 @@ from typing import Any
 
 from nats.js.errors import KeyWrongLastSequenceError
 
-from harmonylite.errors import LeaseLost, SnapshotBusy
-from harmonylite.names import LOCK_KEY
-from harmonylite.snapshot.lease_kv import (
+from harmonylite.bus.kv import (
     bounded,
     describe,
     heartbeat_seconds,
@@ -28,6 +26,8 @@ from harmonylite.snapshot.lease_kv import (
     open_bucket,
     parse_value,
 )
+from harmonylite.bus.names import LOCK_KEY
+from harmonylite.errors import LeaseLost, SnapshotBusy
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Creating the change streams (and the replicas of the buckets) on a connected NATS.
 
-The connection itself is :mod:`harmonylite.replication.nats_connection`.
+The connection itself is :mod:`harmonylite.bus.connection`.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class NatsObjectStore:
                 obj = await js.create_object_store(bucket, config=config)
             else:
                 if replicas > 1:  # an older bucket with fewer replicas is reported
-                    from harmonylite.replication.nats_link import ensure_replicas
+                    from harmonylite.bus.streams import ensure_replicas
 
                     await ensure_replicas(js, f"OBJ_{bucket}", replicas, False,
                                           f"object store bucket {bucket}")

@@ -96,7 +96,7 @@ def describe_connect_error(exc: BaseException) -> str:
 
 
 def _redacted(urls: list[str]) -> str:
-    from harmonylite.snapshot.storage import redact
+    from harmonylite.storage import redact
 
     return ", ".join(redact(u) for u in urls)
 

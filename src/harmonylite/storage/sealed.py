@@ -1,6 +1,6 @@
 """Sealing at rest: a store wrapper that age-encrypts what it writes and opens what it reads.
 
-:func:`~harmonylite.snapshot.storage.open_store` wraps every backend in a :class:`SealedStore`,
+:func:`~harmonylite.storage.open_store` wraps every backend in a :class:`SealedStore`,
 so every object written through the store protocol (snapshot data, archive segments, anything
 later) is sealed when ``[snapshot.encryption] recipients`` is set, and every object read is
 opened when it is sealed, whatever this node's own setting: sealed and plain objects live side by

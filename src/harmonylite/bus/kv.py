@@ -1,4 +1,4 @@
-"""The cluster's lease bucket (``e-harmonylite`` by default, see :mod:`harmonylite.names`) that
+"""The cluster's lease bucket (``e-harmonylite`` by default, see :mod:`harmonylite.bus.names`) that
 holds the snapshot lease, the upload lock and snapshot requests, and what they use on it:
 periods, bounded calls, values.
 """
@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 
-from harmonylite.names import kv_stream
-from harmonylite.replication.nats_link import ensure_replicas
+from harmonylite.bus.names import kv_stream
+from harmonylite.bus.streams import ensure_replicas
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from harmonylite.age_keys import check_recipients
-from harmonylite.bus.names import (
-    DEFAULT_STREAM_PREFIX,
-    DEFAULT_SUBJECT_PREFIX,
-    NAME_PATTERN,
-    Namespace,
-)
 from harmonylite.errors import ConfigError
+
+# The NATS names of a cluster are derived from these in harmonylite.bus.names.
+DEFAULT_STREAM_PREFIX = "harmonylite-changes"
+DEFAULT_SUBJECT_PREFIX = "harmonylite-change-log"
+# A KV bucket name allows these only; stream_prefix is part of bucket names, so it is held to it.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 STORES = ("nats", "s3", "sftp", "webdav", "file")
 LOG_FORMATS = ("console", "json")
@@ -190,10 +190,6 @@ class Config:
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     cluster: ClusterFlags = field(default_factory=ClusterFlags)
 
-    @property
-    def names(self) -> Namespace:
-        """Every NATS name of this node's cluster (streams, subjects, buckets, keys)."""
-        return Namespace.from_config(self)
 
     def replicates_table(self, name: str) -> bool:
         """Whether changes to table ``name`` are captured and applied here."""

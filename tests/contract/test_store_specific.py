@@ -18,7 +18,8 @@ from storage_backends import S3_BUCKET, assert_no_secret
 
 from harmonylite.config import S3Config, SftpConfig, SnapshotConfig, WebdavConfig
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageUnavailable
-from harmonylite.storage import open_store, redact
+from harmonylite.redact import redact
+from harmonylite.storage import open_store
 from harmonylite.storage.s3 import S3Store, endpoint_url
 from servers import NatsServer
 from storage_servers import SeaweedFS, WsgiDAV

@@ -11,6 +11,7 @@ import nats
 import nkeys
 import pytest
 
+from harmonylite.bus.names import namespace
 from harmonylite.bus.streams import ensure_streams
 from harmonylite.config import parse_config
 from nodes import NodeProc, wait_until
@@ -131,7 +132,7 @@ def test_existing_stream_limits_change_only_when_asked(nats_server: NatsServer,
         second, _ = parse_config({"replication_log": {"max_entries": 500,
                                                       "update_existing": update_existing}})
         await ensure_streams(js, second)
-        info = await js.stream_info(second.names.stream(1))
+        info = await js.stream_info(namespace(second).stream(1))
         await nc.close()
         return int(info.config.max_msgs or 0)
 

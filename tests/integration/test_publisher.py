@@ -7,6 +7,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from harmonylite.bus.names import namespace
 from harmonylite.bus.streams import ensure_streams
 from harmonylite.cdc import changelog
 from harmonylite.cdc.install import install
@@ -54,7 +55,7 @@ async def test_crash_between_ack_and_mark_publishes_nothing_twice(
         conn.execute("INSERT INTO t VALUES (?, 'later')", (i,))
     restarted = Publisher(cfg, dbt, js, "e1")
     assert await restarted.flush() == 15
-    stored = [v for s in cfg.names.streams() for v in await stream_changes(js, s)]
+    stored = [v for s in namespace(cfg).streams() for v in await stream_changes(js, s)]
     assert sorted(stored) == sorted((i, "first" if i < 10 else "later") for i in range(15))
     assert changelog.pending_count(conn) == 0
     dbt.close()

@@ -24,6 +24,7 @@ from snapshot_helpers import (
     work_dirs,
 )
 
+from harmonylite.bus.names import namespace
 from harmonylite.cdc.install import harmonylite_objects
 from harmonylite.cdc.schema import schema_hash
 from harmonylite.config import Config
@@ -344,7 +345,7 @@ async def test_store_killed_mid_upload_keeps_old_snapshots(
     async def nats_store() -> tuple[nats.aio.client.Client, ObjectStore]:
         nc = await nats.connect(url, max_reconnect_attempts=2, reconnect_time_wait=0.2)
         return nc, await open_store(cfg.snapshot, js=nc.jetstream(),
-                                    bucket=cfg.names.snapshot_bucket)
+                                    bucket=namespace(cfg).snapshot_bucket)
 
     nc, store = await nats_store()
     first = (await SnapshotPipeline(cfg, store).save()).manifest

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from harmonylite.bus.names import namespace
 from harmonylite.cli.main import main
 from harmonylite.config import load_config, parse_config
 from harmonylite.errors import ConfigError
@@ -22,9 +23,9 @@ def test_defaults_follow_harmonylite() -> None:
     assert (snap.enabled, snap.store, snap.interval, snap.leader_ttl, snap.keep, snap.compress) == (
         True, "nats", 3_600_000, 30_000, 3, True)
     assert cfg.nats.subject_prefix == "harmonylite-change-log"
-    assert cfg.names.stream(2) == "harmonylite-changes-c-2"
-    assert cfg.names.subject(2) == "harmonylite-change-log-2"
-    assert cfg.names.snapshot_bucket == "harmonylite-changes-snapshot-store"
+    assert namespace(cfg).stream(2) == "harmonylite-changes-c-2"
+    assert namespace(cfg).subject(2) == "harmonylite-change-log-2"
+    assert namespace(cfg).snapshot_bucket == "harmonylite-changes-snapshot-store"
     assert cfg.node_id > 0
     assert parse_config({})[0].node_id == cfg.node_id  # stable: derived from the machine id
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harmonylite.bus.names import Namespace
+from harmonylite.bus.names import Namespace, namespace
 from harmonylite.config import parse_config
 from harmonylite.errors import ConfigError
 from harmonylite.node.shared_settings import SHARED, Record, own_settings
@@ -12,7 +12,7 @@ from harmonylite.node.shared_settings import SHARED, Record, own_settings
 
 def names_of(nats: dict[str, object], **replication_log: object) -> Namespace:
     cfg, _ = parse_config({"nats": nats, "replication_log": replication_log})
-    return cfg.names
+    return namespace(cfg)
 
 
 def every_name(ns: Namespace) -> set[str]:

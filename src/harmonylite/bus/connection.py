@@ -31,6 +31,7 @@ from nats.errors import Error as NatsClientError
 from harmonylite.aio import wait_any
 from harmonylite.config import NatsConfig
 from harmonylite.errors import NatsError
+from harmonylite.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ def describe_connect_error(exc: BaseException) -> str:
 
 
 def _redacted(urls: list[str]) -> str:
-    from harmonylite.storage import redact
-
     return ", ".join(redact(u) for u in urls)
 
 

@@ -16,15 +16,9 @@ from its cluster's is told so rather than quietly kept apart.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from harmonylite.config import Config
-
-DEFAULT_STREAM_PREFIX = "harmonylite-changes"
-DEFAULT_SUBJECT_PREFIX = "harmonylite-change-log"
+from harmonylite.config import DEFAULT_STREAM_PREFIX, DEFAULT_SUBJECT_PREFIX, Config
 
 # HarmonyLite's fixed names, kept for the default namespace.
 LEGACY_LEASE_BUCKET = "e-harmonylite"
@@ -37,8 +31,10 @@ LOCK_KEY = "snapshot"  # the upload lock
 REQUEST_KEY = "snapshot-request"  # a node asking the leader for a fresh snapshot
 SETTINGS_KEY = "settings"  # the settings every node must share
 
-# A KV bucket name allows these only; stream_prefix is part of bucket names, so it is held to it.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+def namespace(cfg: Config) -> Namespace:
+    """Every NATS name of ``cfg``'s cluster (streams, subjects, buckets, keys)."""
+    return Namespace.from_config(cfg)
 
 
 def kv_stream(bucket: str) -> str:

@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
+from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import NatsError
 
@@ -42,8 +43,8 @@ def is_stream_offline(exc: BaseException) -> bool:
 def stream_config(cfg: Config, shard: int) -> StreamConfig:
     rl = cfg.replication_log
     return StreamConfig(
-        name=cfg.names.stream(shard),
-        subjects=[cfg.names.subject(shard)],
+        name=namespace(cfg).stream(shard),
+        subjects=[namespace(cfg).subject(shard)],
         max_msgs=rl.max_entries,
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,

@@ -228,7 +228,7 @@ def run(argv: Sequence[str]) -> int:
 
 def _safe(exc: BaseException) -> str:
     """The error's text without credentials (a NATS URL may carry a password or token)."""
-    from harmonylite.storage import redact
+    from harmonylite.redact import redact
 
     return redact(str(exc))
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from harmonylite.bus.names import namespace
 from harmonylite.cdc import schema_registry
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
@@ -87,7 +88,7 @@ async def _cluster(cfg: Config) -> dict[str, dict[str, Any]]:
     from harmonylite.cli.snapshot import default_js_context
 
     async with default_js_context(cfg) as js:
-        return await schema_registry.cluster_views(js, cfg.names.schema_bucket)
+        return await schema_registry.cluster_views(js, namespace(cfg).schema_bucket)
 
 
 def main(cfg: Config, argv: Sequence[str]) -> int:

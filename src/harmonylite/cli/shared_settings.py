@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import UsageError
 from harmonylite.node import shared_settings as shared
@@ -84,7 +85,7 @@ def main(cfg: Config, argv: Sequence[str]) -> int:
             "cut": record.cut if record else {},
             "this_node": shared.own_settings(cfg),
             "differences": [d.key for d in differences],
-            "names": cfg.names.describe(),
+            "names": namespace(cfg).describe(),
         }
         print(json.dumps(out, indent=2, sort_keys=True))
     else:
@@ -98,7 +99,7 @@ def main(cfg: Config, argv: Sequence[str]) -> int:
         print(f"this configuration: {_settings_text(shared.own_settings(cfg))}")
         for d in differences:
             print(f"differs: {d}")
-        for what, name in cfg.names.describe().items():
+        for what, name in namespace(cfg).describe().items():
             if isinstance(name, dict):
                 name = ", ".join(f"{stream} (subject {subj})" for stream, subj in name.items())
             print(f"{what}: {name}")

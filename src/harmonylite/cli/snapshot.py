@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import (
     ConfigError,
@@ -26,11 +27,12 @@ from harmonylite.errors import (
     UsageError,
     VerificationError,
 )
+from harmonylite.redact import redact
 from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.progress import Progress
 from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
-from harmonylite.storage import ObjectStore, open_store, redact
+from harmonylite.storage import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ async def snapshot_store(cfg: Config, js_context: JsContext | None = None
         return
     ctx = js_context() if js_context is not None else default_js_context(cfg)
     async with ctx as js:
-        store = await open_store(cfg.snapshot, js=js, bucket=cfg.names.snapshot_bucket)
+        store = await open_store(cfg.snapshot, js=js, bucket=namespace(cfg).snapshot_bucket)
         try:
             yield store
         finally:
@@ -190,7 +192,7 @@ async def _save(cfg: Config, js_context: JsContext | None, progress: Progress) -
 
     ctx = js_context() if js_context is not None else default_js_context(cfg)
     async with ctx as js, upload_lock(
-            js, cfg.node_id, cfg.snapshot.leader_ttl, bucket=cfg.names.lease_bucket,
+            js, cfg.node_id, cfg.snapshot.leader_ttl, bucket=namespace(cfg).lease_bucket,
             replicas=cfg.replication_log.replicas,
             update_existing=cfg.replication_log.update_existing) as lock, \
             snapshot_store(cfg, lambda: _same_js(js)) as store:

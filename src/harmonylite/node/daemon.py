@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 from harmonylite import __version__
 from harmonylite.aio import wait_any
 from harmonylite.bus.connection import Connection, LinkState
+from harmonylite.bus.names import namespace
 from harmonylite.bus.streams import ensure_streams
 from harmonylite.cdc import changelog, takeover
 from harmonylite.cdc.install import InstallReport, install
@@ -166,7 +167,7 @@ class Node:
         self.settings_watch = SettingsWatch(self.js, cfg)
         self._spawn("shared settings", self.settings_watch.run)
         # One live node per node_id: refused here, before anything is published or applied.
-        self.claim = NodeClaim(self.js, cfg.names.lease_bucket, cfg.node_id, self.db_path,
+        self.claim = NodeClaim(self.js, namespace(cfg).lease_bucket, cfg.node_id, self.db_path,
                                ttl_ms=cfg.snapshot.leader_ttl,
                                replicas=cfg.replication_log.replicas)
         await self.claim.start()
@@ -213,12 +214,12 @@ class Node:
             # Past the last shard-count change's cut, each stream waits until every old stream
             # is applied up to it: a row's old changes first, on every node alike.
             self.cut = Cut(self.shared.cut, self.positions)
-            self._consumed = {*cfg.names.streams(), *self.retired}
+            self._consumed = {*namespace(cfg).streams(), *self.retired}
             behind = self.cut.waiting_for(self._consumed)
             if behind:
                 log.info("the shard count changed: applying %s before anything newer",
                          ", ".join(behind))
-            for stream, subject in cfg.names.subjects().items():
+            for stream, subject in namespace(cfg).subjects().items():
                 await self._consume(stream, subject, applier)
             for stream, subject in self.retired.items():
                 # A shard count changed cluster-wide: nodes still on the old one may write here
@@ -227,7 +228,7 @@ class Node:
                 await self._consume(stream, subject, applier)
         self.schema = SchemaFollower(self.writer, self.applier, self.js, cfg.node_id,
                                      cfg.replication_log.replicas, cfg.replicates_table,
-                                     bucket=cfg.names.schema_bucket)
+                                     bucket=namespace(cfg).schema_bucket)
         self._spawn("schema", self.schema.run)
         if cfg.publish:
             self.publisher = Publisher(
@@ -268,7 +269,7 @@ class Node:
         """This node's state in the cluster's heartbeat bucket every second (cluster status,
         the live page)."""
         cfg = self.cfg
-        buckets = Buckets(cfg.names.heartbeat_bucket, cfg.names.last_seen_bucket,
+        buckets = Buckets(namespace(cfg).heartbeat_bucket, namespace(cfg).last_seen_bucket,
                           replicas=cfg.replication_log.replicas,
                           update_existing=cfg.replication_log.update_existing)
         publisher = HeartbeatPublisher(
@@ -351,7 +352,7 @@ class Node:
         from harmonylite.node.coverage import gaps, stream_heads
 
         assert self.js is not None
-        heads = await stream_heads(self.js, [*self.cfg.names.streams(), *self.retired])
+        heads = await stream_heads(self.js, [*namespace(self.cfg).streams(), *self.retired])
         # What a stream dropped but its read-ahead still holds is no gap.
         heads = {s: min(first, self.read_ahead[s].first) if s in self.read_ahead else first
                  for s, first in heads.items()}

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harmonylite.bus.names import namespace
 from harmonylite.bus.streams import ensure_streams
 from harmonylite.config import Config
 from harmonylite.errors import HarmonyliteError, NatsError, SnapshotError
@@ -91,7 +92,7 @@ async def _caught_up_from(cfg: Config, js_context: JsContext,
     it was (and on). Empty when none, or when the streams cannot be read."""
     try:
         async with js_context() as js:
-            heads = await stream_heads(js, cfg.names.streams())
+            heads = await stream_heads(js, namespace(cfg).streams())
     except Exception as exc:  # no coverage known: the caller refuses, naming --force
         log.warning("cannot read the streams to see whether a snapshot behind this node's "
                     "database is still covered: %s", exc)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import HarmonyliteError, JoinRefused, SnapshotError, StorageError
 from harmonylite.node.install import remove_durably
@@ -102,7 +103,7 @@ async def check(node: Node) -> Joining | None:
     # The database was not replaced yet: a merge left over from an earlier try has no object.
     await asyncio.to_thread(remove_durably, marker_path(node.db_path))
     joining: Joining | None = Joining(own, cfg.snapshot.join)
-    store = await open_store(cfg.snapshot, js=node.js, bucket=cfg.names.snapshot_bucket)
+    store = await open_store(cfg.snapshot, js=node.js, bucket=namespace(cfg).snapshot_bucket)
     try:
         try:
             candidates = await list_patiently(store)

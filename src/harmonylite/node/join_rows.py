@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harmonylite.bus.names import namespace
 from harmonylite.cdc import changelog, takeover
 from harmonylite.cdc.install import install
 from harmonylite.cdc.schema import TableInfo, table_info, user_tables
@@ -71,7 +72,7 @@ def own_data(cfg: Config, db_path: Path, seq_map_path: Path) -> OwnData | None:
         conn.execute("PRAGMA busy_timeout = 10000")
         positions = changelog.applied_sequences(conn)
         # (A restored snapshot records its positions even at 0, a stream it never saw.)
-        if any(s in positions for s in cfg.names.streams()):
+        if any(s in positions for s in namespace(cfg).streams()):
             return None
         if _inherits_harmonylite_positions(conn):
             return None

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import heartbeat_seconds
+from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import (
     HarmonyliteError,
@@ -114,7 +115,7 @@ async def recover(node: Node) -> Recovery:
     from_file = await asyncio.to_thread(_read_map, seq_map_path)
     in_db = await asyncio.to_thread(install.applied_positions, db_path) if db_exists else {}
     positions = {**(from_file or {}), **in_db}
-    heads = await stream_heads(node.js, cfg.names.streams())
+    heads = await stream_heads(node.js, namespace(cfg).streams())
     behind = gaps(positions, heads)
     # Gaps found while running: the positions moved past them, so only the record tells.
     recorded = await asyncio.to_thread(install.recorded_gaps, db_path) if db_exists else {}
@@ -135,7 +136,7 @@ async def recover(node: Node) -> Recovery:
     log.info("checking for a snapshot: %s", "; ".join(reasons))
     # From now on every stream is read ahead, so whatever snapshot comes, the messages after it
     # are still at hand however fast the streams roll over.
-    subjects = cfg.names.subjects()
+    subjects = namespace(cfg).subjects()
     starts = {s: max(heads.get(s, 1), positions.get(s, 0) + 1 if db_exists else 1)
               for s in subjects}
     readers = await read_ahead(node.js, subjects, starts, db_path.parent)
@@ -161,8 +162,8 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
     diverged = db_exists and bool(behind or recorded)
     # Never go backwards: a snapshot behind what this database already holds would lose rows.
     floor = positions if db_exists else {}
-    heads = _window(await stream_heads(node.js, cfg.names.streams()), readers)
-    store = await open_store(cfg.snapshot, js=node.js, bucket=cfg.names.snapshot_bucket)
+    heads = _window(await stream_heads(node.js, namespace(cfg).streams()), readers)
+    store = await open_store(cfg.snapshot, js=node.js, bucket=namespace(cfg).snapshot_bucket)
     try:
         try:
             candidates = await list_patiently(store)
@@ -230,7 +231,7 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
             # Without a read-ahead covering it (it may have had to drop its oldest messages),
             # the streams may drop what follows the snapshot while it is downloaded and
             # installed: then a newer one must cover this node (never run on with a gap).
-            heads = _window(await stream_heads(node.js, cfg.names.streams()), readers)
+            heads = _window(await stream_heads(node.js, namespace(cfg).streams()), readers)
             moved = gaps(manifest.sequences, heads)
             if not moved or attempt == CATCH_UP_TRIES or node.stop_event.is_set():
                 break
@@ -273,7 +274,7 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
     when none came) and the first sequences still available at the last look."""
     cfg = node.cfg
     assert node.js is not None
-    streams = cfg.names.streams()
+    streams = namespace(cfg).streams()
     remind = max(1.0, cfg.snapshot.request_timeout / 1000.0)
     started = time.monotonic()
     next_reminder = started + remind
@@ -287,7 +288,7 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
     try:
         while True:
             try:
-                await request.ask(node.js, cfg.names.lease_bucket, cfg.snapshot.leader_ttl,
+                await request.ask(node.js, namespace(cfg).lease_bucket, cfg.snapshot.leader_ttl,
                                   cfg.node_id, need(heads), exclude)
                 asked = True
             except Exception as exc:
@@ -304,7 +305,7 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
                 return found, heads
             now = time.monotonic()
             try:
-                leader = await request.holder(node.js, cfg.names.lease_bucket,
+                leader = await request.holder(node.js, namespace(cfg).lease_bucket,
                                               cfg.snapshot.leader_ttl)
             except Exception as exc:
                 log.debug("cannot read the snapshot lease: %s", exc)
@@ -338,7 +339,8 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
     finally:
         if asked:
             try:
-                await request.withdraw(node.js, cfg.names.lease_bucket, cfg.snapshot.leader_ttl)
+                await request.withdraw(node.js, namespace(cfg).lease_bucket,
+                                       cfg.snapshot.leader_ttl)
             except Exception as exc:  # it expires with the bucket's TTL anyway
                 log.debug("cannot withdraw the snapshot request: %s", exc)
 

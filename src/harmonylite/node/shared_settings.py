@@ -43,7 +43,7 @@ from nats.js.errors import (
 
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import bounded, open_bucket, parse_value
-from harmonylite.bus.names import SETTINGS_KEY
+from harmonylite.bus.names import SETTINGS_KEY, namespace
 from harmonylite.config import Config
 from harmonylite.errors import ConfigError, NatsError
 from harmonylite.node.claim import KEY_PREFIX as CLAIM_PREFIX
@@ -149,7 +149,7 @@ def advice(differences: list[Difference]) -> str:
 
 async def open_settings(js: Any, cfg: Config) -> Any:
     """The cluster's settings bucket (no TTL; as many replicas as the lease bucket)."""
-    return await open_bucket(js, cfg.names.settings_bucket, 0, OP_TIMEOUT,
+    return await open_bucket(js, namespace(cfg).settings_bucket, 0, OP_TIMEOUT,
                              replicas=cfg.replication_log.replicas,
                              update_existing=cfg.replication_log.update_existing,
                              history=HISTORY)
@@ -168,7 +168,7 @@ async def read(kv: Any) -> Record | None:
 async def _streams_say(js: Any, cfg: Config) -> list[Difference]:
     """What the existing streams tell of the cluster's settings, for a cluster that has no
     record yet (its nodes ran an older version): the stream holding shard 1's subject."""
-    names = cfg.names
+    names = namespace(cfg)
     try:
         holder = await bounded(js.find_stream_name_by_subject(names.subject(1)), OP_TIMEOUT)
     except NotFoundError:
@@ -198,7 +198,7 @@ async def check_at_start(js: Any, cfg: Config, timeout: float = 60.0) -> Record:
         except Exception as exc:
             if loop.time() > deadline:
                 raise NatsError(f"cannot read the cluster's shared settings (KV bucket "
-                                f"{cfg.names.settings_bucket}): {exc}") from exc
+                                f"{namespace(cfg).settings_bucket}): {exc}") from exc
             log.warning("cannot read the cluster's shared settings yet (retrying): %s", exc)
             await asyncio.sleep(1.0)  # the retry period of an outside resource
 
@@ -222,7 +222,7 @@ async def _check(js: Any, cfg: Config) -> Record:
     differences = record.differences(cfg)
     if differences:
         raise SettingsMismatch(differences, f"recorded by node {record.node_id} in NATS KV "
-                               f"bucket {cfg.names.settings_bucket}, key {SETTINGS_KEY}",
+                               f"bucket {namespace(cfg).settings_bucket}, key {SETTINGS_KEY}",
                                advice(differences))
     return record
 
@@ -252,8 +252,8 @@ async def apply(js: Any, cfg: Config) -> tuple[Record | None, Record]:
         running = await live_nodes(js, cfg)
         if running:
             raise ShardChangeRefused(old_shards, cfg.replication_log.shards, running)
-        before = replace(cfg.names, shards=old_shards)
-        current = cfg.names.subjects()
+        before = replace(namespace(cfg), shards=old_shards)
+        current = namespace(cfg).subjects()
         retired = {s: subj for s, subj in {**old.retired, **before.subjects()}.items()
                    if s not in current}
         cut = {**old.cut, **await _heads(js, [*before.streams(), *old.retired])}
@@ -280,7 +280,7 @@ class ShardChangeRefused(ConfigError):
 
 async def live_nodes(js: Any, cfg: Config) -> list[dict[str, Any]]:
     """The claims running nodes hold in the lease bucket (a crashed node's until it expires)."""
-    kv = await open_bucket(js, cfg.names.lease_bucket, cfg.snapshot.leader_ttl, OP_TIMEOUT,
+    kv = await open_bucket(js, namespace(cfg).lease_bucket, cfg.snapshot.leader_ttl, OP_TIMEOUT,
                            replicas=cfg.replication_log.replicas)
     try:
         keys = await bounded(kv.keys(), OP_TIMEOUT)

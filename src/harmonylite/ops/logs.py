@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from harmonylite.redact import redact
+
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -29,8 +31,6 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 def _redact(text: str) -> str:
     # Every line passes here: credentials in URLs (NATS, stores) never reach the log, whichever
     # module (or library) wrote the message.
-    from harmonylite.storage import redact
-
     return redact(text)
 
 

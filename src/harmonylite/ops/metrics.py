@@ -27,7 +27,7 @@ from harmonylite import __version__
 from harmonylite.config import PrometheusConfig
 from harmonylite.errors import ConfigError
 from harmonylite.ops.health import HttpServer, Response, to_epoch
-from harmonylite.storage import redact
+from harmonylite.redact import redact
 
 SNAPSHOT_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, math.inf)
 _NAME_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -37,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from harmonylite.aio import wait_any
+from harmonylite.bus.names import namespace
 from harmonylite.cdc import changelog
 from harmonylite.cdc.changelog import Change
 from harmonylite.cdc.schema import fold_key
@@ -190,7 +191,7 @@ class Publisher:
             for part in split_by_size(group, size_of, limit):
                 msg_id = f"{self.cfg.node_id}:{epoch}:{part[0].id}-{part[-1].id}:{shard}"
                 payload = payload_of(part)
-                subject = self.cfg.names.subject(shard)
+                subject = namespace(self.cfg).subject(shard)
                 shape = by_name[part[0].table]
                 first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
                 last[shard] = Outgoing(msg_id, subject, payload, len(part), first, more=True)
@@ -212,14 +213,14 @@ class Publisher:
             epoch = self._batches.batch_epoch
             payload = encode(self.cfg.node_id, [], {}, compress, epoch)
             msg_id = f"{self.cfg.node_id}:{epoch}:end-{flight.upto}:{shard}"
-            flight.messages.append(Outgoing(msg_id, self.cfg.names.subject(shard), payload, 0,
+            flight.messages.append(Outgoing(msg_id, namespace(self.cfg).subject(shard), payload, 0,
                                             ("", ())))
         self._opened = set()
 
     async def _out_of_band(self, m: Outgoing, limit: int) -> bytes:
         """Store an oversized message's payload in the object store; return its reference."""
         if self._large is None:
-            self._large = LargeChangeStore(self.js, self.cfg.names.large_changes_bucket,
+            self._large = LargeChangeStore(self.js, namespace(self.cfg).large_changes_bucket,
                                            self.cfg.replication_log.replicas, self.cfg.node_id)
         table, key = m.first
         try:

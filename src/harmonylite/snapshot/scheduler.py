@@ -41,6 +41,7 @@ from typing import Any
 
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import bounded, describe
+from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
 from harmonylite.ops.health import to_epoch
@@ -224,7 +225,7 @@ class Scheduler:
     # --- triggers ---------------------------------------------------------------------------
     async def _last_sequences(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for name in self.cfg.names.streams():
+        for name in namespace(self.cfg).streams():
             info = await bounded(self.js.stream_info(name), self.election.op_timeout)
             out[name] = int(info.state.last_seq)
         return out

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harmonylite.archive.writer import ArchiveWriter, Lease
+from harmonylite.bus.names import namespace
 from harmonylite.replication.consumer import near_head
 from harmonylite.snapshot.freshness import Freshness
 from harmonylite.snapshot.leader import LeaderElection
@@ -46,7 +47,7 @@ class SnapshotService:
         self.node = node
         cfg = node.cfg
         self.election = LeaderElection(
-            node.js, cfg.node_id, cfg.snapshot.leader_ttl, bucket=cfg.names.lease_bucket,
+            node.js, cfg.node_id, cfg.snapshot.leader_ttl, bucket=namespace(cfg).lease_bucket,
             nc=node.nc,
             is_connected=lambda: node.nc is not None and node.nc.is_connected,
             on_change=self._leader_changed, replicas=cfg.replication_log.replicas,
@@ -114,7 +115,8 @@ class SnapshotService:
 
     async def _open_store(self) -> ObjectStore:
         cfg = self.node.cfg
-        return await open_store(cfg.snapshot, js=self.node.js, bucket=cfg.names.snapshot_bucket)
+        return await open_store(cfg.snapshot, js=self.node.js,
+                                bucket=namespace(cfg).snapshot_bucket)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self.election.run(stop)),

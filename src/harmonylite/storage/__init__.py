@@ -2,13 +2,11 @@
 
 ``open_store`` matches on ``snapshot.store`` and wraps the backend in a :class:`SealedStore`
 (``[snapshot.encryption]``: seals what it writes, opens sealed objects it reads); backends import
-their SDK lazily so that a node using one store never imports the others. ``redact`` strips
-credentials from URLs and query strings before they reach a log line or an error message.
+their SDK lazily so that a node using one store never imports the others.
 """
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from harmonylite.age_keys import load_keys
@@ -22,29 +20,7 @@ if TYPE_CHECKING:
 
     from harmonylite.config import SnapshotConfig
 
-__all__ = ["ObjectInfo", "ObjectStore", "SealedStore", "open_store", "redact"]
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
-_SECRET_PARAM = re.compile(
-    r"(?P<key>[?&;](?:secret|password|passwd|pass|pwd|token|session_token|access_token"
-    r"|sig|signature|x-amz-signature|x-amz-security-token|x-amz-credential)=)[^&#\s'\"]*",
-    re.IGNORECASE,
-)
-REDACTED = "***"
-# NATS takes a token as the whole user part: ``nats://TOKEN@host``.
-_NATS_TOKEN = re.compile(r"(?P<scheme>(?:nats|tls|ws|wss)://)[^:/@\s]+@", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """Remove passwords and secrets from every URL in ``text``.
-
-    ``sftp://user:pass@host/p`` becomes ``sftp://user:***@host/p`` and ``?login=u&secret=p``
-    becomes ``?login=u&secret=***``; a NATS token URL ``nats://TOKEN@host`` becomes
-    ``nats://***@host``.
-    """
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-    text = _NATS_TOKEN.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
-    return _SECRET_PARAM.sub(lambda m: f"{m['key']}{REDACTED}", text)
+__all__ = ["ObjectInfo", "ObjectStore", "SealedStore", "open_store"]
 
 
 async def open_store(

@@ -30,6 +30,7 @@ from botocore.exceptions import (
 
 from harmonylite.config import S3Config
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageError, StorageUnavailable
+from harmonylite.redact import redact
 
 from .base import ObjectInfo
 
@@ -156,8 +157,6 @@ class S3Store:
         return f"{where} at {self.endpoint}" if self.endpoint else where
 
     def _clean(self, text: str) -> str:
-        from . import redact
-
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return redact(text)

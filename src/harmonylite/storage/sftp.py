@@ -27,6 +27,7 @@ import asyncssh
 
 from harmonylite.config import SftpConfig
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageError, StorageUnavailable
+from harmonylite.redact import redact
 
 from .base import ObjectInfo
 
@@ -81,8 +82,6 @@ class SftpStore:
         return f"sftp://{user}{self.host}:{self.port}{self.root if self.root != '.' else ''}"
 
     def _clean(self, text: str) -> str:
-        from . import redact
-
         if self._password:
             text = text.replace(self._password, "***")
         return redact(text)

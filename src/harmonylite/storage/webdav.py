@@ -24,6 +24,7 @@ import httpx
 
 from harmonylite.config import WebdavConfig
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageError, StorageUnavailable
+from harmonylite.redact import redact
 
 from .base import ObjectInfo
 
@@ -99,8 +100,6 @@ class WebdavStore:
         return quote(path, safe="/")
 
     def _clean(self, text: str) -> str:
-        from . import redact
-
         if self._secret:
             text = text.replace(self._secret, "***")
         return redact(text)

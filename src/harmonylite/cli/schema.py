@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from harmonylite.bus.names import namespace
-from harmonylite.cdc import schema_registry
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
 from harmonylite.errors import HarmonyliteError, UsageError
+from harmonylite.replication import schema_registry
 
 EXIT_OK = 0
 

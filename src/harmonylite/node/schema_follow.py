@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from harmonylite.aio import wait_any
-from harmonylite.cdc import schema_registry
 from harmonylite.cdc.install import install
 from harmonylite.db.connection import DbThread
+from harmonylite.replication import schema_registry
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.outcome import is_transient
 

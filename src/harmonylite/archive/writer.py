@@ -34,6 +34,7 @@ from typing import Any
 from harmonylite.aio import wait_any
 from harmonylite.archive import catalog, segment
 from harmonylite.archive.stream_tail import StreamTail
+from harmonylite.bus.kv import describe
 from harmonylite.errors import LeaseLost
 from harmonylite.bus.kv import describe
 from harmonylite.snapshot.manifest import list_snapshots

@@ -65,7 +65,7 @@ class SnapshotService:
         if cfg.snapshot.archive:
             self.archive = ArchiveWriter(
                 js=node.js, open_store=self._open_store, lease=Lease(self.election),
-                streams=cfg.names.subjects(), node_id=cfg.node_id,
+                streams=namespace(cfg).subjects(), node_id=cfg.node_id,
                 interval_ms=cfg.snapshot.archive_interval,
                 spool=Path(cfg.snapshot.temp_dir) if cfg.snapshot.temp_dir else None,
                 metrics=node.metrics)

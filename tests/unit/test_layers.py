@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("harmonylite.cdc",),
     ("harmonylite.replication",),
     ("harmonylite.snapshot",),
+    ("harmonylite.archive",),
     ("harmonylite.restore",),
     ("harmonylite.node",),
     ("harmonylite.cli",),
@@ -41,7 +42,7 @@ TO_UNDO: set[tuple[str, str]] = {
     ("harmonylite.node.join", "harmonylite.node.recovery"),
     ("harmonylite.node.recovery", "harmonylite.node.daemon"),
     ("harmonylite.node.without_nats", "harmonylite.node.daemon"),
-    ("harmonylite.snapshot.service", "harmonylite.node.daemon"),
+    ("harmonylite.node.snapshot_service", "harmonylite.node.daemon"),
 }
 
 

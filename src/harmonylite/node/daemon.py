@@ -69,7 +69,7 @@ from harmonylite.replication.read_ahead import ReadAhead, stop_all
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 
 if TYPE_CHECKING:
-    from harmonylite.snapshot.service import SnapshotService
+    from harmonylite.node.snapshot_service import SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Node:
             # cluster's state: it is no snapshot leader candidate (its snapshots would claim no
             # position, and none would ever cover a stream).
             if cfg.snapshot.enabled and cfg.replicate:
-                from harmonylite.snapshot.service import SnapshotService
+                from harmonylite.node.snapshot_service import SnapshotService
 
                 self.snapshots = SnapshotService(self)
                 self._spawn("snapshots", self.snapshots.run)

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("harmonylite.bus",),
     ("harmonylite.storage",),
     ("harmonylite.ops",),
+    ("harmonylite.cluster",),
     ("harmonylite.cdc",),
     ("harmonylite.replication",),
     ("harmonylite.snapshot",),

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from harmonylite.bus.names import namespace
 from harmonylite.cluster import view
 from harmonylite.cluster.read import forget, read_records
 from harmonylite.config import Config
@@ -67,7 +68,7 @@ def _render(doc: dict[str, Any], as_json: bool) -> str:
 async def _status(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     from harmonylite.cli.snapshot import default_js_context
 
-    names = cfg.names
+    names = namespace(cfg)
     async with default_js_context(cfg) as js:
         while True:
             records = await read_records(js, names.heartbeat_bucket, names.last_seen_bucket)
@@ -85,7 +86,7 @@ async def _status(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
 async def _forget(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     from harmonylite.cli.snapshot import default_js_context
 
-    names = cfg.names
+    names = namespace(cfg)
     async with default_js_context(cfg) as js:
         if not args.force:
             doc = view.build(await read_records(js, names.heartbeat_bucket,

@@ -1,7 +1,7 @@
 """Each node's heartbeat: its state, put in the cluster's heartbeat bucket about once a second.
 
-The heartbeat bucket (``{stream_prefix}-heartbeats``, see :mod:`harmonylite.bus.names`) holds one key
-per node, ``node-<id>``, whose value is the JSON record :mod:`harmonylite.node.heartbeat_state`
+The heartbeat bucket (``{stream_prefix}-heartbeats``, see :mod:`harmonylite.bus.names`) holds one
+key per node, ``node-<id>``, whose value is the JSON record :mod:`harmonylite.node.heartbeat_state`
 builds (health, streams, lease, newest snapshot, schema hashes, counts, file sizes, uptime) plus
 the node's lag over the last 15 minutes. Its keys expire an hour after a node's last beat, so the
 last-seen bucket (no TTL) gets the same record every few seconds and at a clean stop: a node that

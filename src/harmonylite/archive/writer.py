@@ -36,7 +36,6 @@ from harmonylite.archive import catalog, segment
 from harmonylite.archive.stream_tail import StreamTail
 from harmonylite.bus.kv import describe
 from harmonylite.errors import LeaseLost
-from harmonylite.bus.kv import describe
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.storage.base import ObjectStore
 

@@ -182,6 +182,8 @@ class Config:
     polling_interval: int = 0
     exclude_tables: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_TABLES))
     include_tables: list[str] = field(default_factory=list)  # empty: every table
+    # Schema changes replicate as statements (see cdc.schema_changes); every node must agree.
+    replicate_ddl: bool = False
     replication_log: ReplicationLogConfig = field(default_factory=ReplicationLogConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -330,6 +332,9 @@ def parse_config(
         changes["node_id"] = default_node_id()
     if cluster is not None:
         changes["cluster"] = cluster
+    if cfg.replicate_ddl and "exclude_tables" not in data:
+        # The schema replicates, so the record of which migrations made it does too.
+        changes["exclude_tables"] = []
     if not cfg.seq_map_path and cfg.db_path:
         changes["seq_map_path"] = str(Path(cfg.db_path).parent / "seq-map.cbor")
     if cfg.snapshot.enabled:

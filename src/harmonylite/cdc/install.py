@@ -72,10 +72,13 @@ def install(conn: sqlite3.Connection, replicated: TableFilter | None = None) -> 
 
 
 def install_in_transaction(conn: sqlite3.Connection,
-                           replicated: TableFilter | None = None) -> InstallReport:
+                           replicated: TableFilter | None = None, *,
+                           backfill: bool = True) -> InstallReport:
     """:func:`install` inside a write transaction the caller holds (the applier does, when the
     schema changed under it). ``replicated`` says which tables are (``exclude_tables`` and
-    ``include_tables``); the others get no capture (their triggers are dropped)."""
+    ``include_tables``); the others get no capture (their triggers are dropped). Without
+    ``backfill``, new and rebuilt tables are not republished: the schema change came from
+    another node, which publishes their rows itself."""
     report = InstallReport()
     for stmt in ddl.BASE_DDL:
         conn.execute(stmt)
@@ -119,7 +122,8 @@ def install_in_transaction(conn: sqlite3.Connection,
             wanted.add(name)
         # (A rebuilt table without a primary key is not republished: its rows, identified by
         # content, would be added again on every node.)
-        if started and (table.name not in known or (rebuilt and not table.content_keyed)):
+        fresh = table.name not in known or (rebuilt and not table.content_keyed)
+        if backfill and started and fresh:
             count = conn.execute(ddl.backfill_sql(tid, table)).rowcount
             if count:
                 report.backfilled[table.name] = count

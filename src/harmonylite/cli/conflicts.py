@@ -1,5 +1,7 @@
 """`harmonylite conflicts list [--json]`: rows this node removed because a change later in the
-stream's order took a UNIQUE value they held (see ``replication.conflicts``)."""
+stream's order took a UNIQUE value they held (see ``replication.conflicts``), and schema changes
+that lost to another node's change of the same objects (``replicate_ddl``; see
+``replication.schema_apply``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from harmonylite.cdc import schema_changes
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
 from harmonylite.errors import HarmonyliteError, UsageError
@@ -38,14 +41,21 @@ def main(cfg: Config, argv: Sequence[str]) -> int:
     conn = open_connection(cfg.db_path)
     try:
         found = conflicts.rows(conn)
+        lost = schema_changes.rows(conn, "lost")
     finally:
         conn.close()
     if args.json:
-        print(json.dumps([c.as_json() for c in found], indent=2))
+        print(json.dumps([c.as_json() for c in found]
+                         + [{"kind": "schema_change", **c.as_json()} for c in lost], indent=2))
         return 0
+    for ch in lost:
+        when = datetime.fromtimestamp(ch.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(f"schema change {ch.uid} of node {ch.origin}\t{', '.join(sorted(ch.objects))}\t"
+              f"{ch.reason}\t{json.dumps(ch.stmts)}\t{when}")
     for c in found:
         when = datetime.fromtimestamp(c.created_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         print(f"{c.id}\t{c.table}\t{c.key}\t{json.dumps(c.displaced)}\twon by node "
               f"{c.winner_origin} key {c.winner_key}\t{c.stream} {c.seq}\t{when}")
-    print(f"{len(found)} displaced rows", file=sys.stderr)
+    print(f"{len(found)} displaced rows" + (f", {len(lost)} schema changes lost"
+                                             if lost else ""), file=sys.stderr)
     return 0

@@ -55,7 +55,7 @@ def _local(cfg: Config) -> dict[str, Any]:
 
 
 def format_local(view: dict[str, Any]) -> str:
-    lines = [f"node {view['node_id']}"]
+    lines = [f"node {view['node_id']}\tschema {_version(view)}"]
     parked: dict[str, int] = view.get("parked", {})
     for name, t in sorted(view["tables"].items()):
         lines.append(f"  {name}\t{t['hash']}\tparked {parked.get(name, 0)}\t"
@@ -65,12 +65,28 @@ def format_local(view: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _version(view: dict[str, Any]) -> str:
+    """A node's schema version: its hash, and with replicated schema changes how many it
+    applied (and the states of the others)."""
+    schema = view.get("schema") or {}
+    text = str(schema.get("hash", "?"))
+    if "changes" in schema:
+        text += f" ({schema['changes']} changes"
+        text += "".join(f", {schema[k]} {k}" for k in ("pending", "sent", "lost", "refused",
+                                                          "failed") if schema.get(k))
+        text += ")"
+    return text
+
+
 def format_cluster(views: dict[str, dict[str, Any]]) -> str:
     nodes = sorted(views)
     differs = schema_registry.mismatches(views)
     tables = sorted({t for v in views.values() for t in v.get("tables", {})}
                     | {t for v in views.values() for t in v.get("parked", {})})
-    lines = ["table\t" + "\t".join(nodes)]
+    hashes = {(views[n].get("schema") or {}).get("hash") for n in nodes}
+    lines = [("* " if len(hashes) > 1 else "  ") + "schema\t"
+             + "\t".join(_version(views[n]) for n in nodes)]
+    lines.append("table\t" + "\t".join(nodes))
     for name in tables:
         cells = []
         for node in nodes:

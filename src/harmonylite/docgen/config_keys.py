@@ -56,10 +56,16 @@ KEYS: dict[str, KeyDoc] = {
     "polling_interval": KeyDoc("Milliseconds between looks at the database for new commits. "
                                "0: 5 ms."),
     "exclude_tables": KeyDoc("Tables not replicated (glob patterns, case-sensitive). The default "
-                             "lists the migration bookkeeping tables of common frameworks; "
-                             "setting the key replaces the list.", shared=True),
+                             "lists the migration bookkeeping tables of common frameworks "
+                             "(with `replicate_ddl = true` the default is empty: they "
+                             "replicate with the schema); setting the key replaces the list.",
+                             shared=True),
     "include_tables": KeyDoc("Only these tables are replicated (glob patterns), before "
                              "`exclude_tables` applies. Empty: every table.", shared=True),
+    "replicate_ddl": KeyDoc("Replicate schema changes: DDL run on any one node is replayed on "
+                            "every other, in order with the rows (docs/schema-migrations.md, "
+                            "\"Replicated schema changes\"). false: each node runs its own "
+                            "migrations (rolling migrations).", shared=True),
     "replication_log.shards": KeyDoc("Streams the changes are spread over; a row goes to "
                                      "hash(table, key) % shards.", shared=True),
     "replication_log.max_entries": KeyDoc("Messages each stream keeps. A node down for longer "

@@ -38,7 +38,7 @@ from harmonylite.aio import wait_any
 from harmonylite.bus.connection import Connection, LinkState
 from harmonylite.bus.names import namespace
 from harmonylite.bus.streams import ensure_streams
-from harmonylite.cdc import changelog, takeover
+from harmonylite.cdc import changelog, schema_changes, takeover
 from harmonylite.cdc.install import InstallReport, install
 from harmonylite.cluster.heartbeat import Buckets, HeartbeatPublisher
 from harmonylite.config import Config
@@ -66,6 +66,7 @@ from harmonylite.replication.consumer import Hold, ShardConsumer, near_head
 from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
 from harmonylite.replication.read_ahead import ReadAhead, stop_all
+from harmonylite.replication.schema_send import SchemaSender
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 
 if TYPE_CHECKING:
@@ -193,6 +194,11 @@ class Node:
         self.install_report = await self.writer.call_waiting(
             lambda conn: install(conn, cfg.replicates_table), "install change capture",
             self.stop_event)
+        if cfg.replicate_ddl:
+            # A schema change made while the node was stopped is this node's to send.
+            await self.writer.call_waiting(
+                lambda conn: schema_changes.capture_now(conn, cfg.node_id, cfg.replicates_table),
+                "start", self.stop_event)
         # HarmonyLite's pending changes, through our capture.
         await self.writer.call_waiting(takeover.replay_pending, "start", self.stop_event)
         await join.finish(self, self.restored)  # a merge's rows, through our capture
@@ -210,7 +216,8 @@ class Node:
                                                    origin=f"{cfg.node_id}:{epoch}",
                                                    own_origins=own_origins,
                                                    replicated=cfg.replicates_table,
-                                                   unpark_settle=UNPARK_SETTLE_SECONDS)
+                                                   unpark_settle=UNPARK_SETTLE_SECONDS,
+                                                   replicate_ddl=cfg.replicate_ddl)
             # Past the last shard-count change's cut, each stream waits until every old stream
             # is applied up to it: a row's old changes first, on every node alike.
             self.cut = Cut(self.shared.cut, self.positions)
@@ -228,12 +235,15 @@ class Node:
                 await self._consume(stream, subject, applier)
         self.schema = SchemaFollower(self.writer, self.applier, self.js, cfg.node_id,
                                      cfg.replication_log.replicas, cfg.replicates_table,
-                                     bucket=namespace(cfg).schema_bucket)
+                                     bucket=namespace(cfg).schema_bucket,
+                                     replicate_ddl=cfg.replicate_ddl)
         self._spawn("schema", self.schema.run)
         if cfg.publish:
             self.publisher = Publisher(
                 cfg, self.pub_db, self.js, epoch, metrics=self.metrics,
-                held=self.applier.held_tables if self.applier is not None else None)
+                held=self.applier.held_tables if self.applier is not None else None,
+                schema=SchemaSender(cfg, self.pub_db, self.js, epoch)
+                if cfg.replicate_ddl else None)
             publisher = self.publisher
             loop = asyncio.get_running_loop()
             interval = cfg.polling_interval / 1000 if cfg.polling_interval else DEFAULT_POLL

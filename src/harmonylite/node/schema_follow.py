@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harmonylite.aio import wait_any
+from harmonylite.cdc import schema_changes
 from harmonylite.cdc.install import install
 from harmonylite.db.connection import DbThread
 from harmonylite.replication import schema_registry
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 class SchemaFollower:
     def __init__(self, writer: DbThread, applier: Applier | None, js: Any, node_id: int,
                  replicas: int, replicated: Callable[[str], bool] | None = None, *,
-                 bucket: str) -> None:
+                 bucket: str, replicate_ddl: bool = False) -> None:
         self._writer = writer
         self._bucket = bucket  # the cluster's schema registry
         self._applier = applier
@@ -36,6 +37,7 @@ class SchemaFollower:
         self._node_id = node_id
         self._replicas = replicas
         self._replicated = replicated
+        self._replicate_ddl = replicate_ddl
         self._changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._published: dict[str, Any] | None = None
@@ -84,8 +86,11 @@ class SchemaFollower:
         if self._applier is not None:
             await self._apply_parked()
         else:
-            replicated = self._replicated
+            replicated, node_id = self._replicated, self._node_id
             await self._writer.call(lambda conn: install(conn, replicated))
+            if self._replicate_ddl:
+                await self._writer.call(
+                    lambda conn: schema_changes.capture_now(conn, node_id, replicated))
         await self.refresh()
 
     async def refresh(self) -> None:

@@ -60,6 +60,9 @@ class Shared:
     key: str  # the dotted configuration key
     value: Callable[[Config], object]
     live_change: bool  # whether `shared-settings apply` may change it while nodes run
+    # What a cluster recorded before the key was declared ran with (None: unknown, so such a
+    # record is not compared for it).
+    absent: object = None
 
 
 SHARED: tuple[Shared, ...] = (
@@ -67,6 +70,9 @@ SHARED: tuple[Shared, ...] = (
     Shared("replication_log.compress", lambda c: c.replication_log.compress, False),
     Shared("nats.stream_prefix", lambda c: c.nats.stream_prefix, False),
     Shared("nats.subject_prefix", lambda c: c.nats.subject_prefix, False),
+    # Recorded and applied by every node, or schema changes reach only some (a node that does
+    # not replicate them ignores them); changed for a whole cluster with every node restarted.
+    Shared("replicate_ddl", lambda c: c.replicate_ddl, True, absent=False),
 )
 
 
@@ -118,11 +124,16 @@ class Record:
                    int(data.get("node_id", 0)), float(data.get("updated_at", 0)), revision)
 
     def differences(self, cfg: Config) -> list[Difference]:
-        # A key the record lacks (declared after it was written) is not compared: the first
+        # A key the record lacks (declared after it was written) is compared with the value
+        # clusters ran with before it existed, when there is one; otherwise not: the first
         # `shared-settings apply` records it.
-        return [Difference(key, ours, self.settings[key])
-                for key, ours in own_settings(cfg).items()
-                if key in self.settings and self.settings[key] != ours]
+        out = []
+        for s in SHARED:
+            theirs = self.settings.get(s.key, s.absent)
+            ours = s.value(cfg)
+            if theirs is not None and theirs != ours:
+                out.append(Difference(s.key, ours, theirs))
+        return out
 
 
 class SettingsMismatch(ConfigError):

@@ -24,10 +24,11 @@ import logging
 import sqlite3
 from collections.abc import Sequence
 
-from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc import changelog, ddl, schema_changes
+from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.db.connection import fetch_all, write_transaction
 from harmonylite.errors import DecodeError
-from harmonylite.replication import deadletter, parking
+from harmonylite.replication import deadletter, parking, schema_apply
 from harmonylite.replication.event import Batch, decode
 from harmonylite.replication.outcome import (
     APPLIED,
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 class Applier(RowApplier):
     """Applies messages in order with their stream positions; holds the changes that wait
     (parked, refused dead letters). One instance per writer connection."""
+
+    _schema_ignored = False  # a schema change arrived while replicate_ddl is false (logged)
 
     def unpark_wait(self) -> float | None:
         """Seconds until deferred work (parked changes, dead letters a schema change may let
@@ -197,7 +200,8 @@ class Applier(RowApplier):
                     continue
                 result.origin_nodes.add(batch.node_id)
                 if replay:
-                    batch = Batch(batch.node_id, batch.columns, batch.keys, batch.changes)
+                    batch = Batch(batch.node_id, batch.columns, batch.keys, batch.changes,
+                                  schema=batch.schema)
                 self._apply_message(conn, stream, seq, batch, pending, marks, result)
                 if batch.origin and batch.ids:
                     moved.add(batch.origin)
@@ -221,6 +225,9 @@ class Applier(RowApplier):
                        pending: changelog.PendingKeys, marks: dict[str, int],
                        result: ApplyResult) -> None:
         """One message under a savepoint; when a change fails, again change by change."""
+        if batch.schema is not None:
+            self._apply_schema(conn, stream, seq, batch)
+            return
         conn.execute("SAVEPOINT msg")
         try:
             outcomes = self._apply_changes(conn, stream, seq, batch, pending, dict(marks),
@@ -250,6 +257,28 @@ class Applier(RowApplier):
                         "table waiting); they are applied once it can", stream, seq,
                         outcomes[PARKED], ", ".join(map(repr, tables)),
                         extra={"stream": stream, "sequence": seq})
+
+    def _apply_schema(self, conn: sqlite3.Connection, stream: str, seq: int,
+                      batch: Batch) -> None:
+        """A schema change (``replicate_ddl``); see ``schema_apply``."""
+        if not self.replicate_ddl:
+            if not self._schema_ignored:
+                self._schema_ignored = True
+                log.warning("%s sequence %d: a schema change from node %d is not applied: "
+                            "replicate_ddl is false on this node (every node must share the "
+                            "setting)", stream, seq, batch.node_id,
+                            extra={"stream": stream, "sequence": seq})
+            return
+        outcome = schema_apply.apply(conn, stream, seq, batch, self.node_id, self.replicated)
+        if not outcome.changed:
+            return
+        report = install_in_transaction(conn, self.replicated, backfill=False)
+        report_install(report, at_start=False)
+        for table in outcome.republish:
+            schema_changes.republish(conn, table)
+        schema_changes.remember(conn, schema_changes.current(conn, self.replicated))
+        self._schema_version = -2  # caches and statements follow the new schema
+        self._refresh(conn)
 
     def _apply_changes(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
                        pending: changelog.PendingKeys, marks: dict[str, int], *,

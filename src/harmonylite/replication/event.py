@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import cbor2
 import zstandard
@@ -97,6 +97,8 @@ class Batch:
     changes: list[RowChange]
     epoch: str = ""
     ids: tuple[int, ...] = ()  # per change, its id in the origin's change log (may be empty)
+    # A schema change instead of rows (``replicate_ddl``): {"u": id, "o": objects, "s": stmts}.
+    schema: dict[str, Any] | None = None
 
     @property
     def origin(self) -> str:
@@ -141,6 +143,17 @@ def encode(
     epoch: str = "",
 ) -> bytes:
     raw = cbor2.dumps(_document(node_id, changes, shapes, epoch))
+    return _compressor.compress(raw) if compress else raw
+
+
+def encode_schema_change(node_id: int, epoch: str, uid: str, objects: dict[str, Any],
+                         stmts: list[str], compress: bool) -> bytes:
+    """A schema change as a message: a batch without rows (a reader that does not know ``d``
+    applies nothing) carrying the change's id, the objects it touched (definitions before and
+    after) and the statements that replay it."""
+    doc = {"v": FORMAT, "n": node_id, "e": epoch, "t": {}, "k": {}, "c": [],
+           "d": {"u": uid, "o": objects, "s": stmts}}
+    raw = cbor2.dumps(doc)
     return _compressor.compress(raw) if compress else raw
 
 
@@ -258,8 +271,14 @@ def decode(data: Payload) -> Batch:
         ids = tuple(raw_ids)
         if ids and len(ids) != len(changes):
             raise DecodeError(f"batch has {len(ids)} change ids for {len(changes)} changes")
+        schema = obj.get("d")
+        if schema is not None and not (
+                isinstance(schema, dict) and isinstance(schema.get("u"), str)
+                and isinstance(schema.get("o"), dict) and isinstance(schema.get("s"), list)
+                and all(isinstance(s, str) for s in schema["s"])):
+            raise DecodeError("malformed schema change")
     except DecodeError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DecodeError(f"malformed change batch: {type(exc).__name__}: {exc}") from exc
-    return Batch(node, columns, keys, changes, epoch, ids)
+    return Batch(node, columns, keys, changes, epoch, ids, schema)

@@ -61,6 +61,7 @@ from harmonylite.replication.large_changes import (
     server_limit,
     split_by_size,
 )
+from harmonylite.replication.schema_send import SchemaSender
 from harmonylite.replication.spool import Payload, Spooled, as_bytes
 from harmonylite.replication.watcher import ChangeWatcher
 
@@ -124,7 +125,8 @@ class InFlight:
 class Publisher:
     def __init__(self, cfg: Config, db: DbThread, js: JetStreamContext,
                  epoch: str | None = None, *, metrics: Metrics | None = None,
-                 held: Callable[[], set[str]] | None = None) -> None:
+                 held: Callable[[], set[str]] | None = None,
+                 schema: SchemaSender | None = None) -> None:
         # The publisher's own connection: reading and marking never wait behind the applier.
         self.cfg = cfg
         self.db = db
@@ -145,6 +147,7 @@ class Publisher:
         self._inflight: InFlight | None = None
         self._opened: set[int] = set()  # shards sent a "more follows" in the open batch
         self._large: LargeChangeStore | None = None
+        self._schema = schema  # this node's schema changes (replicate_ddl), between batches
 
     def _build(self, batch: Chunk) -> InFlight:
         by_name, changes = batch.shapes, batch.changes
@@ -289,6 +292,8 @@ class Publisher:
     async def flush_once(self) -> int:
         """Publish one chunk; returns the number of changes published (0 when none pending)."""
         if self._inflight is None:
+            if self._schema is not None:
+                await self._schema.send()
             if not self._batches.end:
                 self._opened = set()  # a batch given up before its end
             chunk = await self.db.call(lambda conn: self._batches.next_chunk(self.db.aux(), conn))
@@ -312,6 +317,8 @@ class Publisher:
         if CRASH_AFTER_ACK and flight.final:  # test seam: die between the ack and the mark
             os._exit(CRASH_EXIT_CODE)
         if flight.final:
+            if self._schema is not None:  # between this batch and the next
+                await self._schema.send()
             following = await self.db.call(
                 lambda conn: self._batches.finish(self.db.aux(), conn))
         else:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc import changelog, ddl, schema_changes
 from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.cdc.schema import TableInfo, fold_key, table_info
 from harmonylite.db.connection import fetch_all
@@ -51,7 +51,7 @@ class RowApplier:
     def __init__(self, *, skip_pending: bool = True, origin: str = "",
                  own_origins: dict[str, int | None] | None = None,
                  replicated: Callable[[str], bool] | None = None,
-                 unpark_settle: float = 0.0) -> None:
+                 unpark_settle: float = 0.0, replicate_ddl: bool = False) -> None:
         self._tables: dict[str, TableInfo | None] = {}
         self._schema_version = -1
         self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None,
@@ -79,6 +79,9 @@ class RowApplier:
         self.replicated = replicated  # tables replicated here (None: all)
         self._ignored: set[str] = set()
         self._replicated_cache: dict[str, bool] = {}  # table -> replicated (patterns cost)
+        # Schema changes travel as statements (see ``schema_apply``); capture notes this
+        # node's own when the schema moves under the applier.
+        self.replicate_ddl = replicate_ddl
 
     def _refresh(self, conn: sqlite3.Connection) -> bool:
         """When the schema changed (the application's DDL): bring capture up to date in this
@@ -91,6 +94,8 @@ class RowApplier:
         if not at_start:
             report = install_in_transaction(conn, self.replicated)
             report_install(report, at_start=False)
+            if self.replicate_ddl:
+                schema_changes.capture(conn, self.node_id, self.replicated)
             version = conn.execute("PRAGMA schema_version").fetchone()[0]
         self._schema_version = version
         # A table or column parked changes wait for may be here (see ``settle``).

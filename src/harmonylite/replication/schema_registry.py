@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harmonylite import __version__
+from harmonylite.cdc import schema_changes, schema_plan
 from harmonylite.cdc.rows import table_hash
 from harmonylite.cdc.schema import user_tables
 from harmonylite.replication import parking
@@ -43,7 +44,20 @@ def local_view(conn: sqlite3.Connection, node_id: int) -> dict[str, Any]:
         "tables": {t.name: {"hash": table_hash(conn, t.name), "columns": list(t.columns),
                             "pk": list(t.pk)} for t in tables},
         "parked": parking.counts(conn),
+        "schema": schema_version(conn),
     }
+
+
+def schema_version(conn: sqlite3.Connection) -> dict[str, Any]:
+    """How far this node's schema is: a hash of the application's schema objects and, with
+    ``replicate_ddl``, the replicated schema changes it applied (and those lost, refused or
+    failed here)."""
+    out: dict[str, Any] = {"hash": schema_plan.schema_hash(schema_plan.objects(conn))}
+    counts = schema_changes.counts(conn)
+    if counts:
+        out["changes"] = counts.get("applied", 0)
+        out.update({k: v for k, v in counts.items() if k != "applied"})
+    return out
 
 
 def mismatches(views: dict[str, dict[str, Any]]) -> dict[str, dict[str, str | None]]:

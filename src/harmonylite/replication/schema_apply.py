@@ -1,0 +1,165 @@
+"""Applying a schema change from another node (``replicate_ddl = true``), in the applier's
+transaction, at its place in the stream.
+
+Every node meets the schema changes in one order (they all travel on the first stream), and
+decides each the same way:
+
+- **Its objects are as the change found them** on its origin: its statements run; the objects
+  must then be exactly as on the origin, or the change is made again from a plan of this node's
+  own (see :mod:`harmonylite.cdc.schema_plan`).
+- **They are already as the change left them** (the same migration ran here too): nothing to do.
+- **They differ because of this node's own change not yet back from the stream**: the change
+  arriving now came first, so it wins. This node's own changes to those objects are undone and
+  the winner's made (one plan from the schema here to the winner's), the own ones are recorded
+  as ``lost``, and the rows of their tables are published again under the winning schema, so
+  what this node wrote under its own schema reaches the others as far as the winner's columns
+  hold it (what the others parked from it is applied without the columns that lost).
+- **They differ otherwise** (a change earlier in the stream changed them since its origin read
+  them): the arriving change lost; it is recorded as ``lost``, and its origin undoes it when it
+  meets the winner.
+
+A change that cannot be applied here at all (SQLite refuses it: a virtual table module missing
+on this node) rolls back whole and is recorded as ``failed`` with SQLite's reason: never half
+applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from harmonylite.cdc import ddl, schema_changes, schema_plan
+from harmonylite.cdc.schema_changes import Touched
+from harmonylite.cdc.schema_plan import Objects, PlanError
+from harmonylite.db.connection import PREFIX, quote_ident
+from harmonylite.replication.event import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchemaOutcome:
+    state: str  # applied | duplicate | lost | failed
+    changed: bool = False  # the schema here changed
+    republish: list[str] = field(default_factory=list)  # tables to publish again (own lost)
+
+
+def _drop_capture(conn: sqlite3.Connection, tables: set[str]) -> None:
+    """Capture triggers of ``tables`` go before the statements run (SQLite would refuse to drop
+    a column they name); they are installed again after."""
+    for (tid,) in conn.execute(f"SELECT tid FROM {ddl.TABLES} WHERE name IN "
+                               f"({', '.join('?' for _ in tables)})", sorted(tables)).fetchall():
+        for (name,) in conn.execute(
+                "SELECT name FROM sqlite_schema WHERE type = 'trigger' AND name GLOB ?",
+                (f"{PREFIX}t{int(tid)}_*",)).fetchall():
+            conn.execute(f"DROP TRIGGER {quote_ident(str(name))}")
+
+
+def _tables_of(objs: Touched) -> set[str]:
+    return {o.tbl_name for pair in objs.values() for o in pair if o is not None}
+
+
+def _with(base: Objects, objs: Touched, *, after: bool) -> Objects:
+    out = dict(base)
+    for name, (b, a) in objs.items():
+        want = a if after else b
+        if want is None:
+            out.pop(name, None)
+        else:
+            out[name] = want
+    return out
+
+
+def _run(conn: sqlite3.Connection, stmts: list[str], check: Callable[[], bool]) -> str:
+    """Run ``stmts`` under a savepoint; '' when ``check()`` holds after, else the reason (and
+    everything rolled back)."""
+    conn.execute("SAVEPOINT schema_change")
+    try:
+        schema_plan.run_plan(conn, stmts)
+        ok = check()
+        reason = "" if ok else "the statements did not give the origin's definitions"
+    except sqlite3.Error as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason:
+        conn.execute("ROLLBACK TO schema_change")
+        conn.execute("PRAGMA legacy_alter_table = OFF")
+    conn.execute("RELEASE schema_change")
+    return reason
+
+
+def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id: int,
+          replicated: Callable[[str], bool] | None) -> SchemaOutcome:
+    """Apply the schema change ``batch`` carries (see the module's docstring)."""
+    assert batch.schema is not None
+    uid = str(batch.schema["u"])
+    objs = schema_changes.decode_touched(batch.schema["o"])
+    stmts = [str(s) for s in batch.schema["s"]]
+    schema_changes.ensure(conn)
+    known = schema_changes.get(conn, uid)
+    if known is not None:
+        if known.state in ("pending", "sent"):  # this node's own, back from the stream
+            schema_changes.set_state(conn, uid, "applied")
+        return SchemaOutcome("duplicate")
+    # A change the application made here that the node has not looked at yet counts as this
+    # node's own, in flight.
+    schema_changes.capture(conn, node_id, replicated)
+    live = schema_changes.current(conn, replicated)
+    names = ", ".join(sorted(objs))
+    origin = batch.node_id
+    clash = [n for n, (before, _) in objs.items() if live.get(n) != before]
+    if clash and all(live.get(n) == a for n, (_, a) in objs.items()):
+        schema_changes.record(conn, uid, origin, "applied", objs, stmts)
+        return SchemaOutcome("applied")  # the same change was made here too
+    mine = [c for c in schema_changes.rows(conn, "pending", "sent")
+            if c.origin == node_id and set(c.objects) & set(objs)]
+    if clash and not all(any(n in c.objects for c in mine) for n in clash):
+        reason = (f"lost: {', '.join(map(repr, clash))} had been changed by an earlier schema "
+                  f"change in the stream when node {origin} changed them")
+        schema_changes.record(conn, uid, origin, "lost", objs, stmts, reason)
+        log.warning("schema change %s of node %d (%s) not applied: %s", uid, origin, names,
+                    reason, extra={"schema_change": uid, "stream": stream, "sequence": seq})
+        return SchemaOutcome("lost")
+    target = live
+    for own in reversed(mine if clash else []):
+        target = _with(target, own.objects, after=False)
+    target = _with(target, objs, after=True)
+    touched_tables = _tables_of(objs) | {t for c in (mine if clash else []) for t in
+                                         _tables_of(c.objects)}
+    _drop_capture(conn, touched_tables & set(live))
+
+    def reached() -> bool:
+        now = schema_changes.current(conn, replicated)
+        return all(now.get(n) == target.get(n) for n in set(target) | set(now))
+
+    reason = _run(conn, stmts, reached) if not clash else "clash"
+    if reason:
+        try:
+            own_plan = schema_plan.plan(live, target)
+        except PlanError as exc:
+            own_plan, reason = [], f"{reason}; {exc}" if reason != "clash" else str(exc)
+        else:
+            reason = _run(conn, own_plan, reached)
+    if reason:
+        schema_changes.record(conn, uid, origin, "failed", objs, stmts, reason)
+        log.error("schema change %s of node %d (%s) cannot be applied here and is not: %s; "
+                  "the changes to its tables wait (parked) until this node has that schema",
+                  uid, origin, names, reason,
+                  extra={"schema_change": uid, "stream": stream, "sequence": seq})
+        return SchemaOutcome("failed", changed=False)
+    schema_changes.record(conn, uid, origin, "applied", objs, stmts)
+    out = SchemaOutcome("applied", changed=True)
+    if clash:
+        for own in mine:
+            why = (f"lost to schema change {uid} of node {origin}, which came first in the "
+                   f"stream ({stream} sequence {seq}) and changed {names}")
+            schema_changes.set_state(conn, own.uid, "lost", why)
+            log.warning("this node's schema change %s (%s) %s: undone here; the rows of its "
+                        "tables are published again under the winning schema", own.uid,
+                        ", ".join(sorted(own.objects)), why, extra={"schema_change": own.uid})
+        out.republish = sorted(t for t in touched_tables if target.get(t) is not None
+                               and target[t].type == "table")
+    log.info("schema change %s of node %d applied: %s", uid, origin, names,
+             extra={"schema_change": uid, "stream": stream, "sequence": seq})
+    return out

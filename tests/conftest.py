@@ -79,6 +79,7 @@ SHARED_CLUSTER_MODULES = frozenset({
     "tests/integration/test_harmonylite_e2e.py",  # fixed ports and paths: one cluster at a time
     "tests/integration/test_jetstream_cluster.py",
     "tests/integration/test_cluster_status.py",
+    "tests/integration/test_replicated_ddl.py",
 })
 
 

@@ -121,10 +121,10 @@ def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id
         log.warning("schema change %s of node %d (%s) not applied: %s", uid, origin, names,
                     reason, extra={"schema_change": uid, "stream": stream, "sequence": seq})
         return SchemaOutcome("lost")
-    target = live
+    undone = live  # this node's own changes undone (when the arriving one wins over them)
     for own in reversed(mine if clash else []):
-        target = _with(target, own.objects, after=False)
-    target = _with(target, objs, after=True)
+        undone = _with(undone, own.objects, after=False)
+    target = _with(undone, objs, after=True)
     touched_tables = _tables_of(objs) | {t for c in (mine if clash else []) for t in
                                          _tables_of(c.objects)}
     _drop_capture(conn, touched_tables & set(live))
@@ -133,12 +133,20 @@ def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id
         now = schema_changes.current(conn, replicated)
         return all(now.get(n) == target.get(n) for n in set(target) | set(now))
 
-    reason = _run(conn, stmts, reached) if not clash else "clash"
+    if clash:
+        # Undone first, then the winner's own statements: a plan straight to the winner's
+        # schema could take the loser's new column for a renamed one.
+        try:
+            reason = _run(conn, schema_plan.plan(live, undone) + stmts, reached)
+        except PlanError as exc:
+            reason = str(exc)
+    else:
+        reason = _run(conn, stmts, reached)
     if reason:
         try:
             own_plan = schema_plan.plan(live, target)
         except PlanError as exc:
-            own_plan, reason = [], f"{reason}; {exc}" if reason != "clash" else str(exc)
+            reason = f"{reason}; {exc}"
         else:
             reason = _run(conn, own_plan, reached)
     if reason:

@@ -8,6 +8,7 @@ and what is wrong, never a secret key's text.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import pyrage
 
 from harmonylite.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 RECIPIENTS_KEY = "snapshot.encryption.recipients"
 IDENTITY_FILE_KEY = "snapshot.encryption.identity_file"
@@ -59,10 +62,15 @@ def check_recipients(values: list[str]) -> tuple[str, ...]:
 
 def load_identities(path: str) -> tuple[Any, ...]:
     """The identities in ``path`` (at least one); ConfigError naming the file and line."""
+    file = Path(path).expanduser()
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8")
+        mode = file.stat().st_mode
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(IDENTITY_FILE_KEY, path, f"cannot be read: {exc}") from None
+    if mode & 0o077:
+        log.warning("the age identity file %s can be read by other users (mode %03o): "
+                    "chmod 600 it", path, mode & 0o777)
     found: list[Any] = []
     for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()

@@ -9,6 +9,7 @@ the same store).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import subprocess
@@ -17,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from snapshot_helpers import tmpfs
 
-from harmonylite.age_keys import new_identity
+from harmonylite.age_keys import load_keys, new_identity
 from harmonylite.cdc.install import install
 from harmonylite.config import Config, parse_config
-from harmonylite.errors import SealError
+from harmonylite.errors import NoSpaceError, SealError
 from harmonylite.snapshot.manifest import find_snapshot, list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.restore import restore_to_path
-from harmonylite.storage import open_store
+from harmonylite.storage import SealedStore, open_store
+from harmonylite.storage.file import FileStore
 from harmonylite.storage.sealed import MAGIC, seal_key
 from nodes import NodeProc, wait_until, write_toml
 from servers import NatsServer
@@ -230,3 +233,16 @@ async def test_rotation_and_plain_and_sealed_snapshots_side_by_side(tmp_path: Pa
     write_toml(tmp_path / "both.toml", toml)
     verified = harmonylite(tmp_path / "both.toml", "snapshot", "verify", sealed_old)
     assert verified.returncode == 0, verified.stderr
+
+
+async def test_no_room_to_seal_is_named_no_space(tmp_path: Path) -> None:
+    _, public = new_identity()
+    store = SealedStore(FileStore(tmp_path / "store"), load_keys([public], ""))
+    with tmpfs(tmp_path / "small", "2m") as small:
+        src = small / "snap.db.zst"
+        src.write_bytes(os.urandom(1536 * 1024))  # the sealed copy beside it cannot fit
+        with pytest.raises(NoSpaceError, match="no space left on device") as err:
+            await store.upload("snapshots/x.db.zst", src)
+        assert err.value.path == str(small)
+        assert sorted(os.listdir(small)) == ["snap.db.zst"]  # the partial copy is gone
+    assert await store.list("") == []

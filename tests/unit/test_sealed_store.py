@@ -63,10 +63,16 @@ def test_a_secret_key_listed_as_recipient_is_refused_without_showing_it() -> Non
     assert check_recipients([public, f" {public} "]) == (public,)  # duplicates dropped
 
 
-def test_identity_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
+def test_identity_file_errors_name_the_file_and_line(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     secret, public = new_identity()
     good = identity_file(tmp_path / "ok.txt", secret)
+    good.chmod(0o600)
     assert len(load_identities(str(good))) == 1
+    assert "chmod 600" not in caplog.text
+    good.chmod(0o644)
+    load_identities(str(good))
+    assert "can be read by other users (mode 644)" in caplog.text and secret not in caplog.text
     with pytest.raises(ConfigError, match="cannot be read"):
         load_identities(str(tmp_path / "missing.txt"))
     (tmp_path / "pub.txt").write_text(f"{secret}\n{public}\n")

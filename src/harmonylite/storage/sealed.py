@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,7 +38,13 @@ from typing import Any, BinaryIO
 import pyrage
 
 from harmonylite.age_keys import Keys
-from harmonylite.errors import ObjectNotFound, SealedObjectDamaged, SealError, StorageError
+from harmonylite.errors import (
+    NoSpaceError,
+    ObjectNotFound,
+    SealedObjectDamaged,
+    SealError,
+    StorageError,
+)
 
 from .base import ObjectInfo, ObjectStore
 
@@ -161,6 +169,11 @@ def _file_is_sealed(path: Path) -> bool:
         return is_sealed(fh.read(len(MAGIC)))
 
 
+def _room(path: Path) -> tuple[int, int]:
+    """Bytes a sealed copy of ``path`` needs beside it, and bytes free there."""
+    return path.stat().st_size, shutil.disk_usage(path.parent).free
+
+
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -234,8 +247,16 @@ class SealedStore:
             return await self.inner.upload(key, path)
         sealed = path.with_name(f".{path.name}.sealing-{secrets.token_hex(4)}")
         try:
-            seal = await asyncio.to_thread(_seal_file, path, sealed, self._sealers,
-                                           self.recipients)
+            try:
+                seal = await asyncio.to_thread(_seal_file, path, sealed, self._sealers,
+                                               self.recipients)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # The sealed copy needs about as much room as the file it seals, beside it.
+                await asyncio.to_thread(_unlink, sealed)
+                needed, free = await asyncio.to_thread(_room, path)
+                raise NoSpaceError(str(path.parent), needed, free) from exc
             info = await self.inner.upload(key, sealed)
         finally:
             await asyncio.to_thread(_unlink, sealed)

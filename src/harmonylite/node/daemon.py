@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 DEFAULT_POLL = 0.005
 # Parked changes are applied once the schema has been still this long (docs/frameworks.md).
 UNPARK_SETTLE_SECONDS = 2.0
+SEQ_MAP_EVERY = 0.25  # seconds between rewrites of the seq-map file while applying
 
 
 class Node:
@@ -102,6 +103,7 @@ class Node:
         self.consumers: list[ShardConsumer] = []
         self.install_report: InstallReport | None = None
         self.positions: dict[str, int] = {}
+        self._seq_map_written = 0.0  # monotonic time of the last write of the seq-map file
         self.supervisor = Supervisor(self.stop_event)
         self.gaps: dict[str, tuple[int, int]] = {}  # found and not covered by a restore
         self.dead_letters = 0
@@ -431,6 +433,14 @@ class Node:
                 self.metrics.stream_state(stream, c.position, c.lag)
         if self.snapshots is not None:
             self.snapshots.scheduler.poke()
+        # The file mirrors the positions the database holds (and can only lag behind them):
+        # rewritten at most every SEQ_MAP_EVERY seconds, not per applied group, whose file
+        # create and rename cost the node more than applying a small group; written again, and
+        # durably, at shutdown.
+        now = time.monotonic()
+        if now - self._seq_map_written < SEQ_MAP_EVERY:
+            return
+        self._seq_map_written = now
         try:
             write_seq_map(self.seq_map_path, self.positions)
         except OSError as exc:

@@ -1,0 +1,189 @@
+"""The application's cost of running a node: single-row autocommit inserts (WAL,
+``synchronous=NORMAL``) into a database whose node runs and replicates to a second node, against
+the same inserts into a database without harmonylite, interleaved in the same run.
+
+Two figures, each the median of same-round ratios:
+
+- **flat out**: rows/s of an application inserting as fast as it can;
+- **paced** (``--rate``, 1,000/s by default): the mean time of one insert's ``execute`` while the
+  application inserts at that rate (what an application with ordinary traffic waits per write).
+
+``--profile DIR`` records node 1 and node 2 with py-spy during the flat-out round (speedscope
+JSON, plus a top-of-profile summary printed here). Target: >= 0.6x (goal 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from nodes import NodeProc, wait_until  # noqa: E402
+from servers import NatsServer  # noqa: E402
+
+TABLE = "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, note TEXT)"
+ROWS = 50_000
+PACED_ROWS = 3_000
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def _insert(conn: sqlite3.Connection, start: int, rows: int, rate: float | None) -> float:
+    """Flat out: rows/s. Paced: mean seconds per insert."""
+    sql = "INSERT INTO t VALUES (?, ?, ?, ?, ?)"
+    if rate is None:
+        t0 = time.perf_counter()
+        for i in range(start, start + rows):
+            conn.execute(sql, (i, f"item {i}", i % 97, i * 0.5, "some note text"))
+        return rows / (time.perf_counter() - t0)
+    spent = 0.0
+    t0 = time.perf_counter()
+    for n, i in enumerate(range(start, start + rows)):
+        due = t0 + n / rate
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        a = time.perf_counter()
+        conn.execute(sql, (i, f"item {i}", i % 97, i * 0.5, "some note text"))
+        spent += time.perf_counter() - a
+    return spent / rows
+
+
+def plain(base: Path, rows: int, rate: float | None) -> float:
+    path = base / "plain.db"
+    for p in base.glob("plain.db*"):
+        p.unlink()
+    conn = _open(path)
+    conn.execute(TABLE)
+    try:
+        return _insert(conn, 0, rows, rate)
+    finally:
+        conn.close()
+
+
+def _spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("  (py-spy not found: no profile)")
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "200", "--format",
+                             "raw", "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _summary(raw: Path, top: int = 25) -> None:
+    """Self and total share of the hottest functions in a py-spy raw (collapsed) profile."""
+    if not raw.exists():
+        return
+    total = 0
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    print(f"  {raw.name}: {total} samples; by self time:")
+    for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {100 * n / total:5.1f}% self {100 * inclusive[f] / total:5.1f}% total  {f}")
+
+
+def with_nodes(base: Path, server: NatsServer, r: int, rows: int, rate: float | None,
+               profile: Path | None = None) -> float:
+    nodes = []
+    for i in (1, 2):
+        node = NodeProc(base / f"r{r}n{i}", i, {"nats": {"urls": [server.url],
+                                                         "stream_prefix": f"app{r}",
+                                                         "subject_prefix": f"app{r}"}})
+        conn = _open(node.db)
+        conn.execute(TABLE)
+        conn.close()
+        nodes.append(node.start())
+    spies = []
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        for n in nodes:
+            assert n.proc is not None
+            spies.append((_spy(n.proc.pid, profile / f"node{n.node_id}.txt"),
+                          profile / f"node{n.node_id}.txt"))
+        time.sleep(1)  # py-spy attaches
+    conn = _open(nodes[0].db)
+    try:
+        got = _insert(conn, 0, rows, rate)
+        probe = nodes[1].connect()
+        wait_until(lambda: probe.execute("SELECT count(*) FROM t").fetchone()[0] == rows, 120,
+                   "all rows on node 2")
+        probe.close()
+    finally:
+        conn.close()
+        for spy, _ in spies:
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(30)
+        for n in nodes:
+            n.stop()
+    for _, out in spies:
+        _summary(out)
+    return got
+
+
+def load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def measure(rounds: int, rate: float, profile: Path | None = None) -> dict[str, float]:
+    flat: list[float] = []
+    paced: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        server = NatsServer(base / "nats").start()
+        try:
+            for r in range(rounds):
+                a = plain(base, ROWS, None)
+                b = with_nodes(base, server, r, ROWS, None, profile if r == 0 else None)
+                flat.append(b / a)
+                print(f"  round {r} flat out: plain {a:,.0f} rows/s, with nodes {b:,.0f} rows/s"
+                      f" = x{b / a:.2f}  (load {load()})", flush=True)
+                c = plain(base, PACED_ROWS, rate)
+                d = with_nodes(base, server, 100 + r, PACED_ROWS, rate,
+                               profile / "paced" if profile is not None and r == 0 else None)
+                paced.append(c / d)
+                print(f"  round {r} at {rate:,.0f}/s: plain {c * 1e6:.0f} us/insert, with nodes "
+                      f"{d * 1e6:.0f} us/insert = x{c / d:.2f}", flush=True)
+        finally:
+            server.stop()
+    return {"flat": statistics.median(flat), "paced": statistics.median(paced)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--profile", type=Path, default=None)
+    args = ap.parse_args()
+    got = measure(args.rounds, args.rate, args.profile)
+    verdict = "PASS" if got["flat"] >= 0.6 else "FAIL"
+    print(f"RESULT app_cost flat_out=x{got['flat']:.2f} at_{args.rate:.0f}/s=x{got['paced']:.2f}"
+          f" target>=0.60 {verdict} (load {load()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -66,7 +66,7 @@ def test_own_echo_never_takes_back_newer_local_changes(tmp_path: Path,
         expected = [(i, ROUNDS, f"{1 if i < ROWS else 2}:{ROUNDS - 1}")
                     for i in range(2 * ROWS)]
         try:
-            wait_until(lambda: _values(n1) == _values(n2) == expected, 60,
+            wait_until(lambda: _values(n1) == _values(n2) == expected, 30,
                        "both nodes to hold every increment")
         except AssertionError as exc:
             raise AssertionError(f"{exc}: node 1 {_values(n1)}, node 2 {_values(n2)}") from None
@@ -76,7 +76,7 @@ def test_own_echo_never_takes_back_newer_local_changes(tmp_path: Path,
         expected = [(i, 2 * ROUNDS, f"{2 if i < ROWS else 1}:{ROUNDS - 1}")
                     for i in range(2 * ROWS)]
         try:
-            wait_until(lambda: _values(n1) == _values(n2) == expected, 60,
+            wait_until(lambda: _values(n1) == _values(n2) == expected, 30,
                        "both nodes to hold every increment of the second round")
         except AssertionError as exc:
             raise AssertionError(f"{exc}: node 1 {_values(n1)}, node 2 {_values(n2)}") from None

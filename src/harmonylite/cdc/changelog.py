@@ -133,43 +133,75 @@ def prune(conn: sqlite3.Connection) -> int:
 
 
 class PendingKeys:
-    """(table, key) of every row whose newest local change has not been sent yet.
+    """(table, key) of every row whose newest local change has not been sent yet, and of every
+    row with a local change that has not come back from the stream yet.
 
-    Only changes above the publisher's intent count: those are certain to reach the stream after
-    anything this node receives now. A change already handed to the publisher may sit anywhere in
-    the stream relative to an incoming one, so it must not hide it. (The publisher records its
-    intent in its own write transaction, which cannot commit while the applier holds the write
-    lock, so the two never disagree about which changes were sent.)
+    Only changes above the publisher's intent count as not sent: those are certain to reach the
+    stream after anything this node receives now. A change already handed to the publisher may
+    sit anywhere in the stream relative to an incoming one, so it must not hide it. (The
+    publisher records its intent in its own write transaction, which cannot commit while the
+    applier holds the write lock, so the two never disagree about which changes were sent.)
+
+    A local change handed to the publisher still decides its row once it comes back: when this
+    node's own older change to the row comes back first, it carries an older state of the row,
+    and writing it would take the row back until the newer one arrives (an application that
+    reads and writes meanwhile, ``n = n + 1``, would lose its update). ``newest_own`` tells the
+    applier which change to a row is this node's newest, so only that one is written.
 
     Each refresh reads only the changes captured since the previous one, so checking a batch of
-    incoming messages against the local pending changes costs nothing when there are none.
+    incoming messages against the local changes costs nothing when there are none. Changes the
+    refreshes did not see (captured before this start, or pruned before a refresh read them,
+    or forgotten when too many were tracked) are below ``blind_upto``: the log is asked then.
     """
+
+    OWN_LIMIT = 100_000  # rows tracked with a change not come back yet (memory bound)
 
     def __init__(self) -> None:
         self._latest: dict[tuple[str, tuple[object, ...]], int] = {}
-        self._scanned = 0
+        self._own: dict[tuple[str, tuple[object, ...]], int] = {}
+        self._scanned = -1
+        self.blind_upto = 0  # own changes up to this id may be missing from ``_own``
 
     def refresh(self, conn: sqlite3.Connection, shapes: dict[int, TableShape],
                 fold: Callable[[str, tuple[object, ...]], tuple[object, ...]] | None = None,
                 ) -> None:
-        wm = max(watermark(conn), intent(conn))
-        if self._scanned < wm:
-            self._scanned = wm
+        published = watermark(conn)
+        wm = max(published, intent(conn))
+        if self._scanned < 0:  # first look: what was captured before is not known here
+            self._scanned = self.blind_upto = wm
+        elif self._scanned < published - 1:  # published meanwhile: pruning may have taken it
+            self.blind_upto = max(self.blind_upto, published - 1)
         rows = fetch_all(conn, f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id",
                          (self._scanned,))
         for row in rows:
             entry = _entry(conn, row, shapes)
             self._scanned = entry.id
-            if entry.op == ddl.OP_BACKFILL:
+            shape = shapes[entry.tid]
+            if shape.pk == shape.columns:
+                continue  # identified by content (see ``rows``): nothing to take back
+            name = shape.name
+            key = fold(name, entry.key) if fold is not None else entry.key
+            self._own[(name, key)] = entry.id
+            if entry.op == ddl.OP_BACKFILL or entry.id <= wm:
                 # A republished row is no newer than what arrives: it must not hide it (it is
                 # read when published, so it carries what was applied meanwhile).
                 continue
-            name = shapes[entry.tid].name
-            key = fold(name, entry.key) if fold is not None else entry.key
             self._latest[(name, key)] = entry.id
-            self._scanned = entry.id
         if self._latest and min(self._latest.values()) <= wm:
             self._latest = {k: v for k, v in self._latest.items() if v > wm}
+        if len(self._own) > self.OWN_LIMIT:
+            self._own.clear()
+            self.blind_upto = max(self.blind_upto, self._scanned)
+
+    def newest_own(self, ident: tuple[str, tuple[object, ...]]) -> int | None:
+        """The id of this node's newest change to the row that has not come back yet, as far
+        as the refreshes saw (None: none seen)."""
+        return self._own.get(ident)
+
+    def came_back(self, ident: tuple[str, tuple[object, ...]], change_id: int) -> None:
+        """This node's change ``change_id`` to the row came back from the stream."""
+        if self._own.get(ident, change_id + 1) <= change_id:
+            del self._own[ident]
 
     def __contains__(self, key: object) -> bool:
         return key in self._latest

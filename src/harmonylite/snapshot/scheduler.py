@@ -44,7 +44,7 @@ from harmonylite.bus.kv import bounded, describe
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
-from harmonylite.ops.health import to_epoch
+from harmonylite.ops.health import snapshot_age_limit, to_epoch
 from harmonylite.snapshot import request
 from harmonylite.snapshot.leader import LeaderElection
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
@@ -102,6 +102,18 @@ def check_period(heartbeat: float) -> float:
     return max(0.5, min(1.0, heartbeat))
 
 
+def refresh_period(cfg: Config) -> float:
+    """Seconds between a node's listings of the store. A node that is not the leader learns of
+    a new snapshot only by listing: it must list well within the health limit, or an idle,
+    healthy cluster reports the snapshot the leader just took as missing (503)."""
+    period = min(60.0, cfg.snapshot.leader_ttl / 1000.0)
+    limit = snapshot_age_limit(cfg.health_check, cfg.snapshot.interval)
+    if limit is not None:
+        period = min(period, limit / 4)
+    return max(REFRESH_MIN_SECONDS, period)
+
+
+REFRESH_MIN_SECONDS = 1.0  # a store is listed at most this often
 LIST_QUIET_SECONDS = 15.0  # listing failures shorter than this are not logged
 
 
@@ -132,7 +144,7 @@ class Scheduler:
                                          cfg.replication_log.shards)
         self.sleep_timeout = cfg.sleep_timeout / 1000.0
         self.check_every = check_period(election.heartbeat)
-        self.refresh_every = max(3.0, min(60.0, cfg.snapshot.leader_ttl / 1000.0))
+        self.refresh_every = refresh_period(cfg)
         self.store: ObjectStore | None = None
         self.newest: Manifest | None = None
         self.saved: list[SaveResult] = []

@@ -6,9 +6,10 @@
 #   scripts/test.sh tests/unit -k config  lint, types, then pytest with these arguments
 #
 # On a fresh machine it creates .venv, installs the package with its test extra (with uv when it
-# can, else pip; again only when pyproject.toml changes) and OpenSSH's server (for the SFTP store
-# tests) when missing. Tests run on HARMONYLITE_TEST_WORKERS pytest-xdist workers (default 6; 2
-# with --quick; none, in one process, when pytest arguments are given without -n).
+# can, else pip; again only when pyproject.toml changes) and the Debian packages some tests need
+# (OpenSSH's server, Chromium, Prometheus) when missing. Tests run on HARMONYLITE_TEST_WORKERS
+# pytest-xdist workers (default 6; 2 with --quick; none, in one process, when pytest arguments are
+# given without -n).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,11 +25,17 @@ for a in "$@"; do
   fi
 done
 
-if [ "$quick" = 0 ] && [ ! -x /usr/sbin/sshd ]; then
+# Debian packages the server tests use: OpenSSH's server (SFTP store), Chromium (the live page,
+# driven by Playwright), Prometheus's promtool (the alert rules in deploy/monitoring).
+missing=()
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ "$quick" = 0 ] && [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "note: /usr/sbin/sshd missing and not root; SFTP tests against OpenSSH will be skipped" >&2
+    echo "note: ${missing[*]} missing and not root; the tests needing them will be skipped" >&2
   fi
 fi
 
@@ -47,7 +54,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "note: uv not installable; installing with pip" >&2
     .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -E '^(WARNING|  )' || true
   fi
-  .venv/bin/python -c 'import harmonylite, nats, boto3, asyncssh, wsgidav, hypothesis, xdist'
+  .venv/bin/python -c 'import harmonylite, nats, boto3, asyncssh, wsgidav, hypothesis, xdist, aiohttp, playwright'
   echo "$want" > "$stamp"
 fi
 

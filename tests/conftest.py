@@ -80,6 +80,7 @@ SHARED_CLUSTER_MODULES = frozenset({
     "tests/integration/test_jetstream_cluster.py",
     "tests/integration/test_cluster_status.py",
     "tests/integration/test_replicated_ddl.py",
+    "tests/integration/test_cluster_page.py",
 })
 
 

@@ -336,7 +336,7 @@ async def test_malformed_request_and_close(servers: list[HttpServer]) -> None:
     writer.write(b"garbage\r\n\r\n")
     await writer.drain()
     reply = await reader.read()
-    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert reply.startswith(b"HTTP/1.") and reply.split(b" ", 2)[1] == b"400"
     writer.close()
     await writer.wait_closed()
     # A client that connects and sends nothing does not hold up close().
@@ -381,3 +381,67 @@ async def test_all_interfaces_bind() -> None:
 
 async def _ok() -> Response:
     return Response(200, b"ok")
+
+
+async def _exchange(port: int, data: bytes, *, pause: float = 0.0) -> bytes:
+    """Send ``data`` (in two halves ``pause`` seconds apart) and read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        half = len(data) // 2
+        writer.write(data[:half])
+        await writer.drain()
+        if pause:
+            await asyncio.sleep(pause)
+        writer.write(data[half:])
+        await writer.drain()
+    except ConnectionError:
+        pass
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_huge_requests_are_refused(servers: list[HttpServer]) -> None:
+    server = await serve(servers, healthy_status)
+    long_line = b"GET /health?" + b"x" * 20_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    reply = await _exchange(server.port, long_line)
+    assert reply.split(b" ", 2)[1] in (b"400", b"414", b"431"), reply[:200]
+    many = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(500)) + b"\r\n"
+    reply = await _exchange(server.port, many)
+    assert reply.split(b" ", 2)[1] in (b"400", b"431"), reply[:200]
+    # A body where none is taken: refused, and not read for a next request.
+    body = b"POST /health HTTP/1.1\r\nHost: a\r\nContent-Length: 50000000\r\n\r\n" + b"z" * 65536
+    reply = await _exchange(server.port, body)
+    assert reply.startswith(b"HTTP/1.1 405 "), reply[:200]
+
+
+async def test_slow_requests_are_cut_off(servers: list[HttpServer],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("harmonylite.ops.http_server.HEAD_TIMEOUT", 0.5)
+    server = await serve(servers, healthy_status)
+    started = time.monotonic()
+    # Half a request head, the rest long after the deadline: the connection is gone by then.
+    reply = await _exchange(server.port, b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n", pause=3)
+    assert reply == b""
+    assert time.monotonic() - started < 9
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.get("/health")).status_code == 200  # others are served meanwhile
+
+
+async def test_cluster_page_and_its_data(servers: list[HttpServer]) -> None:
+    async def cluster() -> dict[str, Any]:
+        return {"nodes": [{"node_id": 1, "state": "healthy"}], "leader": 1}
+
+    cfg = CFG
+    server = await start_health_server(cfg, healthy_status, cluster=cluster)
+    servers.append(server)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.get("/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "cluster.json" in r.text and "data-node-id" in r.text
+        r = await client.get("/cluster.json")
+        assert r.json()["nodes"][0]["state"] == "healthy"
+        assert (await client.get("/health")).status_code == 200

@@ -41,6 +41,7 @@ from harmonylite.bus.streams import ensure_streams
 from harmonylite.cdc import changelog, schema_changes, takeover
 from harmonylite.cdc.install import InstallReport, install
 from harmonylite.cluster.heartbeat import Buckets, HeartbeatPublisher
+from harmonylite.cluster.read import ClusterReader
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
@@ -58,7 +59,8 @@ from harmonylite.node.shared_settings import (
     check_at_start,
 )
 from harmonylite.node.supervisor import Supervisor
-from harmonylite.ops.health import HttpServer, probe_database, start_health_server
+from harmonylite.ops.health import probe_database, start_health_server
+from harmonylite.ops.http_server import HttpServer
 from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import conflicts, deadletter
 from harmonylite.replication.apply import Applier
@@ -326,9 +328,12 @@ class Node:
     async def _start_servers(self) -> None:
         cfg = self.cfg
         if cfg.health_check.enable:
+            # The live page reads the heartbeats of every node, this one's included.
+            reader = ClusterReader(lambda: self.js, cfg.names.heartbeat_bucket,
+                                   cfg.names.last_seen_bucket)
             self._servers.append(await start_health_server(
                 cfg.health_check, self.health_status, snapshot_interval_ms=cfg.snapshot.interval,
-                snapshot_enabled=cfg.snapshot.enabled))
+                snapshot_enabled=cfg.snapshot.enabled, cluster=reader.document))
         if cfg.prometheus.enable:
             self._servers.append(await start_metrics_server(cfg.prometheus, self.metrics))
 

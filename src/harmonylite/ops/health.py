@@ -7,60 +7,31 @@ snapshot holds every change stays healthy, see :mod:`harmonylite.snapshot.freshn
 does not know this goes by the snapshot's age), and when no snapshot exists yet and the node has
 been up for longer than that. :func:`evaluate` decides this from a status dict and is pure.
 
-The HTTP side is a minimal HTTP/1.1 server on ``asyncio.start_server`` (one request per
-connection), shared with the metrics endpoint: :class:`HttpServer`.
+The HTTP side is :mod:`harmonylite.ops.http_server` (aiohttp), which also serves the live page
+of the cluster (:mod:`harmonylite.ops.cluster_page`) at ``/`` and the metrics endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
 import math
-import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from harmonylite import __version__
 from harmonylite.config import HealthCheckConfig
-from harmonylite.errors import ConfigError
+from harmonylite.ops.cluster_page import ClusterSource, cluster_routes
+from harmonylite.ops.http_server import Handler, HttpServer, Response
+from harmonylite.ops.http_server import parse_bind as parse_bind
 
 log = logging.getLogger(__name__)
-
-HEAD_TIMEOUT = 10.0  # seconds a client may take to send its request head
-MAX_HEAD = 16 * 1024
-
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
-            500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-# --- bind addresses --------------------------------------------------------------------------
-_BIND = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]\s]*)):(?P<port>\d{1,5})$")
-
-
-def parse_bind(bind: str, key: str = "bind") -> tuple[str | None, int]:
-    """``"0.0.0.0:8090"``, ``":3010"`` (all interfaces), ``"[::1]:80"``, ``"127.0.0.1:0"``.
-
-    Returns ``(host, port)`` with ``host=None`` for every interface. ``key`` names the setting in
-    the error raised for a malformed value.
-    """
-    m = _BIND.match(bind.strip())
-    port = int(m["port"]) if m else -1
-    if m is None or not 0 <= port <= 65535:
-        raise ConfigError(key, bind, "must be HOST:PORT or :PORT with a port between 0 and 65535")
-    host = m["v6"] if m["v6"] is not None else m["host"]
-    if not host:
-        # Port 0 on every interface would give each address family its own random port.
-        return ("0.0.0.0" if port == 0 else None), port
-    return host, port
-
 
 # --- time values -----------------------------------------------------------------------------
 def to_epoch(value: object) -> float | None:
@@ -209,113 +180,6 @@ async def probe_database(path: str | Path, timeout: float = 2.0) -> bool:
         return False
 
 
-# --- HTTP --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "text/plain; charset=utf-8"
-
-
-Handler = Callable[[], Awaitable[Response]]
-
-
-class HttpServer:
-    """A minimal HTTP/1.1 server for GET/HEAD on a few fixed paths; one request per connection."""
-
-    def __init__(self, routes: Mapping[str, Handler], name: str) -> None:
-        self.routes = dict(routes)
-        self.name = name
-        self.host: str | None = None
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.Task[Any]] = set()
-
-    async def start(self, bind: str, key: str = "bind") -> HttpServer:
-        host, port = parse_bind(bind, key)
-        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
-        sockets = self._server.sockets
-        self.host = host
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
-        log.info("%s listening on %s:%d", self.name, host or "*", self.port)
-        return self
-
-    @property
-    def url(self) -> str:
-        host = self.host if self.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
-        if host and ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
-
-    async def close(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        for task in list(self._conns):
-            task.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-        await server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conns.add(task)
-        try:
-            await self._one_request(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            if task is not None:
-                self._conns.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _one_request(self, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
-        except (TimeoutError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
-            return
-        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            await _write(writer, Response(400, b"bad request\n"), head_only=False)
-            return
-        method, target = parts[0], parts[1]
-        path = target.split("?", 1)[0].split("#", 1)[0]
-        handler = self.routes.get(path)
-        if handler is None:
-            response = Response(404, b"not found\n")
-        elif method not in ("GET", "HEAD"):
-            response = Response(405, b"method not allowed\n")
-        else:
-            try:
-                response = await handler()
-            except Exception:
-                log.exception("%s: request for %s failed", self.name, path)
-                response = Response(500, b"internal error\n")
-        await _write(writer, response, head_only=method == "HEAD")
-
-
-async def _write(writer: asyncio.StreamWriter, response: Response, *, head_only: bool) -> None:
-    reason = _REASONS.get(response.status, "Unknown")
-    headers = [
-        f"HTTP/1.1 {response.status} {reason}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-    ]
-    if response.status == 405:
-        headers.append("Allow: GET, HEAD")
-    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
-    if not head_only:
-        writer.write(response.body)
-    await writer.drain()
-
-
 # --- the health server -------------------------------------------------------------------------
 StatusSource = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
 
@@ -352,9 +216,14 @@ async def start_health_server(
     *,
     snapshot_interval_ms: int = 0,
     snapshot_enabled: bool = False,
+    cluster: ClusterSource | None = None,
 ) -> HttpServer:
-    """Serve ``GET {cfg.path}`` on ``cfg.bind``; ``server.port`` is the bound port."""
+    """Serve ``GET {cfg.path}`` on ``cfg.bind``; ``server.port`` is the bound port. With
+    ``cluster``, the live page of the cluster too, at ``/`` (its data at ``/cluster.json``)."""
     path = cfg.path if cfg.path.startswith("/") else "/" + cfg.path
-    handler = health_handler(cfg, status, snapshot_interval_ms=snapshot_interval_ms,
-                             snapshot_enabled=snapshot_enabled)
-    return await HttpServer({path: handler}, "health check").start(cfg.bind, "health_check.bind")
+    routes: dict[str, Handler] = {}
+    if cluster is not None:
+        routes.update(cluster_routes(cluster))
+    routes[path] = health_handler(cfg, status, snapshot_interval_ms=snapshot_interval_ms,
+                                  snapshot_enabled=snapshot_enabled)
+    return await HttpServer(routes, "health check").start(cfg.bind, "health_check.bind")

@@ -26,7 +26,8 @@ from prometheus_client import (
 from harmonylite import __version__
 from harmonylite.config import PrometheusConfig
 from harmonylite.errors import ConfigError
-from harmonylite.ops.health import HttpServer, Response, to_epoch
+from harmonylite.ops.health import to_epoch
+from harmonylite.ops.http_server import HttpServer, Response
 from harmonylite.redact import redact
 
 SNAPSHOT_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, math.inf)

@@ -329,8 +329,9 @@ class Node:
         cfg = self.cfg
         if cfg.health_check.enable:
             # The live page reads the heartbeats of every node, this one's included.
-            reader = ClusterReader(lambda: self.js, cfg.names.heartbeat_bucket,
-                                   cfg.names.last_seen_bucket)
+            names = namespace(cfg)
+            reader = ClusterReader(lambda: self.js, names.heartbeat_bucket,
+                                   names.last_seen_bucket)
             self._servers.append(await start_health_server(
                 cfg.health_check, self.health_status, snapshot_interval_ms=cfg.snapshot.interval,
                 snapshot_enabled=cfg.snapshot.enabled, cluster=reader.document))

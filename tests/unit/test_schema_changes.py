@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from harmonylite.cdc import schema_changes, schema_plan
+from harmonylite.cdc import changelog, schema_changes, schema_plan
 from harmonylite.cdc.install import install
+from harmonylite.cdc.rows import read_changes
 from harmonylite.cdc.schema_plan import PlanError
 from harmonylite.db.connection import open_connection, write_transaction
 from harmonylite.replication.apply import Applier
-from harmonylite.replication.event import decode, encode_schema_change
+from harmonylite.replication.event import decode, encode, encode_schema_change
 
 
 def objs(*stmts: str) -> schema_plan.Objects:
@@ -137,7 +138,8 @@ def test_captured_change_applies_on_another_node(tmp_path: Path) -> None:
 def test_concurrent_changes_end_with_the_first_in_the_stream(tmp_path: Path) -> None:
     a, b, c = node(tmp_path, "a"), node(tmp_path, "b"), node(tmp_path, "c")
     first = migrate(a, "ALTER TABLE book ADD COLUMN isbn TEXT", node_id=1)
-    second = migrate(b, "ALTER TABLE book ADD COLUMN pages INT", node_id=2)
+    second = migrate(b, "ALTER TABLE book ADD COLUMN pages TEXT", node_id=2)
+    b.execute("INSERT INTO book(id, title, pages) VALUES (7, 'b', 'written under b')")
     stream = [(1, message(first, 1)), (2, message(second, 2))]
     for conn, origin in ((a, "1:e1"), (b, "2:e1"), (c, "3:e1")):
         Applier(replicate_ddl=True, origin=origin).apply(conn, "s-1", stream)
@@ -147,8 +149,23 @@ def test_concurrent_changes_end_with_the_first_in_the_stream(tmp_path: Path) -> 
     for conn in (a, b, c):
         states = {ch.uid: ch.state for ch in schema_changes.rows(conn)}
         assert states == {first.uid: "applied", second.uid: "lost"}
-    # The loser publishes its table's rows again under the winning schema.
-    assert b.execute("SELECT count(*) FROM __harmonylite__log WHERE op = 4").fetchone()[0] >= 0
+    # The loser's column is undone, not taken for the winner's; its rows are published again
+    # under the winning schema.
+    assert b.execute("SELECT id, title, isbn FROM book").fetchall() == [(7, "b", None)]
+    assert b.execute("SELECT k0 FROM __harmonylite__log WHERE op = 4").fetchall() == [(7,)]
+
+
+def test_own_changes_sent_under_the_old_schema_go_out_again(tmp_path: Path) -> None:
+    a, b = node(tmp_path, "a"), node(tmp_path, "b")
+    b.execute("INSERT INTO book(id, title, year) VALUES (3, 't', 1999)")
+    top = b.execute("SELECT max(id) FROM __harmonylite__log").fetchone()[0]
+    b.execute("UPDATE __harmonylite__state SET v = ? WHERE k = 'published'", (top,))
+    change = migrate(a, "DROP VIEW recent", "DROP INDEX book_year",
+                     "ALTER TABLE book DROP COLUMN year", node_id=1)
+    Applier(replicate_ddl=True, origin="2:e2").apply(b, "s-1", [(1, message(change, 1))])
+    assert schema_plan.objects(b) == schema_plan.objects(a)
+    assert b.execute("SELECT op, k0 FROM __harmonylite__log WHERE id > ?",
+                     (top,)).fetchall() == [(4, 3)]
 
 
 def test_schema_message_round_trip() -> None:
@@ -157,3 +174,21 @@ def test_schema_message_round_trip() -> None:
     assert batch.schema == {"u": "u1", "o": {"t": [None, ["table", "t", "t", "x"]]},
                             "s": ["CREATE TABLE t(x)"]}
     assert batch.changes == []
+
+
+def test_a_change_written_before_a_dropped_column_reached_its_sender_applies(
+        tmp_path: Path) -> None:
+    a, b = node(tmp_path, "a"), node(tmp_path, "b")
+    change = migrate(a, "DROP VIEW recent", "DROP INDEX book_year",
+                     "ALTER TABLE book DROP COLUMN year", node_id=1)
+    applier = Applier(replicate_ddl=True, origin="2:e2")
+    applier.apply(b, "s-1", [(1, message(change, 1))])
+    # Node 3 wrote the row before the change reached it: the row still has the column.
+    c = node(tmp_path, "c")
+    c.execute("INSERT INTO book(id, title, year) VALUES (9, 'old', 1990)")
+    changes, shapes = read_changes(c, changelog.watermark(c), 100)
+    applier.apply(b, "s-1", [(2, encode(3, changes, shapes, True))])
+    applier.settle.changed_at = float("-inf")  # (the schema has settled)
+    applier.retry_parked(b)
+    assert b.execute("SELECT id, title FROM book").fetchall() == [(9, "old")]
+    assert b.execute("SELECT count(*) FROM __harmonylite__parked").fetchone()[0] == 0

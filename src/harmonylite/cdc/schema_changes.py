@@ -36,7 +36,7 @@ from typing import Any
 from harmonylite.cdc import ddl, schema_plan
 from harmonylite.cdc.schema import table_info
 from harmonylite.cdc.schema_plan import Obj, Objects, PlanError
-from harmonylite.db.connection import PREFIX, write_transaction
+from harmonylite.db.connection import PREFIX, quote_ident, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,47 @@ def republish(conn: sqlite3.Connection, table: str) -> int:
     """Capture every row of ``table`` again (its rows are published under the schema it has
     now); returns how many."""
     found = conn.execute(f"SELECT tid FROM {ddl.TABLES} WHERE name = ?", (table,)).fetchone()
-    if found is None:
+    info = table_info(conn, table)
+    if found is None or info.content_keyed:
+        return 0  # (rows without a key, sent again, would be added again)
+    return int(conn.execute(ddl.backfill_sql(int(found[0]), info)).rowcount)
+
+
+def republish_in_flight(conn: sqlite3.Connection, table: str, after: int) -> int:
+    """Capture again the rows of ``table`` whose change-log entries above ``after`` (this
+    node's changes not yet back from the stream) are still kept: published before a schema
+    change reached this node, they went out under the old schema; sent again, they go out under
+    the new one. Returns how many."""
+    found = conn.execute(f"SELECT tid, pk FROM {ddl.TABLES} WHERE name = ?", (table,)).fetchone()
+    if found is None or table_info(conn, table).content_keyed:
+        return 0  # (rows without a key, sent again, would be added again)
+    keys = ", ".join(ddl.key_column(i) for i in range(len(json.loads(found[1]))))
+    if not keys:
         return 0
-    return int(conn.execute(ddl.backfill_sql(int(found[0]), table_info(conn, table))).rowcount)
+    return int(conn.execute(
+        f"INSERT INTO {ddl.LOG}(tid, op, {keys}) SELECT DISTINCT tid, {ddl.OP_BACKFILL}, {keys} "
+        f"FROM {ddl.LOG} WHERE tid = ? AND id > ?", (int(found[0]), after)).rowcount)
+
+
+def _columns(sql: str) -> set[str]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute(sql)
+        name = conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'").fetchone()[0]
+        return {str(r[1]) for r in conn.execute(f"PRAGMA table_xinfo({quote_ident(name)})")}
+    except sqlite3.Error:
+        return set()  # (a virtual table: its columns are its module's)
+    finally:
+        conn.close()
+
+
+def removed_columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """Columns of ``table`` that replicated schema changes applied here removed (dropped, or
+    renamed away): a change that still carries them was written before the change reached
+    its sender."""
+    out: set[str] = set()
+    for change in rows(conn, "applied"):
+        before, after = change.objects.get(table, (None, None))
+        if before is not None and after is not None and before.type == "table":
+            out |= _columns(before.sql) - _columns(after.sql)
+    return out

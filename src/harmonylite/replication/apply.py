@@ -85,7 +85,11 @@ class Applier(RowApplier):
             conn.execute("RELEASE parked")
             return True
 
-        applied = parking.release(conn, columns_of, apply_one)
+        def gone(table: str) -> set[str]:
+            return schema_changes.removed_columns(conn, table)
+
+        applied = parking.release(conn, columns_of, apply_one,
+                                  gone if self.replicate_ddl else None)
         self._parked_tables = parking.parked_tables(conn)
         if applied:
             log.info("applied %d parked changes now that this database can take them", applied)
@@ -276,9 +280,26 @@ class Applier(RowApplier):
         report_install(report, at_start=False)
         for table in outcome.republish:
             schema_changes.republish(conn, table)
+        if self.origin and not outcome.republish:
+            # This node's own changes to these tables that were sent under the old schema and
+            # are not back yet: sent again under the new one.
+            back = self._own_back(conn)
+            for table in outcome.tables:
+                schema_changes.republish_in_flight(conn, table, back)
         schema_changes.remember(conn, schema_changes.current(conn, self.replicated))
         self._schema_version = -2  # caches and statements follow the new schema
         self._refresh(conn)
+
+    def _own_back(self, conn: sqlite3.Connection) -> int:
+        """How far this node's own changes have come back from every stream (the lowest of
+        its origins' marks over the streams; 0 when one has none)."""
+        own = sorted(self.own_origins)
+        if not own:
+            return 0
+        marks = [int(m) for (m,) in conn.execute(
+            f"SELECT max(hwm) FROM {ddl.ORIGINS} WHERE origin IN "
+            f"({', '.join('?' for _ in own)}) GROUP BY stream", own)]
+        return min(marks) if marks else 0
 
     def _apply_changes(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
                        pending: changelog.PendingKeys, marks: dict[str, int], *,

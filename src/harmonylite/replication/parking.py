@@ -89,19 +89,26 @@ ApplyParked = Callable[[Parked, bool], bool]
 
 
 def release(conn: sqlite3.Connection, columns_of: Callable[[str], set[str] | None],
-            apply: ApplyParked) -> int:
+            apply: ApplyParked, gone: Callable[[str], set[str]] | None = None) -> int:
     """Apply, table by table and in arrival order, the parked changes that fit now; stop a
-    table's queue at the first that does not. Returns how many were applied."""
+    table's queue at the first that does not. Returns how many were applied. ``gone`` names
+    a table's columns that replicated schema changes removed here: a change that carries only
+    those besides this table's columns was written before the change reached its sender, and
+    is applied without them."""
     done: list[tuple[int]] = []
     for table, queue in _queues(conn).items():
         local = columns_of(table)
         if local is None:
             continue
+        removed: set[str] | None = None
         for i, item in enumerate(queue):
             fits = set(item.columns) <= local
             dropped_by_sender = not fits and any(
                 later.origin == item.origin and set(later.columns) <= local
                 for later in queue[i + 1:])
+            if not fits and not dropped_by_sender and gone is not None:
+                removed = gone(table) if removed is None else removed
+                dropped_by_sender = set(item.columns) - local <= removed
             if not (fits or dropped_by_sender) or not apply(item, dropped_by_sender):
                 break
             done.append((item.id,))

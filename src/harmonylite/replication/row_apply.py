@@ -185,8 +185,10 @@ class RowApplier:
             # lacks; or earlier changes to the table waiting), see ``parking``.
             parking.park(conn, stream, seq, batch, ch)
             self._parked_tables.add(table)
-            if shape is not None and shape.fits:
-                self.settle.unpark_wanted = True  # it may unblock changes parked before it
+            if shape is not None and (shape.fits or self.replicate_ddl):
+                # It may unblock changes parked before it; or (replicated schema changes) it
+                # may carry only columns such a change removed here (see ``parking``).
+                self.settle.unpark_wanted = True
             return PARKED
         if local is None or shape is None:
             raise UnknownTable(f"no table {table!r} in the local database")

@@ -44,6 +44,7 @@ class SchemaOutcome:
     state: str  # applied | duplicate | lost | failed
     changed: bool = False  # the schema here changed
     republish: list[str] = field(default_factory=list)  # tables to publish again (own lost)
+    tables: list[str] = field(default_factory=list)  # the tables it changed, as they are now
 
 
 def _drop_capture(conn: sqlite3.Connection, tables: set[str]) -> None:
@@ -157,7 +158,8 @@ def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id
                   extra={"schema_change": uid, "stream": stream, "sequence": seq})
         return SchemaOutcome("failed", changed=False)
     schema_changes.record(conn, uid, origin, "applied", objs, stmts)
-    out = SchemaOutcome("applied", changed=True)
+    out = SchemaOutcome("applied", changed=True, tables=sorted(
+        t for t in touched_tables if target.get(t) is not None and target[t].type == "table"))
     if clash:
         for own in mine:
             why = (f"lost to schema change {uid} of node {origin}, which came first in the "
@@ -166,8 +168,7 @@ def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id
             log.warning("this node's schema change %s (%s) %s: undone here; the rows of its "
                         "tables are published again under the winning schema", own.uid,
                         ", ".join(sorted(own.objects)), why, extra={"schema_change": own.uid})
-        out.republish = sorted(t for t in touched_tables if target.get(t) is not None
-                               and target[t].type == "table")
+        out.republish = out.tables
     log.info("schema change %s of node %d applied: %s", uid, origin, names,
              extra={"schema_change": uid, "stream": stream, "sequence": seq})
     return out

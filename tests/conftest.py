@@ -81,6 +81,7 @@ SHARED_CLUSTER_MODULES = frozenset({
     "tests/integration/test_cluster_status.py",
     "tests/integration/test_replicated_ddl.py",
     "tests/integration/test_cluster_page.py",
+    "tests/integration/test_lease_bucket.py",
 })
 
 

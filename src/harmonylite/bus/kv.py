@@ -79,35 +79,77 @@ async def open_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, *, repl
     :data:`LEASE_MIN_REPLICAS` where the servers allow it: on a JetStream cluster an R1 lease
     bucket dies with its one server, and no node can take the lease until that server is back,
     however many nodes are left (the bucket holds two small keys: three copies cost nothing). A
-    single server refuses more than one replica; then it gets ``replicas``. An existing bucket
-    with fewer replicas than configured is raised when ``update_existing`` allows it, reported
-    otherwise.
+    single server refuses more than one replica; then it gets ``replicas``. A cluster that is
+    still forming (its peers not yet current) refuses too: the create is tried again for
+    :data:`FORMING_WAIT_SECONDS` before settling for fewer, and a bucket left with fewer than
+    the floor is raised to it by the next node that opens it once the servers allow. An existing
+    bucket with fewer replicas than configured is raised when ``update_existing`` allows it,
+    reported otherwise.
     """
+    floor = max(replicas, LEASE_MIN_REPLICAS)
     try:
         kv = await bounded(js.key_value(bucket), timeout)
     except BucketNotFoundError:
-        kv = None
-        for want in dict.fromkeys((max(replicas, LEASE_MIN_REPLICAS), replicas)):
-            cfg = KeyValueConfig(bucket=bucket, history=history,
-                                 ttl=ttl_ms / 1000.0 if ttl_ms else None, replicas=want)
+        return await _create_bucket(js, bucket, ttl_ms, timeout, replicas, floor, history)
+    if replicas > 1:
+        await ensure_replicas(js, kv_stream(bucket), replicas, update_existing,
+                              f"KV bucket {bucket}", timeout)
+    if floor > replicas:
+        await _raise_to_floor(js, bucket, floor, timeout)
+    return kv
+
+
+FORMING_WAIT_SECONDS = 10.0
+
+
+async def _create_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, replicas: int,
+                         floor: int, history: int) -> Any:
+    loop = asyncio.get_running_loop()
+    forming_until = loop.time() + FORMING_WAIT_SECONDS
+    for want in dict.fromkeys((floor, replicas)):
+        cfg = KeyValueConfig(bucket=bucket, history=history,
+                             ttl=ttl_ms / 1000.0 if ttl_ms else None, replicas=want)
+        while True:
             try:
                 kv = await bounded(js.create_key_value(cfg), timeout)
             except Exception as exc:
                 log.debug("creating KV bucket %s with %d replicas: %s", bucket, want, exc)
-                if _too_few_servers(exc):
-                    continue  # a single server, or a cluster short of servers: fewer replicas
-                # Created concurrently by another node (possibly with another TTL), or a
-                # create that timed out here but reached the servers: use theirs. A slow
-                # cluster never makes it fall back to one replica.
-                return await _open_existing(js, bucket, timeout, exc)
+                if not _too_few_servers(exc):
+                    # Created concurrently by another node (possibly with another TTL), or a
+                    # create that timed out here but reached the servers: use theirs. A slow
+                    # cluster never makes it fall back to one replica.
+                    return await _open_existing(js, bucket, timeout, exc)
+                if _clustered(exc) and want > replicas and loop.time() < forming_until:
+                    await asyncio.sleep(0.5)  # peers not current yet: a forming cluster
+                    continue
+                if want > replicas:
+                    log.warning("KV bucket %s gets %d replica(s), not %d: %s (a node that "
+                                "opens it once the servers allow raises it)", bucket,
+                                replicas, want, exc)
+                break  # a single server, or a cluster short of servers: fewer replicas
             log.info("created KV bucket %s (TTL %s, %d replicas)", bucket,
                      f"{ttl_ms / 1000:.1f} s" if ttl_ms else "none", want)
             return kv
-        kv = await bounded(js.key_value(bucket), timeout)
-    if replicas > 1:
-        await ensure_replicas(js, kv_stream(bucket), replicas, update_existing,
-                              f"KV bucket {bucket}", timeout)
-    return kv
+    return await bounded(js.key_value(bucket), timeout)
+
+
+async def _raise_to_floor(js: Any, bucket: str, floor: int, timeout: float) -> None:
+    """Raise a bucket created with fewer replicas than the floor (a cluster that was forming
+    then) when the servers allow it now; a single server or a short cluster keeps it as is."""
+    info = await bounded(js.stream_info(kv_stream(bucket)), timeout)
+    if (info.config.num_replicas or 1) >= floor or info.cluster is None or not info.cluster.name:
+        return  # enough already, or a single server (no cluster name): nothing to raise
+    try:
+        await ensure_replicas(js, kv_stream(bucket), floor, True, f"KV bucket {bucket}", timeout)
+    except Exception as exc:
+        if not _too_few_servers(exc):
+            raise
+        log.debug("KV bucket %s stays below %d replicas: %s", bucket, floor, exc)
+
+
+def _clustered(exc: BaseException) -> bool:
+    """The refusal came from a JetStream cluster (not a single server, which never has more)."""
+    return "not supported in non-clustered mode" not in str(exc).lower()
 
 
 def _too_few_servers(exc: BaseException) -> bool:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from harmonylite.cdc.install import install, remove_all
 from harmonylite.config import parse_config
+from harmonylite.restore.verify import restore_to_path
 from harmonylite.snapshot import packing
 from harmonylite.snapshot.pipeline import SnapshotPipeline
-from harmonylite.snapshot.restore import restore_to_path
 from harmonylite.storage.file import FileStore
 
 

@@ -24,9 +24,9 @@ from harmonylite.age_keys import load_keys, new_identity
 from harmonylite.cdc.install import install
 from harmonylite.config import Config, parse_config
 from harmonylite.errors import NoSpaceError, SealError
+from harmonylite.restore.verify import restore_to_path
 from harmonylite.snapshot.manifest import find_snapshot, list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
-from harmonylite.snapshot.restore import restore_to_path
 from harmonylite.storage import SealedStore, open_store
 from harmonylite.storage.file import FileStore
 from harmonylite.storage.sealed import MAGIC, seal_key

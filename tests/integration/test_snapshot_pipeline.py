@@ -29,10 +29,10 @@ from harmonylite.cdc.install import harmonylite_objects
 from harmonylite.cdc.schema import schema_hash
 from harmonylite.config import Config
 from harmonylite.errors import LeaseLost, NoSpaceError, SnapshotBusy, StorageError
+from harmonylite.restore.verify import restore_to_path, verify_snapshot
 from harmonylite.snapshot import pipeline as pipeline_module
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
-from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
 from harmonylite.storage import ObjectStore, open_store
 from servers import NatsServer
 

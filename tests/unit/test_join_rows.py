@@ -13,9 +13,9 @@ import pytest
 from harmonylite.cdc.install import install
 from harmonylite.config import Config, parse_config, with_join
 from harmonylite.errors import ConfigError
-from harmonylite.node.join import keep_copy
-from harmonylite.node.join_rows import OwnData, lacking_rows, merge_rows, own_data, republish
 from harmonylite.replication.seqmap import write_seq_map
+from harmonylite.restore.join import keep_copy
+from harmonylite.restore.join_rows import OwnData, lacking_rows, merge_rows, own_data, republish
 
 STREAM = "harmonylite-changes-c-1"
 

@@ -11,9 +11,8 @@ import cbor2
 import pytest
 import zstandard
 
-from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc import changelog, ddl, origin
 from harmonylite.cdc.install import install
-from harmonylite.node import origin
 from harmonylite.replication.deadletter import About, about_message
 
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from harmonylite.cdc.install import install
-from harmonylite.node import install as inst
-from harmonylite.node.coverage import Gap, gaps, lost
+from harmonylite.restore import db_file as inst
+from harmonylite.restore.coverage import Gap, gaps, lost
 
 S1, S2 = "harmonylite-changes-c-1", "harmonylite-changes-c-2"
 
@@ -94,7 +94,7 @@ def test_in_use_sees_an_idle_wal_connection(tmp_path: Path) -> None:
     other = sqlite3.connect(str(db), isolation_level=None)
     other.execute("SELECT count(*) FROM t").fetchone()  # idle, but open in WAL mode
     # Locks are per process: look from a child process, as the CLI would.
-    code = ("import sys; from pathlib import Path; from harmonylite.node.install import in_use; "
+    code = ("import sys; from pathlib import Path; from harmonylite.restore.db_file import in_use; "
             "print(in_use(Path(sys.argv[1])))")
     out = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True,
                          check=True).stdout

@@ -17,9 +17,9 @@ import zstandard
 from harmonylite.cdc.install import install
 from harmonylite.config import Config, parse_config
 from harmonylite.errors import VerificationError
+from harmonylite.restore.verify import restore_to_path, verify_snapshot
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
-from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
 from harmonylite.storage.file import FileStore
 
 cli = pytest.importorskip("harmonylite.cli.snapshot")

@@ -28,10 +28,10 @@ from harmonylite.errors import (
     VerificationError,
 )
 from harmonylite.redact import redact
+from harmonylite.restore.verify import restore_to_path, verify_snapshot
 from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshots
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.progress import Progress
-from harmonylite.snapshot.restore import restore_to_path, verify_snapshot
 from harmonylite.storage import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ async def _dispatch(cfg: Config, args: argparse.Namespace, js_context: JsContext
 async def _restore_db_path(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
                            out: TextIO, err: TextIO) -> int:
     """The forced restore of this node's db_path (docs/recovery.md)."""
-    from harmonylite.node.forced_restore import forced_restore
+    from harmonylite.restore.forced import forced_restore
 
     if not cfg.db_path:
         raise ConfigError("db_path", cfg.db_path, "is required to restore without --output")

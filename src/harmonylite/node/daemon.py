@@ -38,14 +38,14 @@ from harmonylite.aio import wait_any
 from harmonylite.bus.connection import Connection, LinkState
 from harmonylite.bus.names import namespace
 from harmonylite.bus.streams import ensure_streams
-from harmonylite.cdc import changelog, schema_changes, takeover
+from harmonylite.cdc import changelog, origin, schema_changes, takeover
 from harmonylite.cdc.install import InstallReport, install
 from harmonylite.cluster.heartbeat import Buckets, HeartbeatPublisher
 from harmonylite.cluster.read import ClusterReader
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError
-from harmonylite.node import join, origin, status
+from harmonylite.node import status
 from harmonylite.node.claim import NodeClaim
 from harmonylite.node.embedded_nats import EmbeddedNats
 from harmonylite.node.heartbeat_state import Lease, collector
@@ -70,6 +70,7 @@ from harmonylite.replication.publisher import ChangeWatcher, Publisher
 from harmonylite.replication.read_ahead import ReadAhead, stop_all
 from harmonylite.replication.schema_send import SchemaSender
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
+from harmonylite.restore import join
 
 if TYPE_CHECKING:
     from harmonylite.node.snapshot_service import SnapshotService
@@ -189,7 +190,7 @@ class Node:
         if cfg.replicate and cfg.snapshot.enabled:
             # Restore from a snapshot when this node is new, lost its data or fell behind what
             # the streams still hold (and publish its pending changes first).
-            from harmonylite.node.recovery import recover
+            from harmonylite.restore.at_start import recover
 
             recovery = await recover(self)
             self.restored, self.read_ahead = recovery.restored, recovery.readers
@@ -354,7 +355,7 @@ class Node:
         return self.connection
 
     async def _existing(self, streams: dict[str, str]) -> dict[str, str]:
-        from harmonylite.node.coverage import stream_heads
+        from harmonylite.restore.coverage import stream_heads
 
         assert self.js is not None
         there = await stream_heads(self.js, list(streams))
@@ -367,7 +368,7 @@ class Node:
     async def _check_gaps_at_start(self) -> None:
         """Streams that no longer hold what follows this node's positions, and gaps found
         earlier, are recorded and reported; nothing runs on silently (DESIGN rule 16)."""
-        from harmonylite.node.coverage import gaps, stream_heads
+        from harmonylite.restore.coverage import gaps, stream_heads
 
         assert self.js is not None
         heads = await stream_heads(self.js, [*namespace(self.cfg).streams(), *self.retired])

@@ -167,7 +167,7 @@ class Publisher:
         limit = server_limit(self.js)
 
         # A batch begun before a stop goes out again under the epoch it first went out under
-        # (every start takes a new one, see ``node.origin``), so its message ids match.
+        # (every start takes a new one, see ``cdc.origin``), so its message ids match.
         node, epoch = self.cfg.node_id, self._batches.batch_epoch
 
         def size_of(part: list[Change]) -> int:

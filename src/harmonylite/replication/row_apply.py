@@ -66,7 +66,7 @@ class RowApplier:
         # With publish = false local changes are never sent, so they must not hide incoming ones.
         self.skip_pending = skip_pending
         # This database's own origin (node id and epoch), and the origins it published under
-        # on earlier starts (see ``node.origin``): its own changes to a table without a primary
+        # on earlier starts (see ``cdc.origin``): its own changes to a table without a primary
         # key are already here, and applying them again would add a second copy.
         self.origin = origin
         self.own_origins: dict[str, int | None] = dict(own_origins or {})

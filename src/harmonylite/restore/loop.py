@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
+from harmonylite.cdc import origin
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import (
@@ -25,12 +26,12 @@ from harmonylite.errors import (
     StorageError,
     VerificationError,
 )
-from harmonylite.node import install, origin
 from harmonylite.replication.publisher import Publisher
 from harmonylite.replication.seqmap import write_seq_map
+from harmonylite.restore import db_file
+from harmonylite.restore.verify import fetch, work_dir
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
-from harmonylite.snapshot.restore import fetch, work_dir
 from harmonylite.snapshot.sealing import opened
 from harmonylite.storage import ObjectStore
 
@@ -112,11 +113,11 @@ async def restore_newest(
                 failures.append(f"{manifest.id} could not be downloaded ({exc})")
             else:
                 parked = (await opened(store, manifest)).parked
-                carried = install.Carried(manifest.origins, parked)
-                await asyncio.to_thread(install.prepare_for, verified, db_path,
+                carried = db_file.Carried(manifest.origins, parked)
+                await asyncio.to_thread(db_file.prepare_for, verified, db_path,
                                         manifest.sequences, carried, cfg.replicates_table)
                 # A crash from here on must force the check again at the next start.
-                check = (lambda: install.check_nothing_pending(db_path)) if guard_pending \
+                check = (lambda: db_file.check_nothing_pending(db_path)) if guard_pending \
                     else None
                 await _install_until_done(cfg, verified, db_path, seq_map_path, manifest,
                                           before_install, check, sink)
@@ -151,13 +152,13 @@ async def _install_until_done(
         attempt += 1
         if before_install is not None:
             await before_install()
-        await asyncio.to_thread(install.remove_durably, seq_map_path)
+        await asyncio.to_thread(db_file.remove_durably, seq_map_path)
         sink.stage("install")
         try:
-            await asyncio.to_thread(install.install_file, verified, db_path, manifest.sequences,
-                                    install.STEP_PAGES, check, None, True)
+            await asyncio.to_thread(db_file.install_file, verified, db_path, manifest.sequences,
+                                    db_file.STEP_PAGES, check, None, True)
             return
-        except install.PendingAppeared as exc:
+        except db_file.PendingAppeared as exc:
             if time.monotonic() >= deadline:
                 raise RestoreRefused(
                     exc.count, f"the application kept writing for {bound:.0f} s while the node "
@@ -192,7 +193,7 @@ async def publish_pending(cfg: Config, js: JetStreamContext, db_path: Path,
     except RestoreRefused:
         raise
     except Exception as exc:
-        left = await asyncio.to_thread(install.pending_changes, db_path)
+        left = await asyncio.to_thread(db_file.pending_changes, db_path)
         raise RestoreRefused(left or pending, f"publishing them failed: {exc}") from exc
     finally:
         await asyncio.to_thread(db.close)

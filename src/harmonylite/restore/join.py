@@ -23,7 +23,7 @@ and replays the streams, as before. Rows written without capture are not publish
 
 Called by the node: :func:`check` before anything opens the database for writing,
 :func:`decide` and :func:`before_install` by the recovery, :func:`finish` once capture is
-installed. Reading and writing the rows is :mod:`harmonylite.node.join_rows`.
+installed. Reading and writing the rows is :mod:`harmonylite.restore.join_rows`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import HarmonyliteError, JoinRefused, SnapshotError, StorageError
-from harmonylite.node.install import remove_durably
-from harmonylite.node.join_rows import (
+from harmonylite.restore.db_file import remove_durably
+from harmonylite.restore.join_rows import (
     OwnData,
     lacking_rows,
     merge_rows,
@@ -51,9 +51,9 @@ from harmonylite.node.join_rows import (
     republish,
     rows_text,
 )
+from harmonylite.restore.verify import fetch, work_dir
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import NullProgress
-from harmonylite.snapshot.restore import fetch, work_dir
 from harmonylite.storage import ObjectStore, open_store
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ async def check(node: Node) -> Joining | None:
     """At start, before the database is opened for writing: find rows of its own; when the
     store holds a snapshot that lacks some of them and the operator chose nothing, refuse
     (JoinRefused)."""
-    from harmonylite.node.recovery import list_patiently  # (recovery imports this module)
+    from harmonylite.restore.at_start import list_patiently  # (recovery imports this module)
 
     cfg = node.cfg
     own = await asyncio.to_thread(own_data, cfg, node.db_path, node.seq_map_path)

@@ -8,12 +8,12 @@ follow its position. Otherwise it replays the streams from its positions.
 A restore takes the newest committed snapshot that passes every check (size, SHA-256,
 ``PRAGMA integrity_check``), falling back to older ones; changes still pending in the database it
 replaces are published first (or the restore is refused); the verified file is installed under
-SQLite's locking (:mod:`harmonylite.node.install`) with the manifest's positions, and the node
+SQLite's locking (:mod:`harmonylite.restore.db_file`) with the manifest's positions, and the node
 replays from exactly the next message of each stream.
 
-Where a node stands against the streams and the snapshots is :mod:`harmonylite.node.coverage`;
-installing a chosen snapshot is :mod:`harmonylite.node.restore_loop`; the operator's in-place
-restore is :mod:`harmonylite.node.forced_restore`.
+Where a node stands against the streams and the snapshots is :mod:`harmonylite.restore.coverage`;
+installing a chosen snapshot is :mod:`harmonylite.restore.loop`; the operator's in-place
+restore is :mod:`harmonylite.restore.forced`.
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ from harmonylite.errors import (
     StorageError,
     StorageUnavailable,
 )
-from harmonylite.node import install, join
-from harmonylite.node.coverage import Gap, choose, gaps, need, stream_heads
-from harmonylite.node.restore_loop import (
+from harmonylite.replication.read_ahead import ReadAhead, read_ahead, stop_all
+from harmonylite.replication.seqmap import read_seq_map, write_seq_map
+from harmonylite.restore import db_file, join
+from harmonylite.restore.coverage import Gap, choose, gaps, need, stream_heads
+from harmonylite.restore.loop import (
     NoSoundSnapshot,
     RestoreRefused,
     publish_pending,
     restore_newest,
 )
-from harmonylite.replication.read_ahead import ReadAhead, read_ahead, stop_all
-from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 from harmonylite.snapshot import request
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.storage import ObjectStore, open_store
@@ -113,12 +113,12 @@ async def recover(node: Node) -> Recovery:
     db_path, seq_map_path = node.db_path, node.seq_map_path
     db_exists = db_path.exists()
     from_file = await asyncio.to_thread(_read_map, seq_map_path)
-    in_db = await asyncio.to_thread(install.applied_positions, db_path) if db_exists else {}
+    in_db = await asyncio.to_thread(db_file.applied_positions, db_path) if db_exists else {}
     positions = {**(from_file or {}), **in_db}
     heads = await stream_heads(node.js, namespace(cfg).streams())
     behind = gaps(positions, heads)
     # Gaps found while running: the positions moved past them, so only the record tells.
-    recorded = await asyncio.to_thread(install.recorded_gaps, db_path) if db_exists else {}
+    recorded = await asyncio.to_thread(db_file.recorded_gaps, db_path) if db_exists else {}
     reasons = []
     if recorded:
         reasons.append("the streams dropped messages before this node applied them ("
@@ -348,7 +348,7 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
 async def _publish_before_restore(node: Node) -> None:
     if not node.db_path.exists():
         return
-    pending = await asyncio.to_thread(install.pending_changes, node.db_path)
+    pending = await asyncio.to_thread(db_file.pending_changes, node.db_path)
     if not pending:
         return
     if not node.cfg.publish:
@@ -362,6 +362,6 @@ async def _publish_before_restore(node: Node) -> None:
 def _no_snapshot(db_path: Path, seq_map_path: Path, heads: dict[str, int]) -> None:
     log.warning("no snapshot in the store: starting with an empty database %s and replaying the "
                 "streams from sequence 1", db_path)
-    install.create_empty(db_path)
+    db_file.create_empty(db_path)
     write_seq_map(seq_map_path, {}, durable=True)
     _log_gaps(gaps({}, heads), "no snapshot covers them")

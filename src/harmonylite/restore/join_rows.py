@@ -1,6 +1,6 @@
 """Which rows a database holds of its own, and writing rows into the live database through
 change capture: the SQLite side of joining the cluster (the decisions are in
-:mod:`harmonylite.node.join`). Nothing here runs on the event loop; callers use worker threads.
+:mod:`harmonylite.restore.join`). Nothing here runs on the event loop; callers use worker threads.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from harmonylite.bus.names import namespace
 from harmonylite.bus.streams import ensure_streams
 from harmonylite.config import Config
 from harmonylite.errors import HarmonyliteError, NatsError, SnapshotError
-from harmonylite.node import install
-from harmonylite.node.coverage import choose, gaps, stream_heads
-from harmonylite.node.restore_loop import Restored, RestoreRefused, publish_pending, restore_newest
+from harmonylite.restore import db_file
+from harmonylite.restore.coverage import choose, gaps, stream_heads
+from harmonylite.restore.loop import Restored, RestoreRefused, publish_pending, restore_newest
 from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshots
 from harmonylite.snapshot.progress import ProgressSink
 from harmonylite.storage import ObjectStore
@@ -37,10 +37,10 @@ async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,
     ``ref`` is ``latest`` (newest sound snapshot, falling back to older ones) or an id (that one).
     """
     db_path, seq_map_path = Path(cfg.db_path), Path(cfg.seq_map_path)
-    busy = await asyncio.to_thread(install.in_use, db_path)
+    busy = await asyncio.to_thread(db_file.in_use, db_path)
     if busy:
         raise HarmonyliteError(f"{busy}; stop the node before restoring its database")
-    pending = await asyncio.to_thread(install.pending_changes, db_path)
+    pending = await asyncio.to_thread(db_file.pending_changes, db_path)
     if pending:
         try:
             await _publish_with(cfg, js_context, db_path, pending)
@@ -51,7 +51,7 @@ async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,
                 raise refused from exc
             log.warning("--force: %d local changes not yet published are discarded (%s)",
                         pending, exc)
-    floor = await asyncio.to_thread(install.applied_positions, db_path)
+    floor = await asyncio.to_thread(db_file.applied_positions, db_path)
     async with store_context() as store:
         if ref in ("", "latest"):
             choice = choose(await list_snapshots(store), floor, {})
@@ -76,7 +76,7 @@ async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,
                                     "lose rows (--force to do it anyway)")
 
         async def still_stopped() -> None:
-            busy = await asyncio.to_thread(install.in_use, db_path)
+            busy = await asyncio.to_thread(db_file.in_use, db_path)
             if busy:
                 raise HarmonyliteError(f"{busy}; stop the node before restoring its database")
 

@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from harmonylite.age_keys import check_recipients
+from harmonylite.age_keys import check_recipients, load_identities
 from harmonylite.errors import ConfigError
 
 # The NATS names of a cluster are derived from these in harmonylite.bus.names.
@@ -341,6 +341,9 @@ def parse_config(
         _check_store(cfg.snapshot)
     _check_prefixes(cfg.nats)
     check_recipients(cfg.snapshot.encryption.recipients)
+    if cfg.snapshot.encryption.identity_file:
+        # Read at start, so that a node cannot run for hours before its first restore finds out.
+        load_identities(cfg.snapshot.encryption.identity_file)
     return dataclasses.replace(cfg, **changes), warnings
 
 

@@ -14,6 +14,7 @@ import pyrage
 import pytest
 
 from harmonylite.age_keys import Keys, check_recipients, load_identities, load_keys, new_identity
+from harmonylite.cli.main import main
 from harmonylite.config import parse_config
 from harmonylite.errors import ConfigError, ObjectNotFound, SealedObjectDamaged, SealError
 from harmonylite.snapshot.manifest import Manifest, new_snapshot_id, rfc3339
@@ -86,6 +87,25 @@ def test_identity_file_errors_name_the_file_and_line(tmp_path: Path,
     (tmp_path / "empty.txt").write_text("# only comments\n\n")
     with pytest.raises(ConfigError, match="holds no identity"):
         load_identities(str(tmp_path / "empty.txt"))
+
+
+def test_a_missing_identity_file_stops_any_command_with_exit_2(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'''db_path = "{tmp_path / 'x.db'}"
+[snapshot]
+store = "file"
+[snapshot.file]
+path = "{tmp_path / 'store'}"
+[snapshot.encryption]
+identity_file = "{tmp_path / 'nowhere.txt'}"
+''')
+    with pytest.raises(ConfigError, match="cannot be read"):  # at start, not at a first restore
+        parse_config({"snapshot": {"encryption": {"identity_file": str(tmp_path / "no.txt")}}})
+    assert main(["-config", str(config), "snapshot", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "snapshot.encryption.identity_file" in err and "nowhere.txt" in err
 
 
 # -- sealing and opening ----------------------------------------------------------------------

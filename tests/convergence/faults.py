@@ -11,7 +11,10 @@ in a ``finally``, so a run that stops early heals too). Kinds:
   the others write more than the streams keep (profile ``rollover`` sets a small ``max_entries``);
 - ``restore``: the operator's forced restore: stop a node (its application closes the database
   meanwhile), ``harmonylite snapshot restore`` in place, start it again;
-- ``disk``: fill the file system a node's database is on (a small tmpfs; root only), free it later.
+- ``disk``: fill the file system a node's database is on (a small tmpfs; root only), free it later;
+- ``clone``, ``reshard``, ``idle``: what an operator does (see :mod:`.operator`): a new node from a
+  copy of a node's database, the shard count changed with every node stopped, every
+  application idle for longer than the health limit.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class Cluster(Protocol):
     def forced_restore(self, i: int) -> None: ...
     def fill_disk(self, i: int) -> None: ...
     def free_disk(self, i: int) -> None: ...
+    def clone(self, i: int) -> None: ...
+    def reshard(self) -> None: ...
+    def idle(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,10 @@ class Fault:
 
 
 # Run beside the short faults, each in its own thread.
-LONG = ("rollover_stop", "rollover_kill", "lock", "provision", "restore", "disk")
+LONG = ("rollover_stop", "rollover_kill", "lock", "provision", "restore", "disk", "clone",
+        "reshard", "idle")
 BUSY_TIMEOUT_S = 10.0  # the node's PRAGMA busy_timeout
+IDLE_SECONDS = 6.5
 
 
 def schedule(seed: int, kinds: tuple[str, ...], seconds: float, nodes: int) -> list[Fault]:
@@ -75,6 +83,14 @@ def schedule(seed: int, kinds: tuple[str, ...], seconds: float, nodes: int) -> l
     if "disk" in kinds:
         faults.append(Fault(round(seconds * rng.uniform(0.2, 0.4), 2), "disk",
                             rng.randrange(nodes), round(seconds * 0.3, 2)))
+    if "clone" in kinds:  # a copy of a running node's database, its application writing
+        faults.append(Fault(round(seconds * rng.uniform(0.25, 0.4), 2), "clone",
+                            rng.randrange(nodes), 0.0))
+    if "reshard" in kinds:  # every node stopped, the new count applied, every node started
+        faults.append(Fault(round(seconds * rng.uniform(0.35, 0.5), 2), "reshard", 0, 0.0))
+    if "idle" in kinds:  # longer than the health limit of the idle profile (3 x 1.5 s)
+        faults.append(Fault(round(seconds * rng.uniform(0.25, 0.35), 2), "idle", 0,
+                            IDLE_SECONDS))
     others = [k for k in kinds if k not in LONG]
     t = 1.0 + rng.uniform(0, 2)
     while others and t < seconds - 3:
@@ -150,6 +166,12 @@ class FaultRunner(threading.Thread):
                 self.stop.wait(f.duration)
             finally:
                 c.free_disk(f.node)
+        elif f.kind == "clone":
+            c.clone(f.node)
+        elif f.kind == "reshard":
+            c.reshard()
+        elif f.kind == "idle":
+            c.idle(f.duration)
         else:
             raise ValueError(f.kind)
 

@@ -7,6 +7,7 @@ here is stopped by its PID in ``close()``, also when the run fails.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ if _TESTS not in sys.path:
 
 from nodes import NodeProc  # noqa: E402
 from servers import NatsServer, free_port  # noqa: E402
+
+from . import operator  # noqa: E402
 
 
 @dataclass
@@ -77,7 +81,11 @@ class Harness:
         self.dead: list[str] = []
         self._locks = [threading.Lock() for _ in range(size)]
         self._shards = shards
-        self._node_cfg: dict[str, Any] = {}
+        self.node_cfg: dict[str, Any] = {}
+        self.stop_event: threading.Event | None = None  # the write phase's, once it runs
+        self.t0 = 0.0
+        self.operator_outcomes: list[str] = []  # what the operator's commands answered
+        self.idle_unhealthy: list[str] = []  # health answers other than 200 while idle
         self.writers: list[Writer] = []
         self.mounts: list[Path] = []  # small file systems of the ``disk`` fault
         self.restore_outcomes: list[str] = []
@@ -124,10 +132,9 @@ class Harness:
         (external nats-server only). It joins the oracle's judgement, not the writers."""
         i = len(self.nodes)
         node = NodeProc(self.workdir / f"node{i + 1}", i + 1,
-                        {**self._node_cfg, "health_check": self._health_cfg()})
+                        {**self.node_cfg, "health_check": self.health_cfg()})
         node.start(120)
-        self.nodes.append(node)
-        self._locks.append(threading.Lock())
+        self.add_node(node)
 
     def forced_restore(self, i: int) -> None:
         """What an operator does to a node: stop it, ``snapshot restore`` its database in place
@@ -156,6 +163,26 @@ class Harness:
         finally:
             if writer is not None:
                 writer.reopen_database()
+
+    def add_node(self, node: NodeProc) -> None:
+        self.nodes.append(node)
+        self._locks.append(threading.Lock())
+
+    @contextlib.contextmanager
+    def all_locks(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for lock in list(self._locks):
+                stack.enter_context(lock)
+            yield
+
+    def clone(self, i: int) -> None:
+        operator.clone(self, i)
+
+    def reshard(self) -> None:
+        operator.reshard(self, self.profile.reshard_to)
+
+    def idle(self, seconds: float) -> None:
+        operator.idle(self, seconds)
 
     def _filler(self, i: int) -> Path:
         return self.nodes[i].db.parent / "filler"
@@ -201,7 +228,7 @@ class Harness:
         if self.server is not None and self.server.proc is None:
             self.server.start()
 
-    def _health_cfg(self) -> dict[str, Any]:
+    def health_cfg(self) -> dict[str, Any]:
         port = free_port()
         self.health_urls.append(f"http://127.0.0.1:{port}/health")
         return {"enable": True, "bind": f"127.0.0.1:{port}", "detailed": True}
@@ -228,10 +255,10 @@ class Harness:
                                  if j != i)
                 args = ["-cluster-addr", f"127.0.0.1:{cluster_ports[i]}", "-cluster-peers", peers]
             cfg = {"nats": nats_cfg, "replication_log": rlog, **extra_cfg}
-            self._node_cfg = cfg
+            self.node_cfg = cfg
             env = ({"HARMONYLITE_TEST_CLOCK_OFFSET": str(self.profile.clock_offset)}
                    if i == 0 and self.profile.clock_offset else None)
-            node_cfg = {**cfg, "health_check": self._health_cfg()}
+            node_cfg = {**cfg, "health_check": self.health_cfg()}
             if "disk" in self.profile.faults:  # the database alone on a small file system
                 disk = self._mount_small_disk(self.workdir / f"node{i + 1}" / "disk")
                 node_cfg = {**node_cfg, "db_path": str(disk / "data.db")}
@@ -270,6 +297,7 @@ class Harness:
         self.profile = replace(self.profile, write_seconds=write_seconds)
         stop = threading.Event()
         t0 = time.monotonic()
+        self.stop_event, self.t0 = stop, t0
         on_mig = self.restart if self.profile.restart_after_migration else None
         writers = [Writer(i, n.db, self.profile, self.seed, self.history, stop, t0, on_mig)
                    for i, n in enumerate(self.nodes)]
@@ -311,6 +339,12 @@ class Harness:
                              for i, n in enumerate(self.nodes)]
         counts = dict(self.history.counts)
         counts["restores"] = sum(n.log_text().count("Snapshot restored") for n in self.nodes)
+        if self.idle_unhealthy:
+            failures.append(oracle.Failure("idle-healthy", "a node was unhealthy while the "
+                                           "cluster was idle", self.idle_unhealthy[:12]))
+        failed = [o for o in self.operator_outcomes if " exit 0:" not in o]
+        if failed:
+            failures.append(oracle.Failure("operator", "an operator's command failed", failed))
         if self.restore_outcomes:
             counts["forced restores"] = len(self.restore_outcomes)
             failed = [o for o in self.restore_outcomes if " exit 0:" not in o]

@@ -27,6 +27,7 @@ class Profile:
     clock_offset: float = 0.0  # seconds node 1's snapshots are dated ahead (a fast clock)
     write_seconds: float = 10.0  # default length of the write phase (overridden by --minutes)
     embedded: bool = False  # each node its own embedded server, the three clustered
+    reshard_to: int = 0  # the shard count the ``reshard`` fault changes to
 
 
 def _ops(**extra: int) -> dict[str, int]:
@@ -55,6 +56,20 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     _P("fts", "an FTS5 external-content index kept by the application's triggers; SIGKILL "
        "+ restart, and a brand-new node provisioned from a snapshot",
        features=frozenset({"basic", "fts"}), faults=("provision", "kill"),
+       node_config={"snapshot": {"enabled": True, "store": "file", "interval": 1500}},
+       write_seconds=12),
+    _P("clone", "a new node started from a copy of a running node's database (a cloned "
+       "disk, its own node_id), its application writing too; SIGKILL + restart",
+       faults=("clone", "kill"), write_seconds=10),
+    _P("shards_down", "the shard count lowered from 4 to 1 mid-run, the documented way: every "
+       "node stopped (the applications keep writing), shared-settings apply, every node "
+       "started", faults=("reshard",), node_config={"replication_log": {"shards": 4}},
+       reshard_to=1, write_seconds=10),
+    _P("shards_up", "the shard count raised from 1 to 4 the same way",
+       faults=("reshard",), node_config={"replication_log": {"shards": 1}}, reshard_to=4,
+       write_seconds=10),
+    _P("idle", "every application idle for longer than the health limit (snapshots every "
+       "1.5 s): every node's health stays 200 throughout", faults=("idle",),
        node_config={"snapshot": {"enabled": True, "store": "file", "interval": 1500}},
        write_seconds=12),
     _P("nocase", "a TEXT COLLATE NOCASE primary key written in different cases",

@@ -39,6 +39,9 @@ CI_SEEDS = [
     ("cluster", 11, 14.0),      # issue 15: 3 clustered servers, R3, a node's server killed
     ("framework", 11, 14.0),    # issue 16: per-node bookkeeping, rows every migrate creates
     ("fts", 1, 12.0),           # an FTS5 index kept by application triggers, a new node
+    ("clone", 1, 6.0),          # a node started from a copy of another's database
+    ("shards_down", 1, 6.0),    # the shard count lowered with every node stopped
+    ("idle", 1, 10.0),          # idle longer than the health limit: a follower said 503
 ]
 
 # Regression seeds of fixed bug classes kept out of CI for time; run with
@@ -61,6 +64,9 @@ MORE_SEEDS = [
     ("framework", 5, 14.0),
     ("all", 4224, 20.0),        # a row of a table without a primary key written as it was
     ("schema_restart", 4237, 14.0),  # slow restarts: the rollout finishes after the writes
+    ("shards_up", 1, 6.0),      # the shard count raised with every node stopped
+    ("clone", 2, 10.0),
+    ("idle", 2, 12.0),
 ]
 
 # (profile, seed, seconds, issue, bug class): still failing, expected to until fixed.

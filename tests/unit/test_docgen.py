@@ -56,8 +56,8 @@ def _reasons_in_code() -> list[str]:
         "ops/health.py": r"reasons\.append\(f?\"([^\"]+)\"",
         "node/status.py": r"out\.append\(f?\"([^\"]+)\"",
         "node/supervisor.py": r"out\.append\(f?\"([^\"]+)\"",
-        "restore/at_start.py": r"node\.waiting = f?\"([^\"]+)\"",
-        "node/without_nats.py": r"node\.waiting = f?\"([^\"]+)\"",
+        "restore/at_start.py": r"(?:waiting_for = |parts\.waiting\()f?\"([^\"]+)\"",
+        "node/daemon.py": r"self\.waiting = f?\"([^\"]+)\"",
         "node/shared_settings.py": r"return \(f\"(\{self\.key\}[^\"]+)\"",
         "bus/connection.py": r"return f\"(NATS unreachable[^\"]+)\"",
     }

@@ -124,3 +124,17 @@ async def ensure_replicas(js: JetStreamContext, stream: str, want: int, update: 
              extra={"stream": stream, "replicas": want})
     return want
 
+
+async def stream_heads(js: JetStreamContext, streams: list[str]) -> dict[str, int]:
+    """Per stream, the first sequence it still holds (last + 1 when it holds none)."""
+    heads: dict[str, int] = {}
+    for name in streams:
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            continue
+        except Exception as exc:
+            raise NatsError(f"cannot read the state of stream {name}: {exc}") from exc
+        state = info.state
+        heads[name] = state.first_seq if state.messages else state.last_seq + 1
+    return heads

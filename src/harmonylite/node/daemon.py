@@ -37,7 +37,7 @@ from harmonylite import __version__
 from harmonylite.aio import wait_any
 from harmonylite.bus.connection import Connection, LinkState
 from harmonylite.bus.names import namespace
-from harmonylite.bus.streams import ensure_streams
+from harmonylite.bus.streams import ensure_streams, stream_heads
 from harmonylite.cdc import changelog, origin, schema_changes, takeover
 from harmonylite.cdc.install import InstallReport, install
 from harmonylite.cluster.heartbeat import Buckets, HeartbeatPublisher
@@ -59,6 +59,7 @@ from harmonylite.node.shared_settings import (
     check_at_start,
 )
 from harmonylite.node.supervisor import Supervisor
+from harmonylite.node.without_nats import start_when_reachable, start_without_nats
 from harmonylite.ops.health import probe_database, start_health_server
 from harmonylite.ops.http_server import HttpServer
 from harmonylite.ops.metrics import Metrics, start_metrics_server
@@ -71,6 +72,8 @@ from harmonylite.replication.read_ahead import ReadAhead, stop_all
 from harmonylite.replication.schema_send import SchemaSender
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 from harmonylite.restore import join
+from harmonylite.restore.at_start import StartParts, recover
+from harmonylite.restore.coverage import gaps
 
 if TYPE_CHECKING:
     from harmonylite.node.snapshot_service import SnapshotService
@@ -151,9 +154,13 @@ class Node:
         if await conn.wait(self.stop_event, attempts=cfg.nats.connect_retries + 1):
             await self.start_connected()
         elif not self.stop_event.is_set():
-            from harmonylite.node.without_nats import start_without_nats
-
-            self._deferred = await start_without_nats(self, conn)
+            self.install_report = await start_without_nats(
+                cfg, self.db_path, self.seq_map_path, self.writer, conn)
+            if self.install_report is None:
+                self.waiting = "the database is created once NATS is reachable"
+            self._deferred = asyncio.get_running_loop().create_task(start_when_reachable(
+                conn, self.stop_event, self.start_connected, self._set_waiting,
+                self._failed))
 
     async def start_connected(self) -> None:
         """Everything that needs NATS: the streams, the start-up recovery, the consumers, the
@@ -181,7 +188,7 @@ class Node:
         if cfg.replicate and cfg.snapshot.enabled:
             # Before anything writes to it: rows of its own are never replaced by the cluster's
             # snapshot unless the operator chose how (snapshot.join; docs/recovery.md).
-            self.joining = await join.check(self)
+            self.joining = await join.check(cfg, self.js, self.db_path, self.seq_map_path)
         if self.db_path.exists():
             # A database HarmonyLite ran on: its layout goes, its pending changes are kept (and
             # its positions read) before anything could restore over it.
@@ -190,10 +197,11 @@ class Node:
         if cfg.replicate and cfg.snapshot.enabled:
             # Restore from a snapshot when this node is new, lost its data or fell behind what
             # the streams still hold (and publish its pending changes first).
-            from harmonylite.restore.at_start import recover
-
-            recovery = await recover(self)
+            recovery = await recover(StartParts(
+                cfg, self.nc, self.js, self.db_path, self.seq_map_path, self.stop_event,
+                self.metrics, self._set_waiting, self.joining))
             self.restored, self.read_ahead = recovery.restored, recovery.readers
+            self.joining = recovery.joining
         if not self.db_path.exists():
             raise HarmonyliteError(f"database file {self.db_path} does not exist")
         self.install_report = await self.writer.call_waiting(
@@ -206,7 +214,8 @@ class Node:
                 "start", self.stop_event)
         # HarmonyLite's pending changes, through our capture.
         await self.writer.call_waiting(takeover.replay_pending, "start", self.stop_event)
-        await join.finish(self, self.restored)  # a merge's rows, through our capture
+        # A merge's rows, through our capture.
+        await join.finish(self.joining, cfg, self.db_path, self.writer, self.restored)
         epoch = self.epoch
         own_origins = await self.writer.call_waiting(
             lambda c: origin.adopt(c, cfg.node_id, epoch, self.db_path), "start",
@@ -354,9 +363,13 @@ class Node:
         self.connection.start()
         return self.connection
 
-    async def _existing(self, streams: dict[str, str]) -> dict[str, str]:
-        from harmonylite.restore.coverage import stream_heads
+    def _set_waiting(self, why: str | None) -> None:
+        self.waiting = why
 
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
+
+    async def _existing(self, streams: dict[str, str]) -> dict[str, str]:
         assert self.js is not None
         there = await stream_heads(self.js, list(streams))
         return {s: subject for s, subject in streams.items() if s in there}
@@ -368,8 +381,6 @@ class Node:
     async def _check_gaps_at_start(self) -> None:
         """Streams that no longer hold what follows this node's positions, and gaps found
         earlier, are recorded and reported; nothing runs on silently (DESIGN rule 16)."""
-        from harmonylite.restore.coverage import gaps, stream_heads
-
         assert self.js is not None
         heads = await stream_heads(self.js, [*namespace(self.cfg).streams(), *self.retired])
         # What a stream dropped but its read-ahead still holds is no gap.

@@ -14,48 +14,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from harmonylite.bus.connection import MIN_RECONNECT_WAIT, Connection
 from harmonylite.cdc import takeover
-from harmonylite.cdc.install import install
-
-if TYPE_CHECKING:
-    from harmonylite.node.daemon import Node
+from harmonylite.cdc.install import InstallReport, install
+from harmonylite.config import Config
+from harmonylite.db.connection import DbThread
 
 log = logging.getLogger(__name__)
 
 
-async def start_without_nats(node: Node, conn: Connection) -> asyncio.Task[None]:
-    """Start capture (when the database exists) and return the task that starts the rest once
-    NATS answers (it ends at once on the node's stop)."""
-    cfg = node.cfg
-    exists = node.db_path.exists()
-    log.warning("%s; starting without it: %s, retrying every %.1f s", node.link.reason(),
+async def start_without_nats(cfg: Config, db_path: Path, seq_map_path: Path, writer: DbThread,
+                             conn: Connection) -> InstallReport | None:
+    """Start capture when the database exists; its report (None: the database comes later)."""
+    exists = await asyncio.to_thread(db_path.exists)
+    log.warning("%s; starting without it: %s, retrying every %.1f s", conn.state.reason(),
                 "changes are captured and published once it is reachable" if exists else
                 "the database is created (or provisioned from a snapshot) once it is reachable",
                 max(cfg.nats.reconnect_wait_seconds, MIN_RECONNECT_WAIT))
-    if exists:
-        await node.writer.call(lambda c: takeover.take_over(c, node.seq_map_path))
-        node.install_report = await node.writer.call(
-            lambda c: install(c, cfg.replicates_table))
-        await node.writer.call(takeover.replay_pending)  # HarmonyLite's, through our capture
-        log.info("change capture installed; waiting for NATS",
-                 extra={"tables": len(node.install_report.tables)})
-    else:
-        node.waiting = "the database is created once NATS is reachable"
-    return asyncio.get_running_loop().create_task(_start_when_reachable(node, conn))
+    if not exists:
+        return None
+    await writer.call(lambda c: takeover.take_over(c, seq_map_path))
+    report = await writer.call(lambda c: install(c, cfg.replicates_table))
+    await writer.call(takeover.replay_pending)  # HarmonyLite's, through our capture
+    log.info("change capture installed; waiting for NATS", extra={"tables": len(report.tables)})
+    return report
 
 
-async def _start_when_reachable(node: Node, conn: Connection) -> None:
+async def start_when_reachable(conn: Connection, stop: asyncio.Event,
+                               start: Callable[[], Awaitable[None]],
+                               waiting: Callable[[str | None], None],
+                               failed: Callable[[BaseException], None]) -> None:
+    """Wait for NATS (or the stop), then ``start`` the rest; a failure ends the process."""
     try:
-        if not await conn.wait(node.stop_event):
+        if not await conn.wait(stop):
             return
         log.info("connected to NATS after %.1f s unreachable", conn.outage)
-        node.waiting = None
-        await node.start_connected()
+        waiting(None)
+        await start()
     except Exception as exc:
         # What a start that found NATS at once would have raised: the process ends with it.
-        node.failure = exc
+        failed(exc)
         log.error("cannot start replication: %s", exc)
-        node.stop_event.set()
+        stop.set()

@@ -21,36 +21,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import heartbeat_seconds
 from harmonylite.bus.names import namespace
+from harmonylite.bus.streams import stream_heads
 from harmonylite.config import Config
 from harmonylite.errors import (
     HarmonyliteError,
     SnapshotError,
     StorageError,
-    StorageUnavailable,
 )
+from harmonylite.ops.metrics import Metrics
 from harmonylite.replication.read_ahead import ReadAhead, read_ahead, stop_all
 from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 from harmonylite.restore import db_file, join
-from harmonylite.restore.coverage import Gap, choose, gaps, need, stream_heads
+from harmonylite.restore.coverage import Gap, choose, gaps, need
 from harmonylite.restore.loop import (
     NoSoundSnapshot,
     RestoreRefused,
+    list_patiently,
     publish_pending,
     restore_newest,
 )
 from harmonylite.snapshot import request
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.storage import ObjectStore, open_store
-
-if TYPE_CHECKING:
-    from harmonylite.node.daemon import Node
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +76,6 @@ def _log_gaps(found: list[Gap], what: str) -> None:
                   extra={"stream": gap.stream, "from_seq": gap.first, "to_seq": gap.last})
 
 
-LIST_PATIENCE = 60.0  # seconds a store answering "unavailable" (or timing out) is retried at start
-
-
-async def list_patiently(store: ObjectStore) -> list[Manifest]:
-    """List the store; while it says it is unavailable (a JetStream cluster still forming
-    answers 503 for seconds), retry quietly for a while before giving up."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + LIST_PATIENCE
-    while True:
-        try:
-            return await list_snapshots(store)
-        except StorageUnavailable:
-            if loop.time() >= deadline:
-                raise
-            await asyncio.sleep(0.5)  # a pause between tries, not a synchronisation
-
-
 @dataclass
 class Recovery:
     """What the start-up recovery did: the snapshot it restored (if any), and the streams read
@@ -98,6 +83,22 @@ class Recovery:
 
     restored: str | None = None
     readers: dict[str, ReadAhead] = field(default_factory=dict)
+    joining: join.Joining | None = None  # as the recovery left it (decided against a snapshot)
+
+
+@dataclass
+class StartParts:
+    """What the start-up recovery works with, handed over by the node that wires it."""
+
+    cfg: Config
+    nc: Client
+    js: JetStreamContext
+    db_path: Path
+    seq_map_path: Path
+    stop: asyncio.Event
+    metrics: Metrics
+    waiting: Callable[[str | None], None]  # why the start waits (health says 503 meanwhile)
+    joining: join.Joining | None = None  # a database with rows of its own (join.check)
 
 
 def _window(heads: dict[str, int], readers: dict[str, ReadAhead]) -> dict[str, int]:
@@ -106,16 +107,15 @@ def _window(heads: dict[str, int], readers: dict[str, ReadAhead]) -> dict[str, i
             for s, first in heads.items()}
 
 
-async def recover(node: Node) -> Recovery:
+async def recover(parts: StartParts) -> Recovery:
     """Restore from a snapshot when needed (see the module docstring); else do nothing."""
-    cfg = node.cfg
-    assert node.js is not None
-    db_path, seq_map_path = node.db_path, node.seq_map_path
+    cfg = parts.cfg
+    db_path, seq_map_path = parts.db_path, parts.seq_map_path
     db_exists = db_path.exists()
     from_file = await asyncio.to_thread(_read_map, seq_map_path)
     in_db = await asyncio.to_thread(db_file.applied_positions, db_path) if db_exists else {}
     positions = {**(from_file or {}), **in_db}
-    heads = await stream_heads(node.js, namespace(cfg).streams())
+    heads = await stream_heads(parts.js, namespace(cfg).streams())
     behind = gaps(positions, heads)
     # Gaps found while running: the positions moved past them, so only the record tells.
     recorded = await asyncio.to_thread(db_file.recorded_gaps, db_path) if db_exists else {}
@@ -139,31 +139,30 @@ async def recover(node: Node) -> Recovery:
     subjects = namespace(cfg).subjects()
     starts = {s: max(heads.get(s, 1), positions.get(s, 0) + 1 if db_exists else 1)
               for s in subjects}
-    readers = await read_ahead(node.js, subjects, starts, db_path.parent)
+    readers = await read_ahead(parts.js, subjects, starts, db_path.parent)
     try:
-        restored = await _recover(node, readers, db_exists, positions, recorded, behind)
+        restored = await _recover(parts, readers, db_exists, positions, recorded, behind)
     except BaseException:
         await stop_all(readers)
         raise
     finally:
-        node.waiting = None
+        parts.waiting(None)
     if restored is None:
         await stop_all(readers)
-        return Recovery()
-    return Recovery(restored, readers)
+        return Recovery(joining=parts.joining)
+    return Recovery(restored, readers, parts.joining)
 
 
-async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
+async def _recover(parts: StartParts, readers: dict[str, ReadAhead], db_exists: bool,
                    positions: dict[str, int], recorded: dict[str, tuple[int, int]],
                    behind: list[Gap]) -> str | None:
-    cfg = node.cfg
-    assert node.js is not None
-    db_path, seq_map_path = node.db_path, node.seq_map_path
+    cfg = parts.cfg
+    db_path, seq_map_path = parts.db_path, parts.seq_map_path
     diverged = db_exists and bool(behind or recorded)
     # Never go backwards: a snapshot behind what this database already holds would lose rows.
     floor = positions if db_exists else {}
-    heads = _window(await stream_heads(node.js, namespace(cfg).streams()), readers)
-    store = await open_store(cfg.snapshot, js=node.js, bucket=namespace(cfg).snapshot_bucket)
+    heads = _window(await stream_heads(parts.js, namespace(cfg).streams()), readers)
+    store = await open_store(cfg.snapshot, js=parts.js, bucket=namespace(cfg).snapshot_bucket)
     try:
         try:
             candidates = await list_patiently(store)
@@ -181,7 +180,7 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
         targets = choice.covering
         needed = diverged or not db_exists
         if not targets and needed and (candidates or gaps({}, heads)):
-            targets, heads = await _ask_and_wait(node, store, floor, set(), readers)
+            targets, heads = await _ask_and_wait(parts, store, floor, set(), readers)
         if not targets:
             if db_exists:
                 if choice.usable and not diverged:
@@ -200,12 +199,12 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
             targets = choice.usable  # better than an empty database; the gap stays loud
 
         # A database with rows of its own is replaced only as the operator chose.
-        if node.joining is not None:
-            node.joining = await join.decide(cfg, store, targets, db_path, node.joining)
-        joining = node.joining
+        if parts.joining is not None:
+            parts.joining = await join.decide(cfg, store, targets, db_path, parts.joining)
+        joining = parts.joining
 
         async def before_install() -> None:
-            await _publish_before_restore(node)
+            await _publish_before_restore(parts)
             if joining is not None:
                 await join.before_install(joining, db_path)
 
@@ -222,18 +221,18 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
                 # Every snapshot that would do failed a check: a fresh one from the leader will.
                 unsound.update(m.id for m in targets)
                 log.warning("%s; asking the snapshot leader for a fresh one", exc)
-                targets, heads = await _ask_and_wait(node, store, floor, unsound, readers)
+                targets, heads = await _ask_and_wait(parts, store, floor, unsound, readers)
                 if not targets:
                     raise
                 continue
             manifest = restored.manifest
-            node.metrics.restored(manifest.id, manifest.created_at)
+            parts.metrics.restored(manifest.id, manifest.created_at)
             # Without a read-ahead covering it (it may have had to drop its oldest messages),
             # the streams may drop what follows the snapshot while it is downloaded and
             # installed: then a newer one must cover this node (never run on with a gap).
-            heads = _window(await stream_heads(node.js, namespace(cfg).streams()), readers)
+            heads = _window(await stream_heads(parts.js, namespace(cfg).streams()), readers)
             moved = gaps(manifest.sequences, heads)
-            if not moved or attempt == CATCH_UP_TRIES or node.stop_event.is_set():
+            if not moved or attempt == CATCH_UP_TRIES or parts.stop.is_set():
                 break
             log.warning("the streams dropped messages after snapshot %s while it was installed "
                         "(%s); restoring a newer one (try %d of %d)", manifest.id,
@@ -242,7 +241,7 @@ async def _recover(node: Node, readers: dict[str, ReadAhead], db_exists: bool,
             floor = dict(manifest.sequences)
             targets = choose(await list_snapshots(store), floor, heads).covering
             if not targets:
-                targets, heads = await _ask_and_wait(node, store, floor, unsound, readers)
+                targets, heads = await _ask_and_wait(parts, store, floor, unsound, readers)
             if not targets:
                 break
         else:
@@ -264,7 +263,7 @@ def _no_leader_grace(cfg: Config) -> float:
     return min(heartbeat_seconds(cfg.snapshot.leader_ttl), 10.0) + 5.0
 
 
-async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
+async def _ask_and_wait(parts: StartParts, store: ObjectStore, floor: dict[str, int],
                         exclude: set[str], readers: dict[str, ReadAhead]
                         ) -> tuple[list[Manifest], dict[str, int]]:
     """No sound snapshot covers this node: ask the leader for one and wait, looking at the
@@ -272,15 +271,15 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
     lease (saying so every ``snapshot.request_timeout``). When no node holds it for longer than
     a lease's TTL, no snapshot can come: give up. Returns the covering snapshots found (empty
     when none came) and the first sequences still available at the last look."""
-    cfg = node.cfg
-    assert node.js is not None
+    cfg = parts.cfg
     streams = namespace(cfg).streams()
     remind = max(1.0, cfg.snapshot.request_timeout / 1000.0)
     started = time.monotonic()
     next_reminder = started + remind
-    heads = _window(await stream_heads(node.js, streams), readers)
+    heads = _window(await stream_heads(parts.js, streams), readers)
     wanted = ", ".join(f"{s} up to {q}" for s, q in sorted(need(heads).items())) or "-"
-    node.waiting = f"waiting for a snapshot that covers this node ({wanted})"
+    waiting_for = f"waiting for a snapshot that covers this node ({wanted})"
+    parts.waiting(waiting_for)
     log.warning("no sound snapshot covers what this node lacks (%s); asked the snapshot leader "
                 "for one", wanted)
     asked = False
@@ -288,7 +287,7 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
     try:
         while True:
             try:
-                await request.ask(node.js, namespace(cfg).lease_bucket, cfg.snapshot.leader_ttl,
+                await request.ask(parts.js, namespace(cfg).lease_bucket, cfg.snapshot.leader_ttl,
                                   cfg.node_id, need(heads), exclude)
                 asked = True
             except Exception as exc:
@@ -305,7 +304,7 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
                 return found, heads
             now = time.monotonic()
             try:
-                leader = await request.holder(node.js, namespace(cfg).lease_bucket,
+                leader = await request.holder(parts.js, namespace(cfg).lease_bucket,
                                               cfg.snapshot.leader_ttl)
             except Exception as exc:
                 log.debug("cannot read the snapshot lease: %s", exc)
@@ -317,46 +316,46 @@ async def _ask_and_wait(node: Node, store: ObjectStore, floor: dict[str, int],
                                 "until a node with publish, replicate and snapshots on, in "
                                 "step with the streams, takes it; waiting %.0f s for one",
                                 _no_leader_grace(cfg))
-                    node.waiting = "no node can take snapshots: " + node.waiting
+                    parts.waiting("no node can take snapshots: " + waiting_for)
                 elif now - no_leader_since >= _no_leader_grace(cfg):
                     log.error("no node took the snapshot lease in %.0f s: starting without the "
                               "snapshot this node needs", now - no_leader_since)
                     return [], heads
             elif no_leader_since is not None:
                 no_leader_since = None
-                node.waiting = f"waiting for a snapshot that covers this node ({wanted})"
+                parts.waiting(waiting_for)
                 if leader > 0:
                     log.info("node %d holds the snapshot lease now", leader)
             if now >= next_reminder:
                 log.warning("still waiting for a snapshot that covers this node (%s) after "
                             "%.0f s", wanted, now - started)
                 next_reminder = now + remind
-            if node.stop_event.is_set():
+            if parts.stop.is_set():
                 return [], heads
             # The polling period of an outside resource (the store), not a synchronisation.
-            await wait_any(node.stop_event, timeout=1.0)
-            heads = _window(await stream_heads(node.js, streams), readers)
+            await wait_any(parts.stop, timeout=1.0)
+            heads = _window(await stream_heads(parts.js, streams), readers)
     finally:
         if asked:
             try:
-                await request.withdraw(node.js, namespace(cfg).lease_bucket,
+                await request.withdraw(parts.js, namespace(cfg).lease_bucket,
                                        cfg.snapshot.leader_ttl)
             except Exception as exc:  # it expires with the bucket's TTL anyway
                 log.debug("cannot withdraw the snapshot request: %s", exc)
 
 
-async def _publish_before_restore(node: Node) -> None:
-    if not node.db_path.exists():
+async def _publish_before_restore(parts: StartParts) -> None:
+    if not parts.db_path.exists():
         return
-    pending = await asyncio.to_thread(db_file.pending_changes, node.db_path)
+    pending = await asyncio.to_thread(db_file.pending_changes, parts.db_path)
     if not pending:
         return
-    if not node.cfg.publish:
+    if not parts.cfg.publish:
         log.warning("discarding %d local changes captured while publish = false", pending)
         return
-    if node.js is None or node.nc is None or not node.nc.is_connected:
+    if not parts.nc.is_connected:
         raise RestoreRefused(pending, "NATS is unreachable")
-    await publish_pending(node.cfg, node.js, node.db_path, pending)
+    await publish_pending(parts.cfg, parts.js, parts.db_path, pending)
 
 
 def _no_snapshot(db_path: Path, seq_map_path: Path, heads: dict[str, int]) -> None:

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
-
-from harmonylite.errors import NatsError
 from harmonylite.snapshot.manifest import Manifest
 
 
@@ -23,21 +19,6 @@ class Gap:
 
     def __str__(self) -> str:
         return f"{self.stream} {self.first}..{self.last}"
-
-
-async def stream_heads(js: JetStreamContext, streams: list[str]) -> dict[str, int]:
-    """Per stream, the first sequence it still holds (last + 1 when it holds none)."""
-    heads: dict[str, int] = {}
-    for name in streams:
-        try:
-            info = await js.stream_info(name)
-        except NotFoundError:
-            continue
-        except Exception as exc:
-            raise NatsError(f"cannot read the state of stream {name}: {exc}") from exc
-        state = info.state
-        heads[name] = state.first_seq if state.messages else state.last_seq + 1
-    return heads
 
 
 def gaps(positions: dict[str, int], heads: dict[str, int]) -> list[Gap]:

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from harmonylite.bus.names import namespace
-from harmonylite.bus.streams import ensure_streams
+from harmonylite.bus.streams import ensure_streams, stream_heads
 from harmonylite.config import Config
 from harmonylite.errors import HarmonyliteError, NatsError, SnapshotError
 from harmonylite.restore import db_file
-from harmonylite.restore.coverage import choose, gaps, stream_heads
+from harmonylite.restore.coverage import choose, gaps
 from harmonylite.restore.loop import Restored, RestoreRefused, publish_pending, restore_newest
 from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshots
 from harmonylite.snapshot.progress import ProgressSink

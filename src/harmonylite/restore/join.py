@@ -37,10 +37,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from nats.js import JetStreamContext
 
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
+from harmonylite.db.connection import DbThread
 from harmonylite.errors import HarmonyliteError, JoinRefused, SnapshotError, StorageError
 from harmonylite.restore.db_file import remove_durably
 from harmonylite.restore.join_rows import (
@@ -51,13 +53,11 @@ from harmonylite.restore.join_rows import (
     republish,
     rows_text,
 )
+from harmonylite.restore.loop import list_patiently
 from harmonylite.restore.verify import fetch, work_dir
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import NullProgress
 from harmonylite.storage import ObjectStore, open_store
-
-if TYPE_CHECKING:
-    from harmonylite.node.daemon import Node
 
 log = logging.getLogger(__name__)
 
@@ -90,38 +90,36 @@ def refusal(db_path: Path, own: OwnData, snapshot_id: str) -> str:
         "untouched")
 
 
-async def check(node: Node) -> Joining | None:
+async def check(cfg: Config, js: JetStreamContext, db_path: Path,
+                seq_map_path: Path) -> Joining | None:
     """At start, before the database is opened for writing: find rows of its own; when the
     store holds a snapshot that lacks some of them and the operator chose nothing, refuse
     (JoinRefused)."""
-    from harmonylite.restore.at_start import list_patiently  # (recovery imports this module)
-
-    cfg = node.cfg
-    own = await asyncio.to_thread(own_data, cfg, node.db_path, node.seq_map_path)
+    own = await asyncio.to_thread(own_data, cfg, db_path, seq_map_path)
     if own is None:
         return None
     # The database was not replaced yet: a merge left over from an earlier try has no object.
-    await asyncio.to_thread(remove_durably, marker_path(node.db_path))
+    await asyncio.to_thread(remove_durably, marker_path(db_path))
     joining: Joining | None = Joining(own, cfg.snapshot.join)
-    store = await open_store(cfg.snapshot, js=node.js, bucket=namespace(cfg).snapshot_bucket)
+    store = await open_store(cfg.snapshot, js=js, bucket=namespace(cfg).snapshot_bucket)
     try:
         try:
             candidates = await list_patiently(store)
         except StorageError as exc:
             # The recovery lists again and calls decide() before installing anything.
             log.warning("cannot list snapshots to check whether %s would be replaced: %s",
-                        node.db_path, exc)
+                        db_path, exc)
             candidates = []
         if candidates and joining is not None:
-            joining = await decide(cfg, store, candidates, node.db_path, joining)
+            joining = await decide(cfg, store, candidates, db_path, joining)
     finally:
         await store.aclose()
     if candidates and joining is not None:
         log.warning("database %s holds rows of its own (%s); snapshot.join = %s: %s",
-                    node.db_path, own, joining.mode,
+                    db_path, own, joining.mode,
                     "it is replaced by the cluster's snapshot, a copy kept"
                     if joining.mode == "replace" else "its rows are merged into the cluster's "
-                    "snapshot", extra={"path": str(node.db_path), "rows": own.total})
+                    "snapshot", extra={"path": str(db_path), "rows": own.total})
     return joining
 
 
@@ -226,18 +224,17 @@ def _read_marker(marker: Path) -> Path | None:
                                "copy whose rows are to be merged into the database") from exc
 
 
-async def finish(node: Node, restored: str | None) -> None:
+async def finish(joining: Joining | None, cfg: Config, db_path: Path, writer: DbThread,
+                 restored: str | None) -> None:
     """Once capture is installed: merge what a merge left to do (the marker's copy into the
     restored database, or a database that kept its rows republished in place), or say that a
     database kept its rows without publishing them."""
-    joining = node.joining
-    db_path, cfg = node.db_path, node.cfg
     copy = await asyncio.to_thread(_read_marker, marker_path(db_path))
     if copy is not None:
         if not copy.exists():
             raise HarmonyliteError(f"cannot merge the rows of {copy} into {db_path}: the copy is "
                                    f"gone; remove {marker_path(db_path)} to start without them")
-        merged = await node.writer.call(lambda c: merge_rows(c, copy, cfg))
+        merged = await writer.call(lambda c: merge_rows(c, copy, cfg))
         await asyncio.to_thread(remove_durably, marker_path(db_path))
         log.warning("merged %s from %s into %s as this node's own changes", rows_text(merged), copy,
                     db_path, extra={"path": str(copy), "rows": merged})
@@ -245,7 +242,7 @@ async def finish(node: Node, restored: str | None) -> None:
     if joining is None or restored is not None:
         return
     if joining.mode == "merge":
-        merged = await node.writer.call(lambda c: republish(c, joining.own))
+        merged = await writer.call(lambda c: republish(c, joining.own))
         log.warning("merged %s of %s (%s) into the cluster as this node's own changes",
                     rows_text(merged), db_path, joining.own, extra={"rows": merged})
     else:

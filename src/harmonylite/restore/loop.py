@@ -24,13 +24,14 @@ from harmonylite.errors import (
     NoSpaceError,
     SnapshotError,
     StorageError,
+    StorageUnavailable,
     VerificationError,
 )
 from harmonylite.replication.publisher import Publisher
 from harmonylite.replication.seqmap import write_seq_map
 from harmonylite.restore import db_file
 from harmonylite.restore.verify import fetch, work_dir
-from harmonylite.snapshot.manifest import Manifest
+from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
 from harmonylite.snapshot.sealing import opened
 from harmonylite.storage import ObjectStore
@@ -198,3 +199,20 @@ async def publish_pending(cfg: Config, js: JetStreamContext, db_path: Path,
     finally:
         await asyncio.to_thread(db.close)
     log.info("published %d pending local changes before the restore", sent)
+
+
+LIST_PATIENCE = 60.0  # seconds a store answering "unavailable" (or timing out) is retried at start
+
+
+async def list_patiently(store: ObjectStore) -> list[Manifest]:
+    """List the store; while it says it is unavailable (a JetStream cluster still forming
+    answers 503 for seconds), retry quietly for a while before giving up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LIST_PATIENCE
+    while True:
+        try:
+            return await list_snapshots(store)
+        except StorageUnavailable:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.5)  # a pause between tries, not a synchronisation

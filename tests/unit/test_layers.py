@@ -36,12 +36,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("harmonylite.docgen", "harmonylite.contrib", "harmonylite.__main__"),
 ]
 
-# Imports still to be undone (the Node object handed to the parts it wires): each listed edge is
-# left out of both checks. The list only shrinks; an entry no longer in the code fails the test.
-TO_UNDO: set[tuple[str, str]] = {
-    ("harmonylite.node.snapshot_service", "harmonylite.node.daemon"),
-}
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC).with_suffix("").parts)
@@ -80,15 +74,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)
-    return {name: {d for d in _imports(name, path, known) if (name, d) not in TO_UNDO}
-            for name, path in modules.items()}
-
-
-def test_every_import_to_undo_is_still_there() -> None:
-    modules = _modules()
-    known = set(modules)
-    gone = sorted(f"{m} -> {d}" for m, d in TO_UNDO if d not in _imports(m, modules[m], known))
-    assert not gone, "remove from TO_UNDO (undone):\n" + "\n".join(gone)
+    return {name: _imports(name, path, known) for name, path in modules.items()}
 
 
 def _layer(module: str) -> int:

@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -58,6 +58,7 @@ from harmonylite.node.shared_settings import (
     SettingsWatch,
     check_at_start,
 )
+from harmonylite.node.snapshot_service import NodeState, SnapshotService
 from harmonylite.node.supervisor import Supervisor
 from harmonylite.node.without_nats import start_when_reachable, start_without_nats
 from harmonylite.ops.health import probe_database, start_health_server
@@ -74,9 +75,6 @@ from harmonylite.replication.seqmap import read_seq_map, write_seq_map
 from harmonylite.restore import join
 from harmonylite.restore.at_start import StartParts, recover
 from harmonylite.restore.coverage import gaps
-
-if TYPE_CHECKING:
-    from harmonylite.node.snapshot_service import SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +271,11 @@ class Node:
             # cluster's state: it is no snapshot leader candidate (its snapshots would claim no
             # position, and none would ever cover a stream).
             if cfg.snapshot.enabled and cfg.replicate:
-                from harmonylite.node.snapshot_service import SnapshotService
-
-                self.snapshots = SnapshotService(self)
+                state = NodeState(gaps=lambda: self.gaps, consumers=lambda: self.consumers,
+                                  activity=self.activity,
+                                  unpublished_since=self._unpublished_since)
+                self.snapshots = SnapshotService(cfg, self.nc, self.js, self.link, self.metrics,
+                                                 state, sleep=self.stop_event.set)
                 self._spawn("snapshots", self.snapshots.run)
         self._start_heartbeats()
         chores = functools.partial(
@@ -472,6 +472,9 @@ class Node:
 
     def activity(self) -> tuple[int, int]:
         return (self.publisher.published_total if self.publisher else 0, self.replicated_total)
+
+    def _unpublished_since(self) -> float | None:
+        return self.publisher.unpublished_since if self.publisher is not None else None
 
     async def _sleep_when_idle(self) -> None:
         """sleep_timeout: stop the node after that long without publishing or applying."""

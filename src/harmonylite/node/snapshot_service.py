@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from harmonylite.archive.writer import ArchiveWriter, Lease
+from harmonylite.bus.connection import LinkState
 from harmonylite.bus.names import namespace
-from harmonylite.replication.consumer import near_head
+from harmonylite.config import Config
+from harmonylite.ops.metrics import Metrics
+from harmonylite.replication.consumer import ShardConsumer, near_head
 from harmonylite.snapshot.freshness import Freshness
 from harmonylite.snapshot.leader import LeaderElection
 from harmonylite.snapshot.scheduler import Scheduler
 from harmonylite.storage import ObjectStore, open_store
-
-if TYPE_CHECKING:
-    from harmonylite.node.daemon import Node
 
 HEAD_FRESH_SECONDS = 5.0  # a stream head read longer ago than this is unknown
 # A node more than ``max_behind`` messages behind a stream is stale only when it has not been
@@ -42,45 +46,56 @@ def max_behind(max_entries: int) -> int:
     return near_head(max_entries)
 
 
+@dataclass(frozen=True)
+class NodeState:
+    """What the service reads of the node, as it is at each call."""
+
+    gaps: Callable[[], Mapping[str, object]]  # streams with messages this node misses
+    consumers: Callable[[], Sequence[ShardConsumer]]
+    activity: Callable[[], tuple[int, int]]  # (changes published, changes applied)
+    unpublished_since: Callable[[], float | None]  # oldest local change not yet published
+
+
 class SnapshotService:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        cfg = node.cfg
+    def __init__(self, cfg: Config, nc: Client, js: JetStreamContext, link: LinkState,
+                 metrics: Metrics, state: NodeState, sleep: Callable[[], None]) -> None:
+        self.cfg, self.js, self.metrics, self.state = cfg, js, metrics, state
         self.election = LeaderElection(
-            node.js, cfg.node_id, cfg.snapshot.leader_ttl, bucket=namespace(cfg).lease_bucket,
-            nc=node.nc,
-            is_connected=lambda: node.nc is not None and node.nc.is_connected,
+            js, cfg.node_id, cfg.snapshot.leader_ttl, bucket=namespace(cfg).lease_bucket,
+            nc=nc,
+            is_connected=lambda: nc.is_connected,
             on_change=self._leader_changed, replicas=cfg.replication_log.replicas,
             update_existing=cfg.replication_log.update_existing, eligible=self.stale_reason)
         self.max_behind = max_behind(cfg.replication_log.max_entries)
-        self.scheduler = Scheduler(cfg, self.election, self._open_store, js=node.js,
-                                   metrics=node.metrics, activity=self._activity,
-                                   on_sleep=node.stop_event.set, heads=self.heads)
+        self.scheduler = Scheduler(cfg, self.election, self._open_store, js=js,
+                                   metrics=metrics, activity=state.activity,
+                                   on_sleep=sleep, heads=self.heads)
         # Health and snapshot_staleness_seconds: since when the newest snapshot lacks a change.
-        self.freshness = Freshness(node.js, newest=lambda: self.scheduler.newest,
-                                   heads=self.heads, local_since=self._unpublished_since)
-        node.metrics.track_snapshot_freshness(self.freshness.state)
-        node.link.on_reconnect.append(self._reconnected)
+        self.freshness = Freshness(js, newest=lambda: self.scheduler.newest,
+                                   heads=self.heads, local_since=state.unpublished_since)
+        metrics.track_snapshot_freshness(self.freshness.state)
+        link.on_reconnect.append(self._reconnected)
         self.archive: ArchiveWriter | None = None
         if cfg.snapshot.archive:
             self.archive = ArchiveWriter(
-                js=node.js, open_store=self._open_store, lease=Lease(self.election),
+                js=js, open_store=self._open_store, lease=Lease(self.election),
                 streams=namespace(cfg).subjects(), node_id=cfg.node_id,
                 interval_ms=cfg.snapshot.archive_interval,
                 spool=Path(cfg.snapshot.temp_dir) if cfg.snapshot.temp_dir else None,
-                metrics=node.metrics)
+                metrics=metrics)
 
     def stale_reason(self) -> str | None:
         """Why a snapshot of this node's database now would be stale (None: it would not)."""
-        node = self.node
-        if not node.cfg.replicate:
+        if not self.cfg.replicate:
             return None  # it applies nothing from the streams: nothing to be behind
-        if node.gaps:
-            return f"this node misses messages of {', '.join(sorted(node.gaps))}"
-        if not node.consumers:
+        gaps = self.state.gaps()
+        if gaps:
+            return f"this node misses messages of {', '.join(sorted(gaps))}"
+        consumers = self.state.consumers()
+        if not consumers:
             return "the consumers are not running yet"
         now = time.monotonic()
-        for c in node.consumers:
+        for c in consumers:
             if c.stream_offline:
                 continue  # offline for every node alike (its servers are down): no one is ahead
             if c.not_consuming is not None:
@@ -96,27 +111,18 @@ class SnapshotService:
 
     def heads(self) -> dict[str, int]:
         """Each stream's last sequence as this node last read it."""
-        return {c.stream: c.stream_last_seq for c in self.node.consumers}
-
-    def _unpublished_since(self) -> float | None:
-        pub = self.node.publisher
-        return pub.unpublished_since if pub is not None else None
+        return {c.stream: c.stream_last_seq for c in self.state.consumers()}
 
     def _leader_changed(self, is_leader: bool) -> None:
-        self.node.metrics.leader_changed(is_leader)
+        self.metrics.leader_changed(is_leader)
         self.scheduler.leadership_changed(is_leader)
 
     async def _reconnected(self) -> None:
         self.election.wake()
 
-    def _activity(self) -> tuple[int, int]:
-        pub = self.node.publisher
-        return (pub.published_total if pub is not None else 0, self.node.replicated_total)
-
     async def _open_store(self) -> ObjectStore:
-        cfg = self.node.cfg
-        return await open_store(cfg.snapshot, js=self.node.js,
-                                bucket=namespace(cfg).snapshot_bucket)
+        return await open_store(self.cfg.snapshot, js=self.js,
+                                bucket=namespace(self.cfg).snapshot_bucket)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self.election.run(stop)),

@@ -20,18 +20,17 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from harmonylite.bus.names import namespace
+from harmonylite.cli.parsing import parser_class
 from harmonylite.cluster import view
 from harmonylite.cluster.read import forget, read_records
 from harmonylite.config import Config
-from harmonylite.errors import HarmonyliteError, UsageError
+from harmonylite.errors import HarmonyliteError
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 WATCH_SECONDS = 2.0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"cluster: {message}")
+_Parser = parser_class("cluster")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,18 +10,14 @@ import json
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
 from harmonylite.cdc import schema_changes
+from harmonylite.cli.parsing import existing_database, parser_class
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
-from harmonylite.errors import HarmonyliteError, UsageError
 from harmonylite.replication import conflicts
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"conflicts: {message}")
+_Parser = parser_class("conflicts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(cfg: Config, argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    if not cfg.db_path or not Path(cfg.db_path).exists():
-        raise HarmonyliteError(f"database file {cfg.db_path or '(db_path not set)'} does not exist")
+    existing_database(cfg.db_path)
     conn = open_connection(cfg.db_path)
     try:
         found = conflicts.rows(conn)

@@ -14,8 +14,8 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
+from harmonylite.cli.parsing import existing_database, parser_class
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection, write_transaction
 from harmonylite.errors import HarmonyliteError, UsageError
@@ -25,9 +25,7 @@ from harmonylite.replication.apply import Applier
 EXIT_OK, EXIT_FAILURE = 0, 1
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"dead-letters: {message}")
+_Parser = parser_class("dead-letters")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open(cfg: Config) -> sqlite3.Connection:
-    if not cfg.db_path or not Path(cfg.db_path).exists():
-        raise HarmonyliteError(f"database file {cfg.db_path or '(db_path not set)'} does not exist")
+    existing_database(cfg.db_path)
     return open_connection(cfg.db_path)
 
 

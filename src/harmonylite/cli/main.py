@@ -10,10 +10,10 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from harmonylite import __version__
+from harmonylite.cli.parsing import existing_database, parser_class
 from harmonylite.config import JOIN_MODES, ClusterFlags, Config, load_config, with_join
 from harmonylite.errors import (
     ConfigError,
@@ -110,9 +110,7 @@ def _commands_epilog() -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
+_Parser = parser_class("")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +173,7 @@ def _cleanup(cfg: Config) -> int:
     from harmonylite.cdc.takeover import take_over
     from harmonylite.db.connection import open_connection
 
-    if not cfg.db_path or not Path(cfg.db_path).exists():
-        raise HarmonyliteError(f"database file {cfg.db_path or '(db_path not set)'} does not exist")
+    existing_database(cfg.db_path)
     conn = open_connection(cfg.db_path)
     try:
         # HarmonyLite's layout too; its unpublished changes are named in the log as they go.

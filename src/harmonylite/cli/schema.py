@@ -16,21 +16,18 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from harmonylite.bus.names import namespace
+from harmonylite.cli.parsing import existing_database, parser_class
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
-from harmonylite.errors import HarmonyliteError, UsageError
 from harmonylite.replication import schema_registry
 
 EXIT_OK = 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"schema: {message}")
+_Parser = parser_class("schema")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _local(cfg: Config) -> dict[str, Any]:
-    if not cfg.db_path or not Path(cfg.db_path).exists():
-        raise HarmonyliteError(f"database file {cfg.db_path or '(db_path not set)'} does not exist")
+    existing_database(cfg.db_path)
     conn = open_connection(cfg.db_path)
     try:
         return schema_registry.local_view(conn, cfg.node_id)

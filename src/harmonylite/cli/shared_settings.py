@@ -17,14 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from harmonylite.bus.names import namespace
+from harmonylite.cli.parsing import parser_class
 from harmonylite.config import Config
-from harmonylite.errors import UsageError
 from harmonylite.node import shared_settings as shared
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"shared-settings: {message}")
+_Parser = parser_class("shared-settings")
 
 
 def build_parser() -> argparse.ArgumentParser:

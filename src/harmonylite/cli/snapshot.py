@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from harmonylite.bus.names import namespace
+from harmonylite.cli.parsing import parser_class
 from harmonylite.config import Config
 from harmonylite.errors import (
     ConfigError,
@@ -42,9 +43,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 75
 JsContext = Callable[[], AbstractAsyncContextManager[Any]]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"snapshot: {message}")
+_Parser = parser_class("snapshot")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,9 @@ class Profile:
     node_config: dict[str, Any] = field(default_factory=dict)
     hot_keys: int = 12  # small key space: rows written by every node at once
     migrations: bool = False
+    # Each migration run by one node only (round robin), the others following it through
+    # replicate_ddl; without it every node runs every migration (rolling).
+    migrate_once: bool = False
     restart_after_migration: bool = False
     clock_offset: float = 0.0  # seconds node 1's snapshots are dated ahead (a fast clock)
     write_seconds: float = 10.0  # default length of the write phase (overridden by --minutes)
@@ -89,6 +92,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
        "row when missing (content types: auto-increment id, UNIQUE by name) on every node",
        features=frozenset({"basic", "schema", "framework"}), migrations=True, faults=(),
        write_seconds=14),
+    _P("ddl", "replicated schema changes (replicate_ddl): each migration of the schema "
+       "profile run once, on one node in turn, while every node writes (SIGKILL + restart); "
+       "the others follow it",
+       features=frozenset({"basic", "schema"}), migrations=True, migrate_once=True,
+       faults=("kill",), node_config={"replicate_ddl": True}, write_seconds=14),
     _P("faults_stop", "basic + SIGSTOP/SIGCONT of nodes and a nats-server restart",
        faults=("stop", "nats", "kill")),
     _P("rollover", "small max_entries: a node killed while the streams roll over",

@@ -67,6 +67,7 @@ MORE_SEEDS = [
     ("shards_up", 1, 6.0),      # the shard count raised with every node stopped
     ("clone", 2, 10.0),
     ("idle", 2, 12.0),
+    ("ddl", 1, 14.0),           # replicated schema changes: each migration run on one node
 ]
 
 # (profile, seed, seconds, issue, bug class): still failing, expected to until fixed.

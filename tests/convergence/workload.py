@@ -403,10 +403,11 @@ class Writer(threading.Thread):
         from .migrations import FRESH_STEP, STEPS, run_step
         if self.migration_step < len(STEPS):
             assert self.conn is not None
-            if run_step(self.conn, self.migration_step, self.node_id, self.history,
-                        framework="framework" in self.profile.features):
+            mine = not self.profile.migrate_once or self.migration_step % 3 == self.index
+            if mine and run_step(self.conn, self.migration_step, self.node_id, self.history,
+                                 framework="framework" in self.profile.features):
                 self.migrated.append(STEPS[self.migration_step][0])
-            if self.migration_step == FRESH_STEP:
+            if self.migration_step == FRESH_STEP and mine:
                 self.tables.append(schema.table("fresh"))
             self.migration_step += 1
             if self.on_migrated is not None:

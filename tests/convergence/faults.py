@@ -12,8 +12,8 @@ in a ``finally``, so a run that stops early heals too). Kinds:
 - ``restore``: the operator's forced restore: stop a node (its application closes the database
   meanwhile), ``harmonylite snapshot restore`` in place, start it again;
 - ``disk``: fill the file system a node's database is on (a small tmpfs; root only), free it later;
-- ``clone``, ``reshard``, ``idle``: what an operator does (see :mod:`.operator`): a new node from a
-  copy of a node's database, the shard count changed with every node stopped, every
+- ``clone``, ``reshard``, ``idle``: what an operator does (:mod:`.operations`): a new node from
+  a copy of a node's database, the shard count changed with every node stopped, every
   application idle for longer than the health limit.
 """
 

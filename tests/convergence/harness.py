@@ -39,7 +39,7 @@ if _TESTS not in sys.path:
 from nodes import NodeProc  # noqa: E402
 from servers import NatsServer, free_port  # noqa: E402
 
-from . import operator  # noqa: E402
+from . import operations  # noqa: E402
 
 
 @dataclass
@@ -176,13 +176,13 @@ class Harness:
             yield
 
     def clone(self, i: int) -> None:
-        operator.clone(self, i)
+        operations.clone(self, i)
 
     def reshard(self) -> None:
-        operator.reshard(self, self.profile.reshard_to)
+        operations.reshard(self, self.profile.reshard_to)
 
     def idle(self, seconds: float) -> None:
-        operator.idle(self, seconds)
+        operations.idle(self, seconds)
 
     def _filler(self, i: int) -> Path:
         return self.nodes[i].db.parent / "filler"

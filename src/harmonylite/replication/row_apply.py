@@ -206,7 +206,12 @@ class RowApplier:
                                                                         key, pending):
             # This node changed the row again since: that change follows in the stream and
             # decides it everywhere. This older state, written now, would take the row back
-            # until then (and an application reading it meanwhile would build on it).
+            # until then (and an application reading it meanwhile would build on it). What it
+            # does to other rows still happens, as on every node that writes it: the rows
+            # holding its UNIQUE values are displaced.
+            if ch.op != ddl.OP_DELETE and local.unique_indexes:
+                self.displaced += self._displace_for_skipped(
+                    conn, local, cols, vals, key, pending, stream, seq, batch.node_id)
             return SKIPPED
         if ident is not None and pending and not local.content_keyed and ident in pending:
             # A local change to this row is not yet published; it will be published after this

@@ -116,6 +116,14 @@ def test_two_clusters_on_one_account_share_no_stream_bucket_or_key(
                and registry(beta) == {f"node-{i}" for i in beta_ids}, 30,
                "each cluster's schema registry to hold its own nodes")
 
+    # Each cluster's view (cluster status, the live page) holds its own nodes only.
+    def view(nodes: list[NodeProc]) -> set[int]:
+        out = nodes[0].cli("cluster", "status", "--json")
+        return {n["node_id"] for n in json.loads(out.stdout)["nodes"]}
+
+    wait_until(lambda: view(alpha) == alpha_ids and view(beta) == beta_ids, 30,
+               "each cluster's heartbeats to hold its own nodes")
+
     for node in everyone:
         wait_until(lambda n=node: health(n)[0] == 200, 30,  # type: ignore[misc]
                    f"node {node.node_id} healthy ({health(node)[1].get('reasons')})")

@@ -10,6 +10,7 @@ every node ends on the same version of each row.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,28 @@ def test_compress_differing_from_the_cluster_is_refused_naming_the_key(
     assert code == 2, text
     assert "replication_log.compress = false on this node, the cluster's is true" in text, text
     assert "found in the existing streams" in text, text
+
+    # The record changes under a running node (the count changed while it was cut off from
+    # NATS): it says so on health, naming the key and both values, until the record matches.
+    asyncio.run(_put_settings(nats_server.url, {"replication_log.shards": 2}))
+
+    def first_says(code: int, text: str) -> bool:
+        got, body = health(first)
+        return got == code and any(text in r for r in body.get("reasons", [])) == bool(text)
+
+    wait_until(lambda: first_says(503, "replication_log.shards = 1 on this node, the "
+                                       "cluster's is 2"), 20, "503 naming the shard count")
+    asyncio.run(_put_settings(nats_server.url, {"replication_log.shards": 1}))
+    wait_until(lambda: first_says(200, ""), 20, "200 once the record matches again")
+
+
+async def _put_settings(url: str, settings: dict[str, object]) -> None:
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value("harmonylite-cluster-settings")
+        await kv.put("settings", json.dumps({"settings": settings, "node_id": 9}).encode())
+    finally:
+        await nc.close()
 
 
 async def _delete_bucket(url: str, bucket: str) -> None:

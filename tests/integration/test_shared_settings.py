@@ -88,7 +88,8 @@ def test_compress_differing_from_the_cluster_is_refused_naming_the_key(
     assert "found in the existing streams" in text, text
 
     # The record changes under a running node (the count changed while it was cut off from
-    # NATS): it says so on health, naming the key and both values, until the record matches.
+    # NATS): it says so on health, naming the key and both values, and holds its changes until
+    # the record matches.
     asyncio.run(_put_settings(nats_server.url, {"replication_log.shards": 2}))
 
     def first_says(code: int, text: str) -> bool:
@@ -97,8 +98,19 @@ def test_compress_differing_from_the_cluster_is_refused_naming_the_key(
 
     wait_until(lambda: first_says(503, "replication_log.shards = 1 on this node, the "
                                        "cluster's is 2"), 20, "503 naming the shard count")
+    # Meanwhile it publishes nothing (it would publish where the others do not read).
+    first.execute("INSERT INTO items VALUES (2, 'y')")
+    wait_until(lambda: "publishing held" in first.log_text(), 10, "publishing held")
+    assert pending(first) == 1
     asyncio.run(_put_settings(nats_server.url, {"replication_log.shards": 1}))
     wait_until(lambda: first_says(200, ""), 20, "200 once the record matches again")
+    wait_until(lambda: pending(first) == 0, 20, "the held change published")
+
+
+def pending(node: NodeProc) -> int:
+    return int(node.query(
+        "SELECT count(*) FROM __harmonylite__log WHERE id > "
+        "(SELECT v FROM __harmonylite__state WHERE k = 'published')")[0][0])
 
 
 async def _put_settings(url: str, settings: dict[str, object]) -> None:

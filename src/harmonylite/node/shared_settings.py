@@ -8,9 +8,9 @@ with them:
 
 - at start: a node that differs refuses to start (:class:`SettingsMismatch`, exit 2), naming each
   key, its value and the cluster's;
-- while running (:class:`SettingsWatch`): when the record changes under it (an operator applied a
-  new value for the whole cluster) the node reports the difference on health (503) until it is
-  restarted with the new value.
+- while running (:class:`SettingsWatch`): when the record changes under it (the shard count
+  changed while it was cut off from NATS) the node reports the difference on health (503) and
+  publishes nothing (its changes wait in the database) until it is restarted with the new value.
 
 ``harmonylite shared-settings apply`` (:func:`apply`) records new values. Only the shard count
 may change, and only while no node runs (a live node's claim in the lease bucket refuses it,
@@ -373,7 +373,8 @@ class SettingsWatch:
         problem = None
         if differences:
             problem = ("; ".join(map(str, differences)) + ": the cluster's settings changed "
-                       "since this node started; restart it with the cluster's values")
+                       "since this node started; restart it with the cluster's values (its "
+                       "changes are not published meanwhile)")
         if problem != self.problem:
             if problem is not None:
                 log.error("%s", problem, extra={"keys": [d.key for d in differences]})

@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT = 2.0
 RETRY_FIRST = 0.05  # first wait after a failed publish; doubles up to RETRY_MAX
 RETRY_MAX = 1.0
+HOLD_LOOK = 0.5  # seconds between looks at a hold on publishing
 # While the cluster answers "no responders" (a stream between leaders) the answer is immediate
 # and cheap: retry at this pace for NO_LEADER_FAST_FOR seconds, so publishing resumes within a
 # tenth of a second of the election, then fall back to the doubling wait.
@@ -126,7 +127,8 @@ class Publisher:
     def __init__(self, cfg: Config, db: DbThread, js: JetStreamContext,
                  epoch: str | None = None, *, metrics: Metrics | None = None,
                  held: Callable[[], set[str]] | None = None,
-                 schema: SchemaSender | None = None) -> None:
+                 schema: SchemaSender | None = None,
+                 hold: Callable[[], str | None] | None = None) -> None:
         # The publisher's own connection: reading and marking never wait behind the applier.
         self.cfg = cfg
         self.db = db
@@ -148,6 +150,10 @@ class Publisher:
         self._opened: set[int] = set()  # shards sent a "more follows" in the open batch
         self._large: LargeChangeStore | None = None
         self._schema = schema  # this node's schema changes (replicate_ddl), between batches
+        # Why nothing may be published now (None: it may): a node whose shared settings no
+        # longer match the cluster's would publish where the others do not read.
+        self._hold = hold or (lambda: None)
+        self.holding: str | None = None
 
     def _build(self, batch: Chunk) -> InFlight:
         by_name, changes = batch.shapes, batch.changes
@@ -342,6 +348,21 @@ class Publisher:
             if n == 0 and self._inflight is None:  # (a chunk may collapse to no change)
                 return total
 
+    async def _held(self, stop: asyncio.Event) -> bool:
+        """Whether publishing is held now (then this waited a moment): changes stay pending."""
+        reason = self._hold()
+        if reason != self.holding:
+            if reason is not None:
+                log.error("publishing held, changes stay pending in the database until it is "
+                          "restarted: %s", reason)
+            else:
+                log.info("publishing resumes")
+            self.holding = reason
+        if reason is None:
+            return False
+        await wait_any(stop, timeout=HOLD_LOOK)  # how often a hold is looked at again
+        return True
+
     async def run(self, stop: asyncio.Event) -> None:
         """Publish whenever woken, until ``stop``; back off while NATS is unreachable.
 
@@ -353,6 +374,8 @@ class Publisher:
         failing_since: float | None = None
         while not stop.is_set():
             self.wake.clear()
+            if await self._held(stop):
+                continue
             try:
                 await self.flush()
                 backoff = RETRY_FIRST

@@ -82,6 +82,7 @@ SHARED_CLUSTER_MODULES = frozenset({
     "tests/integration/test_replicated_ddl.py",
     "tests/integration/test_cluster_page.py",
     "tests/integration/test_lease_bucket.py",
+    "tests/integration/test_point_in_time.py",  # one history shared by its tests
 })
 
 

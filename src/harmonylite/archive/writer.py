@@ -250,6 +250,7 @@ class ArchiveWriter:
         data, manifest = segment.encode(stream, held, self.node_id)
         ref = manifest.ref
         delay = RETRY_FIRST
+        failing = False
         while True:
             try:
                 await store.upload_bytes(ref.data_key, data)
@@ -259,14 +260,18 @@ class ArchiveWriter:
             except LeaseLost:
                 raise
             except Exception as exc:
-                self._failed(f"archive segment {ref.data_key} not stored: {describe(exc)}")
+                self.last_error = f"archive segment {ref.data_key} not stored: {describe(exc)}"
+                if not failing:  # once per outage, not per retry
+                    log.warning("%s (the segment is kept and retried until the store takes "
+                                "it)", self.last_error, extra={"stream": stream})
+                failing = True
                 await asyncio.sleep(delay)  # backoff while the store is down
                 delay = min(RETRY_MAX, delay * 2)
                 if self.lease.term != term:
                     raise LeaseLost("snapshot lease lost while the store failed") from exc
-        if self.last_error is not None:
-            log.info("archive segments are stored again")
-            self.last_error = None
+        if failing:
+            log.info("archive segments of %s are stored again", stream, extra={"stream": stream})
+        self.last_error = None
         st = self.state[stream]
         st.archived = max(st.archived, ref.last)
         st.newest_us = max(st.newest_us, ref.last_us)

@@ -52,6 +52,8 @@ class Command:
 # The one list of commands: dispatch, --help and docs/cli.md all read it.
 COMMANDS = (
     Command("snapshot", "harmonylite.cli.snapshot", "take, list, verify and restore snapshots"),
+    Command("archive", "harmonylite.cli.archive",
+            "the archive of the change streams (snapshot.archive): verify it is continuous"),
     Command("dead-letters", "harmonylite.cli.dead_letters",
             "changes this node could not apply: list, show, retry, drop"),
     Command("schema", "harmonylite.cli.schema",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from harmonylite.bus.names import namespace
+from harmonylite.cli import point_in_time
 from harmonylite.cli.parsing import parser_class
 from harmonylite.config import Config
 from harmonylite.errors import (
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --output: run PRAGMA integrity_check on the result as well (the "
                      "size and SHA-256 checks already prove it is the file that passed "
                      "integrity_check when the snapshot was taken)")
+    point_in_time.add_arguments(res)
     res.add_argument("-force", "--force", action="store_true",
                      help="without --output: restore even when pending local changes cannot be "
                      "published first (they are lost)")
@@ -140,6 +142,10 @@ def format_listing(manifests: Sequence[Manifest]) -> str:
 
 async def _dispatch(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
                     out: TextIO, err: TextIO) -> int:
+    if args.verb == "restore" and point_in_time.target_of(args) is not None \
+            and args.output is None:
+        raise UsageError("snapshot restore --to-time/--to-sequence needs --output PATH (a "
+                         "point-in-time restore writes a new file; see docs/point-in-time.md)")
     if args.verb == "restore" and args.output is None:
         return await _restore_db_path(cfg, args, js_context, out, err)
     if args.verb == "save" and not cfg.db_path:
@@ -220,6 +226,9 @@ async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | N
                 out.write(json.dumps([m.to_dict() for m in manifests], indent=2) + "\n")
             else:
                 out.write(format_listing(manifests))
+                line = await point_in_time.window_line(cfg, store, manifests)
+                if line is not None:
+                    progress.finish(line)
         elif args.verb == "verify":
             manifest = await find_snapshot(store, args.id)
             await verify_snapshot(store, manifest, temp_dir=cfg.snapshot.temp_dir or None,
@@ -227,6 +236,8 @@ async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | N
             out.write(f"{manifest.id} ok\n")
             # stdout carries only the answer; how fresh the snapshot was goes with the progress
             progress.finish(describe_freshness(manifest))
+        elif (target := point_in_time.target_of(args)) is not None:
+            await point_in_time.restore(cfg, store, target, Path(args.output), progress, out)
         else:
             manifest = await find_snapshot(store, args.id)
             path = await restore_to_path(store, manifest, Path(args.output),

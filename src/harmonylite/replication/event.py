@@ -20,7 +20,9 @@ Two headers frame an origin's transactions: ``Harmonylite-Origin`` (``node_id:ep
 message, and ``Harmonylite-More: 1`` on each message of a publish batch after which more of that
 batch follows on the same stream. A receiver applies a batch's messages in one transaction (see
 ``consumer``). Both are optional: a message without them is a batch of its own, as a previous
-version reads every message.
+version reads every message. ``Harmonylite-Batch`` (the batch's last change id) on every message
+and ``Harmonylite-Shards`` (``1,3``: the shards the batch wrote to) on each message that ends it
+on its shard frame a batch across streams; the archive's restore reads them.
 
 CBOR keeps every SQLite value exactly (int64, float, text with NUL, blobs, NULL). With
 compression on, the CBOR bytes are zstd frames; decoding recognises the zstd magic number, so a
@@ -45,6 +47,11 @@ from harmonylite.replication.spool import Payload, Spooled
 FORMAT = 1
 ORIGIN_HEADER = "Harmonylite-Origin"
 MORE_HEADER = "Harmonylite-More"
+# Every message of a publish batch names the batch (its last change id), and each message that
+# ends the batch on its shard names every shard the batch wrote to: a reader of several streams
+# (a point-in-time restore) can tell whether all of a transaction is in hand.
+BATCH_HEADER = "Harmonylite-Batch"
+SHARDS_HEADER = "Harmonylite-Shards"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()

@@ -47,8 +47,10 @@ from harmonylite.errors import StorageUnavailable
 from harmonylite.ops.metrics import Metrics
 from harmonylite.replication.batches import BatchReader, Chunk
 from harmonylite.replication.event import (
+    BATCH_HEADER,
     MORE_HEADER,
     ORIGIN_HEADER,
+    SHARDS_HEADER,
     encode,
     encode_into,
     raw_size,
@@ -111,6 +113,8 @@ class Outgoing:
     acked: bool = False
     # Set once the payload is stored out of band: the small message published in its place.
     reference: bytes | None = None
+    batch: int = 0  # the batch's last change id
+    shards: str = ""  # on a message that ends the batch on its shard: every shard it wrote to
 
 
 @dataclass
@@ -203,7 +207,8 @@ class Publisher:
                 subject = namespace(self.cfg).subject(shard)
                 shape = by_name[part[0].table]
                 first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
-                last[shard] = Outgoing(msg_id, subject, payload, len(part), first, more=True)
+                last[shard] = Outgoing(msg_id, subject, payload, len(part), first, more=True,
+                                       batch=self._batches.end)
                 flight.messages.append(last[shard])
         self._mark_ends(flight, last)
         return flight
@@ -223,7 +228,11 @@ class Publisher:
             payload = encode(self.cfg.node_id, [], {}, compress, epoch)
             msg_id = f"{self.cfg.node_id}:{epoch}:end-{flight.upto}:{shard}"
             flight.messages.append(Outgoing(msg_id, namespace(self.cfg).subject(shard), payload, 0,
-                                            ("", ())))
+                                            ("", ()), batch=self._batches.end))
+        ends = ",".join(str(n) for n in sorted(self._opened | set(last)))
+        for m in flight.messages:
+            if not m.more:
+                m.shards = ends
         self._opened = set()
 
     async def _out_of_band(self, m: Outgoing, limit: int) -> bytes:
@@ -272,6 +281,10 @@ class Publisher:
                 headers = {"Nats-Msg-Id": m.msg_id, ORIGIN_HEADER: self.origin}
                 if m.more:
                     headers[MORE_HEADER] = "1"
+                if m.batch:
+                    headers[BATCH_HEADER] = str(m.batch)
+                if m.shards:
+                    headers[SHARDS_HEADER] = m.shards
                 if m.reference is None and (isinstance(m.payload, Spooled)
                                             or len(m.payload) > limit):
                     m.reference = await self._out_of_band(m, limit)

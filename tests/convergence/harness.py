@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import faults, gaps, oracle, schema
+from . import archive_check, faults, gaps, oracle, schema
 from .profiles import Profile
 from .workload import History, Writer
 
@@ -332,6 +332,8 @@ class Harness:
                                                  [w.migrated for w in writers])
         if "fts" in self.profile.features:
             failures += oracle.check_indexes([n.db for n in self.nodes])
+        if self.profile.node_config.get("snapshot", {}).get("archive") and not failures:
+            failures += archive_check.check(self.nodes[0], dumps[0], self.workdir)
         if notes:
             failures.append(oracle.Failure("harness", "the harness itself failed", notes))
         if failures:  # is what diverged visible to an operator?

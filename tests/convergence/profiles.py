@@ -128,6 +128,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
        "beside SIGKILLs; snapshots every 1.5 s", faults=("restore", "kill"),
        node_config={"snapshot": {"enabled": True, "store": "file", "interval": 1500}},
        write_seconds=12),
+    _P("archive", "the archive of the streams on (segments every 300 ms), beside SIGKILLs of "
+       "the snapshot leader and others: once converged, archive verify passes and a restore "
+       "to a point after the last change equals the nodes",
+       faults=("kill",), ops=_ops(multi=2, rollback=1),
+       node_config={"snapshot": {"enabled": True, "store": "file", "interval": 1500,
+                                 "archive": True, "archive_interval": 300}},
+       write_seconds=12),
     _P("disk", "a node's file system full for a while (a small tmpfs; root only), beside "
        "unique values and REPLACE", features=frozenset({"basic", "unique"}),
        ops=_ops(replace=2, multi=2), faults=("disk",), values="full", write_seconds=12),

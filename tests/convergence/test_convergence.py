@@ -60,6 +60,7 @@ MORE_SEEDS = [
     ("all", 5, 12.0),
     ("disk", 2, 12.0),
     ("restore", 1, 12.0),
+    ("archive", 1, 12.0),       # point-in-time restore from the archive equals the nodes
     ("cluster", 1, 14.0),
     ("framework", 5, 14.0),
     ("all", 4224, 20.0),        # a row of a table without a primary key written as it was

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from harmonylite.archive import catalog, segment
+from harmonylite.archive import catalog, cut, segment
 from harmonylite.archive.segment import Message, SegmentError, SegmentManifest, SegmentRef
 from harmonylite.snapshot.manifest import Manifest
 
@@ -90,3 +90,47 @@ def test_window_starts_at_the_oldest_snapshot_the_archive_continues() -> None:
     assert win.end_us == win.start_us  # the archive ends (450 us) before that snapshot
     assert catalog.prunable([new, mid], {"s-1": arch}) == []
     assert catalog.prunable([new], {"s-1": arch}) == [ref(10, 30)]
+
+
+def framed(seq: int, origin: str, batch: int, *, more: bool = False, shards: str = "",
+           t: int = 0) -> Message:
+    headers = {"Harmonylite-Origin": origin, "Harmonylite-Batch": str(batch)}
+    if more:
+        headers["Harmonylite-More"] = "1"
+    if shards:
+        headers["Harmonylite-Shards"] = shards
+    return Message(seq, t or seq, headers, b"")
+
+
+def test_a_transaction_cut_across_streams_is_left_out_whole() -> None:
+    names = {1: "s-1", 2: "s-2"}
+    tails = {
+        "s-1": [framed(1, "a", 5, shards="1"), framed(2, "b", 9, shards="1,2"),
+                framed(3, "b", 12, shards="1")],
+        "s-2": [framed(7, "a", 6, shards="2")],  # b's batch 9 ends on s-2 after the cut
+    }
+    decision = cut.whole_transactions(tails, {"s-1": [], "s-2": []}, names)
+    assert [m.seq for m in decision.kept["s-1"]] == [1]  # b 9 and its later batch 12 left out
+    assert [m.seq for m in decision.kept["s-2"]] == [7]
+    assert decision.left_out_count == 2 and decision.in_snapshot == []
+    # Its end on s-2 in hand: whole.
+    tails["s-2"].append(framed(8, "b", 9, shards="1,2"))
+    decision = cut.whole_transactions(tails, {"s-1": [], "s-2": []}, names)
+    assert decision.left_out_count == 0
+
+
+def test_a_snapshot_holding_part_of_a_left_out_transaction_is_named() -> None:
+    known = {"s-1": [framed(4, "b", 9, shards="1,2")], "s-2": []}
+    decision = cut.whole_transactions({"s-1": [], "s-2": []}, known, {1: "s-1", 2: "s-2"})
+    assert decision.in_snapshot == ["origin b batch 9 (s-1 4)"]
+
+
+def test_unframed_messages_of_an_open_batch_at_the_end_are_left_out() -> None:
+    def old(seq: int, origin: str, more: bool) -> Message:
+        return Message(seq, seq, {"Harmonylite-Origin": origin,
+                                  **({"Harmonylite-More": "1"} if more else {})}, b"")
+    tails = {"s-1": [old(1, "a", True), old(2, "a", False), old(3, "b", True),
+                     old(4, "a", True)]}
+    decision = cut.whole_transactions(tails, {}, {1: "s-1"})
+    assert [m.seq for m in decision.kept["s-1"]] == [1, 2]
+    assert cut.cut_at(tails["s-1"], 2, 0) == 2

@@ -98,9 +98,10 @@ def whole_transactions(tails: dict[str, list[Message]], known: dict[str, list[Me
         want = declared.get(key)
         return bool(want) and want is not None and want <= finals.get(key, set())
 
-    # The first unfinished batch of each origin: it and every later one are left out.
+    # The first unfinished batch of each origin: it and every later one are left out (and a
+    # snapshot that holds part of one cannot serve: ``in_snapshot``).
     stop: dict[str, int] = {}
-    for msgs in tails.values():
+    for msgs in [*known.values(), *tails.values()]:
         for m in msgs:
             key = _batch(m)
             if key is not None and not whole(key):
@@ -122,7 +123,7 @@ def whole_transactions(tails: dict[str, list[Message]], known: dict[str, list[Me
         for m in msgs:
             key = _batch(m)
             if key is not None and key[0] in stop and key[1] >= stop[key[0]]:
-                out.in_snapshot.append(f"{key[0]} batch {key[1]} ({stream} {m.seq})")
+                out.in_snapshot.append(f"origin {key[0]} batch {key[1]} ({stream} {m.seq})")
     return out
 
 

@@ -82,6 +82,7 @@ class Plan:
     cuts: dict[str, int]
     archives: dict[str, catalog.StreamArchive]
     streams: list[str]  # in shard order
+    decision: cut.Decision  # the tail: what is applied and what is left out
 
 
 @dataclass
@@ -162,12 +163,42 @@ async def plan(store: ObjectStore, streams: list[str], target: Target,
     cuts = {s: await _cut(segments, a, t_us) for s, a in archives.items()}
     if target.stream:
         cuts[target.stream] = target.seq
+    passed: list[str] = []
     for m in snapshots:  # newest first
-        if all(m.sequences.get(s, 0) <= c for s, c in cuts.items()) and all(
+        if not all(m.sequences.get(s, 0) <= c for s, c in cuts.items()) or not all(
                 archives[s].covers(m.sequences.get(s, 0), c) is None for s, c in cuts.items()):
-            return Plan(m, t_us, cuts, archives, list(streams))
+            continue
+        decision = await _decide(m, t_us, cuts, archives, list(streams), segments)
+        if decision.in_snapshot:
+            # The snapshot holds part of a transaction the point leaves out: an older one.
+            passed.append(f"{m.id} holds part of {decision.in_snapshot[0]}")
+            continue
+        return Plan(m, t_us, cuts, archives, list(streams), decision)
     raise PointInTimeError(f"no snapshot at or before {target.describe()} that the archive "
-                           f"continues: {span}")
+                           f"continues{' (' + '; '.join(passed) + ')' if passed else ''}: "
+                           f"{span}")
+
+
+async def _decide(m: Manifest, t_us: int, cuts: dict[str, int],
+                  archives: dict[str, catalog.StreamArchive], streams: list[str],
+                  segments: Segments) -> cut.Decision:
+    """Judge the tail (messages within ``cut.TAIL_US`` before the point) from snapshot ``m``:
+    on each stream, the messages it already holds (``known``) and those to apply (``tails``)."""
+    boundary = t_us - cut.TAIL_US
+    tails: dict[str, list[Message]] = {}
+    known: dict[str, list[Message]] = {}
+    for stream, upto in cuts.items():
+        after = m.sequences.get(stream, 0)
+        seen: dict[int, Message] = {}  # by sequence: overlapping segments hold the same ones
+        for ref in archives[stream].segments:
+            if ref.last_us > boundary and ref.first <= upto:
+                for msg in await segments.read(ref):
+                    if boundary < msg.time_us and msg.seq <= upto:
+                        seen[msg.seq] = msg
+        ordered = [seen[q] for q in sorted(seen)]
+        known[stream] = [msg for msg in ordered if msg.seq <= after]
+        tails[stream] = [msg for msg in ordered if msg.seq > after]
+    return cut.whole_transactions(tails, known, {n + 1: s for n, s in enumerate(streams)})
 
 
 async def restore(store: ObjectStore, streams: list[str], target: Target, output: Path, *,
@@ -202,35 +233,25 @@ async def restore(store: ObjectStore, streams: list[str], target: Target, output
 
 async def _apply_all(conn: sqlite3.Connection, p: Plan, segments: Segments, out: Outcome,
                      replicated: Callable[[str], bool] | None) -> None:
+    """The messages before the tail as they are, then what the tail's judgement kept."""
     applier = Applier(skip_pending=False, replicated=replicated)
     boundary = p.t_us - cut.TAIL_US
-    tails: dict[str, list[Message]] = {}
-    known: dict[str, list[Message]] = {}
     for stream, upto in sorted(p.cuts.items()):
         after = p.snapshot.sequences.get(stream, 0)
-        tails[stream], known[stream] = [], []
         group: list[Message] = []
         for ref in p.archives[stream].chain(after, upto):
             for msg in await segments.read(ref):
-                if msg.seq <= after:
-                    if msg.time_us > boundary:
-                        known[stream].append(msg)  # in the snapshot, but tells of batches
-                    continue
+                if msg.seq <= after or msg.time_us > boundary:
+                    continue  # in the snapshot, or in the tail
                 if msg.seq > upto:
                     break
-                if msg.time_us > boundary:
-                    tails[stream].append(msg)
-                    continue
                 group.append(msg)
                 if len(group) >= APPLY_GROUP:
                     await _apply(applier, conn, stream, group, out)
                     group = []
         await _apply(applier, conn, stream, group, out)
-    shards = {n + 1: s for n, s in enumerate(p.streams)}
-    decision = cut.whole_transactions(tails, known, shards)
-    out.left_out = decision.left_out_count
-    out.in_snapshot = decision.in_snapshot
-    for stream, kept in sorted(decision.kept.items()):
+    out.left_out = p.decision.left_out_count
+    for stream, kept in sorted(p.decision.kept.items()):
         for i in range(0, len(kept), APPLY_GROUP):
             await _apply(applier, conn, stream, kept[i:i + APPLY_GROUP], out)
 

@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 
-from harmonylite.archive import catalog, pitr
+from harmonylite.archive import catalog
 from harmonylite.archive.segment import us_to_rfc3339
 from harmonylite.replication.event import BATCH_HEADER, ORIGIN_HEADER, SHARDS_HEADER
+from harmonylite.restore import point_in_time as pitr
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.storage.file import FileStore
 from nodes import NodeProc, health, wait_until

@@ -10,14 +10,15 @@ import shutil
 from pathlib import Path
 from typing import TextIO
 
-from harmonylite.archive import catalog, pitr
+from harmonylite.archive import catalog
 from harmonylite.archive.segment import us_to_rfc3339
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import UsageError
+from harmonylite.restore import point_in_time as pitr
+from harmonylite.restore.verify import work_dir
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import ProgressSink
-from harmonylite.snapshot.restore import work_dir
 from harmonylite.storage.base import ObjectStore
 
 

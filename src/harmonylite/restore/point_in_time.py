@@ -25,12 +25,12 @@ from harmonylite.archive import catalog, cut, segment
 from harmonylite.archive.segment import Message, SegmentManifest, SegmentRef
 from harmonylite.db.connection import open_connection
 from harmonylite.errors import SnapshotError, UsageError
-from harmonylite.node import install
 from harmonylite.replication.apply import Applier
+from harmonylite.restore import db_file as install
+from harmonylite.restore.verify import fetch
 from harmonylite.snapshot import packing
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
-from harmonylite.snapshot.restore import fetch
 from harmonylite.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)

@@ -13,13 +13,10 @@ from collections.abc import Sequence
 
 from harmonylite.archive.verify import verify
 from harmonylite.bus.names import namespace
+from harmonylite.cli.parsing import parser_class
 from harmonylite.config import Config
-from harmonylite.errors import UsageError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"archive: {message}")
+_Parser = parser_class("archive")
 
 
 def build_parser() -> argparse.ArgumentParser:

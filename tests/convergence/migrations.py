@@ -27,6 +27,17 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 FRESH_STEP = 3
 
 
+def reached(conn: sqlite3.Connection, step: int) -> bool:
+    """Whether this database has the schema the migrations before ``step`` leave (profile
+    ``ddl``: they ran on other nodes, and arrive through replication)."""
+    cols = set(schema.columns(conn, "mig"))
+    have_fresh = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'fresh'").fetchone()
+    return [
+        True, "c" in cols, "b2" in cols, "a" not in cols and "b2" in cols,
+        have_fresh is not None,
+    ][step]
+
+
 def run_step(conn: sqlite3.Connection, step: int, node_id: int, history: History,
              framework: bool = False) -> bool:
     """Run one migration in its own transaction, retrying while the database is busy; with

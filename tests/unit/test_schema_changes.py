@@ -13,7 +13,9 @@ from harmonylite.cdc import changelog, schema_changes, schema_plan
 from harmonylite.cdc.install import install
 from harmonylite.cdc.rows import read_changes
 from harmonylite.cdc.schema_plan import PlanError
+from harmonylite.config import parse_config
 from harmonylite.db.connection import open_connection, write_transaction
+from harmonylite.node.shared_settings import Record, own_settings
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.event import decode, encode, encode_schema_change
 
@@ -192,3 +194,33 @@ def test_a_change_written_before_a_dropped_column_reached_its_sender_applies(
     applier.retry_parked(b)
     assert b.execute("SELECT id, title FROM book").fetchall() == [(9, "old")]
     assert b.execute("SELECT count(*) FROM __harmonylite__parked").fetchone()[0] == 0
+
+
+def test_replicate_ddl_must_be_shared_and_switches_the_default_exclusions() -> None:
+    off, _ = parse_config({"db_path": "x.db"})
+    on, _ = parse_config({"db_path": "x.db", "replicate_ddl": True})
+    assert not off.replicates_table("django_migrations")
+    assert on.replicates_table("django_migrations") and on.replicates_table("alembic_version")
+    mine, _ = parse_config({"db_path": "x.db", "replicate_ddl": True,
+                            "exclude_tables": ["audit_*"]})
+    assert not mine.replicates_table("audit_1") and mine.replicates_table("django_migrations")
+    recorded = Record(own_settings(on))
+    assert [(d.key, d.ours, d.cluster) for d in recorded.differences(off)] == [
+        ("replicate_ddl", False, True)]
+    # A record written before the setting existed: its cluster ran without it.
+    older = Record({k: v for k, v in own_settings(off).items() if k != "replicate_ddl"})
+    assert older.differences(off) == []
+    assert "replicate_ddl = true on this node, the cluster's is false" in str(
+        older.differences(on)[0])
+
+
+def test_a_message_carrying_other_statements_is_refused(tmp_path: Path) -> None:
+    b = node(tmp_path, "b")
+    evil = tmp_path / "evil.db"
+    payload = encode_schema_change(1, "e", "u9", {"x": [None, ["table", "x", "x",
+                                                              "CREATE TABLE x(a)"]]},
+                                   [f"ATTACH DATABASE '{evil}' AS e", "CREATE TABLE x(a)"], False)
+    Applier(replicate_ddl=True, origin="2:e2").apply(b, "s-1", [(1, payload)])
+    assert not evil.exists()
+    assert [(c.state, "ATTACH" in c.reason) for c in schema_changes.rows(b)] == [("failed", True)]
+    assert "x" not in schema_plan.objects(b)

@@ -26,6 +26,7 @@ applied.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,20 @@ def _run(conn: sqlite3.Connection, stmts: list[str], check: Callable[[], bool]) 
     return reason
 
 
+# What a plan is made of (see ``schema_plan``); a message asking for anything else (ATTACH, a
+# PRAGMA that writes the schema directly, …) is refused, not run.
+_ALLOWED = re.compile(r"^\s*(CREATE\s|DROP\s|ALTER\s+TABLE\s|INSERT\s+INTO\s|SELECT 1$|"
+                      r"PRAGMA legacy_alter_table = (ON|OFF)$)", re.IGNORECASE)
+_CREATE = re.compile(r"^\s*CREATE\s", re.IGNORECASE)
+
+
+def refused_statement(stmts: list[str], objs: Touched) -> str:
+    """The first statement or definition a schema change may not carry ('' when none)."""
+    defs = [o.sql for pair in objs.values() for o in pair if o is not None]
+    return next((s for s in stmts if not _ALLOWED.match(s)), "") or next(
+        (d for d in defs if not _CREATE.match(d)), "")
+
+
 def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id: int,
           replicated: Callable[[str], bool] | None) -> SchemaOutcome:
     """Apply the schema change ``batch`` carries (see the module's docstring)."""
@@ -98,6 +113,13 @@ def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id
     objs = schema_changes.decode_touched(batch.schema["o"])
     stmts = [str(s) for s in batch.schema["s"]]
     schema_changes.ensure(conn)
+    bad = refused_statement(stmts, objs)
+    if bad:
+        reason = f"refused: it carries {bad[:200]!r}, which is no part of a schema change"
+        schema_changes.record(conn, uid, batch.node_id, "failed", objs, stmts, reason)
+        log.error("schema change %s of node %d not applied: %s", uid, batch.node_id, reason,
+                  extra={"schema_change": uid, "stream": stream, "sequence": seq})
+        return SchemaOutcome("failed")
     known = schema_changes.get(conn, uid)
     if known is not None:
         if known.state in ("pending", "sent"):  # this node's own, back from the stream

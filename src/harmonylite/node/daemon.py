@@ -232,7 +232,7 @@ class Node:
                                                    replicate_ddl=cfg.replicate_ddl)
             # Past the last shard-count change's cut, each stream waits until every old stream
             # is applied up to it: a row's old changes first, on every node alike.
-            self.cut = Cut(self.shared.cut, self.positions)
+            self.cut = Cut(self.shared.cut, self.positions, lambda: self.gaps)
             self._consumed = {*namespace(cfg).streams(), *self.retired}
             behind = self.cut.waiting_for(self._consumed)
             if behind:

@@ -325,9 +325,13 @@ class Cut:
     stream it reads is applied up to its cut: a row's changes under the old count are then
     applied before its changes under the new one, on every node alike."""
 
-    def __init__(self, cut: dict[str, int], positions: dict[str, int]) -> None:
+    def __init__(self, cut: dict[str, int], positions: dict[str, int],
+                 gaps: Callable[[], dict[str, tuple[int, int]]] = dict) -> None:
         self.cut = cut
         self.positions = positions  # the node's applied positions, kept current by the node
+        # The node's gaps (stream -> first, last dropped): a stream that dropped what leads up
+        # to its cut can never be applied up to it, and is not waited for (the gap is reported).
+        self.gaps = gaps
         self.passed = not cut
 
     def after(self, stream: str) -> int:
@@ -338,9 +342,11 @@ class Cut:
         """The streams (of those consumed) not yet applied up to their cut."""
         if self.passed:
             return []
+        gaps = self.gaps()
         behind = [f"{s} up to {last} (at {self.positions.get(s, 0)})"
                   for s, last in sorted(self.cut.items())
-                  if s in consumed and self.positions.get(s, 0) < last]
+                  if s in consumed and self.positions.get(s, 0) < last
+                  and gaps.get(s, (0, 0))[1] < last]
         self.passed = not behind
         return behind
 

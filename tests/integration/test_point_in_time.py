@@ -22,14 +22,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyrage
 import pytest
 
+from harmonylite.age_keys import load_keys
 from harmonylite.archive import catalog
 from harmonylite.archive.segment import us_to_rfc3339
 from harmonylite.replication.event import BATCH_HEADER, ORIGIN_HEADER, SHARDS_HEADER
 from harmonylite.restore import point_in_time as pitr
 from harmonylite.snapshot.manifest import list_snapshots
+from harmonylite.storage import SealedStore
 from harmonylite.storage.file import FileStore
+from harmonylite.storage.sealed import MAGIC
 from nodes import NodeProc, health, wait_until
 from servers import NatsServer, free_port
 
@@ -89,10 +93,13 @@ class History:
     tmp: Path
 
 
-def node_config(store: Path, nats_url: str) -> dict[str, Any]:
+def node_config(store: Path, nats_url: str, identity: Path, public: str) -> dict[str, Any]:
     return {"nats": {"urls": [nats_url]}, "replication_log": {"shards": 2},
             "snapshot": {"store": "file", "file": {"path": str(store)}, "interval": 2000,
-                         "leader_ttl": 3000, "archive": True, "archive_interval": 300},
+                         "leader_ttl": 3000, "archive": True, "archive_interval": 300,
+                         # Sealed at rest: segments go through the same wrapper as snapshots.
+                         "encryption": {"recipients": [public],
+                                        "identity_file": str(identity)}},
             "health_check": {"enable": True, "bind": f"127.0.0.1:{free_port()}"}}
 
 
@@ -103,9 +110,14 @@ def leader(nodes: list[NodeProc]) -> NodeProc | None:
     return None
 
 
+def sealed(store: Path) -> SealedStore:
+    identity = store.parent / "age-identity.txt"
+    return SealedStore(FileStore(str(store)), load_keys([], str(identity)))
+
+
 def archive_state(store: Path) -> tuple[catalog.Window, dict[str, catalog.StreamArchive]]:
     async def read() -> tuple[catalog.Window, dict[str, catalog.StreamArchive]]:
-        fs = FileStore(str(store))
+        fs = sealed(store)
         archives = await catalog.list_archive(fs, STREAMS)
         return catalog.window(await list_snapshots(fs), archives), archives
     return asyncio.run(read())
@@ -116,9 +128,14 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
     tmp = tmp_path_factory.mktemp("pitr")
     nats = NatsServer(tmp / "nats").start()
     store = tmp / "store"
+    key = pyrage.x25519.Identity.generate()
+    identity = tmp / "age-identity.txt"
+    identity.write_text(f"{key}\n")
+    identity.chmod(0o600)
     nodes = []
     for i in (1, 2, 3):
-        node = NodeProc(tmp / f"n{i}", i, node_config(store, nats.url))
+        node = NodeProc(tmp / f"n{i}", i, node_config(store, nats.url, identity,
+                                                      str(key.to_public())))
         for stmt in SCHEMA:
             node.execute(stmt)
         nodes.append(node.start())
@@ -239,7 +256,7 @@ def split_transaction(store: Path) -> tuple[str, int, float]:
     _, archives = archive_state(store)
 
     async def find() -> tuple[str, int, float]:
-        segments = pitr.Segments(FileStore(str(store)))
+        segments = pitr.Segments(sealed(store))
         ends: dict[str, dict[tuple[str, str], tuple[int, int]]] = {s: {} for s in STREAMS}
         for s in STREAMS:
             for ref in archives[s].segments:
@@ -264,6 +281,7 @@ def test_verify_passes_then_names_a_gap_and_a_corrupt_segment(history: History) 
     shutil.copytree(history.store, copy)
     segs = sorted((copy / "archive" / STREAMS[0]).glob("*.seg.zst"))
     assert len(segs) >= 4
+    assert all(s.read_bytes().startswith(MAGIC) for s in segs)  # sealed
     data = bytearray(segs[1].read_bytes())
     data[len(data) // 2] ^= 0xFF
     segs[1].write_bytes(bytes(data))

@@ -134,3 +134,18 @@ def test_unframed_messages_of_an_open_batch_at_the_end_are_left_out() -> None:
     decision = cut.whole_transactions(tails, {}, {1: "s-1"})
     assert [m.seq for m in decision.kept["s-1"]] == [1, 2]
     assert cut.cut_at(tails["s-1"], 2, 0) == 2
+
+
+def test_with_the_archive_snapshots_stay_for_its_retention() -> None:
+    from datetime import timedelta
+
+    from harmonylite.snapshot.manifest import retained
+
+    hours = [manifest(f"p{40 - h:015d}-20261205T{12 - h:02d}0000Z-1-0000000{h}", 40 - h,
+                      f"2026-12-05T{12 - h:02d}:00:00Z") for h in range(6)]  # newest first
+    horizon = datetime(2026, 12, 5, 9, 30, tzinfo=UTC)
+    kept = retained(hours, 2, horizon)
+    # 12:00 .. 10:00 are inside the retention, 09:00 is where the history begins.
+    assert [m.created_at[11:13] for m in kept] == ["12", "11", "10", "09"]
+    assert retained(hours, 2) == hours[:2]
+    assert len(retained(hours, 5, horizon + timedelta(hours=5))) == 5

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from harmonylite.archive import catalog, segment
 from harmonylite.archive.segment import SegmentError, SegmentManifest
-from harmonylite.errors import ObjectNotFound
+from harmonylite.errors import HarmonyliteError, ObjectNotFound
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.storage.base import ObjectStore
 
@@ -75,4 +75,6 @@ async def _check(store: ObjectStore, ref: segment.SegmentRef) -> str | None:
         return f"missing segment object {exc.key}"
     except SegmentError as exc:
         return f"corrupt segment {exc.key}: {exc.detail}"
+    except HarmonyliteError as exc:  # the store, or a sealed object that does not open
+        return f"corrupt segment {ref.data_key}: {exc}"
     return None

@@ -31,6 +31,7 @@ from harmonylite.restore.verify import fetch
 from harmonylite.snapshot import packing
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
+from harmonylite.snapshot.sealing import opened
 from harmonylite.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,9 @@ async def restore(store: ObjectStore, streams: list[str], target: Target, output
     db = work / "point-in-time.db"
     await fetch(store, p.snapshot, db, work, sink, integrity=False)
     m = p.snapshot
+    parked = (await opened(store, m)).parked  # sealed inside the manifest when encrypted
     await asyncio.to_thread(install.prepare, db, m.sequences, None,
-                            install.Carried(m.origins, m.parked), replicated)
+                            install.Carried(m.origins, parked), replicated)
     out = Outcome(m.id, p.t_us, p.cuts)
     sink.stage("apply")
     conn = await asyncio.to_thread(open_connection, db)

@@ -122,7 +122,7 @@ async def _create_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, repl
                 if _clustered(exc) and want > replicas and loop.time() < forming_until:
                     await asyncio.sleep(0.5)  # peers not current yet: a forming cluster
                     continue
-                if want > replicas:
+                if want > replicas and _clustered(exc):
                     log.warning("KV bucket %s gets %d replica(s), not %d: %s (a node that "
                                 "opens it once the servers allow raises it)", bucket,
                                 replicas, want, exc)

@@ -161,6 +161,10 @@ class PendingKeys:
         self._own: dict[tuple[str, tuple[object, ...]], int] = {}
         self._scanned = -1
         self.blind_upto = 0  # own changes up to this id may be missing from ``_own``
+        # The blind part of the log read once (see ``newer_in_log``): each row's newest id in
+        # ids ``_blind_range`` (low exclusive, high inclusive).
+        self._blind: dict[tuple[str, tuple[object, ...]], int] = {}
+        self._blind_range: tuple[int, int] | None = None
 
     def refresh(self, conn: sqlite3.Connection, shapes: dict[int, TableShape],
                 fold: Callable[[str, tuple[object, ...]], tuple[object, ...]] | None = None,
@@ -197,6 +201,36 @@ class PendingKeys:
         """The id of this node's newest change to the row that has not come back yet, as far
         as the refreshes saw (None: none seen)."""
         return self._own.get(ident)
+
+    def newer_in_log(self, conn: sqlite3.Connection, ident: tuple[str, tuple[object, ...]],
+                     change_id: int, shapes: dict[int, TableShape],
+                     fold: Callable[[str, tuple[object, ...]], tuple[object, ...]]) -> bool:
+        """Whether the log holds a change to the row newer than ``change_id``, for a change
+        below ``blind_upto`` (the refreshes may have missed what followed it).
+
+        The blind part of the log is read once into each row's newest id, and read further only
+        for what it does not cover yet (an older change coming back on another shard, or a
+        higher ``blind_upto``): a bulk load's changes coming back cost one pass over the log,
+        not one pass each."""
+        low, high = self._blind_range or (change_id, change_id)
+        parts = [(a, b) for a, b in ((change_id, low), (high, self.blind_upto)) if a < b]
+        for a, b in parts:
+            for row in fetch_all(conn, f"SELECT * FROM {ddl.LOG} WHERE id > ? AND id <= ?",
+                                 (a, b)):
+                entry = _entry(conn, row, shapes)
+                name = shapes[entry.tid].name
+                row_ident = (name, fold(name, entry.key))
+                if entry.id > self._blind.get(row_ident, 0):
+                    self._blind[row_ident] = entry.id
+        self._blind_range = (min(low, change_id), max(high, self.blind_upto))
+        return self._blind.get(ident, 0) > change_id
+
+    def blind_done(self) -> None:
+        """A change above ``blind_upto`` came back: the map of the blind part may go (read
+        again should a straggler of another shard need it)."""
+        if self._blind_range is not None:
+            self._blind.clear()
+            self._blind_range = None
 
     def came_back(self, ident: tuple[str, tuple[object, ...]], change_id: int) -> None:
         """This node's change ``change_id`` to the row came back from the stream."""

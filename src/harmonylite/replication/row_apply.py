@@ -202,8 +202,7 @@ class RowApplier:
         else:  # a parked change whose sender has dropped these columns since (see parking)
             cols, vals = shape.kept_cols, tuple(values[i] for i in shape.kept)
         ident = (table, fold_key(key, local.key_collations)) if self.skip_pending else None
-        if own and ident is not None and self._cid and self._superseded(conn, local, ident,
-                                                                        key, pending):
+        if own and ident is not None and self._cid and self._superseded(conn, ident, pending):
             # This node changed the row again since: that change follows in the stream and
             # decides it everywhere. This older state, written now, would take the row back
             # until then (and an application reading it meanwhile would build on it). What it
@@ -261,8 +260,7 @@ class RowApplier:
             self._settle(conn, table, local_key, deleted=False)
         return APPLIED
 
-    def _superseded(self, conn: sqlite3.Connection, local: TableInfo,
-                    ident: tuple[str, tuple[object, ...]], key: tuple[object, ...],
+    def _superseded(self, conn: sqlite3.Connection, ident: tuple[str, tuple[object, ...]],
                     pending: changelog.PendingKeys) -> bool:
         """Whether this node made a change to the row after its own change being applied
         (``self._cid``), which has not come back yet; forgets the row once its newest change is
@@ -273,17 +271,12 @@ class RowApplier:
             return True
         pending.came_back(ident, cid)
         if cid >= pending.blind_upto:
+            pending.blind_done()
             return False
         # Captured before the changes this applier has seen: the log knows. (A newer change
         # already pruned from it, published and on its way, is missed: the row is written as
         # before, and that change, which follows, writes it again.)
-        tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
-        if tid is None:
-            return False
-        where = " AND ".join(f"k{i} IS ?" for i in range(len(key)))
-        return bool(conn.execute(
-            f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND {where} LIMIT 1",
-            (tid, cid, *key)).fetchone())
+        return pending.newer_in_log(conn, ident, cid, self._shapes, self._folder(conn))
 
     def _settle(self, conn: sqlite3.Connection, table: str, key: tuple[object, ...], *,
                 deleted: bool) -> None:

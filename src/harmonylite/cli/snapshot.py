@@ -95,10 +95,12 @@ async def default_js_context(cfg: Config) -> AsyncIterator[Any]:
                                 nats=cfg.nats, cluster=cfg.cluster)
         urls = [await embedded.open()]
     try:
-        nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}-snapshot", LinkState())
+        link = LinkState()
+        nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}-snapshot", link)
         try:
             yield nc.jetstream()
         finally:
+            link.closing = True  # the command's own close: no "disconnected from NATS" warning
             await nc.close()
     finally:
         if embedded is not None:

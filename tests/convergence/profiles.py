@@ -97,6 +97,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
        "the others follow it",
        features=frozenset({"basic", "schema"}), migrations=True, migrate_once=True,
        faults=("kill",), node_config={"replicate_ddl": True}, write_seconds=14),
+    _P("ddl_provision", "the replicated schema changes, and a brand-new node provisioned "
+       "from a snapshot (taken before some of the migrations) mid-run, beside SIGKILLs",
+       features=frozenset({"basic", "schema"}), migrations=True, migrate_once=True,
+       faults=("provision", "kill"),
+       node_config={"replicate_ddl": True,
+                    "snapshot": {"enabled": True, "store": "file", "interval": 1500}},
+       write_seconds=14),
     _P("faults_stop", "basic + SIGSTOP/SIGCONT of nodes and a nats-server restart",
        faults=("stop", "nats", "kill")),
     _P("rollover", "small max_entries: a node killed while the streams roll over",

@@ -69,6 +69,7 @@ MORE_SEEDS = [
     ("clone", 2, 10.0),
     ("idle", 2, 12.0),
     ("ddl", 1, 14.0),           # replicated schema changes: each migration run on one node
+    ("ddl_provision", 1, 14.0),  # ... and a new node from a snapshot taken before some
 ]
 
 # (profile, seed, seconds, issue, bug class): still failing, expected to until fixed.

@@ -46,6 +46,11 @@ FIELDS: dict[str, str] = {
     "schema.parked": "those changes per table",
     "schema.mismatched_tables": "tables with parked changes: a migration this node has not run",
     "schema.tables": "this node's tables with the hash of their shape",
+    "schema.hash": "a hash of the application's schema (tables, indexes, views, triggers): the "
+                   "same on nodes with the same schema",
+    "schema.changes": "with `replicate_ddl`: replicated schema changes here by state "
+                      "(`applied`, `pending`, `sent`, `lost`, `refused`, `failed`); empty "
+                      "without",
     "archive.writing": "with `snapshot.archive`: this node writes the archive (it holds the "
                        "snapshot lease)",
     "archive.newest_segment_age_seconds": "seconds since the server time of the newest "

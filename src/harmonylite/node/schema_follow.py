@@ -42,6 +42,7 @@ class SchemaFollower:
         self._loop = asyncio.get_running_loop()
         self._published: dict[str, Any] | None = None
         self.view: dict[str, Any] = {}
+        self.changes: dict[str, int] = {}  # replicated schema changes by state (replicate_ddl)
         self.last_error: str | None = None
 
     def notify_threadsafe(self) -> Callable[[], None]:
@@ -102,6 +103,10 @@ class SchemaFollower:
 
         view = await self._writer.call(read)
         self.view = view
+        schema = view.get("schema", {})
+        self.changes = {"applied": schema["changes"], **{
+            k: v for k, v in schema.items() if k not in ("hash", "changes")}} \
+            if "changes" in schema else {}
         comparable = {k: v for k, v in view.items() if k != "updated_at"}
         if comparable == self._published:
             return
@@ -126,4 +131,6 @@ class SchemaFollower:
             # Tables whose incoming changes do not fit here yet: a migration this node lacks.
             "mismatched_tables": sorted(parked),
             "tables": {name: t["hash"] for name, t in tables.items()},
+            "hash": self.view.get("schema", {}).get("hash", ""),
+            "changes": self.changes,
         }

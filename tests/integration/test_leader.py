@@ -234,15 +234,25 @@ async def test_manual_save_exits_75_while_the_upload_lock_is_held(
         code = await cli.run(cfg, ["save"], js_context=js_context, stdout=out, stderr=err)
         assert code == 75 and "system busy capturing snapshot" in err.getvalue()
         assert "node 3" in err.getvalue() and out.getvalue() == ""
-        # The real command line, as an operator runs it.
+        # The real command line, as an operator runs it. Its start may take longer than the
+        # lock's TTL on a busy machine: the holder renews the lock meanwhile, as a leader does.
+        async def hold() -> None:
+            while True:
+                await kv.put(LOCK_KEY, b'{"node_id": 3, "purpose": "leader"}')
+                await asyncio.sleep(TTL_MS / 3000)
+
+        holder = asyncio.create_task(hold())
         conf = tmp_path / "cli.toml"
         write_toml(conf, {"db_path": cfg.db_path, "node_id": 1, "nats": {"urls": [
             nats_server.url]}, "snapshot": {"store": "file", "file": {"path": str(
                 tmp_path / "store")}, "leader_ttl": TTL_MS}})
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "harmonylite", "-config", str(conf), "-save-snapshot",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "harmonylite", "-config", str(conf), "-save-snapshot",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            holder.cancel()
         assert proc.returncode == 75, stderr.decode()
         assert b"system busy capturing snapshot" in stderr and stdout == b""
         assert len(await list_snapshots(FileStore(tmp_path / "store"))) == 1

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harmonylite.aio import wait_any
+from harmonylite.aio import Backoff, wait_any
 from harmonylite.config import ClusterFlags, NatsConfig
 from harmonylite.errors import NatsError
 from harmonylite.node import nats_conf
@@ -193,7 +193,7 @@ class EmbeddedNats:
     async def supervise(self, stop: asyncio.Event) -> None:
         """Restart the server if it dies while the node runs, on the same client port, so the
         node's connection (which reconnects for ever) finds it again."""
-        backoff = 1.0
+        backoff = Backoff(1.0, 30.0)
         while not stop.is_set():
             await wait_any(stop, timeout=0.5)
             proc = self.proc
@@ -204,12 +204,11 @@ class EmbeddedNats:
             port = int(self.client_url.rsplit(":", 1)[1]) if self.client_url else None
             try:
                 await self.start(port=port)
-                backoff = 1.0
+                backoff.reset()
             except NatsError as exc:
                 log.error("cannot restart the embedded NATS server: %s; next try in %.0f s", exc,
-                          backoff)
-                await wait_any(stop, timeout=backoff)
-                backoff = min(backoff * 2, 30.0)
+                          backoff.delay)
+                await backoff.wait(stop)
 
     async def start(self, timeout: float = 30.0, port: int | None = None,
                     stop: asyncio.Event | None = None) -> str:

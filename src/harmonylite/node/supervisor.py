@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from harmonylite.aio import wait_any
+from harmonylite.aio import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Supervisor:
         return task
 
     async def _keep(self, state: TaskState, run: Callable[[], Awaitable[None]]) -> None:
-        backoff = self._first
+        backoff = Backoff(self._first, self._max)
         while not self._stop.is_set():
             state.started_at = time.monotonic()
             try:
@@ -60,15 +60,15 @@ class Supervisor:
                 raise
             except Exception as exc:
                 if time.monotonic() - state.started_at >= HEALTHY_AFTER:
-                    state.failures, backoff = 0, self._first
+                    state.failures = 0
+                    backoff.reset()
                 state.failures += 1
                 state.restarts += 1
                 state.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("task %s failed (%d in a row), restarting in %.1f s: %s", state.name,
-                          state.failures, backoff, state.last_error, exc_info=exc,
+                          state.failures, backoff.delay, state.last_error, exc_info=exc,
                           extra={"task": state.name})
-                await wait_any(self._stop, timeout=backoff)
-                backoff = min(backoff * 2, self._max)
+                await backoff.wait(self._stop)
                 continue
             if not self._stop.is_set():
                 # A task returns only when asked to stop; returning early is a fault too.
@@ -76,8 +76,7 @@ class Supervisor:
                 state.last_error = "returned before the node stopped"
                 log.error("task %s ended before the node stopped; starting it again",
                           state.name, extra={"task": state.name})
-                await wait_any(self._stop, timeout=backoff)
-                backoff = min(backoff * 2, self._max)
+                await backoff.wait(self._stop)
 
     def problems(self) -> list[str]:
         """Reasons for health: tasks that keep failing."""

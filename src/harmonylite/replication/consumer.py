@@ -43,7 +43,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import ServiceUnavailableError
 
-from harmonylite.aio import wait_any
+from harmonylite.aio import Backoff, wait_any
 from harmonylite.bus.streams import describe_error, is_stream_offline
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
@@ -224,7 +224,7 @@ class ShardConsumer:
 
     async def keep(self, stop: asyncio.Event) -> None:
         """Keep a subscription delivering until ``stop``: re-create it whenever it is lost."""
-        backoff = RESUB_FIRST
+        backoff = Backoff(RESUB_FIRST, RESUB_MAX)
         while not stop.is_set():
             if self._sub is None or self._resub.is_set():
                 self._resub.clear()
@@ -241,11 +241,9 @@ class ShardConsumer:
                     self._lost(f"cannot subscribe: {describe_error(exc)}")
                     # Attempts start every ``backoff`` seconds: one that timed out has already
                     # waited, so the next follows at once once the cluster can answer.
-                    spent = time.monotonic() - began
-                    await wait_any(stop, timeout=max(RESUB_FIRST, backoff - spent))
-                    backoff = min(backoff * 2, RESUB_MAX)
+                    await backoff.wait(stop, spent=time.monotonic() - began)
                     continue
-                backoff = RESUB_FIRST
+                backoff.reset()
                 self.resubscribes += 1
                 if not self._silent:
                     self._found()  # a silent consumer is back only once something arrives

@@ -37,6 +37,7 @@ from typing import TypeVar
 import cbor2
 from nats.js import JetStreamContext
 
+from harmonylite.aio import Backoff
 from harmonylite.errors import DecodeError, ObjectNotFound, StorageUnavailable
 from harmonylite.replication.spool import Payload, Spooled
 from harmonylite.storage.nats_objects import NatsObjectStore
@@ -204,7 +205,7 @@ async def resolve(js: JetStreamContext, data: bytes, headers: Mapping[str, str] 
     except DecodeError as exc:
         log.error("%s", exc)
         return data
-    delay = RETRY_FIRST
+    backoff = Backoff(RETRY_FIRST, RETRY_MAX)
     failing = False
     while True:
         try:
@@ -222,8 +223,7 @@ async def resolve(js: JetStreamContext, data: bytes, headers: Mapping[str, str] 
                     extra={"table": ref.table, "bucket": ref.bucket, "object": ref.name})
             else:
                 log.debug("large change %s still unavailable: %s", ref.name, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
+            await backoff.wait()
             continue
         if failing:
             log.info("fetched the large change %s from bucket %s; applying resumes", ref.name,

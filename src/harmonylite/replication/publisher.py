@@ -36,7 +36,7 @@ from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-from harmonylite.aio import wait_any
+from harmonylite.aio import Backoff, wait_any
 from harmonylite.bus.names import namespace
 from harmonylite.cdc import changelog
 from harmonylite.cdc.changelog import Change
@@ -383,7 +383,7 @@ class Publisher:
         cluster is back within seconds, and a long doubling wait (it used to reach 5 s) added
         more stall than the election itself. Failures are logged once per outage, not per try.
         """
-        backoff = RETRY_FIRST
+        backoff = Backoff(RETRY_FIRST, RETRY_MAX)
         failing_since: float | None = None
         while not stop.is_set():
             self.wake.clear()
@@ -391,7 +391,7 @@ class Publisher:
                 continue
             try:
                 await self.flush()
-                backoff = RETRY_FIRST
+                backoff.reset()
                 self.unpublished_since = None
                 if failing_since is not None:
                     log.info("publishing resumed after %.1f s", time.monotonic() - failing_since)
@@ -417,8 +417,7 @@ class Publisher:
                 if no_leader and time.monotonic() - failing_since < NO_LEADER_FAST_FOR:
                     await wait_any(stop, timeout=NO_LEADER_RETRY)
                     continue
-                await wait_any(stop, timeout=backoff)
-                backoff = min(backoff * 2, RETRY_MAX)
+                await backoff.wait(stop)
                 continue
             await wait_any(stop, self.wake)
 

@@ -12,8 +12,10 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from harmonylite.bus.names import kv_stream
 from harmonylite.bus.streams import ensure_replicas
@@ -70,8 +72,9 @@ async def bounded(aw: Awaitable[T], timeout: float) -> T:
     return await asyncio.wait_for(aw, timeout)
 
 
-async def open_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, *, replicas: int = 1,
-                      update_existing: bool = False, history: int = 1) -> Any:
+async def open_bucket(js: JetStreamContext, bucket: str, ttl_ms: int, timeout: float, *,
+                      replicas: int = 1, update_existing: bool = False,
+                      history: int = 1) -> KeyValue:
     """KV bucket ``bucket`` (the cluster's lease bucket, or another of its buckets that must
     outlive a server), created with max_age = ``ttl_ms`` (0: none) when missing.
 
@@ -102,8 +105,8 @@ async def open_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, *, repl
 FORMING_WAIT_SECONDS = 10.0
 
 
-async def _create_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, replicas: int,
-                         floor: int, history: int) -> Any:
+async def _create_bucket(js: JetStreamContext, bucket: str, ttl_ms: int, timeout: float,
+                         replicas: int, floor: int, history: int) -> KeyValue:
     loop = asyncio.get_running_loop()
     forming_until = loop.time() + FORMING_WAIT_SECONDS
     for want in dict.fromkeys((floor, replicas)):
@@ -133,7 +136,7 @@ async def _create_bucket(js: Any, bucket: str, ttl_ms: int, timeout: float, repl
     return await bounded(js.key_value(bucket), timeout)
 
 
-async def _raise_to_floor(js: Any, bucket: str, floor: int, timeout: float) -> None:
+async def _raise_to_floor(js: JetStreamContext, bucket: str, floor: int, timeout: float) -> None:
     """Raise a bucket created with fewer replicas than the floor (a cluster that was forming
     then) when the servers allow it now; a single server or a short cluster keeps it as is."""
     info = await bounded(js.stream_info(kv_stream(bucket)), timeout)
@@ -158,14 +161,15 @@ def _too_few_servers(exc: BaseException) -> bool:
         or "no suitable peers" in text
 
 
-async def _open_existing(js: Any, bucket: str, timeout: float, cause: BaseException) -> Any:
+async def _open_existing(js: JetStreamContext, bucket: str, timeout: float,
+                         cause: BaseException) -> KeyValue:
     try:
         return await bounded(js.key_value(bucket), timeout)
     except BucketNotFoundError:
         raise cause from None
 
 
-async def bucket_ttl(js: Any, bucket: str, timeout: float) -> float | None:
+async def bucket_ttl(js: JetStreamContext, bucket: str, timeout: float) -> float | None:
     """The bucket's max_age in seconds (None when unlimited)."""
     info = await bounded(js.stream_info(kv_stream(bucket)), timeout)
     age = info.config.max_age

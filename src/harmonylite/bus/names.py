@@ -47,6 +47,21 @@ def kv_subject(bucket: str, key: str) -> str:
     return f"$KV.{bucket}.{key}"
 
 
+def obj_stream(bucket: str) -> str:
+    """The JetStream stream behind object store bucket ``bucket``."""
+    return f"OBJ_{bucket}"
+
+
+def obj_chunks_subject(bucket: str, nuid: str) -> str:
+    """The subject holding the chunks of the object ``nuid`` names in ``bucket``."""
+    return f"$O.{bucket}.C.{nuid}"
+
+
+def obj_meta_subjects(bucket: str) -> str:
+    """The subjects holding the objects' descriptions (one per object) in ``bucket``."""
+    return f"$O.{bucket}.M.>"
+
+
 @dataclass(frozen=True)
 class Namespace:
     """The NATS names of one cluster (see the module's docstring)."""

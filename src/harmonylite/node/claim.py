@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from harmonylite.bus.kv import (
@@ -78,8 +79,8 @@ class NodeIdInUse(ConfigError):
 
 
 class NodeClaim:
-    def __init__(self, js: Any, bucket: str, node_id: int, db_path: Path, *, ttl_ms: int,
-                 replicas: int = 1) -> None:
+    def __init__(self, js: JetStreamContext, bucket: str, node_id: int, db_path: Path, *,
+                 ttl_ms: int, replicas: int = 1) -> None:
         self.js = js
         self.bucket = bucket
         self.ttl_ms = ttl_ms

@@ -34,12 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
     NotFoundError,
 )
+from nats.js.kv import KeyValue
 
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import bounded, open_bucket, parse_value
@@ -158,7 +160,7 @@ def advice(differences: list[Difference]) -> str:
             "\"Settings every node shares\")")
 
 
-async def open_settings(js: Any, cfg: Config) -> Any:
+async def open_settings(js: JetStreamContext, cfg: Config) -> KeyValue:
     """The cluster's settings bucket (no TTL; as many replicas as the lease bucket)."""
     return await open_bucket(js, namespace(cfg).settings_bucket, 0, OP_TIMEOUT,
                              replicas=cfg.replication_log.replicas,
@@ -166,17 +168,17 @@ async def open_settings(js: Any, cfg: Config) -> Any:
                              history=HISTORY)
 
 
-async def read(kv: Any) -> Record | None:
+async def read(kv: KeyValue) -> Record | None:
     try:
         entry = await bounded(kv.get(SETTINGS_KEY), OP_TIMEOUT)
     except KeyNotFoundError:
         return None
     if entry is None or not entry.value:
         return None
-    return Record.decode(entry.value, int(entry.revision))
+    return Record.decode(entry.value, entry.revision or 0)
 
 
-async def _streams_say(js: Any, cfg: Config) -> list[Difference]:
+async def _streams_say(js: JetStreamContext, cfg: Config) -> list[Difference]:
     """What the existing streams tell of the cluster's settings, for a cluster that has no
     record yet (its nodes ran an older version): the stream holding shard 1's subject."""
     names = namespace(cfg)
@@ -195,7 +197,7 @@ async def _streams_say(js: Any, cfg: Config) -> list[Difference]:
     return [Difference("nats.stream_prefix", prefix, theirs)]
 
 
-async def check_at_start(js: Any, cfg: Config, timeout: float = 60.0) -> Record:
+async def check_at_start(js: JetStreamContext, cfg: Config, timeout: float = 60.0) -> Record:
     """The cluster's record, this node's values recorded when there is none yet; raises
     :class:`SettingsMismatch` when they differ. NATS errors are retried for ``timeout``
     seconds (a JetStream cluster that is still electing its leader answers none)."""
@@ -214,7 +216,7 @@ async def check_at_start(js: Any, cfg: Config, timeout: float = 60.0) -> Record:
             await asyncio.sleep(1.0)  # the retry period of an outside resource
 
 
-async def _check(js: Any, cfg: Config) -> Record:
+async def _check(js: JetStreamContext, cfg: Config) -> Record:
     kv = await open_settings(js, cfg)
     record = await read(kv)
     if record is None:
@@ -238,7 +240,7 @@ async def _check(js: Any, cfg: Config) -> Record:
     return record
 
 
-async def apply(js: Any, cfg: Config) -> tuple[Record | None, Record]:
+async def apply(js: JetStreamContext, cfg: Config) -> tuple[Record | None, Record]:
     """Record this configuration's shared settings as the cluster's (the old record, the new).
 
     Only ``replication_log.shards`` may change, and only while no node runs
@@ -289,7 +291,7 @@ class ShardChangeRefused(ConfigError):
             "counted as running until its claim expires, snapshot.leader_ttl)")
 
 
-async def live_nodes(js: Any, cfg: Config) -> list[dict[str, Any]]:
+async def live_nodes(js: JetStreamContext, cfg: Config) -> list[dict[str, Any]]:
     """The claims running nodes hold in the lease bucket (a crashed node's until it expires)."""
     kv = await open_bucket(js, namespace(cfg).lease_bucket, cfg.snapshot.leader_ttl, OP_TIMEOUT,
                            replicas=cfg.replication_log.replicas)
@@ -308,7 +310,7 @@ async def live_nodes(js: Any, cfg: Config) -> list[dict[str, Any]]:
     return found
 
 
-async def _heads(js: Any, streams: list[str]) -> dict[str, int]:
+async def _heads(js: JetStreamContext, streams: list[str]) -> dict[str, int]:
     """Each existing stream's last sequence."""
     heads = {}
     for stream in dict.fromkeys(streams):
@@ -358,7 +360,7 @@ def _live(key: str) -> bool:
 class SettingsWatch:
     """A running node's look at the record: ``problem`` says how this node differs now."""
 
-    def __init__(self, js: Any, cfg: Config) -> None:
+    def __init__(self, js: JetStreamContext, cfg: Config) -> None:
         self.js = js
         self.cfg = cfg
         self.problem: str | None = None

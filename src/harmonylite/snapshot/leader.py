@@ -24,7 +24,9 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import (
@@ -56,7 +58,7 @@ class LeaderElection:
 
     def __init__(
         self,
-        js: Any,
+        js: JetStreamContext,
         node_id: int,
         ttl_ms: int,
         *,
@@ -176,7 +178,7 @@ class LeaderElection:
         except Exception as exc:
             log.debug("cannot watch the lease key: %s", exc)
 
-    async def _try_acquire(self, kv: Any) -> None:
+    async def _try_acquire(self, kv: KeyValue) -> None:
         value = lease_value(self.node_id, self.token)
         try:
             rev = await bounded(kv.create(LEASE_KEY, value), self.op_timeout)
@@ -199,7 +201,7 @@ class LeaderElection:
         holder = held.get("node_id")
         self.holder = holder if isinstance(holder, int) else None
 
-    async def _renew(self, kv: Any) -> None:
+    async def _renew(self, kv: KeyValue) -> None:
         rev = await bounded(
             kv.update(LEASE_KEY, lease_value(self.node_id, self.token), last=self.revision),
             self.op_timeout)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from harmonylite.bus.kv import bounded, open_bucket, parse_value
 from harmonylite.bus.names import LEASE_KEY, REQUEST_KEY
@@ -37,7 +38,7 @@ class SnapshotRequest:
             all(sequences.get(s, 0) >= q for s, q in self.need.items())
 
 
-async def ask(js: Any, bucket: str, ttl_ms: int, node_id: int, need: dict[str, int],
+async def ask(js: JetStreamContext, bucket: str, ttl_ms: int, node_id: int, need: dict[str, int],
               unsound: set[str] | None = None) -> None:
     """Write (or refresh) the request for a snapshot reaching ``need`` on every stream, in the
     cluster's lease bucket ``bucket``, other than the ``unsound`` ones (which failed a check on
@@ -48,12 +49,12 @@ async def ask(js: Any, bucket: str, ttl_ms: int, node_id: int, need: dict[str, i
     await bounded(kv.put(REQUEST_KEY, value), OP_TIMEOUT)
 
 
-async def withdraw(js: Any, bucket: str, ttl_ms: int) -> None:
+async def withdraw(js: JetStreamContext, bucket: str, ttl_ms: int) -> None:
     kv = await open_bucket(js, bucket, ttl_ms, OP_TIMEOUT)
     await bounded(kv.delete(REQUEST_KEY), OP_TIMEOUT)
 
 
-async def holder(js: Any, bucket: str, ttl_ms: int) -> int | None:
+async def holder(js: JetStreamContext, bucket: str, ttl_ms: int) -> int | None:
     """The node holding the snapshot lease now (None: no node leads, so none will answer)."""
     kv = await open_bucket(js, bucket, ttl_ms, OP_TIMEOUT)
     try:
@@ -66,7 +67,7 @@ async def holder(js: Any, bucket: str, ttl_ms: int) -> int | None:
     return node if isinstance(node, int) else None
 
 
-async def read(kv: Any, timeout: float = OP_TIMEOUT) -> SnapshotRequest | None:
+async def read(kv: KeyValue, timeout: float = OP_TIMEOUT) -> SnapshotRequest | None:
     """The open request, if any (for the leader)."""
     try:
         entry = await bounded(kv.get(REQUEST_KEY), timeout)
@@ -82,4 +83,4 @@ async def read(kv: Any, timeout: float = OP_TIMEOUT) -> SnapshotRequest | None:
     except (ValueError, TypeError, AttributeError) as exc:
         log.warning("ignoring an unreadable snapshot request: %s", exc)
         return None
-    return SnapshotRequest(node_id, need, int(entry.revision), unsound)
+    return SnapshotRequest(node_id, need, entry.revision or 0, unsound)

@@ -13,9 +13,10 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from harmonylite.bus.kv import (
     bounded,
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 class UploadLock:
     """The short upload lock (key ``snapshot``): one capture and upload at a time, cluster-wide."""
 
-    def __init__(self, kv: Any, node_id: int, *, heartbeat: float, op_timeout: float,
+    def __init__(self, kv: KeyValue, node_id: int, *, heartbeat: float, op_timeout: float,
                  purpose: str = "snapshot") -> None:
         self.kv = kv
         self.node_id = node_id
@@ -108,7 +109,7 @@ class UploadLock:
 
 
 @contextlib.asynccontextmanager
-async def upload_lock(js: Any, node_id: int, ttl_ms: int, *, bucket: str,
+async def upload_lock(js: JetStreamContext, node_id: int, ttl_ms: int, *, bucket: str,
                       purpose: str = "manual save",
                       replicas: int = 1, update_existing: bool = False
                       ) -> AsyncIterator[UploadLock]:

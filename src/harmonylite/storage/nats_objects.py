@@ -21,8 +21,10 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.js import api
+from nats.js import JetStreamContext, api
+from nats.js.object_store import ObjectStore as NatsObjects
 
+from harmonylite.bus.names import obj_chunks_subject, obj_meta_subjects, obj_stream
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageError, StorageUnavailable
 
 from .base import ObjectInfo
@@ -62,14 +64,15 @@ def _parse_mtime(text: str | None) -> datetime | None:
 class NatsObjectStore:
     name = "nats"
 
-    def __init__(self, js: Any, obj: Any, bucket: str) -> None:
+    def __init__(self, js: JetStreamContext, obj: NatsObjects, bucket: str) -> None:
         self._js = js
         self._obj = obj
         self.bucket = bucket
-        self.stream = f"OBJ_{bucket}"
+        self.stream = obj_stream(bucket)
 
     @classmethod
-    async def open(cls, js: Any, bucket: str, *, replicas: int = 1) -> NatsObjectStore:
+    async def open(cls, js: JetStreamContext, bucket: str, *,
+                   replicas: int = 1) -> NatsObjectStore:
         try:
             try:
                 obj = await js.object_store(bucket)
@@ -82,7 +85,7 @@ class NatsObjectStore:
                 if replicas > 1:  # an older bucket with fewer replicas is reported
                     from harmonylite.bus.streams import ensure_replicas
 
-                    await ensure_replicas(js, f"OBJ_{bucket}", replicas, False,
+                    await ensure_replicas(js, obj_stream(bucket), replicas, False,
                                           f"object store bucket {bucket}")
         except nats.js.errors.InvalidBucketNameError as exc:
             raise StorageUnavailable(f"invalid object store bucket name {bucket!r}") from exc
@@ -139,7 +142,7 @@ class NatsObjectStore:
         if total == 0:
             return digest.hexdigest()
         js, nc = self._js, self._js._nc
-        chunk_subject = f"$O.{self.bucket}.C.{raw.nuid}"
+        chunk_subject = obj_chunks_subject(self.bucket, raw.nuid)
         consumer = nc._nuid.next().decode()
         config = api.ConsumerConfig(
             name=consumer,
@@ -254,7 +257,8 @@ class NatsObjectStore:
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         try:
-            info = await self._js.stream_info(self.stream, subjects_filter=f"$O.{self.bucket}.M.>")
+            info = await self._js.stream_info(self.stream,
+                                              subjects_filter=obj_meta_subjects(self.bucket))
             subjects = sorted((info.state.subjects or {}).keys())
             out: list[ObjectInfo] = []
             for subject in subjects:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from harmonylite.archive.segment import Message, datetime_to_us
@@ -24,7 +25,7 @@ MAX_QUEUED = 4096
 
 
 class StreamTail:
-    def __init__(self, js: Any, stream: str, subject: str, spool: Path | None) -> None:
+    def __init__(self, js: JetStreamContext, stream: str, subject: str, spool: Path | None) -> None:
         self.js = js
         self.stream = stream
         self.subject = subject

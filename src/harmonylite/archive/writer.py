@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nats.js import JetStreamContext
+
 from harmonylite.aio import wait_any
 from harmonylite.archive import catalog, segment
 from harmonylite.archive.stream_tail import StreamTail
@@ -80,7 +82,7 @@ class StreamState:
 
 
 class ArchiveWriter:
-    def __init__(self, *, js: Any, open_store: StoreOpener, lease: Lease,
+    def __init__(self, *, js: JetStreamContext, open_store: StoreOpener, lease: Lease,
                  streams: dict[str, str], node_id: int, interval_ms: int,
                  spool: Path | None = None, metrics: Any = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

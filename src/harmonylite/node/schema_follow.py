@@ -15,6 +15,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
+from nats.js import JetStreamContext
+
 from harmonylite.aio import wait_any
 from harmonylite.cdc import schema_changes
 from harmonylite.cdc.install import install
@@ -27,8 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class SchemaFollower:
-    def __init__(self, writer: DbThread, applier: Applier | None, js: Any, node_id: int,
-                 replicas: int, replicated: Callable[[str], bool] | None = None, *,
+    def __init__(self, writer: DbThread, applier: Applier | None, js: JetStreamContext,
+                 node_id: int, replicas: int, replicated: Callable[[str], bool] | None = None, *,
                  bucket: str, replicate_ddl: bool = False) -> None:
         self._writer = writer
         self._bucket = bucket  # the cluster's schema registry

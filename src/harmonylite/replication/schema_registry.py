@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from nats.js import JetStreamContext
+
 from harmonylite import __version__
 from harmonylite.cdc import schema_changes, schema_plan
 from harmonylite.cdc.rows import table_hash
@@ -72,7 +74,7 @@ def mismatches(views: dict[str, dict[str, Any]]) -> dict[str, dict[str, str | No
     return out
 
 
-async def publish_view(js: Any, bucket: str, node_id: int, view: dict[str, Any],
+async def publish_view(js: JetStreamContext, bucket: str, node_id: int, view: dict[str, Any],
                        replicas: int) -> None:
     """Put this node's view in the registry bucket ``bucket`` (created with the configured
     replicas)."""
@@ -87,7 +89,7 @@ async def publish_view(js: Any, bucket: str, node_id: int, view: dict[str, Any],
     await kv.put(node_key(node_id), json.dumps(view, sort_keys=True).encode())
 
 
-async def cluster_views(js: Any, bucket: str) -> dict[str, dict[str, Any]]:
+async def cluster_views(js: JetStreamContext, bucket: str) -> dict[str, dict[str, Any]]:
     """Every node's view from the registry ``bucket`` (empty when no node published one yet)."""
     from nats.js.errors import BucketNotFoundError, NoKeysError
 

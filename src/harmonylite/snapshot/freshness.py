@@ -22,8 +22,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from harmonylite.aio import wait_any
@@ -36,7 +36,7 @@ LOOKUP_TIMEOUT = 5.0
 
 
 class Freshness:
-    def __init__(self, js: Any, *, newest: Callable[[], Manifest | None],
+    def __init__(self, js: JetStreamContext, *, newest: Callable[[], Manifest | None],
                  heads: Callable[[], dict[str, int]],
                  local_since: Callable[[], float | None] = lambda: None,
                  clock: Callable[[], float] = time.time) -> None:

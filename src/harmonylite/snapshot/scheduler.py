@@ -39,6 +39,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from nats.js import JetStreamContext
+
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import bounded, describe
 from harmonylite.bus.names import namespace
@@ -124,7 +126,7 @@ class Scheduler:
         election: LeaderElection,
         open_store: StoreOpener,
         *,
-        js: Any,
+        js: JetStreamContext,
         metrics: Any = None,
         activity: Callable[[], object] | None = None,
         on_sleep: Callable[[], None] | None = None,

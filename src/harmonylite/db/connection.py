@@ -84,6 +84,20 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+@contextlib.contextmanager
+def savepoint(conn: sqlite3.Connection, name: str) -> Iterator[None]:
+    """The block under ``SAVEPOINT name``: released when it ends, rolled back to the savepoint
+    (and released) when it raises, the exception going on to the caller."""
+    conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        conn.execute(f"ROLLBACK TO {name}")
+        conn.execute(f"RELEASE {name}")
+        raise
+    conn.execute(f"RELEASE {name}")
+
+
 def open_connection(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open a connection in autocommit mode (transactions are explicit), WAL, NORMAL sync."""
     if readonly:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from harmonylite.cdc import changelog, ddl, schema_changes
 from harmonylite.cdc.install import install_in_transaction, report_install
-from harmonylite.db.connection import fetch_all, write_transaction
+from harmonylite.db.connection import fetch_all, savepoint, write_transaction
 from harmonylite.errors import DecodeError
 from harmonylite.replication import deadletter, parking, schema_apply
 from harmonylite.replication.event import Batch, decode
@@ -69,20 +69,17 @@ class Applier(RowApplier):
             return set(local.columns) if local is not None else None
 
         def apply_one(item: parking.Parked, subset: bool) -> bool:
-            conn.execute("SAVEPOINT parked")
             try:
-                self._apply_change(conn, item.stream, item.seq, item.batch(), item.change(),
-                                   pending, parked=True)
+                with savepoint(conn, "parked"):
+                    self._apply_change(conn, item.stream, item.seq, item.batch(), item.change(),
+                                       pending, parked=True)
             except Exception as exc:
-                conn.execute("ROLLBACK TO parked")
-                conn.execute("RELEASE parked")
                 if is_transient(exc):
                     raise
                 log.error("parked change from %s sequence %d to table %r cannot be applied; it "
                           "and the later changes to that table stay parked: %s", item.stream,
                           item.seq, item.table, exc, extra={"table": item.table})
                 return False
-            conn.execute("RELEASE parked")
             return True
 
         def gone(table: str) -> set[str]:
@@ -131,17 +128,14 @@ class Applier(RowApplier):
                 where = " AND ".join(f'"{c}" IS ?' for c in local.pk)
                 if fetch_all(conn, f'SELECT 1 FROM "{ch.table}" WHERE {where}', key):
                     continue
-                conn.execute("SAVEPOINT dead")
                 try:
-                    self._apply_change(conn, d.stream, d.seq, batch, ch, self._pending,
-                                       parked=True)
+                    with savepoint(conn, "dead"):
+                        self._apply_change(conn, d.stream, d.seq, batch, ch, self._pending,
+                                           parked=True)
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO dead")
-                    conn.execute("RELEASE dead")
                     if is_transient(exc):
                         raise
                     continue
-                conn.execute("RELEASE dead")
                 deadletter.delete(conn, d.id)
                 applied += 1
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
@@ -318,12 +312,10 @@ class Applier(RowApplier):
             if not isolate:
                 outcomes[self._apply_change(conn, stream, seq, batch, ch, pending)] += 1
                 continue
-            conn.execute("SAVEPOINT ch")
             try:
-                outcome = self._apply_change(conn, stream, seq, batch, ch, pending)
+                with savepoint(conn, "ch"):
+                    outcome = self._apply_change(conn, stream, seq, batch, ch, pending)
             except Exception as exc:
-                conn.execute("ROLLBACK TO ch")
-                conn.execute("RELEASE ch")
                 if is_transient(exc):
                     raise
                 reason = f"{type(exc).__name__}: {exc}"
@@ -333,8 +325,6 @@ class Applier(RowApplier):
                           stream, seq, reason,
                           extra={"stream": stream, "sequence": seq, "table": ch.table})
                 outcome = DEAD
-            else:
-                conn.execute("RELEASE ch")
             outcomes[outcome] += 1
         self._cid = 0
         if origin:

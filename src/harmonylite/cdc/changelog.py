@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from harmonylite.cdc import ddl
@@ -275,3 +276,14 @@ def recorded_gaps(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
         first, _, last = str(v).partition("-")
         out[str(k)[4:]] = (int(first), int(last.rsplit("-", 1)[-1]))
     return out
+
+
+@contextlib.contextmanager
+def replicating(conn: sqlite3.Connection) -> Iterator[None]:
+    """The replicator's writes: the guard flag is set for the block, so the capture triggers (and
+    the guarded application triggers) skip them, and cleared at its end. Used inside the write
+    transaction only: no other connection ever sees the flag set, and a block that raises leaves
+    it to the transaction's rollback."""
+    conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
+    yield
+    conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")

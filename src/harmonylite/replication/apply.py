@@ -111,34 +111,33 @@ class Applier(RowApplier):
             return 0
         with write_transaction(conn):
             self._refresh(conn)
-            conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
-            for d in waiting:
-                try:
-                    batch = decode(d.payload)
-                except DecodeError:
-                    continue  # a whole message that is no batch: its retry is the operator's
-                ch = batch.changes[0]
-                local = self._local(conn, ch.table)
-                if local is None or ch.op == ddl.OP_DELETE:
-                    continue
-                cols = batch.columns[ch.table]
-                if not all(c in cols for c in local.pk):
-                    continue
-                key = tuple(ch.values[cols.index(c)] for c in local.pk)
-                where = " AND ".join(f'"{c}" IS ?' for c in local.pk)
-                if fetch_all(conn, f'SELECT 1 FROM "{ch.table}" WHERE {where}', key):
-                    continue
-                try:
-                    with savepoint(conn, "dead"):
-                        self._apply_change(conn, d.stream, d.seq, batch, ch, self._pending,
-                                           parked=True)
-                except Exception as exc:
-                    if is_transient(exc):
-                        raise
-                    continue
-                deadletter.delete(conn, d.id)
-                applied += 1
-            conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
+            with changelog.replicating(conn):
+                for d in waiting:
+                    try:
+                        batch = decode(d.payload)
+                    except DecodeError:
+                        continue  # a whole message that is no batch: its retry is the operator's
+                    ch = batch.changes[0]
+                    local = self._local(conn, ch.table)
+                    if local is None or ch.op == ddl.OP_DELETE:
+                        continue
+                    cols = batch.columns[ch.table]
+                    if not all(c in cols for c in local.pk):
+                        continue
+                    key = tuple(ch.values[cols.index(c)] for c in local.pk)
+                    where = " AND ".join(f'"{c}" IS ?' for c in local.pk)
+                    if fetch_all(conn, f'SELECT 1 FROM "{ch.table}" WHERE {where}', key):
+                        continue
+                    try:
+                        with savepoint(conn, "dead"):
+                            self._apply_change(conn, d.stream, d.seq, batch, ch, self._pending,
+                                               parked=True)
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise
+                        continue
+                    deadletter.delete(conn, d.id)
+                    applied += 1
         if applied:
             log.info("applied %d dead letters that the schema now accepts", applied)
         return applied
@@ -152,10 +151,9 @@ class Applier(RowApplier):
                 self._parked_tables = parking.parked_tables(conn)
             self.settle.transaction_started(self._parked_tables)
             if self.settle.due(self._parked_tables):
-                conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
-                self._pending.refresh(conn, self._shapes, self._folder(conn))
-                applied = self._unpark(conn, self._pending)
-                conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
+                with changelog.replicating(conn):
+                    self._pending.refresh(conn, self._shapes, self._folder(conn))
+                    applied = self._unpark(conn, self._pending)
         self.settle.transaction_committed(self._parked_tables)
         return applied
 

@@ -98,6 +98,16 @@ def savepoint(conn: sqlite3.Connection, name: str) -> Iterator[None]:
     conn.execute(f"RELEASE {name}")
 
 
+def plain_connection(path: str | Path, *, readonly: bool = False, timeout: float = 5.0,
+                     any_thread: bool = False) -> sqlite3.Connection:
+    """A connection with SQLite's own settings (autocommit; no WAL switch, no pragmas): for a
+    file the node does not run on (a snapshot being verified or installed, a copy) or one quick
+    look at one it does. ``timeout``: seconds to wait for a lock (0: fail at once)."""
+    target, uri = (f"file:{Path(path)}?mode=ro", True) if readonly else (str(path), False)
+    return sqlite3.connect(target, uri=uri, isolation_level=None, timeout=timeout,
+                           check_same_thread=not any_thread)
+
+
 def open_connection(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open a connection in autocommit mode (transactions are explicit), WAL, NORMAL sync."""
     if readonly:

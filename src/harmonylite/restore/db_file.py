@@ -28,7 +28,7 @@ from typing import Any
 from harmonylite.cdc import changelog, ddl
 from harmonylite.cdc.install import TableFilter
 from harmonylite.cdc.install import install as install_capture
-from harmonylite.db.connection import write_transaction
+from harmonylite.db.connection import plain_connection, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def prepare(verified: Path, sequences: dict[str, int], page_bytes: int | None,
     size). ``replicated``: the node's table filter, so excluded tables get no capture and the
     triggers keeping them fire for replicated rows from the start."""
     carried = carried or Carried()
-    conn = sqlite3.connect(str(verified), isolation_level=None)
+    conn = plain_connection(verified)
     try:
         conn.execute("PRAGMA journal_mode = DELETE")
         if page_bytes is not None and page_size(conn) != page_bytes:
@@ -103,7 +103,7 @@ def prepare_for(verified: Path, db_path: Path, sequences: dict[str, int],
     """:func:`prepare` the verified copy for installing into ``db_path`` (its page size)."""
     page_bytes: int | None = None
     if db_path.exists():
-        conn = sqlite3.connect(str(db_path), isolation_level=None)
+        conn = plain_connection(db_path)
         try:
             conn.execute("PRAGMA busy_timeout = 10000")
             if int(conn.execute("PRAGMA page_count").fetchone()[0]) > 0:
@@ -142,12 +142,12 @@ def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
     ``prepared``: :func:`prepare_for` already ran on ``verified`` (so that the moment between
     the caller's last publish and the write lock stays as short as possible).
     """
-    dest = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False)
+    dest = plain_connection(db_path, any_thread=True)
     try:
         dest.execute("PRAGMA busy_timeout = 30000")
         fresh = int(dest.execute("PRAGMA page_count").fetchone()[0]) == 0
         if fresh:
-            src = sqlite3.connect(f"file:{verified}?mode=ro", uri=True)
+            src = plain_connection(verified, readonly=True)
             try:
                 dest.execute(f"PRAGMA page_size = {page_size(src)}")
             finally:
@@ -180,7 +180,7 @@ def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
                 paused = True
                 _pause(mid)
 
-        src = sqlite3.connect(f"file:{verified}?mode=ro", uri=True, check_same_thread=False)
+        src = plain_connection(verified, readonly=True, any_thread=True)
         try:
             src.backup(dest, pages=step_pages, progress=progress)
         finally:
@@ -197,7 +197,7 @@ def install_file(verified: Path, db_path: Path, sequences: dict[str, int],
 
 
 def _page_count(path: Path) -> int:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = plain_connection(path, readonly=True)
     try:
         return int(conn.execute("PRAGMA page_count").fetchone()[0])
     finally:
@@ -208,7 +208,7 @@ def pending_changes(db_path: Path) -> int:
     """Captured changes not yet published in the database at ``db_path`` (0 without capture)."""
     if not db_path.exists():
         return 0
-    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    conn = plain_connection(db_path)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         return changelog.pending_count(conn)
@@ -222,7 +222,7 @@ def pending_changes(db_path: Path) -> int:
 
 def epoch_of(db_path: Path) -> str | None:
     """The database copy's epoch token (part of its message ids), when it has one."""
-    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    conn = plain_connection(db_path)
     try:
         row = conn.execute(f"SELECT v FROM {ddl.STATE} WHERE k = 'epoch'").fetchone()
     except sqlite3.OperationalError:
@@ -236,7 +236,7 @@ def applied_positions(db_path: Path) -> dict[str, int]:
     """The stream positions recorded in the database (empty without change capture)."""
     if not db_path.exists():
         return {}
-    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    conn = plain_connection(db_path)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         return changelog.applied_sequences(conn)
@@ -248,7 +248,7 @@ def recorded_gaps(db_path: Path) -> dict[str, tuple[int, int]]:
     """Gaps the node found while running (see :func:`changelog.record_gap`)."""
     if not db_path.exists():
         return {}
-    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    conn = plain_connection(db_path)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         return changelog.recorded_gaps(conn)
@@ -275,7 +275,7 @@ def in_use(db_path: Path) -> str | None:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, SHM_DMS_BYTE)
         finally:
             os.close(fd)
-    conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=0)
+    conn = plain_connection(db_path, timeout=0)
     try:
         conn.execute("BEGIN EXCLUSIVE")
         conn.execute("ROLLBACK")
@@ -300,7 +300,7 @@ def remove_durably(path: Path) -> None:
 
 def create_empty(db_path: Path) -> None:
     """An empty WAL database at ``db_path``, synced to disk."""
-    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    conn = plain_connection(db_path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA user_version")  # touches the file so it exists with a header

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from nats.js import JetStreamContext
 
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
-from harmonylite.db.connection import DbThread
+from harmonylite.db.connection import DbThread, plain_connection
 from harmonylite.errors import HarmonyliteError, JoinRefused, SnapshotError, StorageError
 from harmonylite.restore.db_file import remove_durably
 from harmonylite.restore.join_rows import (
@@ -181,10 +180,10 @@ def keep_copy(db_path: Path) -> Path:
         n += 1
         copy = db_path.with_name(f"{db_path.name}{COPY_INFIX}{stamp}-{n}")
     tmp = copy.with_name(f".{copy.name}.tmp")
-    src = sqlite3.connect(str(db_path), isolation_level=None)
+    src = plain_connection(db_path)
     try:
         src.execute("PRAGMA busy_timeout = 10000")
-        dest = sqlite3.connect(str(tmp), isolation_level=None)
+        dest = plain_connection(tmp)
         try:
             src.backup(dest)
             dest.execute("PRAGMA journal_mode = DELETE")  # one standalone file

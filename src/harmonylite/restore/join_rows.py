@@ -16,7 +16,13 @@ from harmonylite.cdc import changelog, takeover
 from harmonylite.cdc.install import install
 from harmonylite.cdc.schema import TableInfo, table_info, user_tables
 from harmonylite.config import Config
-from harmonylite.db.connection import PREFIX, fetch_all, quote_ident, write_transaction
+from harmonylite.db.connection import (
+    PREFIX,
+    fetch_all,
+    plain_connection,
+    quote_ident,
+    write_transaction,
+)
 from harmonylite.errors import HarmonyliteError
 from harmonylite.replication.seqmap import read_seq_map
 
@@ -67,7 +73,7 @@ def own_data(cfg: Config, db_path: Path, seq_map_path: Path) -> OwnData | None:
     """
     if not db_path.exists() or _has_seq_map(seq_map_path):
         return None
-    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    conn = plain_connection(db_path)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         positions = changelog.applied_sequences(conn)
@@ -92,7 +98,7 @@ def own_data(cfg: Config, db_path: Path, seq_map_path: Path) -> OwnData | None:
 def lacking_rows(db_path: Path, snapshot: Path, own: OwnData) -> OwnData | None:
     """Per table of ``own``, the rows of ``db_path`` not in ``snapshot`` as they are (reading
     only, on a plain connection: the database file is not changed)."""
-    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    conn = plain_connection(db_path)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("ATTACH DATABASE ? AS snap", (str(snapshot),))
@@ -130,7 +136,7 @@ def merge_rows(conn: sqlite3.Connection, copy: Path, cfg: Config) -> int:
     node's writer: captured) in one transaction. Where a key is in both, the copy's row is
     written over the live one; a table only the copy has is created first. A row the live
     database refuses (a constraint) is logged with its table and key, and stays in the copy."""
-    src = sqlite3.connect(f"file:{copy}?mode=ro", uri=True, isolation_level=None)
+    src = plain_connection(copy, readonly=True)
     try:
         # (An empty table of the copy changes nothing: the snapshot's schema stands.)
         tables = [t for t in user_tables(src)[0] if cfg.replicates_table(t.name)

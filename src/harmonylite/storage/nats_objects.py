@@ -25,6 +25,7 @@ from nats.js import JetStreamContext, api
 from nats.js.object_store import ObjectStore as NatsObjects
 
 from harmonylite.bus.names import obj_chunks_subject, obj_meta_subjects, obj_stream
+from harmonylite.bus.streams import ensure_replicas
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageError, StorageUnavailable
 
 from .base import ObjectInfo
@@ -83,8 +84,6 @@ class NatsObjectStore:
                 obj = await js.create_object_store(bucket, config=config)
             else:
                 if replicas > 1:  # an older bucket with fewer replicas is reported
-                    from harmonylite.bus.streams import ensure_replicas
-
                     await ensure_replicas(js, obj_stream(bucket), replicas, False,
                                           f"object store bucket {bucket}")
         except nats.js.errors.InvalidBucketNameError as exc:

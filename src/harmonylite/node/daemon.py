@@ -256,7 +256,7 @@ class Node:
                 held=self.applier.held_tables if self.applier is not None else None,
                 schema=SchemaSender(cfg, self.pub_db, self.js, epoch)
                 if cfg.replicate_ddl else None,
-                hold=lambda: self.settings_watch.problem if self.settings_watch else None)
+                hold=lambda: self.settings_watch.hold if self.settings_watch else None)
             publisher = self.publisher
             loop = asyncio.get_running_loop()
             interval = cfg.polling_interval / 1000 if cfg.polling_interval else DEFAULT_POLL

@@ -65,6 +65,9 @@ class Shared:
     # What a cluster recorded before the key was declared ran with (None: unknown, so such a
     # record is not compared for it).
     absent: object = None
+    # Whether a node that differs would publish where the others do not read (or in a form
+    # they do not expect): such a node holds its changes until restarted.
+    splits: bool = True
 
 
 SHARED: tuple[Shared, ...] = (
@@ -74,7 +77,7 @@ SHARED: tuple[Shared, ...] = (
     Shared("nats.subject_prefix", lambda c: c.nats.subject_prefix, False),
     # Recorded and applied by every node, or schema changes reach only some (a node that does
     # not replicate them ignores them); changed for a whole cluster with every node restarted.
-    Shared("replicate_ddl", lambda c: c.replicate_ddl, True, absent=False),
+    Shared("replicate_ddl", lambda c: c.replicate_ddl, True, absent=False, splits=False),
 )
 
 
@@ -357,6 +360,10 @@ def _live(key: str) -> bool:
     return next(s.live_change for s in SHARED if s.key == key)
 
 
+def _splits(key: str) -> bool:
+    return next((s.splits for s in SHARED if s.key == key), True)
+
+
 class SettingsWatch:
     """A running node's look at the record: ``problem`` says how this node differs now."""
 
@@ -364,6 +371,7 @@ class SettingsWatch:
         self.js = js
         self.cfg = cfg
         self.problem: str | None = None
+        self.hold: str | None = None  # the problem, when publishing now would split the cluster
 
     async def run(self, stop: asyncio.Event) -> None:
         kv: Any = None
@@ -379,10 +387,12 @@ class SettingsWatch:
     def _seen(self, record: Record | None) -> None:
         differences = record.differences(self.cfg) if record is not None else []
         problem = None
+        splits = any(_splits(d.key) for d in differences)
         if differences:
             problem = ("; ".join(map(str, differences)) + ": the cluster's settings changed "
-                       "since this node started; restart it with the cluster's values (its "
-                       "changes are not published meanwhile)")
+                       "since this node started; restart it with the cluster's values"
+                       + (" (its changes are not published meanwhile)" if splits else ""))
+        self.hold = problem if splits else None
         if problem != self.problem:
             if problem is not None:
                 log.error("%s", problem, extra={"keys": [d.key for d in differences]})

@@ -43,10 +43,20 @@ class Trio:
     def states(self, doc: dict[str, Any]) -> dict[int, str]:
         return {n["node_id"]: n["state"] for n in doc["nodes"]}
 
-    def wait_all_healthy(self, timeout: float = 60) -> None:
-        wait_until(lambda: self.states(self.status()[1]) == {1: "healthy", 2: "healthy",
-                                                              3: "healthy"},
-                   timeout, "every node healthy in cluster status")
+    def wait_states(self, want: dict[int, str], timeout: float = 60,
+                    code: int | None = None) -> dict[str, Any]:
+        """Until ``cluster status --json`` shows these states (and exit code): its document."""
+        seen: list[tuple[int, dict[str, Any]]] = []
+
+        def reached() -> bool:
+            seen[:] = [self.status()]
+            return self.states(seen[0][1]) == want and code in (None, seen[0][0])
+
+        wait_until(reached, timeout, f"cluster status to show {want}")
+        return seen[0][1]
+
+    def wait_all_healthy(self, timeout: float = 60) -> dict[str, Any]:
+        return self.wait_states({1: "healthy", 2: "healthy", 3: "healthy"}, timeout, code=0)
 
     def cli(self, i: int, *args: str) -> subprocess.CompletedProcess[str]:
         return self.nodes[i].cli(*args, timeout=60)

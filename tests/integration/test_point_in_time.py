@@ -112,7 +112,8 @@ def leader(nodes: list[NodeProc]) -> NodeProc | None:
 
 def sealed(store: Path) -> SealedStore:
     identity = store.parent / "age-identity.txt"
-    return SealedStore(FileStore(str(store)), load_keys([], str(identity)))
+    keys = load_keys([], str(identity)) if identity.exists() else None
+    return SealedStore(FileStore(str(store)), keys)
 
 
 def archive_state(store: Path) -> tuple[catalog.Window, dict[str, catalog.StreamArchive]]:
@@ -301,3 +302,51 @@ def _cli(config: Path, *args: str) -> Any:
 
     return subprocess.run([sys.executable, "-m", "harmonylite", "-config", str(config), *args],
                           capture_output=True, text=True, timeout=120)
+
+
+def test_a_stream_that_drops_unarchived_messages_is_a_reported_gap(tmp_path: Path) -> None:
+    """The store is away while the only node writes past what its stream keeps, and the node
+    (the archive writer) is killed meanwhile: the next writer finds the messages gone, says so
+    (log, health), goes on from the stream's first message, and ``archive verify`` names it."""
+    nats = NatsServer(tmp_path / "nats").start()
+    store = tmp_path / "store"
+    cfg = {"nats": {"urls": [nats.url]}, "replication_log": {"max_entries": 5},
+           "snapshot": {"store": "file", "file": {"path": str(store)}, "interval": 0,
+                        "leader_ttl": 3000, "archive": True, "archive_interval": 200},
+           "health_check": {"enable": True, "bind": f"127.0.0.1:{free_port()}"}}
+    node = NodeProc(tmp_path / "n1", 1, cfg)
+    node.execute(SCHEMA[1])
+    try:
+        node.start()
+        node.execute("INSERT INTO last VALUES (0, 0)")
+        wait_until(lambda: archive_state(store)[1]["harmonylite-changes-c-1"].last >= 1, 60,
+                   "the first segment")
+        saved = node.cli("snapshot", "save")  # a snapshot before the gap: the history after
+        assert saved.returncode == 0, saved.stderr  # it must be continuous
+        aside = tmp_path / "store-aside"
+        store.rename(aside)
+        store.write_text("not a directory")  # the store is away
+        def head() -> int:
+            streams = health(node)[1].get("replication", {})
+            return int(streams.get("harmonylite-changes-c-1", {}).get("stream_last_sequence", 0))
+
+        for j in range(1, 21):  # one message each: the stream rolls over several times
+            before = head()
+            node.execute("INSERT INTO last VALUES (?, ?)", (j, j))
+            wait_until(lambda b=before: head() > b, 30, f"write {j} to be published")
+        wait_until(lambda: "not stored" in node.log_text(), 30, "a failed segment")
+        node.kill()  # what the writer held is gone; the stream keeps only the last 5
+        store.unlink()
+        aside.rename(store)
+        node.start()
+        wait_until(lambda: "archive gap in harmonylite-changes-c-1" in node.log_text(), 60,
+                   "the gap to be reported")
+        wait_until(lambda: any("misses messages" in w for w in health(node)[1].get("warnings",
+                                                                                    [])),
+                   30, "the gap in health")
+        done = node.cli("archive", "verify", "--quick")
+        assert done.returncode == 1
+        assert "archive gap in harmonylite-changes-c-1: sequences 2.." in done.stderr, done.stderr
+    finally:
+        node.stop()
+        nats.stop()

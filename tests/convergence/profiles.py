@@ -97,6 +97,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
        "the others follow it",
        features=frozenset({"basic", "schema"}), migrations=True, migrate_once=True,
        faults=("kill",), node_config={"replicate_ddl": True}, write_seconds=14),
+    _P("ddl_shards", "the replicated schema changes with 4 shards: schema changes travel on "
+       "the first stream, the rows on all four",
+       features=frozenset({"basic", "schema"}), migrations=True, migrate_once=True,
+       faults=("kill",), node_config={"replicate_ddl": True,
+                                      "replication_log": {"shards": 4}}, write_seconds=14),
     _P("ddl_provision", "the replicated schema changes, and a brand-new node provisioned "
        "from a snapshot (taken before some of the migrations) mid-run, beside SIGKILLs",
        features=frozenset({"basic", "schema"}), migrations=True, migrate_once=True,

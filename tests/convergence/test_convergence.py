@@ -70,6 +70,7 @@ MORE_SEEDS = [
     ("idle", 2, 12.0),
     ("ddl", 1, 14.0),           # replicated schema changes: each migration run on one node
     ("ddl_provision", 1, 14.0),  # ... and a new node from a snapshot taken before some
+    ("ddl_shards", 2, 14.0),    # ... with 4 shards (schema changes on the first only)
 ]
 
 # (profile, seed, seconds, issue, bug class): still failing, expected to until fixed.

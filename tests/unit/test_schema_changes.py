@@ -224,3 +224,15 @@ def test_a_message_carrying_other_statements_is_refused(tmp_path: Path) -> None:
     assert not evil.exists()
     assert [(c.state, "ATTACH" in c.reason) for c in schema_changes.rows(b)] == [("failed", True)]
     assert "x" not in schema_plan.objects(b)
+
+
+def test_the_same_migration_run_on_two_nodes_is_applied_once(tmp_path: Path) -> None:
+    a, b = node(tmp_path, "a"), node(tmp_path, "b")
+    first = migrate(a, "CREATE TABLE shelf(id INTEGER PRIMARY KEY)", node_id=1)
+    second = migrate(b, "CREATE TABLE shelf(id INTEGER PRIMARY KEY)", node_id=2)
+    stream = [(1, message(first, 1)), (2, message(second, 2))]
+    for conn, origin in ((a, "1:e1"), (b, "2:e1")):
+        Applier(replicate_ddl=True, origin=origin).apply(conn, "s-1", stream)
+        assert {c.uid: c.state for c in schema_changes.rows(conn)} == {
+            first.uid: "applied", second.uid: "applied"}
+    assert schema_plan.objects(a) == schema_plan.objects(b)

@@ -15,12 +15,16 @@ SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"
 
 
 class Trio:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, snapshots: bool = False) -> None:
+        """``snapshots``: on, in a file store the three share (so one node leads)."""
         self.nats = NatsServer(base / "nats-store").start()
         self.ports = {i: free_port() for i in (1, 2, 3)}
+        snapshot = {"enabled": True, "store": "file", "file": {"path": str(base / "store")},
+                    "leader_ttl": 3000} if snapshots else {"enabled": False}
         self.nodes = {i: NodeProc(base / f"n{i}", i, {
             "nats": {"urls": [self.nats.url], "reconnect_wait_seconds": 0},
             "health_check": {"enable": True, "bind": f"127.0.0.1:{self.ports[i]}"},
+            "snapshot": snapshot,
         }) for i in (1, 2, 3)}
         for node in self.nodes.values():
             node.execute(SCHEMA)

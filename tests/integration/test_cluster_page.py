@@ -1,6 +1,7 @@
 """The live page of the cluster in a real browser (headless Chromium through Playwright), over
-three real nodes: three rows appear, a killed node's row turns down within 10 s without a
-reload, its lag plot moves while the others write, and a row opens its detail."""
+three real nodes: three rows appear with the snapshot leader marked, a killed node's row turns
+down within 10 s without a reload, its lag plot moves while the others write, and a row opens its
+detail."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None,
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
-    t = Trio(tmp_path_factory.mktemp("cluster-page"))
+    t = Trio(tmp_path_factory.mktemp("cluster-page"), snapshots=True)
     try:
         yield t
     finally:
@@ -60,6 +61,10 @@ def test_three_rows_appear(page: Page) -> None:
     p.wait_for_function(
         "() => document.querySelectorAll('tr.node[data-state=\"healthy\"]').length === 3",
         timeout=60_000)
+    # One of them holds the snapshot lease, and its row says so.
+    leader = p.wait_for_selector('tr.node[data-leader="true"]', timeout=30_000)
+    assert leader is not None and "leader" in leader.inner_text()
+    assert len(p.query_selector_all('tr.node[data-leader="true"]')) == 1
 
 
 def test_a_killed_node_turns_down_and_its_plot_moves(trio: Trio, page: Page) -> None:

@@ -71,8 +71,8 @@ def test_no_secret_is_written_in_the_examples() -> None:
         assert value == "" or re.fullmatch(r"\$\{\w+\}", str(value)), dotted
     secrets = [v for k, v in env_example().items() if "PASSWORD" in k or "SECRET" in k
                or "ACCESS_KEY" in k]
-    for path in DEPLOY.iterdir():
-        if path.name != ".env.example":
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and path.name != ".env.example":
             text = path.read_text()
             assert not [s for s in secrets if s in text], path
     unit = (DEPLOY / "harmonylite.service").read_text()

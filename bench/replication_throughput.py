@@ -3,7 +3,7 @@ applied on node 2 (one shard, loopback nats-server, both nodes real processes).
 
 The floor measured in the same run is the raw JetStream rate of this machine: the same number of
 rows published as one 300-byte message each with publish_async and acknowledged (nats-py-facts.md:
-50-60k msg/s). Target: >= 10,000 rows/s end to end.
+50-60k msg/s). Target: >= 40,000 rows/s end to end (goal 60,000).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def main() -> None:
             server.stop()
     rate, floor = statistics.median(rates), statistics.median(floors)
     print(f"floor: raw JetStream publish_async of {ROWS} single-row messages: {floor:,.0f} msg/s")
-    print(f"RESULT replication_throughput rows_per_s={rate:,.0f} (x{rate / floor:.2f} of floor) "
-          f"target>=10,000 {'PASS' if rate >= 10_000 else 'FAIL'}")
+    print(f"RESULT replication_throughput rows_per_s={rate:.0f} floor={floor:.0f} "
+          f"ratio={rate / floor:.2f} target>=40000 {'PASS' if rate >= 40_000 else 'FAIL'}")
 
 
 if __name__ == "__main__":

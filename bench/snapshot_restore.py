@@ -210,6 +210,11 @@ def main() -> None:
             med = statistics.median(t for t, _ in runs)
             print(f"| {name} | {med:.2f} | {' / '.join(f'{t:.2f}' for t, _ in runs)} | "
                   f"{med / floor:.2f} | {max(r for _, r in runs):.0f} |")
+        hl = results["harmonylite"]
+        ratio = statistics.median(t for t, _ in hl) / floor
+        print(f"RESULT snapshot_restore seconds={statistics.median(t for t, _ in hl):.2f} "
+              f"floor_s={floor:.2f} ratio={ratio:.2f} rss_mb={max(r for _, r in hl):.0f} "
+              f"db_mb={db_mb:.0f} target<=1.0 {'PASS' if ratio <= 1.0 else 'FAIL'}")
     finally:
         s3.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -412,6 +412,9 @@ def main() -> None:
         print(f"{'harmonylite / floor':<44} {ratio:7.2f} x  (target <= 1.5)")
         rss = max(s.rss_mb for s in saves)
         print(f"{'harmonylite peak RSS (max of rounds)':<44} {rss:7.0f} MB (target < 150)")
+        print(f"RESULT snapshot_save seconds={sv:.2f} floor_s={fl:.2f} ratio={ratio:.2f} "
+              f"rss_mb={rss:.0f} db_mb={size / 1e6:.0f} target<=1.0 "
+              f"{'PASS' if ratio <= 1.0 else 'FAIL'}")
         if lites:
             lt = med([x.seconds for x in lites])
             lr = med([x.seconds / s.wall for x, s in zip(lites, saves, strict=True)])

@@ -160,6 +160,9 @@ class PendingKeys:
     def __init__(self) -> None:
         self._latest: dict[tuple[str, tuple[object, ...]], int] = {}
         self._own: dict[tuple[str, tuple[object, ...]], int] = {}
+        # Rows of ``_own`` that another node's change was written to after this node's newest
+        # change to them (that change, back from the stream, must be written again).
+        self._touched: set[tuple[str, tuple[object, ...]]] = set()
         self._scanned = -1
         self.blind_upto = 0  # own changes up to this id may be missing from ``_own``
         # The blind part of the log read once (see ``newer_in_log``): each row's newest id in
@@ -187,6 +190,7 @@ class PendingKeys:
             name = shape.name
             key = fold(name, entry.key) if fold is not None else entry.key
             self._own[(name, key)] = entry.id
+            self._touched.discard((name, key))
             if entry.op == ddl.OP_BACKFILL or entry.id <= wm:
                 # A republished row is no newer than what arrives: it must not hide it (it is
                 # read when published, so it carries what was applied meanwhile).
@@ -196,6 +200,7 @@ class PendingKeys:
             self._latest = {k: v for k, v in self._latest.items() if v > wm}
         if len(self._own) > self.OWN_LIMIT:
             self._own.clear()
+            self._touched.clear()
             self.blind_upto = max(self.blind_upto, self._scanned)
 
     def newest_own(self, ident: tuple[str, tuple[object, ...]]) -> int | None:
@@ -237,6 +242,17 @@ class PendingKeys:
         """This node's change ``change_id`` to the row came back from the stream."""
         if self._own.get(ident, change_id + 1) <= change_id:
             del self._own[ident]
+            self._touched.discard(ident)
+
+    def touch(self, ident: tuple[str, tuple[object, ...]]) -> None:
+        """A change of another node was written to the row."""
+        if ident in self._own:
+            self._touched.add(ident)
+
+    def touched(self, ident: tuple[str, tuple[object, ...]]) -> bool:
+        """Whether a change of another node was written to the row since this node's newest
+        change to it: when that change comes back, the row here is not its state."""
+        return ident in self._touched
 
     def __contains__(self, key: object) -> bool:
         return key in self._latest

@@ -568,6 +568,12 @@ class Node:
         await stop_all(self.read_ahead)
         for consumer in self.consumers:
             await consumer.unsubscribe()
+        if self.applier is not None:
+            try:  # positions of groups that wrote nothing else (see replication.positions)
+                await self.writer.call(self.applier.flush_positions)
+            except sqlite3.Error as exc:
+                log.warning("stream positions not recorded at shutdown (their messages are "
+                            "applied again on the next start, which is harmless): %s", exc)
         if self.connection is not None:
             await self.connection.close()
         if self.embedded is not None:

@@ -39,13 +39,14 @@ from harmonylite.replication.outcome import (
     ApplyResult,
     is_transient,
 )
-from harmonylite.replication.row_apply import RowApplier
+from harmonylite.replication.positions import Kept
+from harmonylite.replication.quiet_echoes import QuietEchoes
 from harmonylite.replication.spool import Payload, as_bytes
 
 log = logging.getLogger(__name__)
 
 
-class Applier(RowApplier):
+class Applier(QuietEchoes):
     """Applies messages in order with their stream positions; holds the changes that wait
     (parked, refused dead letters). One instance per writer connection."""
 
@@ -146,16 +147,39 @@ class Applier(RowApplier):
         """Apply parked changes whose table appeared since the last look (a cheap no-op when
         the schema did not change)."""
         applied = 0
-        with write_transaction(conn):
-            if self._refresh(conn):
-                self._parked_tables = parking.parked_tables(conn)
-            self.settle.transaction_started(self._parked_tables)
-            if self.settle.due(self._parked_tables):
-                with changelog.replicating(conn):
-                    self._pending.refresh(conn, self._shapes, self._folder(conn))
-                    applied = self._unpark(conn, self._pending)
+        kept = self.deferred.take()
+        try:
+            with write_transaction(conn):
+                kept.write(conn)
+                applied = self._retry_parked(conn)
+        except BaseException:
+            self.deferred.restore(kept)
+            raise
         self.settle.transaction_committed(self._parked_tables)
         return applied
+
+    def _retry_parked(self, conn: sqlite3.Connection) -> int:
+        applied = 0
+        if self._refresh(conn):
+            self._parked_tables = parking.parked_tables(conn)
+        self.settle.transaction_started(self._parked_tables)
+        if self.settle.due(self._parked_tables):
+            with changelog.replicating(conn):
+                self._pending.refresh(conn, self._shapes, self._folder(conn))
+                applied = self._unpark(conn, self._pending)
+        return applied
+
+    def flush_positions(self, conn: sqlite3.Connection) -> None:
+        """Write the positions kept back (see ``positions``); at the node's stop."""
+        if not self.deferred:
+            return
+        kept = self.deferred.take()
+        try:
+            with write_transaction(conn):
+                kept.write(conn)
+        except BaseException:
+            self.deferred.restore(kept)
+            raise
 
     def apply(
         self, conn: sqlite3.Connection, stream: str, messages: Sequence[tuple[int, Payload]],
@@ -167,8 +191,23 @@ class Applier(RowApplier):
         ``replay`` applies kept changes again (a dead letter's retry): no duplicate check, and
         neither the stream position nor the origins' marks move.
         """
+        if not replay:
+            quiet = self._quiet_echoes(conn, stream, messages)
+            if quiet is not None:
+                return quiet
+        kept = self.deferred.take()
+        try:
+            return self._apply(conn, stream, messages, replay, kept)
+        except BaseException:
+            self.deferred.restore(kept)
+            raise
+
+    def _apply(self, conn: sqlite3.Connection, stream: str,
+               messages: Sequence[tuple[int, Payload]], replay: bool, kept: Kept
+               ) -> ApplyResult:
         result = ApplyResult()
         with write_transaction(conn):
+            kept.write(conn)
             self._refresh(conn)
             conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
             if self.skip_pending:
@@ -178,8 +217,7 @@ class Applier(RowApplier):
             self.settle.transaction_started(self._parked_tables)
             if self.settle.due(self._parked_tables):
                 result.unparked = self._unpark(conn, pending)
-            marks = self._marks = {str(o): int(h) for o, h in conn.execute(
-                f"SELECT origin, hwm FROM {ddl.ORIGINS} WHERE stream = ?", (stream,))}
+            marks = self._marks = self._read_marks(conn, stream)
             moved: set[str] = set()
             for seq, data in messages:
                 result.last_seq = seq

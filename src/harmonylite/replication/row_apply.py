@@ -31,6 +31,7 @@ from harmonylite.replication.outcome import (
     SKIPPED,
     UnknownTable,
 )
+from harmonylite.replication.positions import DeferredPositions
 from harmonylite.replication.settle import Settle
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class RowApplier:
         self._shapes: dict[int, changelog.TableShape] = {}
         self._shapes_seen: dict[tuple[str, tuple[str, ...], tuple[str, ...]], ChangeShape] = {}
         self._pending = changelog.PendingKeys()
+        self.deferred = DeferredPositions()  # positions of groups that wrote nothing else
         self.displaced = 0  # rows removed by UNIQUE conflicts (recorded), since start
         self._parked_tables: set[str] = set()
         self.settle = Settle(unpark_settle)
@@ -221,6 +223,8 @@ class RowApplier:
                 self.displaced += self._displace_for_skipped(
                     conn, local, cols, vals, key, pending, stream, seq, batch.node_id)
             return SKIPPED
+        if ident is not None and not own:
+            pending.touch(ident)
         if ch.op == ddl.OP_DELETE:
             local_key = tuple(values[i] for i in shape.local_key)
             if local.content_keyed and self._removal_absorbed(conn, local, local_key):

@@ -22,11 +22,13 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 from nats.errors import AuthorizationError
 from nats.errors import Error as NatsClientError
+from nats.js import JetStreamContext
 
 from harmonylite.aio import wait_any
 from harmonylite.config import NatsConfig
@@ -36,6 +38,9 @@ from harmonylite.redact import redact
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], Awaitable[None]]
+# A JetStream context for as long as the ``async with`` lasts (a command's connection, or one
+# handed in by whoever already holds one).
+JsContext = Callable[[], AbstractAsyncContextManager[JetStreamContext]]
 MIN_RECONNECT_WAIT = 0.25
 CONNECT_TIMEOUT = 5.0  # seconds one attempt may take to reach a server and log in
 

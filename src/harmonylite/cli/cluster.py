@@ -65,7 +65,7 @@ def _render(doc: dict[str, Any], as_json: bool) -> str:
 
 
 async def _status(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
-    from harmonylite.cli.snapshot import default_js_context
+    from harmonylite.cli.connecting import default_js_context
 
     names = namespace(cfg)
     async with default_js_context(cfg) as js:
@@ -83,7 +83,7 @@ async def _status(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _forget(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
-    from harmonylite.cli.snapshot import default_js_context
+    from harmonylite.cli.connecting import default_js_context
 
     names = namespace(cfg)
     async with default_js_context(cfg) as js:

@@ -97,7 +97,7 @@ def format_cluster(views: dict[str, dict[str, Any]]) -> str:
 
 
 async def _cluster(cfg: Config) -> dict[str, dict[str, Any]]:
-    from harmonylite.cli.snapshot import default_js_context
+    from harmonylite.cli.connecting import default_js_context
 
     async with default_js_context(cfg) as js:
         return await schema_registry.cluster_views(js, namespace(cfg).schema_bucket)

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(cfg: Config, verb: str) -> tuple[shared.Record | None, shared.Record | None]:
-    from harmonylite.cli.snapshot import default_js_context
+    from harmonylite.cli.connecting import default_js_context
 
     async with default_js_context(cfg) as js:
         if verb == "apply":

@@ -13,13 +13,17 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
+from nats.js import JetStreamContext
+
+from harmonylite.bus.connection import JsContext
 from harmonylite.bus.names import namespace
 from harmonylite.cli import point_in_time
+from harmonylite.cli.connecting import default_js_context
 from harmonylite.cli.parsing import parser_class
 from harmonylite.config import Config
 from harmonylite.errors import (
@@ -41,7 +45,6 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 75
 
 # Yields a connected JetStream context for the nats store, and disconnects on exit.
-JsContext = Callable[[], AbstractAsyncContextManager[Any]]
 
 
 _Parser = parser_class("snapshot")
@@ -73,38 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="without --output: restore even when pending local changes cannot be "
                      "published first (they are lost)")
     return p
-
-
-@asynccontextmanager
-async def default_js_context(cfg: Config) -> AsyncIterator[Any]:
-    """Connect to ``nats.urls``, or start the embedded server when none are configured."""
-    from harmonylite.bus.connection import LinkState, connect
-
-    embedded = None
-    urls = list(cfg.nats.urls)
-    if not urls:
-        from harmonylite.node.embedded_nats import EmbeddedNats
-
-        if not cfg.db_path:
-            raise ConfigError("db_path", cfg.db_path, "is required to start the embedded NATS "
-                              "server (or set nats.urls)")
-        # The server already running on the store (the node's, or another command's) or one
-        # started here: never a second one on the same JetStream directory, and never stopped
-        # while another process uses it (node/server_lock.py).
-        embedded = EmbeddedNats(node_id=cfg.node_id, db_path=Path(cfg.db_path),
-                                nats=cfg.nats, cluster=cfg.cluster)
-        urls = [await embedded.open()]
-    try:
-        link = LinkState()
-        nc = await connect(cfg.nats, urls, f"harmonylite-{cfg.node_id}-snapshot", link)
-        try:
-            yield nc.jetstream()
-        finally:
-            link.closing = True  # the command's own close: no "disconnected from NATS" warning
-            await nc.close()
-    finally:
-        if embedded is not None:
-            await embedded.close()
 
 
 @asynccontextmanager
@@ -179,7 +150,7 @@ async def _restore_db_path(cfg: Config, args: argparse.Namespace, js_context: Js
 
 
 @asynccontextmanager
-async def _same_js(js: Any) -> AsyncIterator[Any]:
+async def _same_js(js: JetStreamContext) -> AsyncIterator[JetStreamContext]:
     yield js
 
 

@@ -8,8 +8,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from harmonylite.bus.connection import JsContext
 from harmonylite.bus.names import namespace
 from harmonylite.bus.streams import ensure_streams, stream_heads
 from harmonylite.config import Config
@@ -24,7 +24,6 @@ from harmonylite.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 StoreContext = Callable[[], contextlib.AbstractAsyncContextManager[ObjectStore]]
-JsContext = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
 
 async def forced_restore(cfg: Config, ref: str, *, store_context: StoreContext,

@@ -374,7 +374,7 @@ class SettingsWatch:
         self.hold: str | None = None  # the problem, when publishing now would split the cluster
 
     async def run(self, stop: asyncio.Event) -> None:
-        kv: Any = None
+        kv: KeyValue | None = None
         while not stop.is_set():
             try:
                 kv = kv or await open_settings(self.js, self.cfg)

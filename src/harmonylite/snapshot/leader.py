@@ -22,8 +22,10 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -63,7 +65,7 @@ class LeaderElection:
         ttl_ms: int,
         *,
         bucket: str,
-        nc: Any = None,
+        nc: Client | None = None,
         is_connected: Callable[[], bool] | None = None,
         on_change: Callable[[bool], None] | None = None,
         heartbeat: float | None = None,
@@ -87,8 +89,8 @@ class LeaderElection:
         self.holder: int | None = None  # node id in the lease when someone else holds it
         self._is_connected = is_connected or (lambda: True)
         self._on_change = on_change
-        self._kv: Any = None
-        self._sub: Any = None
+        self._kv: KeyValue | None = None
+        self._sub: Subscription | None = None
         self._ops = asyncio.Lock()
         self._wake = asyncio.Event()
         self._leader_event = asyncio.Event()
@@ -134,14 +136,15 @@ class LeaderElection:
         await self._leader_event.wait()
 
     # --- KV ---------------------------------------------------------------------------------
-    async def kv(self) -> Any:
-        if self._kv is None:
+    async def kv(self) -> KeyValue:
+        kv = self._kv
+        if kv is None:
             kv = await open_bucket(self.js, self.bucket, self.ttl_ms, self.op_timeout,
                                    replicas=self.replicas, update_existing=self.update_existing)
             await self._check_ttl()
             self._kv = kv
-            await self._watch()
-        return self._kv
+            await self._watch()  # never touches self._kv
+        return kv
 
     async def _check_ttl(self) -> None:
         """The bucket's max_age is the lease TTL: renew fast enough for the one it really has."""
@@ -165,7 +168,7 @@ class LeaderElection:
         if self.nc is None or self._sub is not None:
             return
 
-        async def seen(msg: Any) -> None:
+        async def seen(msg: Msg) -> None:
             op = (msg.headers or {}).get(KV_OP_HEADER)
             if op in ("DEL", "PURGE"):
                 if not self.is_leader:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from harmonylite.cluster.heartbeat import LagHistory, node_of
+from harmonylite.bus.names import node_of
+from harmonylite.cluster.heartbeat import LagHistory
 from harmonylite.cluster.view import build, format_table
 
 NOW = 1_750_000_000.0

@@ -30,11 +30,27 @@ LEASE_KEY = "snapshot-leader"  # the snapshot leader's lease
 LOCK_KEY = "snapshot"  # the upload lock
 REQUEST_KEY = "snapshot-request"  # a node asking the leader for a fresh snapshot
 SETTINGS_KEY = "settings"  # the settings every node must share
+NODE_KEY_PREFIX = "node-"  # see node_key
 
 
 def namespace(cfg: Config) -> Namespace:
     """Every NATS name of ``cfg``'s cluster (streams, subjects, buckets, keys)."""
     return Namespace.from_config(cfg)
+
+
+def node_key(node_id: int) -> str:
+    """A node's own key in the lease (its node_id claim), schema and heartbeat buckets."""
+    return f"{NODE_KEY_PREFIX}{node_id}"
+
+
+def node_of(key: str) -> int | None:
+    """The node id in a node's key (None for a key that is not one)."""
+    if not key.startswith(NODE_KEY_PREFIX):
+        return None
+    try:
+        return int(key[len(NODE_KEY_PREFIX):])
+    except ValueError:
+        return None
 
 
 def kv_stream(bucket: str) -> str:

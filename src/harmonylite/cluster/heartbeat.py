@@ -27,6 +27,7 @@ from typing import Any
 
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import bounded, describe, open_bucket
+from harmonylite.bus.names import node_key
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +37,6 @@ LAST_SEEN_EVERY = 5.0  # seconds between two puts in the last-seen bucket
 OP_TIMEOUT = 2.0  # bound on one KV call
 HISTORY_STEP = 10.0  # seconds per point of the lag history
 HISTORY_POINTS = 90  # 15 minutes of it
-
-
-def node_key(node_id: int) -> str:
-    return f"node-{node_id}"
-
-
-def node_of(key: str) -> int | None:
-    """The node id in a heartbeat key (None for a key that is not one)."""
-    if not key.startswith("node-"):
-        return None
-    try:
-        return int(key[5:])
-    except ValueError:
-        return None
 
 
 class LagHistory:

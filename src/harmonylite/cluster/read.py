@@ -12,8 +12,8 @@ from typing import Any
 
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
+from harmonylite.bus.names import node_key, node_of
 from harmonylite.cluster import view
-from harmonylite.cluster.heartbeat import node_key, node_of
 
 log = logging.getLogger(__name__)
 

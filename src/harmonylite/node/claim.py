@@ -43,12 +43,12 @@ from harmonylite.bus.kv import (
     open_bucket,
     parse_value,
 )
+from harmonylite.bus.names import node_key
 from harmonylite.errors import ConfigError
 from harmonylite.node.server_lock import pid_alive
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "node-"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 POLL_SECONDS = 0.25  # while watching another process's claim
 
@@ -87,7 +87,7 @@ class NodeClaim:
         self.replicas = replicas
         self.kv: Any = None
         self.node_id = node_id
-        self.key = f"{KEY_PREFIX}{node_id}"
+        self.key = node_key(node_id)
         self.heartbeat = heartbeat_seconds(ttl_ms)
         self.op_timeout = max(op_timeout_seconds(self.heartbeat), 2.0)
         self.mine: dict[str, Any] = {

@@ -45,10 +45,9 @@ from nats.js.kv import KeyValue
 
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import bounded, open_bucket, parse_value
-from harmonylite.bus.names import SETTINGS_KEY, namespace
+from harmonylite.bus.names import NODE_KEY_PREFIX, SETTINGS_KEY, namespace
 from harmonylite.config import Config
 from harmonylite.errors import ConfigError, NatsError
-from harmonylite.node.claim import KEY_PREFIX as CLAIM_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +191,10 @@ async def _streams_say(js: JetStreamContext, cfg: Config) -> list[Difference]:
     if holder == names.stream(1):
         return []
     prefix = cfg.nats.stream_prefix
-    if holder in (f"{prefix}-1", f"{prefix}-c-1"):
+    compressed = replace(names, compress=True).stream(1)
+    if holder in (replace(names, compress=False).stream(1), compressed):
         return [Difference("replication_log.compress", cfg.replication_log.compress,
-                           holder == f"{prefix}-c-1")]
+                           holder == compressed)]
     # Another prefix's stream holds our subject: two clusters with one subject prefix.
     theirs = holder.removesuffix("-1").removesuffix("-c")
     return [Difference("nats.stream_prefix", prefix, theirs)]
@@ -303,13 +303,13 @@ async def live_nodes(js: JetStreamContext, cfg: Config) -> list[dict[str, Any]]:
     except NoKeysError:
         return []
     found = []
-    for key in sorted(k for k in keys if k.startswith(CLAIM_PREFIX)):
+    for key in sorted(k for k in keys if k.startswith(NODE_KEY_PREFIX)):
         try:
             entry = await bounded(kv.get(key), OP_TIMEOUT)
         except KeyNotFoundError:
             continue  # released meanwhile
         if entry is not None and entry.value:
-            found.append(parse_value(entry.value) or {"node_id": key[len(CLAIM_PREFIX):]})
+            found.append(parse_value(entry.value) or {"node_id": key[len(NODE_KEY_PREFIX):]})
     return found
 
 

@@ -18,14 +18,11 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from harmonylite import __version__
+from harmonylite.bus.names import node_key
 from harmonylite.cdc import schema_changes, schema_plan
 from harmonylite.cdc.rows import table_hash
 from harmonylite.cdc.schema import user_tables
 from harmonylite.replication import parking
-
-
-def node_key(node_id: int) -> str:
-    return f"node-{node_id}"
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ from harmonylite.archive import catalog
 from harmonylite.archive.segment import us_to_rfc3339
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
-from harmonylite.errors import UsageError
+from harmonylite.errors import ConfigError, UsageError
 from harmonylite.restore import point_in_time as pitr
+from harmonylite.restore import rollback
 from harmonylite.restore.verify import work_dir
 from harmonylite.snapshot.manifest import Manifest
-from harmonylite.snapshot.progress import ProgressSink
+from harmonylite.snapshot.progress import Progress, ProgressSink
 from harmonylite.storage.base import ObjectStore
 
 
@@ -27,7 +28,8 @@ def add_arguments(res: argparse.ArgumentParser) -> None:
     point.add_argument("-to-time", "--to-time", default=None, metavar="RFC3339",
                        help="restore the database as the cluster had it at this time (needs "
                        "snapshot.archive): the newest snapshot before it plus the archived "
-                       "changes up to it")
+                       "changes up to it; to --output, or in place on this stopped node with "
+                       "its positions at the streams' heads (a rollback)")
     point.add_argument("-to-sequence", "--to-sequence", default=None, metavar="STREAM:SEQ",
                        help="the same, up to this message of a stream")
 
@@ -70,6 +72,29 @@ async def restore(cfg: Config, store: ObjectStore, target: pitr.Target, output: 
         progress.finish("the snapshot already holds part of a transaction unfinished at that "
                         "point: " + "; ".join(result.in_snapshot))
     return result
+
+
+async def roll_back(cfg: Config, target: pitr.Target, force: bool,
+                    store_context: rollback.StoreContext, js_context: rollback.JsContext,
+                    out: TextIO, err: TextIO) -> int:
+    """In place, on a stopped node: prints the positions installed."""
+    if not cfg.db_path:
+        raise ConfigError("db_path", cfg.db_path, "is required to restore without --output")
+    progress = Progress(err)
+    try:
+        result, positions = await rollback.roll_back(
+            cfg, target, store_context=store_context, js_context=js_context, force=force,
+            progress=progress)
+        progress.finish(
+            f"{cfg.db_path} rolled back to {us_to_rfc3339(result.t_us)}: snapshot "
+            f"{result.snapshot_id} plus {result.messages} archived messages ({result.rows} "
+            "changes); positions at the streams' heads "
+            + ",".join(f"{s}={q}" for s, q in sorted(positions.items()))
+            + " (the changes after the point are not applied again)")
+    finally:
+        progress.end()
+    out.write(f"{result.snapshot_id}\n")
+    return 0
 
 
 async def window_line(cfg: Config, store: ObjectStore, manifests: list[Manifest]) -> str | None:

@@ -115,10 +115,12 @@ def format_listing(manifests: Sequence[Manifest]) -> str:
 
 async def _dispatch(cfg: Config, args: argparse.Namespace, js_context: JsContext | None,
                     out: TextIO, err: TextIO) -> int:
-    if args.verb == "restore" and point_in_time.target_of(args) is not None \
+    if args.verb == "restore" and (target := point_in_time.target_of(args)) is not None \
             and args.output is None:
-        raise UsageError("snapshot restore --to-time/--to-sequence needs --output PATH (a "
-                         "point-in-time restore writes a new file; see docs/point-in-time.md)")
+        return await point_in_time.roll_back(cfg, target, args.force,
+                                             lambda: snapshot_store(cfg, js_context),
+                                             js_context or (lambda: default_js_context(cfg)),
+                                             out, err)
     if args.verb == "restore" and args.output is None:
         return await _restore_db_path(cfg, args, js_context, out, err)
     if args.verb == "save" and not cfg.db_path:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from harmonylite.archive import catalog, cut, segment
 from harmonylite.archive.segment import Message, SegmentManifest, SegmentRef
@@ -96,6 +97,10 @@ class Outcome:
     left_out: int = 0  # messages of unfinished batches at the cut
     in_snapshot: list[str] = field(default_factory=list)
     positions: dict[str, int] = field(default_factory=dict)
+    # What the result carries besides its tables (as a snapshot does): the origins' marks and
+    # the parked changes.
+    origins: dict[str, dict[str, int]] = field(default_factory=dict)
+    parked: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Segments:
@@ -225,7 +230,8 @@ async def restore(store: ObjectStore, streams: list[str], target: Target, output
     finally:
         conn.close()
     sink.stage("integrity_check")
-    await asyncio.to_thread(packing.sanitize, db)
+    facts = await asyncio.to_thread(packing.sanitize, db)
+    out.origins, out.parked = facts.origins, facts.parked
     problem = await asyncio.to_thread(packing.check_sound, db)
     if problem:
         raise SnapshotError(f"the restored database failed integrity_check: {problem}")

@@ -236,3 +236,11 @@ def test_the_same_migration_run_on_two_nodes_is_applied_once(tmp_path: Path) -> 
         assert {c.uid: c.state for c in schema_changes.rows(conn)} == {
             first.uid: "applied", second.uid: "applied"}
     assert schema_plan.objects(a) == schema_plan.objects(b)
+
+
+def test_a_malformed_schema_change_is_recorded_and_the_stream_goes_on(tmp_path: Path) -> None:
+    b = node(tmp_path, "b")
+    payload = encode_schema_change(1, "e", "u7", {"x": ["not", "an object"]}, [], False)
+    result = Applier(replicate_ddl=True, origin="2:e2").apply(b, "s-1", [(1, payload)])
+    assert result.last_seq == 1
+    assert [(c.uid, c.state) for c in schema_changes.rows(b)] == [("u7", "failed")]

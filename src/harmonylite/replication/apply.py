@@ -303,7 +303,26 @@ class Applier(QuietEchoes):
                             "setting)", stream, seq, batch.node_id,
                             extra={"stream": stream, "sequence": seq})
             return
-        outcome = schema_apply.apply(conn, stream, seq, batch, self.node_id, self.replicated)
+        conn.execute("SAVEPOINT schema_msg")
+        try:
+            outcome = schema_apply.apply(conn, stream, seq, batch, self.node_id,
+                                         self.replicated)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO schema_msg")
+            conn.execute("RELEASE schema_msg")
+            if is_transient(exc):
+                raise
+            # Not a schema change this node can read (a malformed message): recorded, and
+            # the stream goes on; the changes to its tables wait parked.
+            uid = str((batch.schema or {}).get("u", f"{stream}:{seq}"))
+            reason = f"{type(exc).__name__}: {exc}"
+            schema_changes.ensure(conn)
+            schema_changes.record(conn, uid, batch.node_id, "failed", {}, [], reason)
+            log.error("%s sequence %d: schema change %s of node %d cannot be applied: %s",
+                      stream, seq, uid, batch.node_id, reason,
+                      extra={"stream": stream, "sequence": seq, "schema_change": uid})
+            return
+        conn.execute("RELEASE schema_msg")
         if not outcome.changed:
             return
         report = install_in_transaction(conn, self.replicated, backfill=False)

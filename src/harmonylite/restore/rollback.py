@@ -85,8 +85,15 @@ async def roll_back(cfg: Config, target: pitr.Target, *, store_context: StoreCon
         busy = await asyncio.to_thread(db_file.in_use, db_path)
         if busy:
             raise HarmonyliteError(f"{busy}; stop the node before rolling its database back")
-        await asyncio.to_thread(db_file.install_file, result, db_path, positions,
-                                prepared=True)
+        # Checked again under the install's write lock: an application that wrote meanwhile
+        # rolls the install back rather than losing its change.
+        check = None if force else (lambda: db_file.check_nothing_pending(db_path))
+        try:
+            await asyncio.to_thread(db_file.install_file, result, db_path, positions,
+                                    locked_check=check, prepared=True)
+        except db_file.PendingAppeared as exc:
+            raise HarmonyliteError(f"{exc}; the database was left as it was (stop the "
+                                   "application, or --force to discard them)") from exc
         await asyncio.to_thread(write_seq_map, seq_map, positions, durable=True)
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)

@@ -244,3 +244,20 @@ def test_a_malformed_schema_change_is_recorded_and_the_stream_goes_on(tmp_path: 
     result = Applier(replicate_ddl=True, origin="2:e2").apply(b, "s-1", [(1, payload)])
     assert result.last_seq == 1
     assert [(c.uid, c.state) for c in schema_changes.rows(b)] == [("u7", "failed")]
+
+
+def test_a_change_that_fails_here_leaves_capture_in_place(tmp_path: Path) -> None:
+    b = node(tmp_path, "b")
+    before = schema_plan.objects(b)["book"]
+    after = schema_plan.Obj("table", "book", "book", before.sql[:-1] + ", m TEXT COLLATE mine)")
+    stmt = "ALTER TABLE book ADD COLUMN m TEXT COLLATE mine"  # a collation only the origin has
+    payload = encode_schema_change(1, "e", "u5", {"book": [before.as_list(), after.as_list()]},
+                                   [stmt], False)
+    Applier(replicate_ddl=True, origin="2:e2").apply(b, "s-1", [(1, payload)])
+    change = schema_changes.get(b, "u5")
+    assert change is not None and change.state == "failed" and "mine" in change.reason
+    assert schema_plan.objects(b)["book"] == before
+    triggers = b.execute("SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND "
+                         "tbl_name = 'book' AND name LIKE '\\_\\_harmonylite%' ESCAPE '\\'"
+                         ).fetchone()[0]
+    assert triggers == 3

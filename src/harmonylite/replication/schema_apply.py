@@ -74,11 +74,14 @@ def _with(base: Objects, objs: Touched, *, after: bool) -> Objects:
     return out
 
 
-def _run(conn: sqlite3.Connection, stmts: list[str], check: Callable[[], bool]) -> str:
-    """Run ``stmts`` under a savepoint; '' when ``check()`` holds after, else the reason (and
-    everything rolled back)."""
+def _run(conn: sqlite3.Connection, stmts: list[str], check: Callable[[], bool],
+         tables: set[str]) -> str:
+    """Run ``stmts`` under a savepoint, the capture triggers of ``tables`` dropped first;
+    '' when ``check()`` holds after, else the reason (and everything rolled back, the triggers
+    too)."""
     conn.execute("SAVEPOINT schema_change")
     try:
+        _drop_capture(conn, tables)
         schema_plan.run_plan(conn, stmts)
         ok = check()
         reason = "" if ok else "the statements did not give the origin's definitions"
@@ -150,7 +153,7 @@ def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id
     target = _with(undone, objs, after=True)
     touched_tables = _tables_of(objs) | {t for c in (mine if clash else []) for t in
                                          _tables_of(c.objects)}
-    _drop_capture(conn, touched_tables & set(live))
+    drop = touched_tables & set(live)
 
     def reached() -> bool:
         now = schema_changes.current(conn, replicated)
@@ -160,18 +163,18 @@ def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id
         # Undone first, then the winner's own statements: a plan straight to the winner's
         # schema could take the loser's new column for a renamed one.
         try:
-            reason = _run(conn, schema_plan.plan(live, undone) + stmts, reached)
+            reason = _run(conn, schema_plan.plan(live, undone) + stmts, reached, drop)
         except PlanError as exc:
             reason = str(exc)
     else:
-        reason = _run(conn, stmts, reached)
+        reason = _run(conn, stmts, reached, drop)
     if reason:
         try:
             own_plan = schema_plan.plan(live, target)
         except PlanError as exc:
             reason = f"{reason}; {exc}"
         else:
-            reason = _run(conn, own_plan, reached)
+            reason = _run(conn, own_plan, reached, drop)
     if reason:
         schema_changes.record(conn, uid, origin, "failed", objs, stmts, reason)
         log.error("schema change %s of node %d (%s) cannot be applied here and is not: %s; "

@@ -39,7 +39,7 @@ def test_down_unhealthy_and_worst_first() -> None:
     records = [
         record(1, head=500, applied=500),
         record(2, reasons=["apply stalled on s-1: locked"], healthy=False),
-        record(3, at=NOW - 30, applied=100),  # its last beat: the head has moved since
+        record(3, at=NOW - 30, applied=100, snapshot={"age_seconds": 5.0}),  # the head moved
         record(4, applied=10, head=2000),  # far behind
         record(5, schema={"t": "bbb"}),  # another schema than most
     ]
@@ -51,6 +51,7 @@ def test_down_unhealthy_and_worst_first() -> None:
     assert down["lag_messages"] == 1900  # behind the highest head any node reports
     assert down["reasons"] == ["no heartbeat for 30 s"] and down["last_seen_seconds"] == 30.0
     assert down["uptime_seconds"] is None
+    assert down["snapshot"]["age_seconds"] == 35.0  # as of now, not of its last beat
     by_id = {n["node_id"]: n for n in doc["nodes"]}
     assert "1990 messages behind (limit 1000)" in by_id[4]["reasons"]
     assert by_id[5]["schema_differs"] == ["t"]
@@ -63,6 +64,11 @@ def test_newest_record_wins_and_a_clean_stop_is_down() -> None:
     one = next(n for n in doc["nodes"] if n["node_id"] == 1)
     assert one["state"] == "down" and one["reasons"][0].startswith("stopped")
     assert doc["leader"] is None or doc["leader"] == 1  # node 2 still reports 1 as holder
+
+
+def test_a_schema_not_read_yet_is_no_difference() -> None:
+    doc = build([record(1), record(2), record(3, schema={})], now=NOW)
+    assert [n["state"] for n in doc["nodes"]] == ["healthy"] * 3
 
 
 def test_no_records_is_not_healthy() -> None:

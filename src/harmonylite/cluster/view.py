@@ -102,7 +102,8 @@ def _row(r: Mapping[str, Any], *, now: float, live: bool, heads: Mapping[str, in
     if live and lag > max_lag:
         reasons.append(f"{lag} messages behind (limit {max_lag})")
     own = r.get("schema") or {}
-    differs = sorted(t for t, h in schema.items() if own.get(t) != h)
+    # No tables reported: not known yet (a node that has not read its schema), not "differs".
+    differs = sorted(t for t, h in schema.items() if own.get(t) != h) if own else []
     if differs:
         reasons.append("schema differs from the cluster's: " + ", ".join(differs))
     state = "down" if not live else "healthy" if not reasons else "unhealthy"
@@ -122,7 +123,7 @@ def _row(r: Mapping[str, Any], *, now: float, live: bool, heads: Mapping[str, in
         "lag_seconds": float(r.get("lag_seconds") or 0) if live else None,
         "streams": streams,
         "lease": r.get("lease"),
-        "snapshot": r.get("snapshot"),
+        "snapshot": _snapshot(r.get("snapshot"), 0.0 if live else age),
         "schema": own,
         "schema_differs": differs,
         "dead_letters": int(r.get("dead_letters") or 0),
@@ -134,6 +135,17 @@ def _row(r: Mapping[str, Any], *, now: float, live: bool, heads: Mapping[str, in
         "warnings": list(r.get("warnings") or ()),
         "lag_history": history,
     }
+
+
+def _snapshot(snap: Mapping[str, Any] | None, since: float) -> dict[str, Any] | None:
+    """The snapshot a record names, its age as of now (a down node's record is ``since``
+    seconds old)."""
+    if snap is None:
+        return None
+    out = dict(snap)
+    if isinstance(out.get("age_seconds"), int | float):
+        out["age_seconds"] = round(out["age_seconds"] + since, 3)
+    return out
 
 
 def _ago(seconds: float) -> str:

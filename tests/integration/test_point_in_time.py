@@ -354,6 +354,13 @@ def test_a_stream_that_drops_unarchived_messages_is_a_reported_gap(tmp_path: Pat
             node.execute("INSERT INTO last VALUES (?, ?)", (j, j))
             wait_until(lambda b=before: head() > b, 30, f"write {j} to be published")
         wait_until(lambda: "not stored" in node.log_text(), 30, "a failed segment")
+
+        def applied() -> int:
+            streams = health(node)[1].get("replication", {})
+            return int(streams.get("harmonylite-changes-c-1", {}).get("applied_sequence", 0))
+
+        # The node itself applied everything (else it, not the archive, would miss messages).
+        wait_until(lambda: applied() >= head() >= 21, 30, "the node to apply its own writes")
         node.kill()  # what the writer held is gone; the stream keeps only the last 5
         store.unlink()
         aside.rename(store)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -112,7 +113,7 @@ class ShardConsumer:
         # Bounded: while the applier is behind, the callback waits, the subscription stops
         # answering flow control and the server slows down, so memory stays flat on catch-up.
         self._queue: asyncio.Queue[Queued] = asyncio.Queue(MAX_QUEUED)
-        self._sub: object | None = None
+        self._sub: Subscription | None = None
         self._on_applied = on_applied
         self._on_gap = on_gap
         self._holding: list[Queued] = []  # the group being applied
@@ -214,7 +215,7 @@ class ShardConsumer:
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
-                await sub.unsubscribe()  # type: ignore[attr-defined]
+                await sub.unsubscribe()
             except Exception as exc:  # the connection may be gone already
                 log.debug("unsubscribe from %s: %s", self.stream, exc)
 

@@ -22,6 +22,7 @@ from collections import deque
 from pathlib import Path
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -50,7 +51,7 @@ class ReadAhead:
         self._spool = spool  # large changes wait in files there (the database's directory)
         self._held: deque[Queued] = deque()
         self._bytes = 0
-        self._sub: object | None = None
+        self._sub: Subscription | None = None
 
     async def start(self) -> ReadAhead:
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -119,7 +120,7 @@ class ReadAhead:
         self._drop(len(self._held))
         if sub is not None:
             try:
-                await sub.unsubscribe()  # type: ignore[attr-defined]
+                await sub.unsubscribe()
             except Exception as exc:  # the connection may be gone already
                 log.debug("unsubscribe the read-ahead of %s: %s", self.stream, exc)
 

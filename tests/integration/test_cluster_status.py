@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,16 @@ def _stop_leftover_nodes() -> Iterator[None]:
 
 
 def test_every_node_healthy_exit_0(trio: Trio) -> None:
-    doc = trio.wait_all_healthy()  # (exit 0 with it)
+    # Exit 0, and each node's tables reported (once it has read its schema, just after start).
+    seen: list[dict[str, Any]] = []
+
+    def ready() -> bool:
+        code, doc = trio.status()
+        seen[:] = [doc]
+        return code == 0 and len(doc["nodes"]) == 3 and all(n["schema"] for n in doc["nodes"])
+
+    wait_until(ready, 60, "every node healthy with its schema in its heartbeat")
+    doc = seen[0]
     assert [n["node_id"] for n in doc["nodes"]] == [1, 2, 3]
     one = doc["nodes"][0]
     for key in ("host", "version", "publish", "replicate", "streams", "lag_messages",

@@ -55,7 +55,8 @@ async def restore(cfg: Config, store: ObjectStore, target: pitr.Target, output: 
     try:
         partial = work / "result.db"
         result = await pitr.restore(store, namespace(cfg).streams(), target, partial, work=work,
-                                    replicated=cfg.replicates_table, progress=progress)
+                                    replicated=cfg.replicates_table,
+                                    replicate_ddl=cfg.replicate_ddl, progress=progress)
         staged = output.with_name(f".{output.name}.partial-{os.getpid()}")
         await asyncio.to_thread(shutil.move, partial, staged)
         os.replace(staged, output)

@@ -209,6 +209,7 @@ async def _decide(m: Manifest, t_us: int, cuts: dict[str, int],
 
 async def restore(store: ObjectStore, streams: list[str], target: Target, output: Path, *,
                   work: Path, replicated: Callable[[str], bool] | None = None,
+                  replicate_ddl: bool = False,
                   progress: ProgressSink | None = None) -> Outcome:
     """Write the database at ``target`` to ``output`` (which must not exist)."""
     sink = progress or NullProgress()
@@ -224,7 +225,10 @@ async def restore(store: ObjectStore, streams: list[str], target: Target, output
     sink.stage("apply")
     conn = await asyncio.to_thread(open_connection, db)
     try:
-        await _apply_all(conn, p, segments, out, replicated)
+        # The nodes' own applier, set as theirs (schema changes too, with replicate_ddl).
+        applier = Applier(skip_pending=False, replicated=replicated,
+                          replicate_ddl=replicate_ddl)
+        await _apply_all(conn, p, segments, out, applier)
         out.positions = {str(s): int(q) for s, q in conn.execute(
             "SELECT stream, seq FROM __harmonylite__seq")}
     finally:
@@ -240,9 +244,8 @@ async def restore(store: ObjectStore, streams: list[str], target: Target, output
 
 
 async def _apply_all(conn: sqlite3.Connection, p: Plan, segments: Segments, out: Outcome,
-                     replicated: Callable[[str], bool] | None) -> None:
+                     applier: Applier) -> None:
     """The messages before the tail as they are, then what the tail's judgement kept."""
-    applier = Applier(skip_pending=False, replicated=replicated)
     boundary = p.t_us - cut.TAIL_US
     for stream, upto in sorted(p.cuts.items()):
         after = p.snapshot.sequences.get(stream, 0)

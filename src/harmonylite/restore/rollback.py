@@ -77,7 +77,8 @@ async def roll_back(cfg: Config, target: pitr.Target, *, store_context: StoreCon
         result = work / "rolled-back.db"
         async with store_context() as store:
             outcome = await pitr.restore(store, streams, target, result, work=work,
-                                         replicated=cfg.replicates_table, progress=progress)
+                                         replicated=cfg.replicates_table,
+                                    replicate_ddl=cfg.replicate_ddl, progress=progress)
         positions = {s: max(heads.get(s, 0), outcome.cuts.get(s, 0)) for s in streams}
         carried = db_file.Carried(outcome.origins, outcome.parked)
         await asyncio.to_thread(db_file.prepare_for, result, db_path, positions, carried,

@@ -40,3 +40,23 @@ class Backoff:
             await wait_any(*events, timeout=delay)
         else:
             await asyncio.sleep(delay)
+
+
+class Patience:
+    """The other retry policy: a wait at start (a JetStream cluster electing its leaders, a store
+    still forming) tried again every ``pause`` seconds until ``seconds`` have passed, then given
+    up with the last error. Made inside the event loop, when the waiting starts."""
+
+    def __init__(self, seconds: float, pause: float) -> None:
+        self.seconds = seconds
+        self.pause = pause
+        self._end = asyncio.get_running_loop().time() + seconds
+
+    @property
+    def exhausted(self) -> bool:
+        """The time is up: the caller gives up with the error in hand."""
+        return asyncio.get_running_loop().time() > self._end
+
+    async def wait(self) -> None:
+        """The pause before the next try (a retry period, not a synchronisation)."""
+        await asyncio.sleep(self.pause)

@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
+from harmonylite.aio import Patience
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import NatsError
@@ -56,7 +57,7 @@ def stream_config(cfg: Config, shard: int) -> StreamConfig:
 async def ensure_streams(js: JetStreamContext, cfg: Config, timeout: float = 60.0) -> None:
     """Create each shard's stream; update an existing one only when update_existing is set."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    patience = Patience(timeout, 0.5)
     next_note = loop.time() + 5
     for shard in range(1, cfg.replication_log.shards + 1):
         want = stream_config(cfg, shard)
@@ -91,13 +92,13 @@ async def ensure_streams(js: JetStreamContext, cfg: Config, timeout: float = 60.
                     None, 408, 500, 503) or exc.err_code == NO_SUITABLE_PEERS
                 if not transient:
                     raise NatsError(f"cannot create stream {want.name}: {exc}") from exc
-                if loop.time() > deadline:
+                if patience.exhausted:
                     raise NatsError(f"cannot create stream {want.name} within {timeout:.0f}s: "
                                     f"{exc}") from exc
                 if loop.time() > next_note:
                     log.warning("waiting for JetStream to create stream %s: %s", want.name, exc)
                     next_note = loop.time() + 5
-                await asyncio.sleep(0.5)
+                await patience.wait()
 
 
 async def ensure_replicas(js: JetStreamContext, stream: str, want: int, update: bool,

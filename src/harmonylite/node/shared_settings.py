@@ -43,7 +43,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from harmonylite.aio import wait_any
+from harmonylite.aio import Patience, wait_any
 from harmonylite.bus.kv import bounded, open_bucket, parse_value
 from harmonylite.bus.names import NODE_KEY_PREFIX, SETTINGS_KEY, namespace
 from harmonylite.config import Config
@@ -204,19 +204,18 @@ async def check_at_start(js: JetStreamContext, cfg: Config, timeout: float = 60.
     """The cluster's record, this node's values recorded when there is none yet; raises
     :class:`SettingsMismatch` when they differ. NATS errors are retried for ``timeout``
     seconds (a JetStream cluster that is still electing its leader answers none)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    patience = Patience(timeout, 1.0)  # the retry period of an outside resource
     while True:
         try:
             return await _check(js, cfg)
         except SettingsMismatch:
             raise
         except Exception as exc:
-            if loop.time() > deadline:
+            if patience.exhausted:
                 raise NatsError(f"cannot read the cluster's shared settings (KV bucket "
                                 f"{namespace(cfg).settings_bucket}): {exc}") from exc
             log.warning("cannot read the cluster's shared settings yet (retrying): %s", exc)
-            await asyncio.sleep(1.0)  # the retry period of an outside resource
+            await patience.wait()
 
 
 async def _check(js: JetStreamContext, cfg: Config) -> Record:

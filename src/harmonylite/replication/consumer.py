@@ -44,7 +44,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import ServiceUnavailableError
 
-from harmonylite.aio import Backoff, wait_any
+from harmonylite.aio import Backoff, Patience, wait_any
 from harmonylite.bus.streams import describe_error, is_stream_offline
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
@@ -185,18 +185,17 @@ class ShardConsumer:
 
     async def subscribe_with_retry(self, timeout: float = 60.0) -> None:
         """Subscribe, waiting while a JetStream cluster that just (re)started elects leaders."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        patience = Patience(timeout, 0.5)
         while True:
             try:
                 await self.subscribe()
                 await self._check_head()  # know where the stream stands from the start
                 return
             except (NatsTimeoutError, TimeoutError, ServiceUnavailableError) as exc:
-                if loop.time() > deadline:
+                if patience.exhausted:
                     raise NatsError(f"cannot consume {self.stream}: {exc}") from exc
                 log.warning("waiting for JetStream to serve %s: %s", self.stream, exc)
-                await asyncio.sleep(0.5)
+                await patience.wait()
 
     async def subscribe(self) -> None:
         """(Re)subscribe from the last sequence queued or applied."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
+from harmonylite.aio import Patience
 from harmonylite.cdc import origin
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
@@ -207,12 +208,11 @@ LIST_PATIENCE = 60.0  # seconds a store answering "unavailable" (or timing out) 
 async def list_patiently(store: ObjectStore) -> list[Manifest]:
     """List the store; while it says it is unavailable (a JetStream cluster still forming
     answers 503 for seconds), retry quietly for a while before giving up."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + LIST_PATIENCE
+    patience = Patience(LIST_PATIENCE, 0.5)
     while True:
         try:
             return await list_snapshots(store)
         except StorageUnavailable:
-            if loop.time() >= deadline:
+            if patience.exhausted:
                 raise
-            await asyncio.sleep(0.5)  # a pause between tries, not a synchronisation
+            await patience.wait()

@@ -88,8 +88,9 @@ def test_window_starts_at_the_oldest_snapshot_the_archive_continues() -> None:
     win = catalog.window([new, mid, old], {"s-1": arch})
     assert win.start is mid  # old needs 4..9, which is missing
     assert win.end_us == win.start_us  # the archive ends (450 us) before that snapshot
-    assert catalog.prunable([new, mid], {"s-1": arch}) == []
-    assert catalog.prunable([new], {"s-1": arch}) == [ref(10, 30)]
+    assert catalog.prunable([new, mid], {"s-1": arch}) == ([], [])
+    arch.orphans = [ref(1, 9).data_key, ref(46, 50).data_key]
+    assert catalog.prunable([new], {"s-1": arch}) == ([ref(10, 30)], [ref(1, 9).data_key])
 
 
 def framed(seq: int, origin: str, batch: int, *, more: bool = False, shards: str = "",

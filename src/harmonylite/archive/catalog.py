@@ -199,13 +199,19 @@ def window(snapshots: list[Manifest], archives: dict[str, StreamArchive]) -> Win
 
 
 def prunable(snapshots: list[Manifest], archives: dict[str, StreamArchive]
-             ) -> list[SegmentRef]:
-    """Segments wholly before the oldest kept snapshot: no restore can use them."""
+             ) -> tuple[list[SegmentRef], list[str]]:
+    """Segments wholly before the oldest kept snapshot (no restore can use them), and data
+    objects without a manifest (left by a leader that lost its lease between the two) there."""
     if not snapshots:
-        return []
+        return [], []
     oldest = snapshots[-1]
     out: list[SegmentRef] = []
+    orphans: list[str] = []
     for stream, arch in archives.items():
         base = oldest.sequences.get(stream, 0)
         out += [s for s in arch.segments if s.last <= base]
-    return out
+        for key in arch.orphans:
+            parsed = parse_key(key)
+            if parsed is not None and parsed[0].last <= base:
+                orphans.append(key)
+    return out, orphans

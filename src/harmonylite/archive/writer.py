@@ -297,13 +297,15 @@ class ArchiveWriter:
         try:
             snapshots = await list_snapshots(store)
             archives = await catalog.list_archive(store, list(self.streams))
-            doomed = catalog.prunable(snapshots, archives)
+            doomed, orphans = catalog.prunable(snapshots, archives)
             for ref in sorted(doomed, key=lambda r: (r.stream, r.first)):
                 await store.delete(ref.manifest_key)
                 await store.delete(ref.data_key)
-            if doomed:
-                log.info("deleted %d archive segments older than the oldest kept snapshot",
-                         len(doomed))
+            for key in orphans:
+                await store.delete(key)
+            if doomed or orphans:
+                log.info("deleted %d archive segments (and %d uncommitted data objects) older "
+                         "than the oldest kept snapshot", len(doomed), len(orphans))
         except Exception as exc:
             self._failed(f"pruning the archive failed: {describe(exc)}")
 

@@ -76,8 +76,8 @@ def rows_of(name: str, results: list[str]) -> list[tuple[str, str, str, str, str
             ratio, rss = _num(f["ratio"]), _num(f["rss_mb"])
             floor = ("download + copy" if kind == "snapshot_restore"
                      else "VACUUM INTO + raw upload")
-            out.append((f"{'restore --output' if kind == 'snapshot_restore' else 'save'} from/to "
-                        f"S3, {f['db_mb']} MB db ({f['seconds']} s)",
+            what = "restore --output from S3" if kind == "snapshot_restore" else "save to S3"
+            out.append((f"{what}, {f['db_mb']} MB db ({f['seconds']} s)",
                         f"{floor} {f['floor_s']} s", f"x{ratio:.2f}", "<= x1.0",
                         "met" if ratio <= 1.0 else "NOT met"))
             out.append((f"peak RSS of that {kind.split('_')[1]} ({f['db_mb']} MB db)", "-",

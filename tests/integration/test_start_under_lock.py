@@ -28,8 +28,12 @@ def test_a_node_started_while_the_write_lock_is_held_waits_and_starts(
     try:
         mark = len(a.log_text())
         a.start_async()
-        # Longer than the busy timeout: a start that gives up after one timeout has exited.
-        released.wait(HOLD_SECONDS)  # the length of the application's transaction
+        # The node reaches the lock (its start may be slow on a busy machine), then the lock
+        # stays held longer than the busy timeout: a start that gives up after one timeout has
+        # exited by then.
+        wait_until(lambda: "waiting for the write lock" in a.log_text()[mark:], 60,
+                   "the node to wait for the write lock")
+        released.wait(HOLD_SECONDS)  # the rest of the application's transaction
         assert a.proc is not None and a.proc.poll() is None, a.log_text()[mark:]
         app.execute("COMMIT")
     finally:

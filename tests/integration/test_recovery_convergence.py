@@ -122,9 +122,12 @@ def test_newest_is_by_stream_position_not_by_a_fast_clock(cluster: Cluster) -> N
     data["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z",
                                        time.gmtime(time.time() + 600))
     path.write_text(json.dumps(data))
+    stale_head = stream_state(cluster.server)[1]
     write(a, range(11, 31))
-    wait_until(lambda: len(items(a)) == 30 and position(a) == stream_state(cluster.server)[1],
-               20, "a to apply its own writes")
+    # Published (the stream moved past the stale snapshot's position) and applied back.
+    wait_until(lambda: len(items(a)) == 30 and stream_state(cluster.server)[1] > stale_head
+               and position(a) == stream_state(cluster.server)[1], 20,
+               "a to publish and apply its own writes")
     fresh = save_snapshot(a)
     assert _snapshots(cluster.store) == [fresh], "retention kept the stale snapshot"
     c = cluster.node(3, schema=False).start()

@@ -89,7 +89,11 @@ def test_the_lease_moves_when_its_holder_takes_a_stream_offline(tmp_path: Path) 
                      .stem.rpartition("_")[2])
     holder.kill()
     os.kill(server_pid, signal.SIGKILL)
-    wait_until(lambda: _leader(others) is not None, 60,
-               "another node to take the lease while the stream is offline")
+    try:
+        wait_until(lambda: _leader(others) is not None, 60,
+                   "another node to take the lease while the stream is offline")
+    except AssertionError as exc:
+        logs = "\n".join(f"--- node {n.node_id}\n{n.log_text()[-4000:]}" for n in others)
+        raise AssertionError(f"{exc}\n{logs}") from None
     for n in others:
         assert n.stop() == 0

@@ -64,7 +64,7 @@ from harmonylite.node.without_nats import start_when_reachable, start_without_na
 from harmonylite.ops.health import probe_database, start_health_server
 from harmonylite.ops.http_server import HttpServer
 from harmonylite.ops.metrics import Metrics, start_metrics_server
-from harmonylite.replication import conflicts, deadletter
+from harmonylite.replication import conflicts, deadletter, positions
 from harmonylite.replication.apply import Applier
 from harmonylite.replication.consumer import Hold, ShardConsumer, near_head
 from harmonylite.replication.outcome import ApplyResult
@@ -108,6 +108,7 @@ class Node:
         self.install_report: InstallReport | None = None
         self.positions: dict[str, int] = {}
         self._seq_map_written = 0.0  # monotonic time of the last write of the seq-map file
+        self._positions_due: asyncio.Task[None] | None = None  # see _write_positions_soon
         self.supervisor = Supervisor(self.stop_event)
         self.gaps: dict[str, tuple[int, int]] = {}  # found and not covered by a restore
         self.dead_letters = 0
@@ -452,6 +453,12 @@ class Node:
                 self.metrics.stream_state(stream, c.position, c.lag)
         if self.snapshots is not None:
             self.snapshots.scheduler.poke()
+        if self.applier is not None and self.applier.deferred and self._positions_due is None:
+            # A group that wrote nothing else left its position in memory (see
+            # replication.positions): written once it is MAX_AGE old, also when nothing follows,
+            # so a snapshot taken a moment later (by this node or by the CLI) holds it.
+            self._positions_due = asyncio.get_running_loop().create_task(
+                self._write_positions_soon())
         # The file mirrors the positions the database holds (and can only lag behind them):
         # rewritten at most every SEQ_MAP_EVERY seconds, not per applied group, whose file
         # create and rename cost the node more than applying a small group; written again, and
@@ -464,6 +471,17 @@ class Node:
             write_seq_map(self.seq_map_path, self.positions)
         except OSError as exc:
             log.error("cannot write %s: %s", self.seq_map_path, exc)
+
+    async def _write_positions_soon(self) -> None:
+        try:
+            await asyncio.sleep(positions.MAX_AGE)
+            if self.applier is not None:
+                await self.writer.call(self.applier.flush_positions)
+        except sqlite3.Error as exc:
+            log.warning("stream positions not recorded yet (retried with the next group, by "
+                        "housekeeping and at stop): %s", exc)
+        finally:
+            self._positions_due = None
 
     async def _resubscribe(self) -> None:
         # Each consumer's keeper re-creates its subscription, retrying until it works: a cluster
@@ -568,6 +586,8 @@ class Node:
         await stop_all(self.read_ahead)
         for consumer in self.consumers:
             await consumer.unsubscribe()
+        if self._positions_due is not None:
+            self._positions_due.cancel()  # written just below
         if self.applier is not None:
             try:  # positions of groups that wrote nothing else (see replication.positions)
                 await self.writer.call(self.applier.flush_positions)

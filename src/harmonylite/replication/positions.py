@@ -5,8 +5,9 @@ row's state here, changes nothing in the database but the stream position
 (``__harmonylite__seq``) and its origin's mark (``__harmonylite__origins``). Writing those alone
 would cost a write transaction (the write lock the application waits for, WAL frames, its page
 cache emptied) per group at the application's pace. They are kept here instead and written with
-the next write transaction of the applier: the next group once they are ``MAX_AGE`` old, the
-housekeeping's look at parked changes when nothing arrives, and the node's stop.
+the next write transaction of the applier, or on their own once they are ``MAX_AGE`` old (the node
+asks for it), and at the node's stop. A snapshot taken meanwhile records positions up to
+``MAX_AGE`` older than its rows: a node restoring it applies those messages again (harmless).
 
 A crash loses at most these: the next start applies those messages again from the older
 position, which DESIGN rule 2 makes harmless (changes carry whole rows, and this node's own

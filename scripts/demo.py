@@ -117,12 +117,18 @@ def harmonylite(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="demo-data", help="working directory (removed first)")
+    ap.add_argument("--cluster-ports", default="",
+                    help="four comma-separated ports for the NATS cluster routes of nodes 1-4 "
+                         "(default: free ports picked at start)")
     args = ap.parse_args()
     root = Path(args.dir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     store = root / "snapshots"
     summary: list[tuple[str, str, str]] = []
-    ports = [free_port() for _ in range(4)]
+    ports = ([int(p) for p in args.cluster_ports.split(",")] if args.cluster_ports
+             else [free_port() for _ in range(4)])
+    if len(ports) != 4:
+        ap.error(f"--cluster-ports needs four ports, got {len(ports)}")
     nodes: list[DemoNode] = []
 
     def peers_of(i: int) -> list[int]:

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from harmonylite.replication import consumer
-from harmonylite.replication.consumer import Queued, ShardConsumer
+from harmonylite.replication import cut_hold, groups
+from harmonylite.replication.consumer import ShardConsumer
+from harmonylite.replication.groups import Queued
 
 
 def make(tmp_path: Path) -> ShardConsumer:
@@ -45,7 +46,7 @@ async def test_a_group_waits_for_the_end_of_each_open_batch(tmp_path: Path) -> N
 async def test_a_batch_whose_end_never_comes_is_applied_as_far_as_it_came(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(consumer, "HOLD_IDLE", 0.2)
+    monkeypatch.setattr(groups, "HOLD_IDLE", 0.2)
     c = make(tmp_path)
     c._queue.put_nowait(q(2, "1:a", more=True))
     with caplog.at_level(logging.WARNING):
@@ -73,10 +74,10 @@ async def test_stopping_while_waiting_applies_nothing(tmp_path: Path) -> None:
 
 async def test_messages_past_a_hold_wait_until_the_others_caught_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(consumer, "CUT_POLL", 0.01)
+    monkeypatch.setattr(cut_hold, "CUT_POLL", 0.01)
     c = make(tmp_path)
     behind = ["s-2 up to 9 (at 3)"]
-    c.hold = consumer.Hold(2, lambda: list(behind))
+    c.hold = cut_hold.Hold(2, lambda: list(behind))
     applied: list[list[int]] = []
 
     async def apply_now(group: list[Queued], stop: asyncio.Event) -> None:

@@ -66,7 +66,8 @@ from harmonylite.ops.http_server import HttpServer
 from harmonylite.ops.metrics import Metrics, start_metrics_server
 from harmonylite.replication import conflicts, deadletter, positions
 from harmonylite.replication.apply import Applier
-from harmonylite.replication.consumer import Hold, ShardConsumer, near_head
+from harmonylite.replication.consumer import ShardConsumer, near_head
+from harmonylite.replication.cut_hold import Hold
 from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.publisher import ChangeWatcher, Publisher
 from harmonylite.replication.read_ahead import ReadAhead, stop_all

@@ -5,12 +5,7 @@ message here); the applying task drains the queue in groups and applies each gro
 transaction on the writer thread. The position is the stream sequence recorded with the data, so a
 restart resumes at exactly the next message.
 
-A group never ends inside an origin's publish batch: messages marked "more follows"
-(``Harmonylite-More``) are held until their origin's batch ends on this stream, so what one
-transaction wrote becomes visible in one transaction (messages of other origins in between are
-applied with them). When nothing arrives for ``HOLD_IDLE`` seconds while a batch is open (its
-node stopped while publishing), or the held messages pass ``HOLD_MAX_BYTES``, what came is
-applied, and a warning says so.
+A group never ends inside an origin's publish batch (:mod:`harmonylite.replication.groups`).
 
 A group in hand is never dropped: a transient error (database locked, disk full…) stalls the
 consumer, which says so once, retries with a capped backoff and resumes by itself; the group
@@ -35,7 +30,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -50,13 +44,13 @@ from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
 from harmonylite.replication import large_changes
 from harmonylite.replication.apply import Applier
+from harmonylite.replication.cut_hold import Hold, wait_at_cut
 from harmonylite.replication.event import MORE_HEADER, ORIGIN_HEADER
+from harmonylite.replication.groups import Queued, gather
 from harmonylite.replication.outcome import ApplyResult, is_transient
-from harmonylite.replication.spool import Payload, held_bytes
 
 log = logging.getLogger(__name__)
 
-MAX_GROUP = 2000
 MAX_QUEUED = 8192
 STALL_BACKOFF_MAX = 5.0
 RESUB_FIRST = 0.2  # first retry of a lost consumer; doubles up to RESUB_MAX
@@ -66,28 +60,8 @@ SILENT_AFTER = 4.0  # nothing received this long while the stream is ahead: cons
 SUBSCRIBE_TIMEOUT = 2.0  # a stream without a leader never answers: do not wait long
 INFO_TIMEOUT = 2.0
 UNREADABLE_AFTER = 3.0  # a stream that does not answer this long is reported as not consumed
-# A publisher sends a batch's messages back to back (acknowledged in milliseconds); this long
-# without the next part means it stopped mid-batch: what came is applied.
-HOLD_IDLE = 10.0
-HOLD_MAX_BYTES = 256 * 1024 * 1024  # a batch held whole up to this many bytes of messages
 
 GapHandler = Callable[[str, int, int], None]
-CUT_POLL = 0.2  # how often a consumer held at a cut looks at the other streams' positions
-
-
-class Hold(NamedTuple):
-    """Where a consumer stops until others caught up: after sequence ``after`` of its stream,
-    until ``behind()`` (what is not caught up yet, described) is empty."""
-    after: int
-    behind: Callable[[], list[str]]
-
-
-class Queued(NamedTuple):
-    seq: int
-    data: Payload
-    at: float  # JetStream time (epoch seconds)
-    origin: str = ""  # the publishing database (node:epoch), when the message says
-    more: bool = False  # more of the origin's batch follows on this stream
 
 
 def near_head(max_entries: int) -> int:
@@ -341,53 +315,11 @@ class ShardConsumer:
             await self._apply(group, stop)
 
     async def _gather(self, first: Queued, stop: asyncio.Event) -> list[Queued] | None:
-        """A group from ``first`` on: what is queued (up to ``MAX_GROUP``), and further until no
-        origin's batch is open in it. None when stopped while waiting: nothing is applied now
-        (the messages stay held, as a group in hand always does)."""
+        """A group from ``first`` on (see :mod:`harmonylite.replication.groups`), held until it
+        is applied."""
         group: list[Queued] = []
         self._holding = group
-        open_: dict[str, int] = {}  # origins whose batch is not ended yet -> its first sequence
-        size = 0
-
-        def take(m: Queued) -> None:
-            nonlocal size
-            group.append(m)
-            size += held_bytes(m.data)
-            if m.more:
-                open_.setdefault(m.origin, m.seq)
-            else:
-                open_.pop(m.origin, None)
-
-        take(first)
-        while True:
-            while (len(group) < MAX_GROUP or open_) and (self._preloaded
-                                                         or not self._queue.empty()):
-                take(self._preloaded.popleft() if self._preloaded else self._queue.get_nowait())
-            if not open_:
-                return group
-            if size > HOLD_MAX_BYTES:
-                self._part_applied(open_, f"it passed {HOLD_MAX_BYTES} bytes of messages")
-                return group
-            get = asyncio.create_task(self._queue.get())
-            halt = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({get, halt}, timeout=HOLD_IDLE,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            halt.cancel()
-            if get in done:
-                take(get.result())
-                continue
-            get.cancel()
-            if halt in done:
-                return None
-            self._part_applied(open_, f"nothing came for {HOLD_IDLE:.0f} s (its node stopped "
-                               "while publishing?)")
-            return group
-
-    def _part_applied(self, open_: dict[str, int], why: str) -> None:
-        for origin, seq in open_.items():
-            log.warning("%s: the batch of origin %s from sequence %d is applied as far as it "
-                        "came, not as one transaction: %s", self.stream, origin, seq, why,
-                        extra={"stream": self.stream, "sequence": seq})
+        return await gather(group, first, self._preloaded, self._queue, stop, self.stream)
 
     async def _apply(self, group: list[Queued], stop: asyncio.Event) -> None:
         group = [m for m in group if m.seq > self.position]
@@ -405,24 +337,14 @@ class ShardConsumer:
 
     async def _wait_hold(self, stop: asyncio.Event) -> bool:
         assert self.hold is not None
-        behind = self.hold.behind()
-        if behind:
-            since = time.monotonic()
-            log.info("%s: holding messages after sequence %d until %s (the shard count changed: "
-                     "a row's older changes are applied first)", self.stream, self.hold.after,
-                     ", ".join(behind), extra={"stream": self.stream})
-            while behind:
-                self.stalled = "waiting for " + ", ".join(behind) + " (shard count changed)"
-                self.stalled_since = self.stalled_since or since
-                await wait_any(stop, timeout=CUT_POLL)  # a poll period: positions move elsewhere
-                if stop.is_set():
-                    return False
-                behind = self.hold.behind()
-            log.info("%s: applying after sequence %d again", self.stream, self.hold.after,
-                     extra={"stream": self.stream})
-            self.stalled = self.stalled_since = None
+        if not await wait_at_cut(self.hold, self.stream, stop, self._stall_at_cut):
+            return False
         self.hold = None
         return True
+
+    def _stall_at_cut(self, why: str | None, since: float | None) -> None:
+        self.stalled = why
+        self.stalled_since = None if why is None else self.stalled_since or since
 
     async def _apply_now(self, group: list[Queued], stop: asyncio.Event) -> None:
         if not group:

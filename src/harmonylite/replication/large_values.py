@@ -15,13 +15,20 @@ Only for rowid tables (blob I/O needs a rowid), values that are blobs of at leas
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
+from typing import cast
 
+from harmonylite.cdc import ddl
 from harmonylite.cdc.schema import TableInfo
 from harmonylite.db.connection import RawText, quote_ident
+from harmonylite.replication import statements
 from harmonylite.replication.event import LARGE_VALUE
 
 PIECE = 1024 * 1024
 _ROWID_NAMES = {"rowid", "oid", "_rowid_"}
+# The applier's prepared statements: (table, columns, op, NULL mask, zeroblob mask) -> SQL.
+Prepared = Callable[[TableInfo, tuple[str, ...], int, tuple[bool, ...] | None,
+                     tuple[bool, ...] | None], statements.Statements]
 
 
 def positions(local: TableInfo, columns: tuple[str, ...], values: tuple[object, ...]
@@ -78,3 +85,34 @@ def write(conn: sqlite3.Connection, table: str, column: str, rowid: int, value: 
     with conn.blobopen(table, column, rowid) as blob:
         for at in range(0, len(value), PIECE):
             blob.write(view[at:at + PIECE])
+
+
+def apply_change(conn: sqlite3.Connection, local: TableInfo, op: int, cols: tuple[str, ...],
+                 vals: tuple[object, ...], key: tuple[object, ...], big: tuple[int, ...],
+                 own: bool, prepared: Prepared) -> bool:
+    """A change with large blobs: the row with ``zeroblob`` placeholders (or without the
+    columns that already hold the same bytes), then the blobs in pieces.
+    False, having written nothing, for an INSERT that meets a row of another node: the
+    conflict rules record the whole row (the ordinary path)."""
+    rowid = rowid_of(conn, local, key)
+    if rowid is not None and op == ddl.OP_INSERT and not own:
+        return False
+    blobs = {i: cast(bytes, vals[i]) for i in big}
+    fill = [i for i in big if rowid is None or not stored_equal(
+        conn, local.name, cols[i], rowid, blobs[i])]
+    kept = [i for i in range(len(cols)) if i not in blobs or i in fill]
+    cols_k = tuple(cols[i] for i in kept)
+    vals_k = tuple(len(blobs[i]) if i in fill else vals[i] for i in kept)
+    zero = tuple(i in fill for i in kept)
+    st = prepared(local, cols_k, op, statements.raw_mask(vals_k), zero)
+    statements.run(conn, local, st, cols_k, vals_k, key)
+    if not fill:
+        return True
+    rowid = rowid_of(conn, local, key)
+    if rowid is None:  # the row was just written: not finding it is a bug, not a skip
+        raise RuntimeError(f"the row of table {local.name!r} key {key!r} is not there "
+                           "after writing it")
+    for i in fill:
+        write(conn, local.name, cols[i], rowid, blobs[i])
+    return True
+

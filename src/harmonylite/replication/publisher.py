@@ -28,8 +28,6 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from nats.errors import NoRespondersError
@@ -39,32 +37,26 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from harmonylite.aio import Backoff, wait_any
 from harmonylite.bus.names import namespace
 from harmonylite.cdc import changelog
-from harmonylite.cdc.changelog import Change
-from harmonylite.cdc.schema import fold_key
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import StorageUnavailable
 from harmonylite.ops.metrics import Metrics
-from harmonylite.replication.batches import BatchReader, Chunk
+from harmonylite.replication.batches import BatchReader
 from harmonylite.replication.event import (
     BATCH_HEADER,
     MORE_HEADER,
     ORIGIN_HEADER,
     SHARDS_HEADER,
-    encode,
-    encode_into,
-    raw_size,
-    shard_of,
 )
 from harmonylite.replication.large_changes import (
     REF_HEADER,
     LargeChangeStore,
     describe,
     server_limit,
-    split_by_size,
 )
+from harmonylite.replication.outgoing import InFlight, Outgoing, ShardMessages
 from harmonylite.replication.schema_send import SchemaSender
-from harmonylite.replication.spool import Payload, Spooled, as_bytes
+from harmonylite.replication.spool import Spooled, as_bytes
 from harmonylite.replication.watcher import ChangeWatcher
 
 __all__ = ["ChangeWatcher", "Publisher"]
@@ -86,45 +78,6 @@ NO_LEADER_FAST_FOR = 30.0
 # is marked published: the crash that a re-send after the duplicate window must survive.
 CRASH_AFTER_ACK = os.environ.get("HARMONYLITE_TEST_CRASH_AFTER_ACK") == "1"
 CRASH_EXIT_CODE = 86
-
-
-class _Counter:
-    """A sink that only counts what is written to it."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.size += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-@dataclass
-class Outgoing:
-    msg_id: str
-    subject: str
-    payload: Payload  # a large one in a file (sent out of band)
-    count: int
-    first: tuple[str, tuple[object, ...]]  # table and key of its first change, for reports
-    more: bool = False  # more of the batch follows on this shard
-    acked: bool = False
-    # Set once the payload is stored out of band: the small message published in its place.
-    reference: bytes | None = None
-    batch: int = 0  # the batch's last change id
-    shards: str = ""  # on a message that ends the batch on its shard: every shard it wrote to
-
-
-@dataclass
-class InFlight:
-    """One chunk of a batch, as the messages to send."""
-
-    upto: int
-    entries: int  # change-log entries it covers (several changes to a row collapse into one)
-    final: bool  # the batch's last chunk
-    messages: list[Outgoing] = field(default_factory=list)
 
 
 class Publisher:
@@ -151,89 +104,13 @@ class Publisher:
         # about to be applied here; see ``Applier.held_tables``).
         self._batches = BatchReader(cfg.scan_max_changes, held, self.epoch)
         self._inflight: InFlight | None = None
-        self._opened: set[int] = set()  # shards sent a "more follows" in the open batch
+        self._messages = ShardMessages(cfg, js, self._batches)
         self._large: LargeChangeStore | None = None
         self._schema = schema  # this node's schema changes (replicate_ddl), between batches
         # Why nothing may be published now (None: it may): a node whose shared settings no
         # longer match the cluster's would publish where the others do not read.
         self._hold = hold or (lambda: None)
         self.holding: str | None = None
-
-    def _build(self, batch: Chunk) -> InFlight:
-        by_name, changes = batch.shapes, batch.changes
-        shards = self.cfg.replication_log.shards
-        groups: dict[int, list[Change]] = {}
-        for ch in changes:
-            shape = by_name[ch.table]
-            # A table with a secondary UNIQUE constraint needs one order for all its rows (a
-            # value moving between rows): the whole table goes to one shard.
-            # A key is hashed as its collation compares it ('Key' and 'KEY' under NOCASE are
-            # one row, so one stream).
-            key = [] if shape.single_order else list(fold_key(
-                [ch.values[i] for i in shape.pk_indexes], shape.key_collations))
-            groups.setdefault(shard_of(ch.table, key, shards), []).append(ch)
-        flight = InFlight(upto=batch.upto, entries=batch.entries, final=batch.final)
-        compress = self.cfg.replication_log.compress
-        limit = server_limit(self.js)
-
-        # A batch begun before a stop goes out again under the epoch it first went out under
-        # (every start takes a new one, see ``cdc.origin``), so its message ids match.
-        node, epoch = self.cfg.node_id, self._batches.batch_epoch
-
-        def size_of(part: list[Change]) -> int:
-            if raw_size(part) <= limit:
-                return len(encode(node, part, by_name, compress, epoch))
-            counted = _Counter()  # large values: measured without a copy of the encoding
-            encode_into(counted, node, part, by_name, compress, epoch)
-            return counted.size
-
-        def payload_of(part: list[Change]) -> Payload:
-            if raw_size(part) <= limit:
-                return encode(node, part, by_name, compress, epoch)
-            # Likely carried out of band: encoded into a file, uploaded from there.
-            spooled = Spooled(Path(self.cfg.db_path).parent)
-            encode_into(spooled, node, part, by_name, compress, epoch)
-            if len(spooled) > limit:
-                return spooled
-            small = spooled.read()  # compressed into a message after all
-            spooled.close()
-            return small
-
-        last: dict[int, Outgoing] = {}  # each shard's last message
-        for shard, group in sorted(groups.items()):
-            for part in split_by_size(group, size_of, limit):
-                msg_id = f"{self.cfg.node_id}:{epoch}:{part[0].id}-{part[-1].id}:{shard}"
-                payload = payload_of(part)
-                subject = namespace(self.cfg).subject(shard)
-                shape = by_name[part[0].table]
-                first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
-                last[shard] = Outgoing(msg_id, subject, payload, len(part), first, more=True,
-                                       batch=self._batches.end)
-                flight.messages.append(last[shard])
-        self._mark_ends(flight, last)
-        return flight
-
-    def _mark_ends(self, flight: InFlight, last: dict[int, Outgoing]) -> None:
-        """In a batch's last chunk, each shard's last message ends the batch on that shard; a
-        shard that got "more follows" earlier and has nothing here gets an empty message that
-        ends it. The flags of earlier chunks stay: more of the batch follows."""
-        if not flight.final:
-            self._opened.update(last)
-            return
-        for m in last.values():
-            m.more = False
-        compress = self.cfg.replication_log.compress
-        for shard in sorted(self._opened - set(last)):
-            epoch = self._batches.batch_epoch
-            payload = encode(self.cfg.node_id, [], {}, compress, epoch)
-            msg_id = f"{self.cfg.node_id}:{epoch}:end-{flight.upto}:{shard}"
-            flight.messages.append(Outgoing(msg_id, namespace(self.cfg).subject(shard), payload, 0,
-                                            ("", ()), batch=self._batches.end))
-        ends = ",".join(str(n) for n in sorted(self._opened | set(last)))
-        for m in flight.messages:
-            if not m.more:
-                m.shards = ends
-        self._opened = set()
 
     async def _out_of_band(self, m: Outgoing, limit: int) -> bytes:
         """Store an oversized message's payload in the object store; return its reference."""
@@ -314,14 +191,14 @@ class Publisher:
             if self._schema is not None:
                 await self._schema.send()
             if not self._batches.end:
-                self._opened = set()  # a batch given up before its end
+                self._messages.opened = set()  # a batch given up before its end
             chunk = await self.db.call(lambda conn: self._batches.next_chunk(self.db.aux(), conn))
             if chunk is None:
                 if self.pending and self.metrics is not None:
                     self.metrics.set_pending(0)
                 self.pending = 0
                 return 0
-            self._inflight = self._build(chunk)
+            self._inflight = self._messages.build(chunk)
             del chunk  # its rows: memory holds one chunk's encoding, not its values too
         flight = self._inflight
         try:
@@ -330,7 +207,8 @@ class Publisher:
             if not flight.final:
                 # Not kept open through an outage (the WAL could not be reset meanwhile): the
                 # batch is read again from the watermark, cut the same way (same message ids).
-                self._inflight, self._opened = None, set()
+                self._inflight = None
+                self._messages.opened = set()
                 await self.db.call(lambda _: self._batches.abandon(self.db.aux()))
             raise
         if CRASH_AFTER_ACK and flight.final:  # test seam: die between the ack and the mark
@@ -343,7 +221,7 @@ class Publisher:
         else:
             following = await self.db.call(
                 lambda conn: self._batches.next_chunk(self.db.aux(), conn))
-        self._inflight = self._build(following) if following is not None else None
+        self._inflight = self._messages.build(following) if following is not None else None
         del following
         count = sum(m.count for m in flight.messages)
         self.published_total += count

@@ -27,8 +27,8 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from harmonylite.replication import large_changes
-from harmonylite.replication.consumer import Queued
 from harmonylite.replication.event import MORE_HEADER, ORIGIN_HEADER
+from harmonylite.replication.groups import Queued
 from harmonylite.replication.spool import Spooled, held_bytes
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from harmonylite.cdc import changelog, ddl, schema_changes
 from harmonylite.cdc.install import install_in_transaction, report_install
@@ -20,6 +19,7 @@ from harmonylite.replication import (
     conflicts,
     content_rows,
     large_values,
+    own_changes,
     parking,
     statements,
 )
@@ -236,8 +236,8 @@ class RowApplier:
             return APPLIED
         local_key = tuple(values[i] for i in shape.local_key) if shape.local_key else key
         big = large_values.positions(local, cols, vals)
-        if big and self._has_rowid(conn, local) and self._apply_large(
-                conn, local, ch.op, cols, vals, local_key, big, own):
+        if big and self._has_rowid(conn, local) and large_values.apply_change(
+                conn, local, ch.op, cols, vals, local_key, big, own, self._statements):
             return APPLIED
         st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
         try:
@@ -302,35 +302,6 @@ class RowApplier:
             found = self._rowid[local.name] = large_values.has_rowid(conn, local)
         return found
 
-    def _apply_large(self, conn: sqlite3.Connection, local: TableInfo, op: int,
-                     cols: tuple[str, ...], vals: tuple[object, ...], key: tuple[object, ...],
-                     big: tuple[int, ...], own: bool) -> bool:
-        """A change with large blobs: the row with ``zeroblob`` placeholders (or without the
-        columns that already hold the same bytes), then the blobs in pieces (``large_values``).
-        False, having written nothing, for an INSERT that meets a row of another node: the
-        conflict rules record the whole row (the ordinary path)."""
-        rowid = large_values.rowid_of(conn, local, key)
-        if rowid is not None and op == ddl.OP_INSERT and not own:
-            return False
-        blobs = {i: cast(bytes, vals[i]) for i in big}
-        fill = [i for i in big if rowid is None or not large_values.stored_equal(
-            conn, local.name, cols[i], rowid, blobs[i])]
-        kept = [i for i in range(len(cols)) if i not in blobs or i in fill]
-        cols_k = tuple(cols[i] for i in kept)
-        vals_k = tuple(len(blobs[i]) if i in fill else vals[i] for i in kept)
-        zero = tuple(i in fill for i in kept)
-        st = self._statements(local, cols_k, op, statements.raw_mask(vals_k), zero)
-        statements.run(conn, local, st, cols_k, vals_k, key)
-        if not fill:
-            return True
-        rowid = large_values.rowid_of(conn, local, key)
-        if rowid is None:  # the row was just written: not finding it is a bug, not a skip
-            raise RuntimeError(f"the row of table {local.name!r} key {key!r} is not there "
-                               "after writing it")
-        for i in fill:
-            large_values.write(conn, local.name, cols[i], rowid, blobs[i])
-        return True
-
     def _insert(self, conn: sqlite3.Connection, local: TableInfo, st: statements.Statements,
                 cols: tuple[str, ...], vals: tuple[object, ...], key: tuple[object, ...],
                 stream: str, seq: int, batch: Batch) -> None:
@@ -387,50 +358,38 @@ class RowApplier:
         bound = self.own_origins[batch.origin]
         return bound is None or (bool(batch.ids) and max(batch.ids) <= bound)
 
+    def _own_log(self, local: TableInfo) -> tuple[int, int] | None:
+        """The change log's id of ``local`` and how far this node's own changes have come back
+        from the stream being applied (None: none of its changes go out, or none to the table).
+        """
+        if not self.origin or not self.skip_pending:  # publish = false: nothing goes out
+            return None
+        tid = own_changes.table_id(self._shapes, local.name)
+        if tid is None:
+            return None
+        return tid, own_changes.back(self._marks, self.own_origins)
+
     def _comes_back(self, conn: sqlite3.Connection, local: TableInfo
                     ) -> Callable[[tuple[object, ...]], int | None]:
         """For a row about to be displaced: the id of this node's newest change to it that has
         not come back from the stream yet (None: none). That change follows in the stream and
         decides whether the row is really displaced (see ``conflicts``)."""
-        if local.content_keyed or not self.origin or not self.skip_pending:
+        found = None if local.content_keyed else self._own_log(local)
+        if found is None:
             return lambda key: None
-        tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
-        if tid is None:
-            return lambda key: None
-        back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
-
-        def newest(key: tuple[object, ...]) -> int | None:
-            where = " AND ".join(f"k{i} IS ?" for i in range(len(key)))
-            row = conn.execute(f"SELECT max(id) FROM {ddl.LOG} WHERE tid = ? AND id > ? AND "
-                               f"{where}", (tid, back, *key)).fetchone()
-            return int(row[0]) if row and row[0] is not None else None
-        return newest
+        tid, back = found
+        return lambda key: own_changes.newest(conn, tid, back, key)
 
     def _removal_absorbed(self, conn: sqlite3.Connection, local: TableInfo,
                           key: tuple[object, ...]) -> bool:
         """A removal from a table without a primary key that this node's own changes in
         flight account for already (see :mod:`content_rows`)."""
-        if not self.origin or not self.skip_pending:  # publish = false: nothing goes out
-            return False
-        tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
-        if tid is None:
-            return False
-        back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
-        return content_rows.removal_absorbed(conn, local, tid, back, key)
+        found = self._own_log(local)
+        return found is not None and content_rows.removal_absorbed(conn, local, *found, key)
 
     def _own_in_flight(self, conn: sqlite3.Connection, local: TableInfo,
                        key: tuple[object, ...]) -> bool:
         """Whether this node captured a change to ``key`` that has not come back from the
         stream yet (above its own high-water mark for the stream being applied)."""
-        if not self.origin or not self.skip_pending:  # publish = false: nothing goes out
-            return False
-        tid = next((t for t, shape in self._shapes.items() if shape.name == local.name), None)
-        if tid is None:
-            return False
-        where = " AND ".join(f"k{i} IS ?" for i in range(len(key)))
-        # Change ids grow across this database's starts: the highest of its own origins' marks
-        # is how far its own changes have come back.
-        back = max((self._marks.get(o, 0) for o in self.own_origins), default=0)
-        return bool(conn.execute(
-            f"SELECT 1 FROM {ddl.LOG} WHERE tid = ? AND id > ? AND {where} LIMIT 1",
-            (tid, back, *key)).fetchone())
+        found = self._own_log(local)
+        return found is not None and own_changes.in_flight(conn, *found, key)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from harmonylite.node.shared_settings import Cut, Record
+from harmonylite.node.settings_change import Cut
+from harmonylite.node.shared_settings import Record
 
 
 def test_a_stream_behind_its_cut_is_waited_for_until_applied_up_to_it() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from harmonylite.bus.names import namespace
 from harmonylite.cli.parsing import parser_class
 from harmonylite.config import Config
+from harmonylite.node import settings_change
 from harmonylite.node import shared_settings as shared
 
 _Parser = parser_class("shared-settings")
@@ -39,7 +40,7 @@ async def _run(cfg: Config, verb: str) -> tuple[shared.Record | None, shared.Rec
 
     async with default_js_context(cfg) as js:
         if verb == "apply":
-            return await shared.apply(js, cfg)
+            return await settings_change.apply(js, cfg)
         return await shared.read(await shared.open_settings(js, cfg)), None
 
 

@@ -51,8 +51,8 @@ from harmonylite.node.embedded_nats import EmbeddedNats
 from harmonylite.node.heartbeat_state import Lease, collector
 from harmonylite.node.housekeeping import housekeeping
 from harmonylite.node.schema_follow import SchemaFollower
+from harmonylite.node.settings_change import Cut
 from harmonylite.node.shared_settings import (
-    Cut,
     Record,
     SettingsMismatch,
     SettingsWatch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from harmonylite.age_keys import Keys, load_identities, new_identity
 from harmonylite.errors import ObjectNotFound, SealError
 from harmonylite.storage import ObjectStore, SealedStore
 from harmonylite.storage.sealed import MAGIC, seal_key
+from harmonylite.storage.streaming import Streaming, open_stream
 
 MB = 1024 * 1024
 
@@ -62,3 +64,29 @@ async def test_sealed_round_trip(backend: Backend, tmp_path: Path) -> None:
     with pytest.raises(ObjectNotFound):
         await inner.stat(seal_key(key))
     assert [i.key for i in await inner.list("snapshots/")] == []
+
+
+async def test_sealed_object_is_not_streamed(backend: Backend, tmp_path: Path) -> None:
+    """A restore streams plain objects only: a sealed one goes through download, which opens it
+    (and a plain object beside it still streams, whatever this node's own setting)."""
+    secret, public = new_identity()
+    ids = tmp_path / "id.txt"
+    ids.write_text(secret + "\n")
+    inner = _inner(await backend.open())
+    sealing = SealedStore(inner, Keys((public,), load_identities(str(ids)), str(ids)))
+    src = tmp_path / "src.db.zst"
+    src.write_bytes(os.urandom(MB + 7))
+    await sealing.upload("snapshots/sealed.db.zst", src)
+    await inner.upload("snapshots/plain.db.zst", src)
+    assert await open_stream(sealing, "snapshots/sealed.db.zst") is None
+    stream = await open_stream(sealing, "snapshots/plain.db.zst")
+    if stream is None:  # this backend does not stream at all
+        assert not isinstance(inner, Streaming)
+        return
+    try:
+        data = b""
+        while chunk := await asyncio.to_thread(stream.read, 100_000):
+            data += chunk
+    finally:
+        stream.close()
+    assert data == src.read_bytes()

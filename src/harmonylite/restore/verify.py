@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -32,12 +32,17 @@ from harmonylite.snapshot.packing import CHUNK, check_sound
 from harmonylite.snapshot.pipeline import WORK_PREFIX
 from harmonylite.snapshot.progress import NullProgress, ProgressSink
 from harmonylite.storage.base import ObjectStore
+from harmonylite.storage.streaming import ObjectStream, open_stream
 
 log = logging.getLogger(__name__)
 
 
 def _fail(m: Manifest, check: str, detail: str) -> VerificationError:
     return VerificationError(m.id, check, detail)
+
+
+class _Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
 
 
 class _DbWriter:
@@ -76,44 +81,82 @@ class _DbWriter:
         self.close()
 
 
+class _Source:
+    """What the decompressor reads: the stored bytes, hashed and counted as they pass."""
+
+    def __init__(self, src: _Readable, progress: ProgressSink) -> None:
+        self._src = src
+        self._progress = progress
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = CHUNK) -> bytes:
+        data = self._src.read(n if n > 0 else CHUNK)
+        if data:
+            self.sha.update(data)
+            self.size += len(data)
+            self._progress.advance(len(data))
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
 def unpack(m: Manifest, stored: Path, dest: Path, progress: ProgressSink) -> None:
-    """Check ``stored`` against the manifest and write the database to ``dest`` (not synced)."""
+    """Check the downloaded ``stored`` against the manifest and write the database to ``dest``
+    (not synced)."""
     size = stored.stat().st_size
     if size != m.stored_bytes:
         raise _fail(m, "size", f"stored object has {size} bytes, expected {m.stored_bytes}")
-    stored_sha = hashlib.sha256()
-    read = 0
+    with stored.open("rb") as src:
+        _unpack(m, src, dest, progress)
+
+
+def unpack_stream(m: Manifest, stream: ObjectStream, dest: Path, progress: ProgressSink) -> None:
+    """:func:`unpack` straight from the store: download, decompression, both hashes and the
+    write overlap (the stream fetches ahead on its own threads, the database is hashed and
+    written on another). Nothing but ``dest`` is written, and the checks are the same."""
+    try:
+        if stream.size != m.stored_bytes:
+            raise _fail(m, "size", f"stored object has {stream.size} bytes, "
+                        f"expected {m.stored_bytes}")
+        _unpack(m, stream, dest, progress)
+    finally:
+        stream.close()
+
+
+def _unpack(m: Manifest, src: _Readable, dest: Path, progress: ProgressSink) -> None:
+    stored = _Source(src, progress)
     broken: Exception | None = None
-    with stored.open("rb") as src, dest.open("wb") as out_file, _DbWriter(out_file) as out:
+    with dest.open("wb") as out_file, _DbWriter(out_file) as out:
         if m.compression == "zstd":
-            dobj = zstandard.ZstdDecompressor().decompressobj()
-            while chunk := src.read(CHUNK):
-                stored_sha.update(chunk)
-                read += len(chunk)
-                progress.advance(len(chunk))
-                if broken is not None:
-                    continue  # keep hashing, to name the right check
-                try:
-                    data = dobj.decompress(chunk)
-                except zstandard.ZstdError as exc:
-                    broken = exc
-                    continue
-                if data:
+            # read_to_iter hands out at most CHUNK bytes at a time however well the data
+            # compresses (a run of zeroed pages expands a thousandfold).
+            dctx = zstandard.ZstdDecompressor()
+            try:
+                # Any object with read() will do; the stubs ask for a file.
+                source = cast(IO[bytes], stored)
+                for data in dctx.read_to_iter(source, read_size=CHUNK, write_size=CHUNK):
                     out.write(data)
-            if broken is None and not dobj.eof:
-                broken = SnapshotError("compressed stream ends early")
+            except zstandard.ZstdError as exc:
+                broken = exc
+            stored.drain()  # the whole object is hashed, to name the right check
         else:
-            while chunk := src.read(CHUNK):
-                stored_sha.update(chunk)
-                read += len(chunk)
-                progress.advance(len(chunk))
+            while chunk := stored.read(CHUNK):
                 out.write(chunk)
     db_sha, db_size = out.sha, out.size
-    if stored_sha.hexdigest() != m.stored_sha256:
-        raise _fail(m, "sha256", f"stored object has sha256 {stored_sha.hexdigest()}, "
+    if stored.size != m.stored_bytes:
+        raise _fail(m, "size", f"stored object ended after {stored.size} bytes, "
+                    f"expected {m.stored_bytes}")
+    if stored.sha.hexdigest() != m.stored_sha256:
+        raise _fail(m, "sha256", f"stored object has sha256 {stored.sha.hexdigest()}, "
                     f"expected {m.stored_sha256}")
     if broken is not None:
         raise _fail(m, "decompress", str(broken) or type(broken).__name__)
+    if m.compression == "zstd" and db_size < m.db_bytes:
+        raise _fail(m, "decompress", f"compressed stream ends early ({db_size} of "
+                    f"{m.db_bytes} bytes)")
     if db_size != m.db_bytes:
         raise _fail(m, "size", f"database has {db_size} bytes, expected {m.db_bytes}")
     if db_sha.hexdigest() != m.db_sha256:
@@ -131,16 +174,49 @@ async def fetch(
     store: ObjectStore, m: Manifest, dest: Path, work: Path, progress: ProgressSink,
     *, sync: bool = False, integrity: bool = True,
 ) -> None:
-    """Download ``m`` into ``work`` and write its verified database to ``dest``.
+    """Download ``m`` and write its verified database to ``dest``.
 
     Raises VerificationError naming the failed check; ``dest`` is then unsound and unused.
     With ``sync``, ``dest`` is on disk (fsync) when it returns. Without ``integrity``, the
     ``integrity_check`` is not repeated: matching size and SHA-256 already prove the file is,
     byte for byte, the copy that passed ``integrity_check`` before its manifest was committed.
+    A store that streams the object (see :mod:`harmonylite.storage.streaming`) is read straight
+    into ``dest``; otherwise the object is downloaded into ``work`` first.
     """
+    progress.stage("download", m.stored_bytes)
+    stream = await open_stream(store, m.data_key)
+    if stream is None:
+        await _download_and_unpack(store, m, dest, work, progress)
+    else:
+        try:
+            check_local_space(work, dest.parent, m, streamed=True)
+            await asyncio.to_thread(unpack_stream, m, stream, dest, progress)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise NoSpaceError(str(dest.parent), m.db_bytes + SPACE_MARGIN_BYTES,
+                                   shutil.disk_usage(dest.parent).free) from exc
+            raise
+        finally:
+            await asyncio.to_thread(stream.close)
+    if not integrity:
+        if sync:
+            await asyncio.to_thread(_fsync, dest)
+        return
+    progress.stage("integrity_check")
+    if sync:  # the flush to disk overlaps with the check, which reads from the page cache
+        await asyncio.gather(asyncio.to_thread(integrity_check, m, dest),
+                             asyncio.to_thread(_fsync, dest))
+    else:
+        await asyncio.to_thread(integrity_check, m, dest)
+
+
+SPACE_MARGIN_BYTES = 1024 * 1024
+
+
+async def _download_and_unpack(store: ObjectStore, m: Manifest, dest: Path, work: Path,
+                               progress: ProgressSink) -> None:
     stored = work / ("stored-" + Path(m.data_key).name)
     check_local_space(work, dest.parent, m)
-    progress.stage("download", m.stored_bytes)
     try:
         await store.download(m.data_key, stored)
     except OSError as exc:
@@ -164,19 +240,6 @@ async def fetch(
     finally:
         with contextlib.suppress(OSError):
             stored.unlink()
-    if not integrity:
-        if sync:
-            await asyncio.to_thread(_fsync, dest)
-        return
-    progress.stage("integrity_check")
-    if sync:  # the flush to disk overlaps with the check, which reads from the page cache
-        await asyncio.gather(asyncio.to_thread(integrity_check, m, dest),
-                             asyncio.to_thread(_fsync, dest))
-    else:
-        await asyncio.to_thread(integrity_check, m, dest)
-
-
-SPACE_MARGIN_BYTES = 1024 * 1024
 
 
 def _needed(m: Manifest) -> int:
@@ -194,9 +257,15 @@ def _local_full(path: Path, bytes_needed: int) -> bool:
         return False
 
 
-def check_local_space(work: Path, dest_dir: Path, m: Manifest) -> None:
+def check_local_space(work: Path, dest_dir: Path, m: Manifest, *, streamed: bool = False) -> None:
     """NoSpaceError naming the local directory, the bytes needed and free, before downloading:
-    a full local disk is not the store's fault, nor the snapshot's."""
+    a full local disk is not the store's fault, nor the snapshot's. ``streamed``: the stored
+    object is not kept locally, only the database is written."""
+    if streamed:
+        free = shutil.disk_usage(dest_dir).free
+        if free < m.db_bytes + SPACE_MARGIN_BYTES:
+            raise NoSpaceError(str(dest_dir), m.db_bytes + SPACE_MARGIN_BYTES, free)
+        return
     same = os.stat(work).st_dev == os.stat(dest_dir).st_dev
     wants = [(work, _needed(m))] if same else [(work, m.stored_bytes + SPACE_MARGIN_BYTES),
                                                 (dest_dir, m.db_bytes + SPACE_MARGIN_BYTES)]

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, TypeVar
 from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageUnavailable
 
 from .base import ObjectInfo
+from .streaming import ObjectStream
 
 CHUNK = 1024 * 1024
 _T = TypeVar("_T")
@@ -68,6 +69,22 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _FileStream:
+    """An open object file read from a worker thread (see :mod:`.streaming`)."""
+
+    def __init__(self, fh: BufferedReader, size: int, store: FileStore, key: str) -> None:
+        self.size = size
+        self._fh = fh
+        self._store = store
+        self._key = key
+
+    def read(self, n: int) -> bytes:
+        return self._store._guard(self._key, self._fh.read, n)
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 class FileStore:
@@ -174,6 +191,17 @@ class FileStore:
 
     async def download_bytes(self, key: str) -> bytes:
         return await asyncio.to_thread(self._guard, key, self._read, key)
+
+    def _open_read(self, key: str) -> _FileStream:
+        path = self._path(key)
+        if path.is_dir():
+            raise ObjectNotFound(key)
+        fh = open(path, "rb")  # noqa: SIM115 - the stream owns it and closes it
+        return _FileStream(fh, os.fstat(fh.fileno()).st_size, self, key)
+
+    async def open_stream(self, key: str) -> ObjectStream:
+        """The object read in place: no copy into a temp file first."""
+        return await asyncio.to_thread(self._guard, key, self._open_read, key)
 
     # -- metadata -----------------------------------------------------------------------------
 

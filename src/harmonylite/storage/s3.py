@@ -2,8 +2,9 @@
 
 boto3 is blocking, so every call runs in a worker thread. Uploads and downloads go through the
 transfer manager (``upload_file``/``download_file``), which switches to multipart for large files;
-an S3 PUT or a completed multipart upload is atomic. The SHA-256 of the data is stored as the
-object metadata ``sha256`` so that ``stat`` can report it.
+an S3 PUT or a completed multipart upload is atomic. ``open_stream`` reads an object as ranged
+GETs, several in flight, for a restore that works on the bytes as they arrive. The SHA-256 of
+the data is stored as the object metadata ``sha256`` so that ``stat`` can report it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from harmonylite.errors import ObjectNotFound, StorageAuthError, StorageError, S
 from harmonylite.redact import redact
 
 from .base import ObjectInfo
+from .streaming import PART_BYTES, ObjectStream, PartStream
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -80,6 +82,8 @@ class S3Store:
         self.prefix = cfg.path.strip("/")
         self.endpoint = endpoint_url(cfg.endpoint, cfg.use_ssl)
         self._secrets = [s for s in (cfg.secret, cfg.session_token) if s]
+        self._read_attempts = max_attempts
+        self.part_bytes = PART_BYTES  # of a streamed read (open_stream)
         boto_cfg = BotoConfig(
             region_name=cfg.region or None,
             s3={"addressing_style": "path" if cfg.force_path_style else "auto"},
@@ -250,6 +254,32 @@ class S3Store:
 
     async def download(self, key: str, path: Path) -> ObjectInfo:
         return await self._run(key, self._download, key, Path(path))
+
+    def _get_range(self, key: str, offset: int, length: int) -> bytes:
+        """One range of an object. A body cut off mid-read is read again (the request's own
+        retries do not cover the body)."""
+        rng = f"bytes={offset}-{offset + length - 1}"
+        for attempt in range(1, self._read_attempts + 1):
+            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range=rng)
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+                return data
+            except BotoCoreError:
+                if attempt == self._read_attempts:
+                    raise
+            finally:
+                body.close()
+        raise AssertionError("unreachable")
+
+    async def open_stream(self, key: str) -> ObjectStream:
+        """The object as consecutive ranged GETs, several in flight (see PartStream)."""
+        info = await self._run(key, self._stat, key)
+
+        def fetch(offset: int, length: int) -> bytes:
+            return self._call(key, self._get_range, key, offset, length)
+
+        return PartStream(info.size, fetch, part_bytes=self.part_bytes, name="s3-read")
 
     def _download_bytes(self, key: str) -> bytes:
         resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))

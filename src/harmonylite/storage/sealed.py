@@ -16,9 +16,10 @@ Beside each sealed object, ``{key}.sealed.json`` (hidden from listings) records 
 public keys, so that a node that cannot open the object can say whom it was sealed to, and the
 size and SHA-256 of the plaintext. Callers see the plaintext: ``upload`` and ``stat`` report
 its size and hash (the manifests' ``stored_bytes``/``stored_sha256`` describe the object before
-sealing), ``download`` writes it. Only ``list`` reports sizes as stored. Sealing and opening
-stream in chunks (age's 64 KiB frames): memory does not grow with the object; the sealed copy
-is written beside the file being uploaded (or downloaded) and removed afterwards.
+sealing), ``download`` writes it; ``open_stream`` streams plain objects only. Only ``list``
+reports sizes as stored. Sealing and opening stream in chunks (age's 64 KiB frames): memory
+does not grow with the object; the sealed copy is written beside the file being uploaded (or
+downloaded) and removed afterwards.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from harmonylite.errors import (
 )
 
 from .base import ObjectInfo, ObjectStore
+from .streaming import ObjectStream, Prefixed, open_stream
 
 MAGIC = b"age-encryption.org/v1\n"
 SEAL_SUFFIX = ".sealed.json"
@@ -305,6 +307,22 @@ class SealedStore:
         finally:
             await asyncio.to_thread(_unlink, sealed)
         return ObjectInfo(key, size, sha, info.modified)
+
+    async def open_stream(self, key: str) -> ObjectStream | None:
+        """The inner store's stream of a plain object; None for a sealed one (``download``
+        opens it) or when the inner store cannot stream."""
+        stream = await open_stream(self.inner, key)
+        if stream is None:
+            return None
+        try:
+            head = await asyncio.to_thread(stream.read, len(MAGIC))
+        except BaseException:
+            await asyncio.to_thread(stream.close)
+            raise
+        if is_sealed(head):
+            await asyncio.to_thread(stream.close)
+            return None
+        return Prefixed(head, stream)
 
     async def download_bytes(self, key: str) -> bytes:
         data = await self.inner.download_bytes(key)

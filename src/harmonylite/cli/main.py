@@ -115,10 +115,20 @@ def _commands_epilog() -> str:
 _Parser = parser_class("")
 
 
+class _MainParser(_Parser):  # type: ignore[valid-type,misc]
+    """The list of commands is written when help is shown: building it loads every command's
+    module, which a command that only needs its own (a restore from S3) should not pay for."""
+
+    def format_help(self) -> str:
+        self.epilog = _commands_epilog()
+        text: str = super().format_help()
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harmonylite", description="Leaderless SQLite replication over NATS "
-                "JetStream, with verified snapshots.", allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_commands_epilog())
+    p = _MainParser(prog="harmonylite", description="Leaderless SQLite replication over NATS "
+                    "JetStream, with verified snapshots.", allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-config", "--config", default=None, metavar="PATH",
                    help="TOML configuration; a file named here must exist (without -config: "
                    "config.toml when present, else all defaults)")

@@ -16,14 +16,10 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from nats.js import JetStreamContext
-
-from harmonylite.bus.connection import JsContext
 from harmonylite.bus.names import namespace
 from harmonylite.cli import point_in_time
-from harmonylite.cli.connecting import default_js_context
 from harmonylite.cli.parsing import parser_class
 from harmonylite.config import Config
 from harmonylite.errors import (
@@ -39,6 +35,16 @@ from harmonylite.snapshot.manifest import Manifest, find_snapshot, list_snapshot
 from harmonylite.snapshot.pipeline import SnapshotPipeline
 from harmonylite.snapshot.progress import Progress
 from harmonylite.storage import ObjectStore, open_store
+
+if TYPE_CHECKING:
+    # A command on an S3, SFTP, WebDAV or file store never touches NATS: the client library
+    # (and aiohttp under it) is imported only when a command connects, which saves a restore
+    # or a listing a good part of its start-up.
+    from contextlib import AbstractAsyncContextManager
+
+    from nats.js import JetStreamContext
+
+    from harmonylite.bus.connection import JsContext
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="without --output: restore even when pending local changes cannot be "
                      "published first (they are lost)")
     return p
+
+
+def default_js_context(cfg: Config) -> AbstractAsyncContextManager[JetStreamContext]:
+    from harmonylite.cli.connecting import default_js_context as connect
+
+    return connect(cfg)
 
 
 @asynccontextmanager

@@ -53,8 +53,9 @@ KEYS: dict[str, KeyDoc] = {
     "sleep_timeout": KeyDoc("Milliseconds without publishing or applying after which the node "
                             "stops (exit 0); the snapshot leader first takes a final snapshot. "
                             "0: never."),
-    "polling_interval": KeyDoc("Milliseconds between looks at the database for new commits. "
-                               "0: 5 ms."),
+    "polling_interval": KeyDoc("Milliseconds between looks at the database for new commits, "
+                               "and the shortest time between two batches the node publishes "
+                               "(commits made meanwhile go out together). 0: 5 ms."),
     "exclude_tables": KeyDoc("Tables not replicated (glob patterns, case-sensitive). The default "
                              "lists the migration bookkeeping tables of common frameworks "
                              "(with `replicate_ddl = true` the default is empty: they "

@@ -253,15 +253,15 @@ class Node:
                                      replicate_ddl=cfg.replicate_ddl)
         self._spawn("schema", self.schema.run)
         if cfg.publish:
+            interval = cfg.polling_interval / 1000 if cfg.polling_interval else DEFAULT_POLL
             self.publisher = Publisher(
-                cfg, self.pub_db, self.js, epoch, metrics=self.metrics,
+                cfg, self.pub_db, self.js, epoch, metrics=self.metrics, pace=interval,
                 held=self.applier.held_tables if self.applier is not None else None,
                 schema=SchemaSender(cfg, self.pub_db, self.js, epoch)
                 if cfg.replicate_ddl else None,
                 hold=lambda: self.settings_watch.hold if self.settings_watch else None)
             publisher = self.publisher
             loop = asyncio.get_running_loop()
-            interval = cfg.polling_interval / 1000 if cfg.polling_interval else DEFAULT_POLL
 
             def wake() -> None:
                 loop.call_soon_threadsafe(publisher.wake.set)

@@ -11,6 +11,12 @@ A chunk stays in memory until every one of its messages is acknowledged; a retry
 unacknowledged ones, each with the same ``Nats-Msg-Id`` so JetStream drops a copy that was stored
 after all (DESIGN rule 11). The watermark moves only after the whole batch is acknowledged.
 
+Batches open at most once per ``pace`` (the change watcher's polling interval): each opens with
+one short write transaction (the previous batch's mark and this one's intent), and an application
+committing single rows faster than that would otherwise meet one node commit per commit of its
+own, and wait for the write lock behind it. Under such a stream of commits a batch carries the
+commits of one interval; a commit after a quiet moment goes out at once.
+
 The last change id of the batch is recorded before it is sent. If the process dies between the
 acknowledgement and the watermark, the next start re-sends that batch, cut the same way, so the
 message ids repeat and JetStream's duplicate window (2 minutes) drops the copies instead of
@@ -85,7 +91,7 @@ class Publisher:
                  epoch: str | None = None, *, metrics: Metrics | None = None,
                  held: Callable[[], set[str]] | None = None,
                  schema: SchemaSender | None = None,
-                 hold: Callable[[], str | None] | None = None) -> None:
+                 hold: Callable[[], str | None] | None = None, pace: float = 0.0) -> None:
         # The publisher's own connection: reading and marking never wait behind the applier.
         self.cfg = cfg
         self.db = db
@@ -111,6 +117,15 @@ class Publisher:
         # longer match the cluster's would publish where the others do not read.
         self._hold = hold or (lambda: None)
         self.holding: str | None = None
+        self._pace = pace  # shortest time between two batches' openings, in seconds
+        self._opened_at = -pace  # monotonic time the last batch was opened
+
+    async def _paced(self) -> None:
+        """Wait until ``pace`` has passed since the last batch opened (the commits meanwhile
+        join the next one)."""
+        due = self._opened_at + self._pace - time.monotonic()
+        if due > 0:
+            await asyncio.sleep(due)
 
     async def _out_of_band(self, m: Outgoing, limit: int) -> bytes:
         """Store an oversized message's payload in the object store; return its reference."""
@@ -192,7 +207,11 @@ class Publisher:
                 await self._schema.send()
             if not self._batches.end:
                 self._messages.opened = set()  # a batch given up before its end
+            await self._paced()
+            opening = time.monotonic()
             chunk = await self.db.call(lambda conn: self._batches.next_chunk(self.db.aux(), conn))
+            if chunk is not None:
+                self._opened_at = opening
             if chunk is None:
                 if self.pending and self.metrics is not None:
                     self.metrics.set_pending(0)
@@ -216,8 +235,12 @@ class Publisher:
         if flight.final:
             if self._schema is not None:  # between this batch and the next
                 await self._schema.send()
+            await self._paced()
+            opening = time.monotonic()
             following = await self.db.call(
                 lambda conn: self._batches.finish(self.db.aux(), conn))
+            if following is not None:
+                self._opened_at = opening
         else:
             following = await self.db.call(
                 lambda conn: self._batches.next_chunk(self.db.aux(), conn))

@@ -23,6 +23,8 @@ from harmonylite.db.connection import RawText, fetch_all, quote_ident
 
 log = logging.getLogger(__name__)
 
+IN_BATCH = 500  # keys per ``IN (...)`` query: well under SQLite's limit on bound parameters
+
 
 def table_hash(conn: sqlite3.Connection, name: str) -> str:
     """A short hash of a table's columns (names, declared types) and key: equal on two nodes
@@ -40,6 +42,7 @@ class RowReader:
         self._shapes: dict[str, TableShape | None] = {}
         self._select: dict[str, str] = {}
         self._keys: dict[str, list[str]] = {}
+        self._exact: set[str] = set()  # single INTEGER key: an integer key matches exactly
         self._warned: set[str] = set()
 
     def _refresh(self, conn: sqlite3.Connection) -> None:
@@ -49,6 +52,7 @@ class RowReader:
             self._shapes.clear()
             self._select.clear()
             self._keys.clear()
+            self._exact.clear()
 
     def shape(self, conn: sqlite3.Connection, table: str) -> TableShape | None:
         if table not in self._shapes:
@@ -67,6 +71,11 @@ class RowReader:
             cols = ", ".join(quote_ident(c) for c in info.columns)
             self._select[table] = f"SELECT {cols} FROM {quote_ident(table)} WHERE "
             self._keys[table] = [quote_ident(c) for c in info.pk]
+            if len(info.pk) == 1 and not info.content_keyed:
+                declared = {r[1]: str(r[2]).upper() for r in conn.execute(
+                    f"PRAGMA table_xinfo({quote_ident(table)})")}
+                if declared.get(info.pk[0]) == "INTEGER":
+                    self._exact.add(table)
         return self._shapes[table]
 
     def _warn_once(self, name: str, text: str) -> None:
@@ -79,6 +88,57 @@ class RowReader:
         return self._select[table] + " AND ".join(
             f"{k} IS CAST(? AS TEXT)" if type(v) is RawText else f"{k} IS ?"
             for k, v in zip(self._keys[table], key, strict=True))
+
+    def _rows_of(self, conn: sqlite3.Connection, table: str, keys: list[object],
+                  ) -> dict[object, tuple[object, ...]]:
+        """The rows of a table with a one-column key, read with one query per ``IN_BATCH``
+        keys rather than one per key, filed by their key as stored (type and value). A key
+        asked for that finds no row filed under it as it is (the query matched under the
+        column's affinity or collation, text ``'1'`` for ``1``, ``'ABC'`` for ``'abc'`` under
+        NOCASE; or there is none) is looked up alone, as every key was before."""
+        shape = self._shapes[table]
+        assert shape is not None
+        at = shape.pk_indexes[0]
+        found: dict[object, tuple[object, ...]] = {}
+        for i in range(0, len(keys), IN_BATCH):
+            part = keys[i:i + IN_BATCH]
+            sql = (self._select[table] + self._keys[table][0]
+                   + f" IN ({', '.join('?' * len(part))})")
+            for row in fetch_all(conn, sql, tuple(part)):
+                key = row[at]
+                if type(key) in (int, str):
+                    found[(type(key), key)] = tuple(row)
+        return found
+
+    def _prefetch(self, conn: sqlite3.Connection, entries: list[Entry],
+                  registry: dict[int, TableShape],
+                  ) -> dict[str, dict[object, tuple[object, ...]]]:
+        """The rows of the tables with a one-column key that several entries touch."""
+        wanted: dict[str, list[object]] = {}
+        for e in entries:
+            if len(e.key) == 1 and type(e.key[0]) in (int, str):
+                wanted.setdefault(registry[e.tid].name, []).append(e.key[0])
+        out: dict[str, dict[object, tuple[object, ...]]] = {}
+        for name, keys in wanted.items():
+            shape = self.shape(conn, name)
+            if len(keys) < 2 or shape is None or shape.content_keyed or len(shape.pk) != 1:
+                continue
+            out[name] = self._rows_of(conn, name, keys)
+        return out
+
+    def _row(self, conn: sqlite3.Connection, name: str, key: tuple[object, ...],
+             read: dict[str, dict[object, tuple[object, ...]]]) -> tuple[object, ...] | None:
+        """The row of ``key`` as it is now (None: there is none)."""
+        rows = read.get(name)
+        if rows is not None and len(key) == 1:
+            k = key[0]
+            row = rows.get((type(k), k))
+            if row is not None:
+                return row
+            if type(k) is int and name in self._exact:
+                return None  # an integer key compares exactly: the row is gone
+        found = fetch_all(conn, self._query(name, key), key)
+        return tuple(found[0]) if found else None
 
     def changes(self, conn: sqlite3.Connection, entries: list[Entry],
                 registry: dict[int, TableShape]) -> tuple[list[Change], dict[str, TableShape]]:
@@ -96,7 +156,9 @@ class RowReader:
             last[(e.tid, e.key)] = e
         out: list[Change] = []
         shapes: dict[str, TableShape] = {}
-        for e in sorted(last.values(), key=lambda e: e.id):
+        ordered = sorted(last.values(), key=lambda e: e.id)
+        read = self._prefetch(conn, ordered, registry)
+        for e in ordered:
             name = registry[e.tid].name
             shape = self.shape(conn, name)
             if shape is None or len(shape.pk) != len(e.key):
@@ -114,8 +176,7 @@ class RowReader:
                 continue
             # Read even for a delete: a delete logged ahead of an ``OR REPLACE`` that did not
             # remove the row after all (see ``ddl.replace_trigger_ddl``) finds it still here.
-            found = fetch_all(conn, self._query(name, e.key), e.key)
-            row = tuple(found[0]) if found else None
+            row = self._row(conn, name, e.key, read)
             if row is None:  # deleted (now, if not then): send the key alone
                 out.append(Change(e.id, name, ddl.OP_DELETE, _key_only(shape, e.key)))
             else:

@@ -39,7 +39,7 @@ from .workload import History
 
 Dump = dict[str, tuple[tuple[str, ...], list[tuple[str, ...]]]]
 
-# The node's own words for a gap (replication/consumer.py, node/daemon.py, restore/at_start.py).
+# The node's own words for a gap (replication/consumer.py, node/progress.py, restore/at_start.py).
 _GAP_LINE = re.compile(
     r"^(?P<t>\d\d:\d\d:\d\d\.\d{3}) \S+ .*?(?:"
     r"gap in stream (?P<s1>\S+): messages \d+\.\.\d+ were dropped"

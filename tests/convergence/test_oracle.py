@@ -165,7 +165,7 @@ def test_every_node_behind_a_gap_fails(tmp_path: Path) -> None:
 
 
 def test_the_nodes_own_gap_lines_are_read() -> None:
-    # Lines as a node writes them (replication/consumer.py, node/daemon.py, restore/at_start.py).
+    # Lines as a node writes them (replication/consumer.py, node/progress.py, restore/at_start.py).
     log = "\n".join([
         "16:06:36.211 INFO [node 3] change capture installed tables=3",
         "16:06:36.232 ERRO [node 3] this node never applied messages 25..108 of stream "

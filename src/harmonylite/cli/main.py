@@ -230,7 +230,7 @@ def run(argv: Sequence[str]) -> int:
         command = _command(verb[0])
         code: int = command.load().main(cfg, verb[1:])
         return code
-    from harmonylite.node.daemon import run_node
+    from harmonylite.node.run import run_node
 
     return asyncio.run(run_node(cfg))
 

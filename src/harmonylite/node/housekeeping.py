@@ -1,10 +1,12 @@
-"""The node's periodic chores, every ``cleanup_interval``."""
+"""The node's periodic chores, every ``cleanup_interval``; and its stop when idle."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import sqlite3
+import time
+from collections.abc import Callable
 
 from harmonylite.aio import wait_any
 from harmonylite.cdc import changelog, ddl
@@ -50,3 +52,18 @@ async def housekeeping(stop: asyncio.Event, writer: DbThread, *, interval: float
                 log.warning("housekeeping of the change log failed (retried every %.1f s): %s",
                             interval, exc)
             failing = str(exc)
+
+
+async def sleep_when_idle(stop: asyncio.Event, timeout: float,
+                          activity: Callable[[], tuple[int, int]]) -> None:
+    """sleep_timeout: stop the node (``stop``) after ``timeout`` seconds without publishing or
+    applying (``activity``: changes published, changes applied)."""
+    seen, since = activity(), time.monotonic()
+    while not stop.is_set():
+        await wait_any(stop, timeout=min(1.0, timeout))
+        now = activity()
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= timeout:
+            log.info("no activity for %.1f s (sleep_timeout): stopping", timeout)
+            stop.set()

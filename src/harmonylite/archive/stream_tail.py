@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
 
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -32,7 +33,7 @@ class StreamTail:
         self.spool = spool
         self.queue: asyncio.Queue[Message] = asyncio.Queue(MAX_QUEUED)
         self.head = 0  # the newest sequence the stream is known to hold
-        self._sub: Any = None
+        self._sub: Subscription | None = None
         self._upto = 0
 
     async def start(self, first: int) -> None:
@@ -45,7 +46,7 @@ class StreamTail:
             self.subject, stream=self.stream, cb=self._on_msg, ordered_consumer=True,
             config=cfg, idle_heartbeat=2.0, pending_msgs_limit=-1, pending_bytes_limit=-1)
 
-    async def _on_msg(self, msg: Any) -> None:
+    async def _on_msg(self, msg: Msg) -> None:
         meta = msg.metadata
         seq = int(meta.sequence.stream)
         if seq <= self._upto:

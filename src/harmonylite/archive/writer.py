@@ -38,6 +38,8 @@ from harmonylite.archive import catalog, segment
 from harmonylite.archive.stream_tail import StreamTail
 from harmonylite.bus.kv import describe
 from harmonylite.errors import LeaseLost
+from harmonylite.ops.metrics import Metrics
+from harmonylite.snapshot.leader import LeaderElection
 from harmonylite.snapshot.manifest import list_snapshots
 from harmonylite.storage.base import ObjectStore
 
@@ -56,7 +58,7 @@ StoreOpener = Callable[[], Awaitable[ObjectStore]]
 class Lease:
     """What the writer needs of the snapshot election."""
 
-    def __init__(self, election: Any) -> None:
+    def __init__(self, election: LeaderElection) -> None:
         self.election = election
 
     @property
@@ -84,7 +86,7 @@ class StreamState:
 class ArchiveWriter:
     def __init__(self, *, js: JetStreamContext, open_store: StoreOpener, lease: Lease,
                  streams: dict[str, str], node_id: int, interval_ms: int,
-                 spool: Path | None = None, metrics: Any = None,
+                 spool: Path | None = None, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.js = js
         self._open_store = open_store

@@ -25,6 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
 from harmonylite.aio import wait_any
 from harmonylite.bus.kv import bounded, describe, open_bucket
 from harmonylite.bus.names import node_key
@@ -72,7 +75,7 @@ Collect = Callable[[], Awaitable[dict[str, Any]]]
 class HeartbeatPublisher:
     """Puts ``collect()`` in the heartbeat bucket every second (see the module's docstring)."""
 
-    def __init__(self, js: Any, node_id: int, buckets: Buckets, collect: Collect,
+    def __init__(self, js: JetStreamContext, node_id: int, buckets: Buckets, collect: Collect,
                  is_connected: Callable[[], bool], *,
                  interval: float = INTERVAL_SECONDS) -> None:
         self._js = js
@@ -83,8 +86,8 @@ class HeartbeatPublisher:
         self._connected = is_connected
         self.interval = interval
         self.history = LagHistory()
-        self._kv: Any = None
-        self._seen_kv: Any = None
+        self._kv: KeyValue | None = None
+        self._seen_kv: KeyValue | None = None
         self._seen_at = 0.0
         self.last_error: str | None = None
         self.beats = 0
@@ -132,7 +135,7 @@ class HeartbeatPublisher:
         record.update(at=round(now, 3), stopped=stopped, lag_history=self.history.as_list())
         return record
 
-    async def _open(self, bucket: str, ttl_ms: int) -> Any:
+    async def _open(self, bucket: str, ttl_ms: int) -> KeyValue:
         b = self._buckets
         return await open_bucket(self._js, bucket, ttl_ms, OP_TIMEOUT, replicas=b.replicas,
                                  update_existing=b.update_existing)

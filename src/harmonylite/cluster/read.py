@@ -10,7 +10,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
 
 from harmonylite.bus.names import node_key, node_of
 from harmonylite.cluster import view
@@ -20,18 +22,21 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT = 5.0  # bound on reading one bucket
 
 
-async def read_bucket(js: Any, bucket: str, timeout: float = READ_TIMEOUT) -> list[dict[str, Any]]:
+async def read_bucket(js: JetStreamContext, bucket: str,
+                      timeout: float = READ_TIMEOUT) -> list[dict[str, Any]]:
     """Every node's record in ``bucket`` ([] when the bucket does not exist yet)."""
     try:
         kv = await asyncio.wait_for(js.key_value(bucket), timeout)
     except BucketNotFoundError:
         return []
-    watcher = await asyncio.wait_for(kv.watchall(ignore_deletes=True), timeout)
+    # nats-py's KV watcher has no annotations: held as Any, its entries typed below.
+    watcher: Any = await asyncio.wait_for(kv.watchall(ignore_deletes=True), timeout)
     out: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + timeout
         while True:
-            entry = await watcher.updates(timeout=max(0.1, deadline - time.monotonic()))
+            left = max(0.1, deadline - time.monotonic())
+            entry: KeyValue.Entry | None = await watcher.updates(timeout=left)
             if entry is None:
                 break  # the initial values are all in
             if node_of(entry.key) is None:
@@ -50,13 +55,14 @@ async def read_bucket(js: Any, bucket: str, timeout: float = READ_TIMEOUT) -> li
     return out
 
 
-async def read_records(js: Any, heartbeats: str, last_seen: str) -> list[dict[str, Any]]:
+async def read_records(js: JetStreamContext, heartbeats: str,
+                       last_seen: str) -> list[dict[str, Any]]:
     """The records of both buckets (the view keeps each node's newest)."""
     beats, seen = await asyncio.gather(read_bucket(js, heartbeats), read_bucket(js, last_seen))
     return beats + seen
 
 
-async def forget(js: Any, buckets: tuple[str, ...], node_id: int) -> bool:
+async def forget(js: JetStreamContext, buckets: tuple[str, ...], node_id: int) -> bool:
     """Remove ``node_id``'s records from ``buckets``; True when any was there."""
     found = False
     for bucket in buckets:
@@ -77,8 +83,9 @@ class ClusterReader:
     """The cluster view for a server that answers many requests: read at most once per
     ``max_age`` seconds, whoever asks (the page polls every second from every open tab)."""
 
-    def __init__(self, js: Callable[[], Any], heartbeats: str, last_seen: str, *,
-                 max_age: float = 1.0, max_lag: int = view.DEFAULT_MAX_LAG) -> None:
+    def __init__(self, js: Callable[[], JetStreamContext | None], heartbeats: str,
+                 last_seen: str, *, max_age: float = 1.0,
+                 max_lag: int = view.DEFAULT_MAX_LAG) -> None:
         self._js = js
         self._buckets = (heartbeats, last_seen)
         self._max_age = max_age

@@ -34,6 +34,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from harmonylite.bus.kv import (
     bounded,
@@ -85,7 +86,7 @@ class NodeClaim:
         self.bucket = bucket
         self.ttl_ms = ttl_ms
         self.replicas = replicas
-        self.kv: Any = None
+        self.kv: KeyValue | None = None
         self.node_id = node_id
         self.key = node_key(node_id)
         self.heartbeat = heartbeat_seconds(ttl_ms)
@@ -106,6 +107,11 @@ class NodeClaim:
                 and holder.get("boot") == self.mine["boot"]
                 and holder.get("db_path") == self.mine["db_path"]
                 and isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid))
+
+    @property
+    def _kv(self) -> KeyValue:
+        assert self.kv is not None, "the bucket is opened first (start)"
+        return self.kv
 
     async def _open(self) -> None:
         if self.kv is not None:
@@ -136,13 +142,13 @@ class NodeClaim:
         await self._open()
         while True:
             try:
-                self.revision = await bounded(self.kv.create(self.key, self._value()),
+                self.revision = await bounded(self._kv.create(self.key, self._value()),
                                               self.op_timeout)
                 return
             except KeyWrongLastSequenceError:
                 pass
             try:
-                entry = await bounded(self.kv.get(self.key), self.op_timeout)
+                entry = await bounded(self._kv.get(self.key), self.op_timeout)
             except KeyNotFoundError:
                 continue  # gone meanwhile (deleted or expired): create again
             holder = parse_value(entry.value)
@@ -155,7 +161,7 @@ class NodeClaim:
                     raise NodeIdInUse(self.node_id, self.mine, live)
             try:
                 self.revision = await bounded(
-                    self.kv.update(self.key, self._value(), last=entry.revision),
+                    self._kv.update(self.key, self._value(), last=entry.revision),
                     self.op_timeout)
             except KeyWrongLastSequenceError:
                 continue  # renewed or taken just now: look again
@@ -163,7 +169,8 @@ class NodeClaim:
                      self.node_id, describe(holder))
             return
 
-    async def _live_holder(self, revision: int, holder: dict[str, Any]) -> dict[str, Any] | None:
+    async def _live_holder(self, revision: int | None,
+                           holder: dict[str, Any]) -> dict[str, Any] | None:
         """The process holding the claim when the claim at ``revision`` is renewed (or taken)
         within two of its holder's heartbeats; None when it is left to lapse."""
         beat = holder.get("heartbeat")
@@ -174,7 +181,7 @@ class NodeClaim:
         while time.monotonic() < deadline:
             await asyncio.sleep(POLL_SECONDS)
             try:
-                entry = await bounded(self.kv.get(self.key), self.op_timeout)
+                entry = await bounded(self._kv.get(self.key), self.op_timeout)
             except KeyNotFoundError:
                 return None
             if entry.revision != revision:
@@ -211,12 +218,12 @@ class NodeClaim:
             return
         try:
             self.revision = await bounded(
-                self.kv.update(self.key, self._value(), last=self.revision), self.op_timeout)
+                self._kv.update(self.key, self._value(), last=self.revision), self.op_timeout)
             return
         except KeyWrongLastSequenceError:
             pass
         try:
-            entry = await bounded(self.kv.get(self.key), self.op_timeout)
+            entry = await bounded(self._kv.get(self.key), self.op_timeout)
         except KeyNotFoundError:  # expired while NATS was away: claim it again
             self.revision = None
             await self.acquire()
@@ -230,6 +237,6 @@ class NodeClaim:
         if self.revision is None or self.taken is not None:
             return
         try:
-            await bounded(self.kv.delete(self.key, last=self.revision), self.op_timeout)
+            await bounded(self._kv.delete(self.key, last=self.revision), self.op_timeout)
         except Exception as exc:  # it expires with the bucket's TTL
             log.debug("releasing the claim on node_id %d: %s", self.node_id, exc)

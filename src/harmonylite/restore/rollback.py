@@ -22,7 +22,8 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from nats.js import JetStreamContext
 
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
@@ -37,10 +38,10 @@ from harmonylite.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 StoreContext = Callable[[], contextlib.AbstractAsyncContextManager[ObjectStore]]
-JsContext = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+JsContext = Callable[[], contextlib.AbstractAsyncContextManager[JetStreamContext]]
 
 
-async def stream_ends(js: Any, streams: list[str]) -> dict[str, int]:
+async def stream_ends(js: JetStreamContext, streams: list[str]) -> dict[str, int]:
     """Each stream's last sequence (0 for a stream that does not exist)."""
     out: dict[str, int] = {}
     for name in streams:

@@ -47,6 +47,7 @@ from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
 from harmonylite.ops.health import snapshot_age_limit, to_epoch
+from harmonylite.ops.metrics import Metrics
 from harmonylite.snapshot import request
 from harmonylite.snapshot.leader import LeaderElection
 from harmonylite.snapshot.manifest import Manifest, list_snapshots
@@ -127,7 +128,7 @@ class Scheduler:
         open_store: StoreOpener,
         *,
         js: JetStreamContext,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         activity: Callable[[], object] | None = None,
         on_sleep: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,

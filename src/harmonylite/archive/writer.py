@@ -33,7 +33,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from harmonylite.aio import wait_any
+from harmonylite.aio import Backoff, wait_any
 from harmonylite.archive import catalog, segment
 from harmonylite.archive.stream_tail import StreamTail
 from harmonylite.bus.kv import describe
@@ -128,7 +128,8 @@ class ArchiveWriter:
     async def run(self, stop: asyncio.Event) -> None:
         if self.metrics is not None:
             self.metrics.track_archive_age(self.newest_segment_age)
-        failures = 0
+        # The first retry after 2 * RETRY_FIRST (the writer's own pace since it was written).
+        backoff = Backoff(2 * RETRY_FIRST, RETRY_MAX)
         while not stop.is_set():
             term = self.lease.term
             if term is None:
@@ -136,15 +137,14 @@ class ArchiveWriter:
                 continue
             try:
                 await self._lead(term, stop)
-                failures = 0
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except LeaseLost as exc:
                 log.info("archive writer stopped: %s", exc)
             except Exception as exc:
-                failures += 1
                 self._failed(f"archive writer: {describe(exc)}")
-                await wait_any(stop, timeout=min(RETRY_MAX, RETRY_FIRST * 2 ** failures))
+                await backoff.wait(stop)
             finally:
                 self.writing = False
 
@@ -253,7 +253,7 @@ class ArchiveWriter:
         """Store ``held`` as one segment, retrying the store until it works or the lease goes."""
         data, manifest = segment.encode(stream, held, self.node_id)
         ref = manifest.ref
-        delay = RETRY_FIRST
+        backoff = Backoff(RETRY_FIRST, RETRY_MAX)  # while the store is down
         failing = False
         while True:
             try:
@@ -269,8 +269,7 @@ class ArchiveWriter:
                     log.warning("%s (the segment is kept and retried until the store takes "
                                 "it)", self.last_error, extra={"stream": stream})
                 failing = True
-                await asyncio.sleep(delay)  # backoff while the store is down
-                delay = min(RETRY_MAX, delay * 2)
+                await backoff.wait()
                 if self.lease.term != term:
                     raise LeaseLost("snapshot lease lost while the store failed") from exc
         if failing:

@@ -52,6 +52,7 @@ from harmonylite.replication.outcome import ApplyResult, is_transient
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 8192
+STALL_BACKOFF_FIRST = 0.05
 STALL_BACKOFF_MAX = 5.0
 RESUB_FIRST = 0.2  # first retry of a lost consumer; doubles up to RESUB_MAX
 RESUB_MAX = 2.0  # bounded low: a consumer resumes within about the election time plus this
@@ -352,7 +353,7 @@ class ShardConsumer:
             return
         stream = self.stream
         msgs = [(m.seq, m.data) for m in group]
-        backoff = 0.05
+        backoff = Backoff(STALL_BACKOFF_FIRST, STALL_BACKOFF_MAX)
         while True:
             try:
                 result = await self.writer.call(
@@ -368,10 +369,9 @@ class ShardConsumer:
                                 extra={"stream": stream, "sequence": msgs[0][0]})
                     self.stalled_since = self.stalled_since or time.monotonic()
                 self.stalled = reason
-                await wait_any(stop, timeout=backoff)
+                await backoff.wait(stop)
                 if stop.is_set():
                     return  # shutting down; the group is applied again on the next start
-                backoff = min(backoff * 2, STALL_BACKOFF_MAX)
         if self.stalled is not None:
             log.info("apply resumed on %s after %.1f s", stream,
                      time.monotonic() - (self.stalled_since or time.monotonic()),

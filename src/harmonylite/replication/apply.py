@@ -209,51 +209,57 @@ class Applier(QuietEchoes):
         with write_transaction(conn):
             kept.write(conn)
             self._refresh(conn)
-            conn.execute(f"UPDATE {ddl.GUARD} SET applying = 1 WHERE id = 1")
-            if self.skip_pending:
-                self._pending.refresh(conn, self._shapes, self._folder(conn))
-            pending = self._pending
-            self._parked_tables = parking.parked_tables(conn)
-            self.settle.transaction_started(self._parked_tables)
-            if self.settle.due(self._parked_tables):
-                result.unparked = self._unpark(conn, pending)
-            marks = self._marks = self._read_marks(conn, stream)
-            moved: set[str] = set()
-            for seq, data in messages:
-                result.last_seq = seq
-                result.messages += 1
-                try:
-                    batch = decode(data)
-                except DecodeError as exc:
-                    raw = as_bytes(data)
-                    about = deadletter.about_message(raw, lambda t: self._local_pk(conn, t))
-                    deadletter.record_message(conn, stream, seq, raw, str(exc), about)
-                    result.failed.append((seq, f"{exc} (node {about.origin}, table "
-                                               f"{about.table}, key {about.key})"))
-                    result.dead_letters += 1
-                    continue
-                result.origin_nodes.add(batch.node_id)
-                if replay:
-                    batch = Batch(batch.node_id, batch.columns, batch.keys, batch.changes,
-                                  schema=batch.schema)
-                self._apply_message(conn, stream, seq, batch, pending, marks, result)
-                if batch.origin and batch.ids:
-                    moved.add(batch.origin)
-            conn.executemany(
-                f"INSERT INTO {ddl.ORIGINS}(origin, stream, hwm) VALUES (?, ?, ?) "
-                "ON CONFLICT(origin, stream) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
-                [(o, stream, marks[o]) for o in moved])
-            if self.settle.due(self._parked_tables):
-                result.unparked += self._unpark(conn, pending)
-            if result.last_seq and not replay:
-                conn.execute(
-                    f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?) ON CONFLICT(stream) "
-                    "DO UPDATE SET seq = max(seq, excluded.seq)",
-                    (stream, result.last_seq),
-                )
-            conn.execute(f"UPDATE {ddl.GUARD} SET applying = 0 WHERE id = 1")
+            with changelog.replicating(conn):
+                self._apply_guarded(conn, stream, messages, replay, result)
         self.settle.transaction_committed(self._parked_tables)
         return result
+
+    def _apply_guarded(self, conn: sqlite3.Connection, stream: str,
+                       messages: Sequence[tuple[int, Payload]], replay: bool,
+                       result: ApplyResult) -> None:
+        """The messages, the origins' marks and the stream position, as the replicator's own
+        writes (the guard flag set)."""
+        if self.skip_pending:
+            self._pending.refresh(conn, self._shapes, self._folder(conn))
+        pending = self._pending
+        self._parked_tables = parking.parked_tables(conn)
+        self.settle.transaction_started(self._parked_tables)
+        if self.settle.due(self._parked_tables):
+            result.unparked = self._unpark(conn, pending)
+        marks = self._marks = self._read_marks(conn, stream)
+        moved: set[str] = set()
+        for seq, data in messages:
+            result.last_seq = seq
+            result.messages += 1
+            try:
+                batch = decode(data)
+            except DecodeError as exc:
+                raw = as_bytes(data)
+                about = deadletter.about_message(raw, lambda t: self._local_pk(conn, t))
+                deadletter.record_message(conn, stream, seq, raw, str(exc), about)
+                result.failed.append((seq, f"{exc} (node {about.origin}, table "
+                                           f"{about.table}, key {about.key})"))
+                result.dead_letters += 1
+                continue
+            result.origin_nodes.add(batch.node_id)
+            if replay:
+                batch = Batch(batch.node_id, batch.columns, batch.keys, batch.changes,
+                              schema=batch.schema)
+            self._apply_message(conn, stream, seq, batch, pending, marks, result)
+            if batch.origin and batch.ids:
+                moved.add(batch.origin)
+        conn.executemany(
+            f"INSERT INTO {ddl.ORIGINS}(origin, stream, hwm) VALUES (?, ?, ?) "
+            "ON CONFLICT(origin, stream) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
+            [(o, stream, marks[o]) for o in moved])
+        if self.settle.due(self._parked_tables):
+            result.unparked += self._unpark(conn, pending)
+        if result.last_seq and not replay:
+            conn.execute(
+                f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?) ON CONFLICT(stream) "
+                "DO UPDATE SET seq = max(seq, excluded.seq)",
+                (stream, result.last_seq),
+            )
 
     def _apply_message(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
                        pending: changelog.PendingKeys, marks: dict[str, int],
@@ -262,21 +268,20 @@ class Applier(QuietEchoes):
         if batch.schema is not None:
             self._apply_schema(conn, stream, seq, batch)
             return
-        conn.execute("SAVEPOINT msg")
         try:
-            outcomes = self._apply_changes(conn, stream, seq, batch, pending, dict(marks),
-                                           isolate=False)
+            with savepoint(conn, "msg"):
+                outcomes = self._apply_changes(conn, stream, seq, batch, pending, dict(marks),
+                                               isolate=False)
         except Exception as exc:
-            conn.execute("ROLLBACK TO msg")
             if is_transient(exc):
-                conn.execute("RELEASE msg")
                 raise
-            outcomes = self._apply_changes(conn, stream, seq, batch, pending, marks,
-                                           isolate=True)
+            # Rolled back: again change by change, each under its own savepoint.
+            with savepoint(conn, "msg"):
+                outcomes = self._apply_changes(conn, stream, seq, batch, pending, marks,
+                                               isolate=True)
         else:
             if batch.origin and batch.ids:
                 marks[batch.origin] = max(marks.get(batch.origin, 0), max(batch.ids))
-        conn.execute("RELEASE msg")
         result.rows += outcomes[APPLIED]
         result.skipped_pending += outcomes[SKIPPED]
         result.parked += outcomes[PARKED]
@@ -303,13 +308,11 @@ class Applier(QuietEchoes):
                             "setting)", stream, seq, batch.node_id,
                             extra={"stream": stream, "sequence": seq})
             return
-        conn.execute("SAVEPOINT schema_msg")
         try:
-            outcome = schema_apply.apply(conn, stream, seq, batch, self.node_id,
-                                         self.replicated)
+            with savepoint(conn, "schema_msg"):
+                outcome = schema_apply.apply(conn, stream, seq, batch, self.node_id,
+                                             self.replicated)
         except Exception as exc:
-            conn.execute("ROLLBACK TO schema_msg")
-            conn.execute("RELEASE schema_msg")
             if is_transient(exc):
                 raise
             # Not a schema change this node can read (a malformed message): recorded, and
@@ -322,7 +325,6 @@ class Applier(QuietEchoes):
                       stream, seq, uid, batch.node_id, reason,
                       extra={"stream": stream, "sequence": seq, "schema_change": uid})
             return
-        conn.execute("RELEASE schema_msg")
         if not outcome.changed:
             return
         report = install_in_transaction(conn, self.replicated, backfill=False)

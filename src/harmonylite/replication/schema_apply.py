@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from harmonylite.cdc import ddl, schema_changes, schema_plan
 from harmonylite.cdc.schema_changes import Touched
 from harmonylite.cdc.schema_plan import Objects, PlanError
-from harmonylite.db.connection import PREFIX, quote_ident
+from harmonylite.db.connection import PREFIX, quote_ident, savepoint
 from harmonylite.replication.event import Batch
 
 log = logging.getLogger(__name__)
@@ -74,23 +74,28 @@ def _with(base: Objects, objs: Touched, *, after: bool) -> Objects:
     return out
 
 
+class _NotAsSent(Exception):
+    """The statements ran, and the schema is not the origin's: rolled back like a failure."""
+
+
 def _run(conn: sqlite3.Connection, stmts: list[str], check: Callable[[], bool],
          tables: set[str]) -> str:
     """Run ``stmts`` under a savepoint, the capture triggers of ``tables`` dropped first;
     '' when ``check()`` holds after, else the reason (and everything rolled back, the triggers
     too)."""
-    conn.execute("SAVEPOINT schema_change")
     try:
-        _drop_capture(conn, tables)
-        schema_plan.run_plan(conn, stmts)
-        ok = check()
-        reason = "" if ok else "the statements did not give the origin's definitions"
+        with savepoint(conn, "schema_change"):
+            _drop_capture(conn, tables)
+            schema_plan.run_plan(conn, stmts)
+            if not check():
+                raise _NotAsSent("the statements did not give the origin's definitions")
+    except _NotAsSent as exc:
+        reason = str(exc)
     except sqlite3.Error as exc:
         reason = f"{type(exc).__name__}: {exc}"
-    if reason:
-        conn.execute("ROLLBACK TO schema_change")
-        conn.execute("PRAGMA legacy_alter_table = OFF")
-    conn.execute("RELEASE schema_change")
+    else:
+        return ""
+    conn.execute("PRAGMA legacy_alter_table = OFF")
     return reason
 
 

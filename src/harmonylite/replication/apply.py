@@ -26,9 +26,9 @@ from collections.abc import Sequence
 
 from harmonylite.cdc import changelog, ddl, schema_changes
 from harmonylite.cdc.install import install_in_transaction, report_install
-from harmonylite.db.connection import fetch_all, savepoint, write_transaction
+from harmonylite.db.connection import savepoint, write_transaction
 from harmonylite.errors import DecodeError
-from harmonylite.replication import deadletter, parking, schema_apply
+from harmonylite.replication import dead_retry, deadletter, parking, schema_apply
 from harmonylite.replication.event import Batch, decode
 from harmonylite.replication.outcome import (
     APPLIED,
@@ -105,40 +105,16 @@ class Applier(QuietEchoes):
             self.settle.dead_retry_wanted = True  # once the schema has settled
             return 0
         self.settle.dead_retry_wanted = False
-        waiting = [d for d in deadletter.rows(conn)
-                   if d.table and "NOT NULL constraint failed" in d.error]
-        applied = 0
-        if not waiting:
+        letters = dead_retry.waiting(conn)
+        if not letters:
             return 0
         with write_transaction(conn):
             self._refresh(conn)
             with changelog.replicating(conn):
-                for d in waiting:
-                    try:
-                        batch = decode(d.payload)
-                    except DecodeError:
-                        continue  # a whole message that is no batch: its retry is the operator's
-                    ch = batch.changes[0]
-                    local = self._local(conn, ch.table)
-                    if local is None or ch.op == ddl.OP_DELETE:
-                        continue
-                    cols = batch.columns[ch.table]
-                    if not all(c in cols for c in local.pk):
-                        continue
-                    key = tuple(ch.values[cols.index(c)] for c in local.pk)
-                    where = " AND ".join(f'"{c}" IS ?' for c in local.pk)
-                    if fetch_all(conn, f'SELECT 1 FROM "{ch.table}" WHERE {where}', key):
-                        continue
-                    try:
-                        with savepoint(conn, "dead"):
-                            self._apply_change(conn, d.stream, d.seq, batch, ch, self._pending,
-                                               parked=True)
-                    except Exception as exc:
-                        if is_transient(exc):
-                            raise
-                        continue
-                    deadletter.delete(conn, d.id)
-                    applied += 1
+                applied = dead_retry.retry(
+                    conn, letters, lambda table: self._local(conn, table),
+                    lambda stream, seq, batch, ch: self._apply_change(
+                        conn, stream, seq, batch, ch, self._pending, parked=True))
         if applied:
             log.info("applied %d dead letters that the schema now accepts", applied)
         return applied

@@ -10,7 +10,6 @@ MAX_LINES = 400
 # Over the limit today, next to be split (docs/architecture.md, "Known departures"); this list
 # only shrinks.
 KNOWN: dict[str, int] = {
-    "config.py": 443,
     "snapshot/scheduler.py": 483,
 }
 

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from harmonylite.cdc import changelog, ddl, schema_changes
 from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.db.connection import savepoint, write_transaction
 from harmonylite.errors import DecodeError
-from harmonylite.replication import dead_retry, deadletter, parking, schema_apply
+from harmonylite.replication import conflicts, dead_retry, parking, schema_apply
+from harmonylite.replication.dead_retry import DeadRetry
+from harmonylite.replication.deadletter import DeadLetters
 from harmonylite.replication.event import Batch, decode
+from harmonylite.replication.local_tables import NEVER_READ, LocalTables
 from harmonylite.replication.outcome import (
     APPLIED,
     DEAD,
@@ -39,82 +42,104 @@ from harmonylite.replication.outcome import (
     ApplyResult,
     is_transient,
 )
-from harmonylite.replication.positions import Kept
+from harmonylite.replication.own_changes import OwnOrigins
+from harmonylite.replication.parking import ParkedChanges
+from harmonylite.replication.positions import DeferredPositions, Kept
 from harmonylite.replication.quiet_echoes import QuietEchoes
+from harmonylite.replication.row_apply import RowApplier
+from harmonylite.replication.settle import Settle
 from harmonylite.replication.spool import Payload, as_bytes
 
 log = logging.getLogger(__name__)
 
 
-class Applier(QuietEchoes):
-    """Applies messages in order with their stream positions; holds the changes that wait
-    (parked, refused dead letters). One instance per writer connection."""
+class Applier:
+    """Applies messages in order with their stream positions, in its own write transactions,
+    the guard flag set (``changelog.replicating``) and each message under a savepoint. Holds
+    its parts: the tables lookup, the row applier (one change), the read-only path for its own
+    changes coming back, the parked changes, the dead letters and their retry, and the
+    positions kept back. One instance per writer connection."""
 
     _schema_ignored = False  # a schema change arrived while replicate_ddl is false (logged)
+
+    def __init__(self, *, skip_pending: bool = True, origin: str = "",
+                 own_origins: dict[str, int | None] | None = None,
+                 replicated: Callable[[str], bool] | None = None,
+                 unpark_settle: float = 0.0, replicate_ddl: bool = False) -> None:
+        # With publish = false local changes are never sent, so they must not hide incoming ones.
+        self.skip_pending = skip_pending
+        # Schema changes travel as statements (see ``schema_apply``); capture notes this
+        # node's own when the schema moves under the applier.
+        self.replicate_ddl = replicate_ddl
+        self.replicated = replicated  # tables replicated here (None: all)
+        self.own = OwnOrigins(origin, own_origins)
+        self.settle = Settle(unpark_settle)
+        self.deferred = DeferredPositions()  # positions of groups that wrote nothing else
+        self.tables = LocalTables(replicated)
+        self.parked = ParkedChanges(self.settle, replicate_ddl=replicate_ddl)
+        self.dead = DeadLetters()
+        self.dead_retry = DeadRetry(self.settle)
+        self._pending = changelog.PendingKeys()
+        self.rows = RowApplier(self.tables, self.own, self._pending, self.parked,
+                               skip_pending=skip_pending)
+        self.echoes = QuietEchoes(self.tables, self.own, self._pending, self.deferred)
+
+    @property
+    def displaced(self) -> int:
+        """Rows removed by UNIQUE conflicts (recorded), since start."""
+        return self.rows.displaced
 
     def unpark_wait(self) -> float | None:
         """Seconds until deferred work (parked changes, dead letters a schema change may let
         in) is due (0: now), None when none waits."""
-        return self.settle.next_due(self._parked_tables)
+        return self.parked.next_due()
 
     def held_tables(self) -> set[str]:
         """Tables whose republished rows the publisher must not read yet (see ``settle``)."""
         return self.settle.held_tables()
 
-    def _unpark(self, conn: sqlite3.Connection, pending: changelog.PendingKeys) -> int:
+    def _refresh(self, conn: sqlite3.Connection) -> bool:
+        """When the schema changed (the application's DDL): bring capture up to date in this
+        transaction (new and rebuilt tables, before any parked change lands in them) and drop
+        cached statements. True when it changed."""
+        if not self.tables.moved(conn):
+            return False
+        at_start = self.tables.version == NEVER_READ
+        if not at_start:
+            report = install_in_transaction(conn, self.replicated)
+            report_install(report, at_start=False)
+            if self.replicate_ddl:
+                schema_changes.capture(conn, self.own.node_id, self.replicated)
+        self.tables.reload(conn)
+        # A table or column parked changes wait for may be here (see ``settle``).
+        self.settle.schema_changed(at_start=at_start)
+        parking.ensure_origin_column(conn)
+        conflicts.ensure_provisional_column(conn)
+        if at_start:
+            self.rows.load_provisional(conn)
+        return True
+
+    def _unpark(self, conn: sqlite3.Connection) -> int:
         """Apply, in arrival order, the parked changes that fit this database now."""
-        self.settle.unparking()
-
-        def columns_of(table: str) -> set[str] | None:
-            local = self._local(conn, table)
-            return set(local.columns) if local is not None else None
-
-        def apply_one(item: parking.Parked, subset: bool) -> bool:
-            try:
-                with savepoint(conn, "parked"):
-                    self._apply_change(conn, item.stream, item.seq, item.batch(), item.change(),
-                                       pending, parked=True)
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                log.error("parked change from %s sequence %d to table %r cannot be applied; it "
-                          "and the later changes to that table stay parked: %s", item.stream,
-                          item.seq, item.table, exc, extra={"table": item.table})
-                return False
-            return True
-
-        def gone(table: str) -> set[str]:
-            return schema_changes.removed_columns(conn, table)
-
-        applied = parking.release(conn, columns_of, apply_one,
-                                  gone if self.replicate_ddl else None)
-        self._parked_tables = parking.parked_tables(conn)
-        if applied:
-            log.info("applied %d parked changes now that this database can take them", applied)
-        return applied
-
-    def _local_pk(self, conn: sqlite3.Connection, table: str) -> tuple[str, ...] | None:
-        local = self._local(conn, table)
-        return tuple(local.pk) if local is not None and not local.content_keyed else None
+        return self.parked.unpark(
+            conn, lambda table: self.tables.columns(conn, table),
+            lambda item: self.rows.apply(conn, item.stream, item.seq, item.batch(),
+                                         item.change(), parked=True))
 
     def retry_dead_letters(self, conn: sqlite3.Connection) -> int:
         """After a schema change: apply again the dead letters a stricter schema refused (a NOT
         NULL column the sender did not have), when their row is still absent here — a row
         written since supersedes them (they stay for the operator). Returns how many applied."""
-        if self.settle.wait() > 0:
-            self.settle.dead_retry_wanted = True  # once the schema has settled
-            return 0
-        self.settle.dead_retry_wanted = False
-        letters = dead_retry.waiting(conn)
+        letters = self.dead_retry.due_letters(conn)
         if not letters:
             return 0
         with write_transaction(conn):
             self._refresh(conn)
             with changelog.replicating(conn):
                 applied = dead_retry.retry(
-                    conn, letters, lambda table: self._local(conn, table),
-                    lambda stream, seq, batch, ch: self._apply_change(
-                        conn, stream, seq, batch, ch, self._pending, parked=True))
+                    conn, letters, lambda table: self.tables.local(conn, table),
+                    lambda stream, seq, batch, ch: self.rows.apply(
+                        conn, stream, seq, batch, ch, parked=True))
         if applied:
             log.info("applied %d dead letters that the schema now accepts", applied)
         return applied
@@ -131,18 +156,18 @@ class Applier(QuietEchoes):
         except BaseException:
             self.deferred.restore(kept)
             raise
-        self.settle.transaction_committed(self._parked_tables)
+        self.parked.transaction_committed()
         return applied
 
     def _retry_parked(self, conn: sqlite3.Connection) -> int:
         applied = 0
         if self._refresh(conn):
-            self._parked_tables = parking.parked_tables(conn)
-        self.settle.transaction_started(self._parked_tables)
-        if self.settle.due(self._parked_tables):
+            self.parked.reload(conn)
+        self.parked.transaction_started()
+        if self.parked.due():
             with changelog.replicating(conn):
-                self._pending.refresh(conn, self._shapes, self._folder(conn))
-                applied = self._unpark(conn, self._pending)
+                self._pending.refresh(conn, self.tables.shapes, self.tables.folder(conn))
+                applied = self._unpark(conn)
         return applied
 
     def flush_positions(self, conn: sqlite3.Connection) -> None:
@@ -167,8 +192,8 @@ class Applier(QuietEchoes):
         ``replay`` applies kept changes again (a dead letter's retry): no duplicate check, and
         neither the stream position nor the origins' marks move.
         """
-        if not replay:
-            quiet = self._quiet_echoes(conn, stream, messages)
+        if not replay and self._only_echoes_may_wait():
+            quiet = self.echoes.apply(conn, stream, messages)
             if quiet is not None:
                 return quiet
         kept = self.deferred.take()
@@ -177,6 +202,12 @@ class Applier(QuietEchoes):
         except BaseException:
             self.deferred.restore(kept)
             raise
+
+    def _only_echoes_may_wait(self) -> bool:
+        """Whether nothing but the group itself needs a write (see ``quiet_echoes``): no
+        parked changes or dead letters waiting, no provisional conflicts, no table held."""
+        return (self.skip_pending and not self.parked and not self.rows.provisional
+                and not self.settle.held_tables() and self.parked.next_due() is None)
 
     def _apply(self, conn: sqlite3.Connection, stream: str,
                messages: Sequence[tuple[int, Payload]], replay: bool, kept: Kept
@@ -187,7 +218,7 @@ class Applier(QuietEchoes):
             self._refresh(conn)
             with changelog.replicating(conn):
                 self._apply_guarded(conn, stream, messages, replay, result)
-        self.settle.transaction_committed(self._parked_tables)
+        self.parked.transaction_committed()
         return result
 
     def _apply_guarded(self, conn: sqlite3.Connection, stream: str,
@@ -196,13 +227,12 @@ class Applier(QuietEchoes):
         """The messages, the origins' marks and the stream position, as the replicator's own
         writes (the guard flag set)."""
         if self.skip_pending:
-            self._pending.refresh(conn, self._shapes, self._folder(conn))
-        pending = self._pending
-        self._parked_tables = parking.parked_tables(conn)
-        self.settle.transaction_started(self._parked_tables)
-        if self.settle.due(self._parked_tables):
-            result.unparked = self._unpark(conn, pending)
-        marks = self._marks = self._read_marks(conn, stream)
+            self._pending.refresh(conn, self.tables.shapes, self.tables.folder(conn))
+        self.parked.reload(conn)
+        self.parked.transaction_started()
+        if self.parked.due():
+            result.unparked = self._unpark(conn)
+        marks = self.rows.marks = self.deferred.origin_marks(conn, stream)
         moved: set[str] = set()
         for seq, data in messages:
             result.last_seq = seq
@@ -210,26 +240,24 @@ class Applier(QuietEchoes):
             try:
                 batch = decode(data)
             except DecodeError as exc:
-                raw = as_bytes(data)
-                about = deadletter.about_message(raw, lambda t: self._local_pk(conn, t))
-                deadletter.record_message(conn, stream, seq, raw, str(exc), about)
-                result.failed.append((seq, f"{exc} (node {about.origin}, table "
-                                           f"{about.table}, key {about.key})"))
+                reason = self.dead.message(conn, stream, seq, as_bytes(data), exc,
+                                           lambda t: self.tables.local_pk(conn, t))
+                result.failed.append((seq, reason))
                 result.dead_letters += 1
                 continue
             result.origin_nodes.add(batch.node_id)
             if replay:
                 batch = Batch(batch.node_id, batch.columns, batch.keys, batch.changes,
                               schema=batch.schema)
-            self._apply_message(conn, stream, seq, batch, pending, marks, result)
+            self._apply_message(conn, stream, seq, batch, marks, result)
             if batch.origin and batch.ids:
                 moved.add(batch.origin)
         conn.executemany(
             f"INSERT INTO {ddl.ORIGINS}(origin, stream, hwm) VALUES (?, ?, ?) "
             "ON CONFLICT(origin, stream) DO UPDATE SET hwm = max(hwm, excluded.hwm)",
             [(o, stream, marks[o]) for o in moved])
-        if self.settle.due(self._parked_tables):
-            result.unparked += self._unpark(conn, pending)
+        if self.parked.due():
+            result.unparked += self._unpark(conn)
         if result.last_seq and not replay:
             conn.execute(
                 f"INSERT INTO {ddl.SEQ}(stream, seq) VALUES (?, ?) ON CONFLICT(stream) "
@@ -238,23 +266,21 @@ class Applier(QuietEchoes):
             )
 
     def _apply_message(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
-                       pending: changelog.PendingKeys, marks: dict[str, int],
-                       result: ApplyResult) -> None:
+                       marks: dict[str, int], result: ApplyResult) -> None:
         """One message under a savepoint; when a change fails, again change by change."""
         if batch.schema is not None:
             self._apply_schema(conn, stream, seq, batch)
             return
         try:
             with savepoint(conn, "msg"):
-                outcomes = self._apply_changes(conn, stream, seq, batch, pending, dict(marks),
+                outcomes = self._apply_changes(conn, stream, seq, batch, dict(marks),
                                                isolate=False)
         except Exception as exc:
             if is_transient(exc):
                 raise
             # Rolled back: again change by change, each under its own savepoint.
             with savepoint(conn, "msg"):
-                outcomes = self._apply_changes(conn, stream, seq, batch, pending, marks,
-                                               isolate=True)
+                outcomes = self._apply_changes(conn, stream, seq, batch, marks, isolate=True)
         else:
             if batch.origin and batch.ids:
                 marks[batch.origin] = max(marks.get(batch.origin, 0), max(batch.ids))
@@ -266,7 +292,7 @@ class Applier(QuietEchoes):
         if outcomes[DEAD]:
             result.failed.append((seq, f"{outcomes[DEAD]} changes dead-lettered"))
         if outcomes[PARKED]:
-            tables = sorted({c.table for c in batch.changes if c.table in self._parked_tables})
+            tables = sorted({c.table for c in batch.changes if c.table in self.parked.tables})
             log.warning("%s sequence %d: %d changes to %s parked: this database cannot take "
                         "them yet (a table or a column it lacks, or earlier changes to the "
                         "table waiting); they are applied once it can", stream, seq,
@@ -286,7 +312,7 @@ class Applier(QuietEchoes):
             return
         try:
             with savepoint(conn, "schema_msg"):
-                outcome = schema_apply.apply(conn, stream, seq, batch, self.node_id,
+                outcome = schema_apply.apply(conn, stream, seq, batch, self.own.node_id,
                                              self.replicated)
         except Exception as exc:
             if is_transient(exc):
@@ -307,20 +333,20 @@ class Applier(QuietEchoes):
         report_install(report, at_start=False)
         for table in outcome.republish:
             schema_changes.republish(conn, table)
-        if self.origin and not outcome.republish:
+        if self.own.origin and not outcome.republish:
             # This node's own changes to these tables that were sent under the old schema and
             # are not back yet: sent again under the new one.
             back = self._own_back(conn)
             for table in outcome.tables:
                 schema_changes.republish_in_flight(conn, table, back)
         schema_changes.remember(conn, schema_changes.current(conn, self.replicated))
-        self._schema_version = -2  # caches and statements follow the new schema
+        self.tables.forget()  # caches and statements follow the new schema
         self._refresh(conn)
 
     def _own_back(self, conn: sqlite3.Connection) -> int:
         """How far this node's own changes have come back from every stream (the lowest of
         its origins' marks over the streams; 0 when one has none)."""
-        own = sorted(self.own_origins)
+        own = sorted(self.own.origins)
         if not own:
             return 0
         marks = [int(m) for (m,) in conn.execute(
@@ -329,37 +355,30 @@ class Applier(QuietEchoes):
         return min(marks) if marks else 0
 
     def _apply_changes(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
-                       pending: changelog.PendingKeys, marks: dict[str, int], *,
-                       isolate: bool) -> list[int]:
+                       marks: dict[str, int], *, isolate: bool) -> list[int]:
         outcomes = [0, 0, 0, 0, 0]
         origin = batch.origin if batch.ids else ""
         hwm = marks.get(origin, 0) if origin else 0
         for i, ch in enumerate(batch.changes):
-            self._cid = 0
+            cid = 0
             if origin:
-                cid = self._cid = batch.ids[i]
+                cid = batch.ids[i]
                 if cid <= hwm:
                     outcomes[DUPLICATE] += 1
                     continue
                 hwm = cid
             if not isolate:
-                outcomes[self._apply_change(conn, stream, seq, batch, ch, pending)] += 1
+                outcomes[self.rows.apply(conn, stream, seq, batch, ch, cid=cid)] += 1
                 continue
             try:
                 with savepoint(conn, "ch"):
-                    outcome = self._apply_change(conn, stream, seq, batch, ch, pending)
+                    outcome = self.rows.apply(conn, stream, seq, batch, ch, cid=cid)
             except Exception as exc:
                 if is_transient(exc):
                     raise
-                reason = f"{type(exc).__name__}: {exc}"
-                deadletter.record_change(conn, stream, seq, batch, i, reason)
-                log.error("change to table %r from node %d (%s sequence %d) cannot be applied "
-                          "and was put in the dead-letter table: %s", ch.table, batch.node_id,
-                          stream, seq, reason,
-                          extra={"stream": stream, "sequence": seq, "table": ch.table})
+                self.dead.change(conn, stream, seq, batch, i, exc)
                 outcome = DEAD
             outcomes[outcome] += 1
-        self._cid = 0
         if origin:
             marks[origin] = hwm
         return outcomes

@@ -18,6 +18,7 @@ from harmonylite.errors import DecodeError
 from harmonylite.replication import deadletter
 from harmonylite.replication.event import Batch, RowChange, decode
 from harmonylite.replication.outcome import is_transient
+from harmonylite.replication.settle import Settle
 
 # Applies one change of a dead letter (stream, sequence, its batch, the change).
 ApplyOne = Callable[[str, int, Batch, RowChange], object]
@@ -60,3 +61,20 @@ def retry(conn: sqlite3.Connection, letters: list[deadletter.DeadLetter],
         deadletter.delete(conn, d.id)
         applied += 1
     return applied
+
+
+class DeadRetry:
+    """The applier's part for the retry: due once the schema has settled (``settle``), as the
+    parked changes are."""
+
+    def __init__(self, settle: Settle) -> None:
+        self.settle = settle
+
+    def due_letters(self, conn: sqlite3.Connection) -> list[deadletter.DeadLetter]:
+        """The dead letters to retry now (none while the schema is still moving: the retry is
+        then noted as wanted once it has settled)."""
+        if self.settle.wait() > 0:
+            self.settle.dead_retry_wanted = True
+            return []
+        self.settle.dead_retry_wanted = False
+        return waiting(conn)

@@ -11,6 +11,7 @@ does not: bytes that are not CBOR say nothing).
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from harmonylite.cdc import ddl
 from harmonylite.db.connection import RawText, fetch_all
 from harmonylite.node_ids import from_sqlite, to_sqlite
 from harmonylite.replication.event import Batch, RowChange, dump_values, loads_raw
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -164,3 +167,27 @@ def rows(conn: sqlite3.Connection, ident: int | None = None) -> list[DeadLetter]
 
 def delete(conn: sqlite3.Connection, ident: int) -> None:
     conn.execute(f"DELETE FROM {ddl.DEAD_LETTER} WHERE id = ?", (ident,))
+
+
+class DeadLetters:
+    """The applier's part for what can never apply here: kept in the dead-letter table with its
+    reason, inside the applier's transaction, while the rest of the stream goes on."""
+
+    def message(self, conn: sqlite3.Connection, stream: str, seq: int, data: bytes,
+                error: Exception, local_pk: Callable[[str], tuple[str, ...] | None]) -> str:
+        """A whole message that is not a change batch; returns the reason to report, with what
+        the message tells of its origin (``local_pk``: a local table's primary key)."""
+        about = about_message(data, local_pk)
+        record_message(conn, stream, seq, data, str(error), about)
+        return f"{error} (node {about.origin}, table {about.table}, key {about.key})"
+
+    def change(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, index: int,
+               error: Exception) -> None:
+        """The change ``index`` of ``batch``, which failed with ``error``."""
+        ch = batch.changes[index]
+        reason = f"{type(error).__name__}: {error}"
+        record_change(conn, stream, seq, batch, index, reason)
+        log.error("change to table %r from node %d (%s sequence %d) cannot be applied "
+                  "and was put in the dead-letter table: %s", ch.table, batch.node_id,
+                  stream, seq, reason,
+                  extra={"stream": stream, "sequence": seq, "table": ch.table})

@@ -11,6 +11,28 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 
 from harmonylite.cdc import changelog, ddl
+from harmonylite.replication.event import Batch
+
+
+class OwnOrigins:
+    """This database's own origin (node id and epoch), and the origins it published under on
+    earlier starts (see ``cdc.origin``), each with the highest change id it sent then (None: no
+    bound, this start's): changes of these are already here."""
+
+    def __init__(self, origin: str = "", earlier: dict[str, int | None] | None = None) -> None:
+        self.origin = origin
+        self.origins: dict[str, int | None] = dict(earlier or {})
+        if origin:
+            self.origins[origin] = None
+        self.node_id = int(origin.split(":")[0]) if origin else 0
+
+    def made(self, batch: Batch) -> bool:
+        """Whether ``batch`` holds changes this database made (so they are here already): its
+        origin is this database's, and an earlier start's only up to the ids it sent then."""
+        if not batch.origin or batch.origin not in self.origins:
+            return False
+        bound = self.origins[batch.origin]
+        return bound is None or (bool(batch.ids) and max(batch.ids) <= bound)
 
 
 def table_id(shapes: Mapping[int, changelog.TableShape], table: str) -> int | None:

@@ -15,13 +15,19 @@ same origin fits this table) is applied without those columns, which its sender 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harmonylite.cdc import ddl
+from harmonylite.cdc import ddl, schema_changes
+from harmonylite.db.connection import savepoint
 from harmonylite.node_ids import from_sqlite, to_sqlite
 from harmonylite.replication.event import Batch, RowChange, dumps_values, loads_values
+from harmonylite.replication.outcome import is_transient
+from harmonylite.replication.settle import Settle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,3 +120,76 @@ def release(conn: sqlite3.Connection, columns_of: Callable[[str], set[str] | Non
             done.append((item.id,))
     conn.executemany(f"DELETE FROM {ddl.PARKED} WHERE id = ?", done)
     return len(done)
+
+
+class ParkedChanges:
+    """The applier's part for parked changes: which tables have some (every later change to
+    them is parked behind), and their release once they fit and the schema has settled
+    (``settle``). Used on the writer's thread, inside the applier's write transactions."""
+
+    def __init__(self, settle: Settle, *, replicate_ddl: bool = False) -> None:
+        self.settle = settle
+        # Replicated schema changes: a change may carry only columns such a change removed
+        # here (see ``release``).
+        self.replicate_ddl = replicate_ddl
+        self.tables: set[str] = set()  # tables with parked changes, as last read or parked
+
+    def __bool__(self) -> bool:
+        return bool(self.tables)
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        self.tables = parked_tables(conn)
+
+    def park(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
+             ch: RowChange, *, table_here: bool, fits: bool) -> None:
+        """Keep ``ch`` in order until this database can take it (``table_here``: the table
+        exists; ``fits``: it has every column the change carries)."""
+        park(conn, stream, seq, batch, ch)
+        self.tables.add(ch.table)
+        if table_here and (fits or self.replicate_ddl):
+            # It may unblock changes parked before it; or (replicated schema changes) it may
+            # carry only columns such a change removed here.
+            self.settle.unpark_wanted = True
+
+    def due(self) -> bool:
+        return self.settle.due(self.tables)
+
+    def next_due(self) -> float | None:
+        """Seconds until deferred work (parked changes, dead letters a schema change may let
+        in) is due (0: now), None when none waits."""
+        return self.settle.next_due(self.tables)
+
+    def transaction_started(self) -> None:
+        self.settle.transaction_started(self.tables)
+
+    def transaction_committed(self) -> None:
+        self.settle.transaction_committed(self.tables)
+
+    def unpark(self, conn: sqlite3.Connection, columns_of: Callable[[str], set[str] | None],
+               apply_change: Callable[[Parked], object]) -> int:
+        """Apply, in arrival order, the parked changes that fit this database now, each with
+        ``apply_change`` under a savepoint; one that fails stays parked with the later changes
+        to its table. A transient error is raised. Returns how many applied."""
+        self.settle.unparking()
+
+        def apply_one(item: Parked, subset: bool) -> bool:
+            try:
+                with savepoint(conn, "parked"):
+                    apply_change(item)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                log.error("parked change from %s sequence %d to table %r cannot be applied; it "
+                          "and the later changes to that table stay parked: %s", item.stream,
+                          item.seq, item.table, exc, extra={"table": item.table})
+                return False
+            return True
+
+        def gone(table: str) -> set[str]:
+            return schema_changes.removed_columns(conn, table)
+
+        applied = release(conn, columns_of, apply_one, gone if self.replicate_ddl else None)
+        self.reload(conn)
+        if applied:
+            log.info("applied %d parked changes now that this database can take them", applied)
+        return applied

@@ -48,6 +48,14 @@ class DeferredPositions:
     def marks_of(self, stream: str) -> dict[str, int]:
         return {o: h for (o, s), h in self.marks.items() if s == stream}
 
+    def origin_marks(self, conn: sqlite3.Connection, stream: str) -> dict[str, int]:
+        """The origins' marks of ``stream``: those written, raised by those kept here."""
+        marks = {str(o): int(h) for o, h in conn.execute(
+            f"SELECT origin, hwm FROM {ddl.ORIGINS} WHERE stream = ?", (stream,))}
+        for o, h in self.marks_of(stream).items():
+            marks[o] = max(marks.get(o, 0), h)
+        return marks
+
     def take(self) -> Kept:
         """Hand over what is kept, to be written by the caller's write transaction."""
         out = Kept(self.seqs, self.marks, self.since)

@@ -12,35 +12,38 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from harmonylite.cdc import ddl
+from harmonylite.cdc import changelog
 from harmonylite.cdc.schema import fold_key
 from harmonylite.errors import DecodeError
 from harmonylite.replication.event import Batch, decode
+from harmonylite.replication.local_tables import LocalTables
 from harmonylite.replication.outcome import ApplyResult
-from harmonylite.replication.row_apply import RowApplier
+from harmonylite.replication.own_changes import OwnOrigins
+from harmonylite.replication.positions import DeferredPositions
 from harmonylite.replication.spool import Payload
 
 
-class QuietEchoes(RowApplier):
-    """The read-only path of :class:`harmonylite.replication.apply.Applier`."""
+class QuietEchoes:
+    """The read-only path of the applier: its parts are the tables lookup, this database's own
+    origins, the rows with local changes not back yet, and the positions kept back. The applier
+    asks it only when nothing else waits (parked changes, provisional conflicts, held tables)."""
 
-    def _read_marks(self, conn: sqlite3.Connection, stream: str) -> dict[str, int]:
-        marks = {str(o): int(h) for o, h in conn.execute(
-            f"SELECT origin, hwm FROM {ddl.ORIGINS} WHERE stream = ?", (stream,))}
-        for o, h in self.deferred.marks_of(stream).items():
-            marks[o] = max(marks.get(o, 0), h)
-        return marks
+    def __init__(self, tables: LocalTables, own: OwnOrigins, pending: changelog.PendingKeys,
+                 deferred: DeferredPositions) -> None:
+        self.tables = tables
+        self.own = own
+        self.pending = pending
+        self.deferred = deferred
 
-    def _quiet_echoes(self, conn: sqlite3.Connection, stream: str,
-                      messages: Sequence[tuple[int, Payload]]) -> ApplyResult | None:
+    def apply(self, conn: sqlite3.Connection, stream: str,
+              messages: Sequence[tuple[int, Payload]]) -> ApplyResult | None:
         """A group of only this node's own changes coming back, each of them the row's state
         here already (no other node's change written to the row since, see
         ``PendingKeys.touched``) or followed by a newer local change to its row: nothing to
         write but the position, which waits (see ``positions``). Decided in a read
         transaction; None, having written nothing, when the group needs the write path."""
-        if (not messages or not self.skip_pending or self._schema_version < 0 or self._parked_tables
-                or self._provisional or self.settle.held_tables() or self.deferred.due()
-                or self.settle.next_due(self._parked_tables) is not None):
+        tables = self.tables
+        if not messages or tables.version < 0 or self.deferred.due():
             return None
         batches: list[tuple[int, Batch]] = []
         for seq, data in messages:
@@ -48,18 +51,18 @@ class QuietEchoes(RowApplier):
                 batch = decode(data)
             except DecodeError:
                 return None
-            if not batch.ids or batch.schema is not None or not self._own(batch):
+            if not batch.ids or batch.schema is not None or not self.own.made(batch):
                 return None
             batches.append((seq, batch))
         result = ApplyResult()
         back: list[tuple[tuple[str, tuple[object, ...]], int]] = []
-        pending = self._pending
+        pending = self.pending
         conn.execute("BEGIN")
         try:
-            if conn.execute("PRAGMA schema_version").fetchone()[0] != self._schema_version:
+            if conn.execute("PRAGMA schema_version").fetchone()[0] != tables.version:
                 return None
-            pending.refresh(conn, self._shapes, self._folder(conn))
-            marks = self._read_marks(conn, stream)
+            pending.refresh(conn, tables.shapes, tables.folder(conn))
+            marks = self.deferred.origin_marks(conn, stream)
             for seq, batch in batches:
                 hwm = marks.get(batch.origin, 0)
                 for cid, ch in zip(batch.ids, batch.changes, strict=True):
@@ -67,11 +70,11 @@ class QuietEchoes(RowApplier):
                         result.duplicates += 1
                         continue
                     hwm = cid
-                    local = self._local(conn, ch.table)
+                    local = tables.local(conn, ch.table)
                     if (local is None or local.content_keyed or local.unique_indexes
-                            or not self._replicated_cache.get(ch.table)):
+                            or not tables.known_replicated(ch.table)):
                         return None
-                    shape = self._shape(local, batch.columns[ch.table], batch.keys[ch.table])
+                    shape = tables.shape(local, batch.columns[ch.table], batch.keys[ch.table])
                     if shape is None or not shape.fits:
                         return None
                     ident = (ch.table, fold_key(tuple(ch.values[i] for i in shape.remote_key),

@@ -1,7 +1,8 @@
 """One change applied to one row: the table's shape against the sender's, the SQL, what a
 change does to the rows around it (UNIQUE displacement, insert-insert conflicts), and when a
-local change not yet sent supersedes it. :class:`harmonylite.replication.apply.Applier` adds the
-messages, the stream positions and the changes that wait (parked, dead letters).
+local change not yet sent supersedes it. The applier (:mod:`harmonylite.replication.apply`) owns
+the transactions, the messages and the stream positions, and hands each change to
+:class:`RowApplier`.
 """
 
 from __future__ import annotations
@@ -9,192 +10,88 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from harmonylite.cdc import changelog, ddl, schema_changes
-from harmonylite.cdc.install import install_in_transaction, report_install
-from harmonylite.cdc.schema import TableInfo, fold_key, table_info
+from harmonylite.cdc import changelog, ddl
+from harmonylite.cdc.schema import TableInfo, fold_key
 from harmonylite.db.connection import fetch_all
 from harmonylite.replication import (
     conflicts,
     content_rows,
     large_values,
     own_changes,
-    parking,
     statements,
 )
 from harmonylite.replication.deadletter import key_text
 from harmonylite.replication.event import Batch, RowChange
+from harmonylite.replication.local_tables import LocalTables
 from harmonylite.replication.outcome import (
     APPLIED,
     PARKED,
     SKIPPED,
     UnknownTable,
 )
-from harmonylite.replication.positions import DeferredPositions
-from harmonylite.replication.settle import Settle
+from harmonylite.replication.own_changes import OwnOrigins
+from harmonylite.replication.parking import ParkedChanges
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ChangeShape:
-    fits: bool  # every column the sender has, this table has
-    remote_key: tuple[int, ...]  # positions of the sender's key columns
-    local_key: tuple[int, ...]  # positions of this table's key columns (empty: not all sent)
-    kept: tuple[int, ...]  # positions of the columns this table has
-    kept_cols: tuple[str, ...]
-
-
 class RowApplier:
-    """Holds prepared SQL per table shape; the per-change half of :class:`Applier`."""
+    """Writes one incoming change into its row (on the writer's thread, inside the applier's
+    transaction, the guard flag set). Its parts: the tables lookup, this database's own
+    origins, the rows with local changes not sent or not back (``pending``) and the parked
+    changes (a change this database cannot take yet is parked behind them)."""
 
-    def __init__(self, *, skip_pending: bool = True, origin: str = "",
-                 own_origins: dict[str, int | None] | None = None,
-                 replicated: Callable[[str], bool] | None = None,
-                 unpark_settle: float = 0.0, replicate_ddl: bool = False) -> None:
-        self._tables: dict[str, TableInfo | None] = {}
-        self._schema_version = -1
-        self._sql: dict[tuple[str, tuple[str, ...], int, tuple[bool, ...] | None,
-                              tuple[bool, ...] | None], statements.Statements] = {}
-        self._rowid: dict[str, bool] = {}  # table -> blob I/O can address its rows
-        self._shapes: dict[int, changelog.TableShape] = {}
-        self._shapes_seen: dict[tuple[str, tuple[str, ...], tuple[str, ...]], ChangeShape] = {}
-        self._pending = changelog.PendingKeys()
-        self.deferred = DeferredPositions()  # positions of groups that wrote nothing else
-        self.displaced = 0  # rows removed by UNIQUE conflicts (recorded), since start
-        self._parked_tables: set[str] = set()
-        self.settle = Settle(unpark_settle)
+    def __init__(self, tables: LocalTables, own: OwnOrigins, pending: changelog.PendingKeys,
+                 parked: ParkedChanges, *, skip_pending: bool = True) -> None:
+        self.tables = tables
+        self.own = own
+        self.pending = pending
+        self.parked = parked
         # With publish = false local changes are never sent, so they must not hide incoming ones.
         self.skip_pending = skip_pending
-        # This database's own origin (node id and epoch), and the origins it published under
-        # on earlier starts (see ``cdc.origin``): its own changes to a table without a primary
-        # key are already here, and applying them again would add a second copy.
-        self.origin = origin
-        self.own_origins: dict[str, int | None] = dict(own_origins or {})
-        if origin:
-            self.own_origins[origin] = None
-        self.node_id = int(origin.split(":")[0]) if origin else 0
-        self._marks: dict[str, int] = {}  # the origins' marks of the stream being applied
+        self.displaced = 0  # rows removed by UNIQUE conflicts (recorded), since start
+        self.provisional: set[tuple[str, str]] = set()  # rows with provisional conflicts
+        self.marks: dict[str, int] = {}  # the origins' marks of the stream being applied
         self._cid = 0  # the id of the change being applied in its origin's log (0: unknown)
-        self._provisional: set[tuple[str, str]] = set()  # rows with provisional conflicts
-        self.replicated = replicated  # tables replicated here (None: all)
         self._ignored: set[str] = set()
-        self._replicated_cache: dict[str, bool] = {}  # table -> replicated (patterns cost)
-        # Schema changes travel as statements (see ``schema_apply``); capture notes this
-        # node's own when the schema moves under the applier.
-        self.replicate_ddl = replicate_ddl
 
-    def _refresh(self, conn: sqlite3.Connection) -> bool:
-        """When the schema changed (the application's DDL): bring capture up to date in this
-        transaction (new and rebuilt tables, before any parked change lands in them) and drop
-        cached statements. True when it changed."""
-        version = conn.execute("PRAGMA schema_version").fetchone()[0]
-        if version == self._schema_version:
-            return False
-        at_start = self._schema_version == -1
-        if not at_start:
-            report = install_in_transaction(conn, self.replicated)
-            report_install(report, at_start=False)
-            if self.replicate_ddl:
-                schema_changes.capture(conn, self.node_id, self.replicated)
-            version = conn.execute("PRAGMA schema_version").fetchone()[0]
-        self._schema_version = version
-        # A table or column parked changes wait for may be here (see ``settle``).
-        self.settle.schema_changed(at_start=at_start)
-        self._tables.clear()
-        self._sql.clear()
-        self._rowid.clear()
-        self._shapes_seen.clear()
-        self._shapes = changelog.registry(conn)
-        parking.ensure_origin_column(conn)
-        conflicts.ensure_provisional_column(conn)
-        if at_start:
-            self._provisional = conflicts.provisional_keys(conn)
-        return True
+    def load_provisional(self, conn: sqlite3.Connection) -> None:
+        self.provisional = conflicts.provisional_keys(conn)
 
-    def _local(self, conn: sqlite3.Connection, table: str) -> TableInfo | None:
-        if table not in self._tables:
-            exists = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-            ).fetchone()
-            self._tables[table] = table_info(conn, table) if exists else None
-        return self._tables[table]
+    def apply(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
+              ch: RowChange, *, cid: int = 0, parked: bool = False) -> int:
+        """Apply ``ch`` of ``batch`` (``cid``: its id in its origin's log, 0 when unknown;
+        ``parked``: it comes out of the parked changes, or is a dead letter's retry). Returns
+        its outcome (``outcome.APPLIED`` …); raises when it cannot be applied."""
+        self._cid = cid
+        try:
+            return self._apply(conn, stream, seq, batch, ch, parked)
+        finally:
+            self._cid = 0
 
-    def _folder(self, conn: sqlite3.Connection
-                ) -> Callable[[str, tuple[object, ...]], tuple[object, ...]]:
-        """Keys of local pending changes as their table's collations compare them."""
-        def fold(table: str, key: tuple[object, ...]) -> tuple[object, ...]:
-            local = self._local(conn, table)
-            return fold_key(key, local.key_collations) if local is not None else key
-        return fold
-
-    def _shape(self, local: TableInfo | None, remote_cols: tuple[str, ...],
-               remote_keys: tuple[str, ...]) -> ChangeShape | None:
-        """How a sender's column list maps onto the local table (cached: once per shape)."""
-        if local is None:
-            return None
-        ck = (local.name, remote_cols, remote_keys)
-        found = self._shapes_seen.get(ck)
-        if found is None:
-            have = set(local.columns)
-            kept = tuple(i for i, c in enumerate(remote_cols) if c in have)
-            found = ChangeShape(
-                fits=len(kept) == len(remote_cols),
-                remote_key=tuple(remote_cols.index(c) for c in remote_keys),
-                local_key=tuple(remote_cols.index(c) for c in local.pk)
-                if all(c in remote_cols for c in local.pk) else (),
-                kept=kept, kept_cols=tuple(remote_cols[i] for i in kept))
-            self._shapes_seen[ck] = found
-        return found
-
-    def _statements(self, local: TableInfo, columns: tuple[str, ...], op: int,
-                    mask: tuple[bool, ...] | None,
-                    zero: tuple[bool, ...] | None = None) -> statements.Statements:
-        key = (local.name, columns, op, mask, zero)
-        cached = self._sql.get(key)
-        if cached is None:
-            cached = self._sql[key] = statements.build(local, columns, op, mask, zero)
-        return cached
-
-    def _apply_change(
-        self,
-        conn: sqlite3.Connection,
-        stream: str,
-        seq: int,
-        batch: Batch,
-        ch: RowChange,
-        pending: changelog.PendingKeys,
-        *,
-        parked: bool = False,
-    ) -> int:
+    def _apply(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
+               ch: RowChange, parked: bool) -> int:
         table = ch.table
         remote_cols = batch.columns[table]
-        replicated = self._replicated_cache.get(table)
-        if replicated is None:
-            replicated = self._replicated_cache[table] = (
-                self.replicated is None or self.replicated(table))
-        if not replicated:
+        pending = self.pending
+        if not self.tables.replicates(table):
             if table not in self._ignored:  # each node's own (migration bookkeeping…)
                 self._ignored.add(table)
                 log.info("changes to table %r are not applied here: it is not replicated "
                          "(exclude_tables / include_tables)", table, extra={"table": table})
             return SKIPPED
-        local = self._local(conn, table)
-        shape = self._shape(local, remote_cols, batch.keys[table])
-        if not parked and (shape is None or not shape.fits or table in self._parked_tables):
+        local = self.tables.local(conn, table)
+        shape = self.tables.shape(local, remote_cols, batch.keys[table])
+        if not parked and (shape is None or not shape.fits or table in self.parked.tables):
             # Not lost: kept in order until this database can take it (a table or a column it
             # lacks; or earlier changes to the table waiting), see ``parking``.
-            parking.park(conn, stream, seq, batch, ch)
-            self._parked_tables.add(table)
-            if shape is not None and (shape.fits or self.replicate_ddl):
-                # It may unblock changes parked before it; or (replicated schema changes) it
-                # may carry only columns such a change removed here (see ``parking``).
-                self.settle.unpark_wanted = True
+            self.parked.park(conn, stream, seq, batch, ch, table_here=shape is not None,
+                             fits=shape is not None and shape.fits)
             return PARKED
         if local is None or shape is None:
             raise UnknownTable(f"no table {table!r} in the local database")
-        own = self._own(batch)
+        own = self.own.made(batch)
         if local.content_keyed and own:
             return SKIPPED
         values = ch.values
@@ -229,17 +126,17 @@ class RowApplier:
             local_key = tuple(values[i] for i in shape.local_key)
             if local.content_keyed and self._removal_absorbed(conn, local, local_key):
                 return SKIPPED  # see content_rows: the stream's order leaves the rows as here
-            st = self._statements(local, cols, ch.op, statements.raw_mask(local_key))
+            st = self.tables.statements(local, cols, ch.op, statements.raw_mask(local_key))
             statements.run(conn, local, st, cols, vals, local_key)
             if own:
                 self._settle(conn, table, local_key, deleted=True)
             return APPLIED
         local_key = tuple(values[i] for i in shape.local_key) if shape.local_key else key
         big = large_values.positions(local, cols, vals)
-        if big and self._has_rowid(conn, local) and large_values.apply_change(
-                conn, local, ch.op, cols, vals, local_key, big, own, self._statements):
+        if big and self.tables.has_rowid(conn, local) and large_values.apply_change(
+                conn, local, ch.op, cols, vals, local_key, big, own, self.tables.statements):
             return APPLIED
-        st = self._statements(local, cols, ch.op, statements.raw_mask(vals))
+        st = self.tables.statements(local, cols, ch.op, statements.raw_mask(vals))
         try:
             # (A node's own changes coming back never conflict with it: one upsert, which
             # writes nothing when the row is already so.)
@@ -258,7 +155,7 @@ class RowApplier:
             if not done.removed:
                 raise
             self.displaced += done.recorded
-            self._provisional.update(done.provisional)
+            self.provisional.update(done.provisional)
             statements.run(conn, local, st, cols, vals, local_key)
         if own:
             self._settle(conn, table, local_key, deleted=False)
@@ -280,27 +177,21 @@ class RowApplier:
         # Captured before the changes this applier has seen: the log knows. (A newer change
         # already pruned from it, published and on its way, is missed: the row is written as
         # before, and that change, which follows, writes it again.)
-        return pending.newer_in_log(conn, ident, cid, self._shapes, self._folder(conn))
+        return pending.newer_in_log(conn, ident, cid, self.tables.shapes, self.tables.folder(conn))
 
     def _settle(self, conn: sqlite3.Connection, table: str, key: tuple[object, ...], *,
                 deleted: bool) -> None:
         """This node's own change to a row came back: the provisional conflict records of the
         row it decides go (the row is back) or stay for good (it comes back deleted)."""
-        if not self._provisional or self._cid <= 0:
+        if not self.provisional or self._cid <= 0:
             return
         ident = (table, key_text(key))
-        if ident not in self._provisional:
+        if ident not in self.provisional:
             return
         kept, left = conflicts.settle(conn, table, key, self._cid, deleted=deleted)
         self.displaced += kept
         if not left:
-            self._provisional.discard(ident)
-
-    def _has_rowid(self, conn: sqlite3.Connection, local: TableInfo) -> bool:
-        found = self._rowid.get(local.name)
-        if found is None:
-            found = self._rowid[local.name] = large_values.has_rowid(conn, local)
-        return found
+            self.provisional.discard(ident)
 
     def _insert(self, conn: sqlite3.Connection, local: TableInfo, st: statements.Statements,
                 cols: tuple[str, ...], vals: tuple[object, ...], key: tuple[object, ...],
@@ -313,7 +204,7 @@ class RowApplier:
         found = fetch_all(conn, st.select_row, key)
         row = found[0] if found else None
         # (A node's own INSERT coming back may meet its own later write: not a conflict.)
-        if row is not None and not self._own(batch):
+        if row is not None and not self.own.made(batch):
             have = dict(zip(local.columns, row, strict=True))
             if any(have.get(c) != v or type(have.get(c)) is not type(v)
                    for c, v in zip(cols, vals, strict=True)):
@@ -323,11 +214,11 @@ class RowApplier:
                     # (the same loser every node records), and the local row stays.
                     incoming = dict(zip(cols, vals, strict=True))
                     conflicts.record(conn, local, tuple(incoming.get(c) for c in local.columns),
-                                     key, stream=stream, seq=seq, origin=self.node_id)
+                                     key, stream=stream, seq=seq, origin=self.own.node_id)
                     self.displaced += 1
                     if local.unique_indexes:  # its effect on other rows happens everywhere
                         self.displaced += self._displace_for_skipped(
-                            conn, local, cols, vals, key, self._pending, stream, seq,
+                            conn, local, cols, vals, key, self.pending, stream, seq,
                             batch.node_id)
                     return
                 conflicts.record(conn, local, tuple(row), key, stream=stream, seq=seq,
@@ -347,27 +238,19 @@ class RowApplier:
             conn, local, cols, vals, key, stream=stream, seq=seq, origin=origin,
             spare=lambda row_key: (name, fold_key(row_key, collations)) in pending,
             comes_back=self._comes_back(conn, local))
-        self._provisional.update(done.provisional)
+        self.provisional.update(done.provisional)
         return done.recorded
-
-    def _own(self, batch: Batch) -> bool:
-        """Whether ``batch`` holds changes this database made (so they are here already): its
-        origin is this database's, and an earlier start's only up to the ids it sent then."""
-        if not batch.origin or batch.origin not in self.own_origins:
-            return False
-        bound = self.own_origins[batch.origin]
-        return bound is None or (bool(batch.ids) and max(batch.ids) <= bound)
 
     def _own_log(self, local: TableInfo) -> tuple[int, int] | None:
         """The change log's id of ``local`` and how far this node's own changes have come back
         from the stream being applied (None: none of its changes go out, or none to the table).
         """
-        if not self.origin or not self.skip_pending:  # publish = false: nothing goes out
+        if not self.own.origin or not self.skip_pending:  # publish = false: nothing goes out
             return None
-        tid = own_changes.table_id(self._shapes, local.name)
+        tid = own_changes.table_id(self.tables.shapes, local.name)
         if tid is None:
             return None
-        return tid, own_changes.back(self._marks, self.own_origins)
+        return tid, own_changes.back(self.marks, self.own.origins)
 
     def _comes_back(self, conn: sqlite3.Connection, local: TableInfo
                     ) -> Callable[[tuple[object, ...]], int | None]:

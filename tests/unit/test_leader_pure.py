@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -12,7 +13,8 @@ from harmonylite.bus.kv import (
     op_timeout_seconds,
     parse_value,
 )
-from harmonylite.snapshot.scheduler import (
+from harmonylite.snapshot.listing import listing_backoff
+from harmonylite.snapshot.triggers import (
     check_period,
     count_threshold,
     snapshot_age,
@@ -71,3 +73,20 @@ def test_snapshot_age_and_check_period() -> None:
     assert snapshot_age("garbage", now) == 0.0
     assert snapshot_age("2099-01-01T00:00:00Z", now) == 0.0
     assert check_period(1.0) == 1.0 and check_period(10.0) == 1.0 and check_period(0.2) == 0.5
+
+
+def test_listing_waits_double_from_two_check_periods_up_to_32_or_30_seconds() -> None:
+    async def waits(check_every: float) -> list[float]:
+        backoff = listing_backoff(check_every)
+        answered = asyncio.Event()
+        answered.set()  # each wait returns at once: only the delays are looked at
+        out = []
+        for _ in range(7):
+            out.append(backoff.delay)
+            await backoff.wait(answered)
+        backoff.reset()
+        out.append(backoff.delay)
+        return out
+
+    assert asyncio.run(waits(1.0)) == [2, 4, 8, 16, 30, 30, 30, 2]
+    assert asyncio.run(waits(0.5)) == [1, 2, 4, 8, 16, 16, 16, 1]

@@ -8,10 +8,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src" / "harmonylite"
 MAX_LINES = 400
 # Over the limit today, next to be split (docs/architecture.md, "Known departures"); this list
-# only shrinks.
-KNOWN: dict[str, int] = {
-    "snapshot/scheduler.py": 483,
-}
+# only shrinks (it is empty now: a module past the limit is split before it lands).
+KNOWN: dict[str, int] = {}
 
 
 def test_no_module_is_over_the_limit() -> None:

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -291,3 +291,18 @@ class SnapshotPipeline:
             if attempt + 1 < CLEANUP_TRIES:
                 await asyncio.sleep(CLEANUP_DELAY_SECONDS)  # retry backoff, not synchronisation
         log.error("Unable to cleanup temp path %s: %s", work, last, extra={"path": str(work)})
+
+
+class HeadsPipeline(SnapshotPipeline):
+    """The pipeline, recording in the manifest the stream heads the capture started against."""
+
+    def __init__(self, cfg: Config, store: ObjectStore, heads: dict[str, int]) -> None:
+        super().__init__(cfg, store)
+        self.heads = heads
+
+    async def _upload_and_commit(self, manifest: Manifest, path: Path,
+                                 fence: Fence | None) -> None:
+        # Heads may be read a moment before the copy's own sequences: never report less than
+        # what the copy holds.
+        heads = {s: max(h, manifest.sequences.get(s, 0)) for s, h in self.heads.items()}
+        await super()._upload_and_commit(replace(manifest, heads=heads), path, fence)

@@ -24,20 +24,18 @@ any change).
 
 A capture starts only while the node is fresh (``LeaderElection.stale()``: applying, near the
 stream heads), and the manifest records the heads it was captured against (``heads``), so
-``snapshot verify`` can say how far behind the streams it was. Errors of the store while a
-cluster re-forms (a 503 on every listing) are logged once per state change and retried with a
-growing wait, not in a tight loop.
+``snapshot verify`` can say how far behind the streams it was. Opening and listing the store
+(and the growing wait while listings fail) is :mod:`harmonylite.snapshot.listing`; what makes a
+snapshot due, :mod:`harmonylite.snapshot.triggers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 from nats.js import JetStreamContext
 
@@ -46,78 +44,16 @@ from harmonylite.bus.kv import bounded, describe
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import BUSY_MESSAGE, LeaseLost, SnapshotBusy
-from harmonylite.ops.health import snapshot_age_limit, to_epoch
 from harmonylite.ops.metrics import Metrics
 from harmonylite.snapshot import request
 from harmonylite.snapshot.leader import LeaderElection
-from harmonylite.snapshot.manifest import Manifest, list_snapshots
-from harmonylite.snapshot.pipeline import Fence, SaveResult, SnapshotPipeline, SnapshotUnchanged
+from harmonylite.snapshot.listing import StoreListing, StoreOpener, refresh_period
+from harmonylite.snapshot.manifest import Manifest
+from harmonylite.snapshot.pipeline import HeadsPipeline, SaveResult, SnapshotUnchanged
+from harmonylite.snapshot.triggers import check_period, count_threshold, snapshot_age, streams_past
 from harmonylite.snapshot.upload_lock import UploadLock
-from harmonylite.storage.base import ObjectStore
 
 log = logging.getLogger(__name__)
-
-StoreOpener = Callable[[], Awaitable[ObjectStore]]
-LIST_TIMEOUT_SECONDS = 60.0
-REFRESH_BACKOFF_MAX = 30.0  # longest wait between listings while the store keeps failing
-
-
-class HeadsPipeline(SnapshotPipeline):
-    """The pipeline, recording in the manifest the stream heads the capture started against."""
-
-    def __init__(self, cfg: Config, store: ObjectStore, heads: dict[str, int]) -> None:
-        super().__init__(cfg, store)
-        self.heads = heads
-
-    async def _upload_and_commit(self, manifest: Manifest, path: Any,
-                                 fence: Fence | None) -> None:
-        # Heads may be read a moment before the copy's own sequences: never report less than
-        # what the copy holds.
-        heads = {s: max(h, manifest.sequences.get(s, 0)) for s, h in self.heads.items()}
-        await super()._upload_and_commit(dataclasses.replace(manifest, heads=heads), path, fence)
-
-
-def count_threshold(max_entries: int, shards: int) -> int:
-    """Messages on any stream after which a snapshot is due: half of what a stream keeps.
-
-    Every stream keeps ``max_entries`` messages (not a share of them per shard), and a snapshot
-    must exist well inside what the streams still hold, so half leaves the other half for the
-    capture, the upload and a restoring node to catch up. ``shards`` no longer divides it.
-    """
-    del shards
-    return max(1, max_entries // 2)
-
-
-def streams_past(last: dict[str, int], base: dict[str, int], threshold: int) -> list[str]:
-    """Streams whose last sequence is ``threshold`` or more past ``base`` (the snapshot's)."""
-    return sorted(s for s, seq in last.items() if seq - base.get(s, 0) >= threshold)
-
-
-def snapshot_age(created_at: str, now: float) -> float:
-    """Seconds since ``created_at`` (0 when unreadable or in the future)."""
-    ts = to_epoch(created_at)
-    return 0.0 if ts is None else max(0.0, now - ts)
-
-
-def check_period(heartbeat: float) -> float:
-    """How often the message counts (and snapshot requests) are looked at: promptly, since a
-    busy stream can pass half its retention in seconds; one stream_info per stream is cheap."""
-    return max(0.5, min(1.0, heartbeat))
-
-
-def refresh_period(cfg: Config) -> float:
-    """Seconds between a node's listings of the store. A node that is not the leader learns of
-    a new snapshot only by listing: it must list well within the health limit, or an idle,
-    healthy cluster reports the snapshot the leader just took as missing (503)."""
-    period = min(60.0, cfg.snapshot.leader_ttl / 1000.0)
-    limit = snapshot_age_limit(cfg.health_check, cfg.snapshot.interval)
-    if limit is not None:
-        period = min(period, limit / 4)
-    return max(REFRESH_MIN_SECONDS, period)
-
-
-REFRESH_MIN_SECONDS = 1.0  # a store is listed at most this often
-LIST_QUIET_SECONDS = 15.0  # listing failures shorter than this are not logged
 
 
 class Scheduler:
@@ -136,7 +72,6 @@ class Scheduler:
     ) -> None:
         self.cfg = cfg
         self.election = election
-        self._open_store = open_store
         self.js = js
         self.metrics = metrics
         self._activity = activity
@@ -148,7 +83,7 @@ class Scheduler:
         self.sleep_timeout = cfg.sleep_timeout / 1000.0
         self.check_every = check_period(election.heartbeat)
         self.refresh_every = refresh_period(cfg)
-        self.store: ObjectStore | None = None
+        self.listing = StoreListing(open_store, check_every=self.check_every, clock=clock)
         self.newest: Manifest | None = None
         self.saved: list[SaveResult] = []
         self._next_due: float | None = None  # interval trigger, monotonic
@@ -162,13 +97,8 @@ class Scheduler:
         self._last_activity = clock()
         self._activity_mark: object = None
         self._wake = asyncio.Event()
-        self._store_error: str | None = None
         self._last_request_check = -1e18
         self._replace: str | None = None  # the newest snapshot, found unsound by a node
-        self._list_error: str | None = None
-        self._list_failures = 0
-        self._list_failing_since = 0.0
-        self._list_warned = False
         self._heads = heads or dict
 
     # --- leadership -------------------------------------------------------------------------
@@ -180,18 +110,7 @@ class Scheduler:
             self._capture.cancel()
         self._wake.set()
 
-    # --- store and listing ------------------------------------------------------------------
-    async def _store(self) -> ObjectStore | None:
-        if self.store is None:
-            try:
-                self.store = await self._open_store()
-                self._store_error = None
-            except Exception as exc:
-                if self._store_error is None:
-                    log.warning("snapshot store unavailable: %s", describe(exc))
-                self._store_error = describe(exc)
-        return self.store
-
+    # --- the newest snapshot -----------------------------------------------------------------
     def _adopt(self, manifest: Manifest, base: float | None = None) -> None:
         """``manifest`` is the newest committed snapshot: the triggers count from it."""
         self.newest = manifest
@@ -205,27 +124,9 @@ class Scheduler:
 
     async def refresh(self) -> bool:
         """List the store; adopt its newest snapshot when it is not the one we know."""
-        store = await self._store()
-        if store is None:
+        found = await self.listing.list()
+        if found is None:
             return False
-        try:
-            found = await bounded(list_snapshots(store), LIST_TIMEOUT_SECONDS)
-        except Exception as exc:
-            # A cluster forming or re-forming answers 503 for seconds: retried quietly, said
-            # once only if it lasts.
-            now = self._clock()
-            if self._list_error is None:
-                self._list_failing_since = now
-            elif not self._list_warned and now - self._list_failing_since >= LIST_QUIET_SECONDS:
-                log.warning("cannot list snapshots for %.0f s (retrying with a growing wait): "
-                            "%s", now - self._list_failing_since, describe(exc))
-                self._list_warned = True
-            self._list_error = describe(exc)
-            self._list_failures += 1
-            return False
-        if self._list_warned:
-            log.info("snapshots can be listed again")
-        self._list_error, self._list_failures, self._list_warned = None, 0, False
         self._last_refresh = self._clock()
         if not found:
             if self.newest is None and self.interval > 0 and self._next_due is None:
@@ -333,7 +234,7 @@ class Scheduler:
         """Take one snapshot under the lease of ``term`` and the upload lock."""
         started = self._clock()
         self._rearm(started)
-        store = await self._store()
+        store = await self.listing.open()
         if store is None:
             return
         stale = self.election.stale()
@@ -460,13 +361,14 @@ class Scheduler:
             await self.cancel_capture()
 
     async def _wait(self, stop: asyncio.Event) -> None:
-        delay = self.check_every
-        if self._list_failures:
-            # The store keeps failing: nothing is due until it answers again.
-            delay = min(REFRESH_BACKOFF_MAX, self.check_every * 2 ** min(self._list_failures, 5))
-        elif self._next_due is not None and self.election.is_leader and not self._capturing():
-            delay = max(0.0, min(delay, self._next_due - self._clock()))
         self._wake.clear()
+        if self.listing.failing:
+            # The store keeps failing: nothing is due until it answers again.
+            await self.listing.wait(stop, self._wake)
+            return
+        delay = self.check_every
+        if self._next_due is not None and self.election.is_leader and not self._capturing():
+            delay = max(0.0, min(delay, self._next_due - self._clock()))
         await wait_any(stop, self._wake, timeout=delay)
 
     async def cancel_capture(self) -> None:
@@ -477,7 +379,4 @@ class Scheduler:
 
     async def close(self) -> None:
         await self.cancel_capture()
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                await self.store.aclose()
-            self.store = None
+        await self.listing.close()

@@ -26,27 +26,21 @@ from collections.abc import Callable, Sequence
 
 from harmonylite.cdc import changelog, ddl, schema_changes
 from harmonylite.cdc.install import install_in_transaction, report_install
-from harmonylite.db.connection import savepoint, write_transaction
+from harmonylite.db.connection import write_transaction
 from harmonylite.errors import DecodeError
-from harmonylite.replication import conflicts, dead_retry, parking, schema_apply
+from harmonylite.replication import conflicts, dead_retry, parking
 from harmonylite.replication.dead_retry import DeadRetry
 from harmonylite.replication.deadletter import DeadLetters
 from harmonylite.replication.event import Batch, decode
 from harmonylite.replication.local_tables import NEVER_READ, LocalTables
-from harmonylite.replication.outcome import (
-    APPLIED,
-    DEAD,
-    DUPLICATE,
-    PARKED,
-    SKIPPED,
-    ApplyResult,
-    is_transient,
-)
+from harmonylite.replication.message_apply import MessageApplier
+from harmonylite.replication.outcome import ApplyResult
 from harmonylite.replication.own_changes import OwnOrigins
 from harmonylite.replication.parking import ParkedChanges
 from harmonylite.replication.positions import DeferredPositions, Kept
 from harmonylite.replication.quiet_echoes import QuietEchoes
 from harmonylite.replication.row_apply import RowApplier
+from harmonylite.replication.schema_apply import SchemaMessages
 from harmonylite.replication.settle import Settle
 from harmonylite.replication.spool import Payload, as_bytes
 
@@ -54,13 +48,13 @@ log = logging.getLogger(__name__)
 
 
 class Applier:
-    """Applies messages in order with their stream positions, in its own write transactions,
-    the guard flag set (``changelog.replicating``) and each message under a savepoint. Holds
-    its parts: the tables lookup, the row applier (one change), the read-only path for its own
-    changes coming back, the parked changes, the dead letters and their retry, and the
-    positions kept back. One instance per writer connection."""
-
-    _schema_ignored = False  # a schema change arrived while replicate_ddl is false (logged)
+    """Applies groups of messages in order with their stream positions, each group in one write
+    transaction with the guard flag set (``changelog.replicating``), and decides when parked
+    changes and dead letters are tried again. Holds its parts: the tables lookup, one change
+    (``row_apply``), one message (``message_apply``; a schema change: ``schema_apply``), the
+    read-only path for its own changes coming back (``quiet_echoes``), the parked changes, the
+    dead letters and their retry, and the positions kept back. One instance per writer
+    connection."""
 
     def __init__(self, *, skip_pending: bool = True, origin: str = "",
                  own_origins: dict[str, int | None] | None = None,
@@ -83,6 +77,8 @@ class Applier:
         self.rows = RowApplier(self.tables, self.own, self._pending, self.parked,
                                skip_pending=skip_pending)
         self.echoes = QuietEchoes(self.tables, self.own, self._pending, self.deferred)
+        self.messages = MessageApplier(self.rows, self.dead, self.parked)
+        self.schema = SchemaMessages(self.own, replicated, replicate_ddl=replicate_ddl)
 
     @property
     def displaced(self) -> int:
@@ -267,118 +263,8 @@ class Applier:
 
     def _apply_message(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
                        marks: dict[str, int], result: ApplyResult) -> None:
-        """One message under a savepoint; when a change fails, again change by change."""
-        if batch.schema is not None:
-            self._apply_schema(conn, stream, seq, batch)
-            return
-        try:
-            with savepoint(conn, "msg"):
-                outcomes = self._apply_changes(conn, stream, seq, batch, dict(marks),
-                                               isolate=False)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            # Rolled back: again change by change, each under its own savepoint.
-            with savepoint(conn, "msg"):
-                outcomes = self._apply_changes(conn, stream, seq, batch, marks, isolate=True)
-        else:
-            if batch.origin and batch.ids:
-                marks[batch.origin] = max(marks.get(batch.origin, 0), max(batch.ids))
-        result.rows += outcomes[APPLIED]
-        result.skipped_pending += outcomes[SKIPPED]
-        result.parked += outcomes[PARKED]
-        result.duplicates += outcomes[DUPLICATE]
-        result.dead_letters += outcomes[DEAD]
-        if outcomes[DEAD]:
-            result.failed.append((seq, f"{outcomes[DEAD]} changes dead-lettered"))
-        if outcomes[PARKED]:
-            tables = sorted({c.table for c in batch.changes if c.table in self.parked.tables})
-            log.warning("%s sequence %d: %d changes to %s parked: this database cannot take "
-                        "them yet (a table or a column it lacks, or earlier changes to the "
-                        "table waiting); they are applied once it can", stream, seq,
-                        outcomes[PARKED], ", ".join(map(repr, tables)),
-                        extra={"stream": stream, "sequence": seq})
-
-    def _apply_schema(self, conn: sqlite3.Connection, stream: str, seq: int,
-                      batch: Batch) -> None:
-        """A schema change (``replicate_ddl``); see ``schema_apply``."""
-        if not self.replicate_ddl:
-            if not self._schema_ignored:
-                self._schema_ignored = True
-                log.warning("%s sequence %d: a schema change from node %d is not applied: "
-                            "replicate_ddl is false on this node (every node must share the "
-                            "setting)", stream, seq, batch.node_id,
-                            extra={"stream": stream, "sequence": seq})
-            return
-        try:
-            with savepoint(conn, "schema_msg"):
-                outcome = schema_apply.apply(conn, stream, seq, batch, self.own.node_id,
-                                             self.replicated)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            # Not a schema change this node can read (a malformed message): recorded, and
-            # the stream goes on; the changes to its tables wait parked.
-            uid = str((batch.schema or {}).get("u", f"{stream}:{seq}"))
-            reason = f"{type(exc).__name__}: {exc}"
-            schema_changes.ensure(conn)
-            schema_changes.record(conn, uid, batch.node_id, "failed", {}, [], reason)
-            log.error("%s sequence %d: schema change %s of node %d cannot be applied: %s",
-                      stream, seq, uid, batch.node_id, reason,
-                      extra={"stream": stream, "sequence": seq, "schema_change": uid})
-            return
-        if not outcome.changed:
-            return
-        report = install_in_transaction(conn, self.replicated, backfill=False)
-        report_install(report, at_start=False)
-        for table in outcome.republish:
-            schema_changes.republish(conn, table)
-        if self.own.origin and not outcome.republish:
-            # This node's own changes to these tables that were sent under the old schema and
-            # are not back yet: sent again under the new one.
-            back = self._own_back(conn)
-            for table in outcome.tables:
-                schema_changes.republish_in_flight(conn, table, back)
-        schema_changes.remember(conn, schema_changes.current(conn, self.replicated))
-        self.tables.forget()  # caches and statements follow the new schema
-        self._refresh(conn)
-
-    def _own_back(self, conn: sqlite3.Connection) -> int:
-        """How far this node's own changes have come back from every stream (the lowest of
-        its origins' marks over the streams; 0 when one has none)."""
-        own = sorted(self.own.origins)
-        if not own:
-            return 0
-        marks = [int(m) for (m,) in conn.execute(
-            f"SELECT max(hwm) FROM {ddl.ORIGINS} WHERE origin IN "
-            f"({', '.join('?' for _ in own)}) GROUP BY stream", own)]
-        return min(marks) if marks else 0
-
-    def _apply_changes(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch,
-                       marks: dict[str, int], *, isolate: bool) -> list[int]:
-        outcomes = [0, 0, 0, 0, 0]
-        origin = batch.origin if batch.ids else ""
-        hwm = marks.get(origin, 0) if origin else 0
-        for i, ch in enumerate(batch.changes):
-            cid = 0
-            if origin:
-                cid = batch.ids[i]
-                if cid <= hwm:
-                    outcomes[DUPLICATE] += 1
-                    continue
-                hwm = cid
-            if not isolate:
-                outcomes[self.rows.apply(conn, stream, seq, batch, ch, cid=cid)] += 1
-                continue
-            try:
-                with savepoint(conn, "ch"):
-                    outcome = self.rows.apply(conn, stream, seq, batch, ch, cid=cid)
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                self.dead.change(conn, stream, seq, batch, i, exc)
-                outcome = DEAD
-            outcomes[outcome] += 1
-        if origin:
-            marks[origin] = hwm
-        return outcomes
+        if batch.schema is None:
+            self.messages.apply(conn, stream, seq, batch, marks, result)
+        elif self.schema.apply(conn, stream, seq, batch):
+            self.tables.forget()  # caches and statements follow the new schema
+            self._refresh(conn)

@@ -32,10 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harmonylite.cdc import ddl, schema_changes, schema_plan
+from harmonylite.cdc.install import install_in_transaction, report_install
 from harmonylite.cdc.schema_changes import Touched
 from harmonylite.cdc.schema_plan import Objects, PlanError
 from harmonylite.db.connection import PREFIX, quote_ident, savepoint
 from harmonylite.replication.event import Batch
+from harmonylite.replication.outcome import is_transient
+from harmonylite.replication.own_changes import OwnOrigins
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +116,8 @@ def refused_statement(stmts: list[str], objs: Touched) -> str:
         (d for d in defs if not _CREATE.match(d)), "")
 
 
-def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id: int,
-          replicated: Callable[[str], bool] | None) -> SchemaOutcome:
+def apply_change(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id: int,
+                 replicated: Callable[[str], bool] | None) -> SchemaOutcome:
     """Apply the schema change ``batch`` carries (see the module's docstring)."""
     assert batch.schema is not None
     uid = str(batch.schema["u"])
@@ -202,3 +205,69 @@ def apply(conn: sqlite3.Connection, stream: str, seq: int, batch: Batch, node_id
     log.info("schema change %s of node %d applied: %s", uid, origin, names,
              extra={"schema_change": uid, "stream": stream, "sequence": seq})
     return out
+
+
+class SchemaMessages:
+    """The applier's part for a message carrying a schema change: applied when this node
+    replicates them (``replicate_ddl``), capture installed again, and the rows to publish again
+    marked. Its parts: this database's own origins and the tables it replicates."""
+
+    def __init__(self, own: OwnOrigins, replicated: Callable[[str], bool] | None, *,
+                 replicate_ddl: bool = False) -> None:
+        self.own = own
+        self.replicated = replicated
+        self.replicate_ddl = replicate_ddl
+        self._ignored = False  # a schema change arrived while replicate_ddl is false (logged)
+
+    def apply(self, conn: sqlite3.Connection, stream: str, seq: int, batch: Batch) -> bool:
+        """The schema change ``batch`` carries, in the applier's transaction (the guard flag
+        set). True when the schema here changed: the applier's cached tables are stale."""
+        if not self.replicate_ddl:
+            if not self._ignored:
+                self._ignored = True
+                log.warning("%s sequence %d: a schema change from node %d is not applied: "
+                            "replicate_ddl is false on this node (every node must share the "
+                            "setting)", stream, seq, batch.node_id,
+                            extra={"stream": stream, "sequence": seq})
+            return False
+        try:
+            with savepoint(conn, "schema_msg"):
+                outcome = apply_change(conn, stream, seq, batch, self.own.node_id, self.replicated)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            # Not a schema change this node can read (a malformed message): recorded, and
+            # the stream goes on; the changes to its tables wait parked.
+            uid = str((batch.schema or {}).get("u", f"{stream}:{seq}"))
+            reason = f"{type(exc).__name__}: {exc}"
+            schema_changes.ensure(conn)
+            schema_changes.record(conn, uid, batch.node_id, "failed", {}, [], reason)
+            log.error("%s sequence %d: schema change %s of node %d cannot be applied: %s",
+                      stream, seq, uid, batch.node_id, reason,
+                      extra={"stream": stream, "sequence": seq, "schema_change": uid})
+            return False
+        if not outcome.changed:
+            return False
+        report = install_in_transaction(conn, self.replicated, backfill=False)
+        report_install(report, at_start=False)
+        for table in outcome.republish:
+            schema_changes.republish(conn, table)
+        if self.own.origin and not outcome.republish:
+            # This node's own changes to these tables that were sent under the old schema and
+            # are not back yet: sent again under the new one.
+            back = self._own_back(conn)
+            for table in outcome.tables:
+                schema_changes.republish_in_flight(conn, table, back)
+        schema_changes.remember(conn, schema_changes.current(conn, self.replicated))
+        return True
+
+    def _own_back(self, conn: sqlite3.Connection) -> int:
+        """How far this node's own changes have come back from every stream (the lowest of
+        its origins' marks over the streams; 0 when one has none)."""
+        own = sorted(self.own.origins)
+        if not own:
+            return 0
+        marks = [int(m) for (m,) in conn.execute(
+            f"SELECT max(hwm) FROM {ddl.ORIGINS} WHERE origin IN "
+            f"({', '.join('?' for _ in own)}) GROUP BY stream", own)]
+        return min(marks) if marks else 0

@@ -47,6 +47,7 @@ from harmonylite.restore.loop import (
     NoSoundSnapshot,
     RestoreRefused,
     list_patiently,
+    patiently,
     publish_pending,
     restore_newest,
 )
@@ -153,6 +154,17 @@ async def recover(parts: StartParts) -> Recovery:
     return Recovery(restored, readers, parts.joining)
 
 
+def _unlisted(db_path: Path, db_exists: bool, behind: list[Gap], what: str,
+              exc: StorageError) -> None:
+    """The store could not be opened or listed: a new node cannot start; a node with a database
+    replays from its own positions, its gaps logged."""
+    if not db_exists:
+        raise SnapshotError(f"cannot provision {db_path}: the snapshot store cannot be "
+                            f"{what}: {exc}") from exc
+    log.error("cannot list snapshots (%s); replaying from this node's positions", exc)
+    _log_gaps(behind, "no snapshot could be checked")
+
+
 async def _recover(parts: StartParts, readers: dict[str, ReadAhead], db_exists: bool,
                    positions: dict[str, int], recorded: dict[str, tuple[int, int]],
                    behind: list[Gap]) -> str | None:
@@ -162,17 +174,17 @@ async def _recover(parts: StartParts, readers: dict[str, ReadAhead], db_exists: 
     # Never go backwards: a snapshot behind what this database already holds would lose rows.
     floor = positions if db_exists else {}
     heads = _window(await stream_heads(parts.js, namespace(cfg).streams()), readers)
-    store = await open_store(cfg.snapshot, js=parts.js, bucket=namespace(cfg).snapshot_bucket)
+    try:
+        # A JetStream cluster still forming times out on the object store's bucket for seconds.
+        store = await patiently(lambda: open_store(cfg.snapshot, js=parts.js,
+                                                   bucket=namespace(cfg).snapshot_bucket))
+    except StorageError as exc:
+        return _unlisted(db_path, db_exists, behind, "opened", exc)
     try:
         try:
             candidates = await list_patiently(store)
         except StorageError as exc:
-            if not db_exists:
-                raise SnapshotError(f"cannot provision {db_path}: the snapshot store cannot be "
-                                    f"listed: {exc}") from exc
-            log.error("cannot list snapshots (%s); replaying from this node's positions", exc)
-            _log_gaps(behind, "no snapshot could be checked")
-            return None
+            return _unlisted(db_path, db_exists, behind, "listed", exc)
         choice = choose(candidates, floor, heads)
         for m, why in choice.skipped:
             log.warning("skipping snapshot %s: it is behind this node's database (%s)", m.id,

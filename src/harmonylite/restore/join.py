@@ -52,7 +52,7 @@ from harmonylite.restore.join_rows import (
     republish,
     rows_text,
 )
-from harmonylite.restore.loop import list_patiently
+from harmonylite.restore.loop import list_patiently, patiently
 from harmonylite.restore.verify import fetch, work_dir
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import NullProgress
@@ -100,7 +100,13 @@ async def check(cfg: Config, js: JetStreamContext, db_path: Path,
     # The database was not replaced yet: a merge left over from an earlier try has no object.
     await asyncio.to_thread(remove_durably, marker_path(db_path))
     joining: Joining | None = Joining(own, cfg.snapshot.join)
-    store = await open_store(cfg.snapshot, js=js, bucket=namespace(cfg).snapshot_bucket)
+    try:
+        store = await patiently(lambda: open_store(cfg.snapshot, js=js,
+                                                   bucket=namespace(cfg).snapshot_bucket))
+    except StorageError as exc:
+        log.warning("cannot open the snapshot store to check whether %s would be replaced: %s",
+                    db_path, exc)
+        return joining
     try:
         try:
             candidates = await list_patiently(store)

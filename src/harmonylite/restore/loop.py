@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from nats.js import JetStreamContext
 
@@ -202,17 +203,30 @@ async def publish_pending(cfg: Config, js: JetStreamContext, db_path: Path,
     log.info("published %d pending local changes before the restore", sent)
 
 
+T = TypeVar("T")
+
 LIST_PATIENCE = 60.0  # seconds a store answering "unavailable" (or timing out) is retried at start
 
 
-async def list_patiently(store: ObjectStore) -> list[Manifest]:
-    """List the store; while it says it is unavailable (a JetStream cluster still forming
-    answers 503 for seconds), retry quietly for a while before giving up."""
+async def patiently(call: Callable[[], Awaitable[T]]) -> T:
+    """Open or list the store; while it says it is unavailable (a JetStream cluster still
+    forming answers 503, or times out, for seconds), retry for a while before giving up with
+    the last error."""
     patience = Patience(LIST_PATIENCE, 0.5)
+    said = False
     while True:
         try:
-            return await list_snapshots(store)
-        except StorageUnavailable:
+            return await call()
+        except StorageUnavailable as exc:
             if patience.exhausted:
                 raise
+            if not said:  # once: the wait may be long, and its end is logged by the caller
+                log.warning("the snapshot store is not available yet (%s); trying again for "
+                            "up to %.0f s", exc, LIST_PATIENCE)
+                said = True
             await patience.wait()
+
+
+async def list_patiently(store: ObjectStore) -> list[Manifest]:
+    """List the store's snapshots, retried while it is unavailable (see :func:`patiently`)."""
+    return await patiently(lambda: list_snapshots(store))

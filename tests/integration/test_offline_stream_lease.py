@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nats
 
+from cluster import Cluster
 from harmonylite.node.embedded_nats import EmbeddedNats
 from nodes import NodeProc, health, wait_until
 from servers import free_port
@@ -68,32 +69,78 @@ def test_the_lease_moves_when_its_holder_takes_a_stream_offline(tmp_path: Path) 
         node.wait_started(120)
     wait_until(lambda: _leader(nodes) is not None, 60, "a snapshot leader")
     host = _stream_host(nodes[0])
-    others = [n for n in nodes if n.node_id != host]
     holder = nodes[host - 1]
-    # Make the stream's host the lease holder: freeze the others until it takes the lease.
-    # (Their embedded servers are child processes and keep serving meanwhile.)
-    for n in others:
-        assert n.proc is not None
-        n.proc.send_signal(signal.SIGSTOP)
-    try:
-        wait_until(lambda: bool(health(holder)[1].get("snapshot", {}).get("leader")), 60,
-                   f"node {host}, which holds {STREAM}, to take the lease")
-    finally:
-        for n in others:
-            assert n.proc is not None
-            n.proc.send_signal(signal.SIGCONT)
-    wait_until(lambda: _leader(nodes) == host, 30, f"node {host} alone to hold the lease")
+    others = _make_holder(nodes, holder)
     # The machine dies: the node and its server at once, the lease left to expire (by then the
     # others have seen the stream offline).
     server_pid = int(next((holder.dir / "data.db-nats" / "ports").glob("*.ports"))
                      .stem.rpartition("_")[2])
     holder.kill()
     os.kill(server_pid, signal.SIGKILL)
+    _lease_moves(others)
+    for n in others:
+        assert n.stop() == 0
+
+
+def _make_holder(nodes: list[NodeProc], holder: NodeProc) -> list[NodeProc]:
+    """Make ``holder`` the lease holder: freeze the others until it takes the lease (their
+    servers, embedded child processes or outside ones, keep serving meanwhile)."""
+    others = [n for n in nodes if n is not holder]
+    for n in others:
+        assert n.proc is not None
+        n.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: bool(health(holder)[1].get("snapshot", {}).get("leader")), 60,
+                   f"node {holder.node_id}, which holds {STREAM}, to take the lease")
+    finally:
+        for n in others:
+            assert n.proc is not None
+            n.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: _leader(nodes) == holder.node_id, 30,
+               f"node {holder.node_id} alone to hold the lease")
+    return others
+
+
+def _lease_moves(others: list[NodeProc]) -> None:
     try:
         wait_until(lambda: _leader(others) is not None, 60,
                    "another node to take the lease while the stream is offline")
     except AssertionError as exc:
         logs = "\n".join(f"--- node {n.node_id}\n{n.log_text()[-4000:]}" for n in others)
         raise AssertionError(f"{exc}\n{logs}") from None
-    for n in others:
-        assert n.stop() == 0
+
+
+def test_the_lease_moves_when_a_stream_whose_requests_time_out_is_offline(
+        tmp_path: Path) -> None:
+    # Three outside servers, a node on each. When the one server of a one-replica stream dies,
+    # the others' requests for the stream time out (for minutes here) instead of answering
+    # "offline": only the cluster's stream listing, naming it missing, tells the two apart.
+    cluster = Cluster(tmp_path / "cluster").start()
+    try:
+        nodes = []
+        for i, url in enumerate(cluster.urls, start=1):
+            node = NodeProc(tmp_path / f"n{i}", i, {
+                "nats": {"urls": [url]},
+                "replication_log": {"shards": 1, "replicas": 1, "max_entries": 10_000},
+                "snapshot": {"enabled": True, "interval": 0, "leader_ttl": 8000,
+                             "store": "file", "file": {"path": str(tmp_path / "store")},
+                             "nats": {"replicas": 3}},
+                "health_check": {"enable": True, "bind": f"127.0.0.1:{free_port()}"},
+            })
+            node.execute(SCHEMA)
+            nodes.append(node)
+        for node in nodes:
+            node.start_async()
+        for node in nodes:
+            node.wait_started(120)
+        wait_until(lambda: _leader(nodes) is not None, 60, "a snapshot leader")
+        host = cluster.stream_leader(STREAM)
+        holder = nodes[host]
+        others = _make_holder(nodes, holder)
+        holder.kill()
+        cluster.kill(host)
+        _lease_moves(others)
+        for n in others:
+            assert n.stop() == 0
+    finally:
+        cluster.stop()

@@ -15,7 +15,8 @@ SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"
 def _conf(deny_object_store: bool) -> str:
     # A request the account may not publish gets no answer: nats-py times out on it, as it does
     # on a bucket whose stream a forming cluster cannot place yet.
-    deny = ', deny: ["$JS.API.STREAM.CREATE.OBJ_harmonylite-changes-snapshot-store"]' if deny_object_store else ""
+    create = "$JS.API.STREAM.CREATE.OBJ_harmonylite-changes-snapshot-store"
+    deny = f', deny: ["{create}"]' if deny_object_store else ""
     return ("authorization { users = [ { user: harmony, password: pw-st4rt, permissions: {"
             f' publish: {{ allow: [">"] {deny} }}, subscribe: ">" }} }} ] }}\n')
 

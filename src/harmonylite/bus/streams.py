@@ -6,8 +6,10 @@ The connection itself is :mod:`harmonylite.bus.connection`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
+from nats.errors import Error as NatsClientError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -28,7 +30,7 @@ def describe_error(exc: BaseException) -> str:
     """A short, stable description of a NATS error, for logs that say each state once."""
     if isinstance(exc, APIError):
         return f"{exc.code or ''} {exc.description or type(exc).__name__}".strip()
-    if isinstance(exc, NatsTimeoutError | TimeoutError | asyncio.TimeoutError):
+    if is_timeout(exc):
         return "timed out"
     return str(exc) or type(exc).__name__
 
@@ -39,6 +41,43 @@ STREAM_OFFLINE = 10118  # JetStream's err_code: every server holding the stream 
 def is_stream_offline(exc: BaseException) -> bool:
     """The cluster answered that the stream is offline: no node can read it, not just this one."""
     return isinstance(exc, APIError) and exc.err_code == STREAM_OFFLINE
+
+
+def is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, NatsTimeoutError | TimeoutError | asyncio.TimeoutError)
+
+
+async def cluster_misses(js: JetStreamContext, stream: str, timeout: float) -> bool:
+    """Whether the cluster itself cannot reach ``stream``: its meta leader's stream listing names
+    it as missing (its servers did not answer) or offline. Asked after the stream's own requests
+    time out: when the one server of a one-replica stream dies, those requests may time out for
+    minutes before the cluster answers "offline" (10118), while the listing names the stream as
+    missing within seconds. Any failure of the listing itself says nothing (False)."""
+    try:
+        msg = await js._nc.request(f"{js._prefix}.STREAM.LIST", b"{}", timeout=timeout)
+        body = json.loads(msg.data or b"{}")
+    except (NatsClientError, TimeoutError, ValueError) as exc:
+        log.debug("cannot list the streams to tell whether %s is offline: %s", stream,
+                  describe_error(exc))
+        return False
+    if not isinstance(body, dict):
+        return False
+    return stream in (body.get("missing") or []) or stream in (body.get("offline") or {})
+
+
+LIST_TIMEOUT = 8.0  # the meta leader waits some seconds for the streams that do not answer
+
+
+async def offline_for_all(js: JetStreamContext, stream: str, exc: BaseException) -> bool:
+    """Whether ``exc``, met reading ``stream``, means that no node can read it now: the cluster
+    answered "offline", or it timed out and the cluster cannot reach the stream either (a
+    timeout alone does not tell a slow stream from one whose servers are all down)."""
+    offline = is_stream_offline(exc) or (
+        is_timeout(exc) and await cluster_misses(js, stream, LIST_TIMEOUT))
+    if offline:
+        log.info("the cluster cannot reach %s: no node can consume it meanwhile", stream,
+                 extra={"stream": stream})
+    return offline
 
 
 def stream_config(cfg: Config, shard: int) -> StreamConfig:

@@ -39,7 +39,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import ServiceUnavailableError
 
 from harmonylite.aio import Backoff, Patience, wait_any
-from harmonylite.bus.streams import describe_error, is_stream_offline
+from harmonylite.bus.streams import describe_error, offline_for_all
 from harmonylite.db.connection import DbThread
 from harmonylite.errors import NatsError
 from harmonylite.replication import large_changes
@@ -212,7 +212,7 @@ class ShardConsumer:
                     # Whatever failed (timeout, 503 without a leader, a closed connection), the
                     # only way forward is to try again: never give up on a stream.
                     self._sub = None
-                    self._unreadable(exc)
+                    await self._unreadable(exc)
                     self._lost(f"cannot subscribe: {describe_error(exc)}")
                     # Attempts start every ``backoff`` seconds: one that timed out has already
                     # waited, so the next follows at once once the cluster can answer.
@@ -236,7 +236,7 @@ class ShardConsumer:
         except Exception as exc:
             # No leader, no quorum: nothing can be consumed from the stream meanwhile. Said in
             # health once it lasts, and head_seen_at ages for the snapshot leader's check.
-            self._unreadable(exc)
+            await self._unreadable(exc)
             now = time.monotonic()
             self._unreadable_since = self._unreadable_since or now
             if now - self._unreadable_since >= UNREADABLE_AFTER:
@@ -260,11 +260,12 @@ class ShardConsumer:
                 not self._silent or head <= self._queued_upto):
             self._found()  # the stream answers again and nothing is missing from our feed
 
-    def _unreadable(self, exc: BaseException) -> None:
+    async def _unreadable(self, exc: BaseException) -> None:
         # Once the cluster has said the stream is offline, only a successful read says otherwise:
         # the requests that follow (a consumer's create, the next stream info) may time out
         # rather than answer "offline" again, and the stream is no more readable for that.
-        self.stream_offline = self.stream_offline or is_stream_offline(exc)
+        if not self.stream_offline:
+            self.stream_offline = await offline_for_all(self.js, self.stream, exc)
 
     def _lost(self, reason: str) -> None:
         if self.not_consuming is None:

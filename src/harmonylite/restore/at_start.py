@@ -179,12 +179,14 @@ async def _recover(parts: StartParts, readers: dict[str, ReadAhead], db_exists: 
         store = await patiently(lambda: open_store(cfg.snapshot, js=parts.js,
                                                    bucket=namespace(cfg).snapshot_bucket))
     except StorageError as exc:
-        return _unlisted(db_path, db_exists, behind, "opened", exc)
+        _unlisted(db_path, db_exists, behind, "opened", exc)
+        return None
     try:
         try:
             candidates = await list_patiently(store)
         except StorageError as exc:
-            return _unlisted(db_path, db_exists, behind, "listed", exc)
+            _unlisted(db_path, db_exists, behind, "listed", exc)
+            return None
         choice = choose(candidates, floor, heads)
         for m, why in choice.skipped:
             log.warning("skipping snapshot %s: it is behind this node's database (%s)", m.id,

@@ -264,10 +264,12 @@ class Publisher:
             try:
                 self._inflight = await ahead
             except BaseException:
-                # The read failed and gave up the batch (see ``BatchReader._read``): it is read
-                # again from the watermark.
+                # The read failed (it gave up the batch, see ``BatchReader._read``) or this was
+                # cancelled (what it read is lost with it): the batch is read again from the
+                # watermark, never on from past a chunk that was not sent.
                 self._inflight = None
                 self._messages.opened = set()
+                await self.db.call(lambda _: self._batches.abandon(self.db.aux()))
                 raise
         count = sum(m.count for m in flight.messages)
         self.published_total += count

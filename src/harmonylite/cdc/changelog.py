@@ -177,10 +177,13 @@ class PendingKeys:
         wm = max(published, intent(conn))
         if self._scanned < 0:  # first look: what was captured before is not known here
             self._scanned = self.blind_upto = wm
-        elif self._scanned < published - 1:  # published meanwhile: pruning may have taken it
-            self.blind_upto = max(self.blind_upto, published - 1)
         rows = fetch_all(conn, f"SELECT * FROM {ddl.LOG} WHERE id > ? ORDER BY id",
                          (self._scanned,))
+        if self._scanned < published - 1 and (not rows or int(rows[0][0]) > self._scanned + 1):
+            # Published meanwhile, and pruning took some of it. Ids are allocated as max + 1
+            # and pruning only deletes below the watermark (see ``prune``), so the log holds a
+            # contiguous run of ids: when the next id is still there, nothing was missed.
+            self.blind_upto = max(self.blind_upto, published - 1)
         for row in rows:
             entry = _entry(conn, row, shapes)
             self._scanned = entry.id

@@ -9,26 +9,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
 
 from harmonylite.archive.verify import verify
 from harmonylite.bus.names import namespace
-from harmonylite.cli.parsing import parser_class
+from harmonylite.cli.parsing import Commands, add_command, add_verbs
 from harmonylite.config import Config
 
-_Parser = parser_class("archive")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harmonylite archive", allow_abbrev=False,
-                description="The archive of the change streams (snapshot.archive).")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+def add_parser(commands: Commands) -> None:
+    p = add_command(commands, "archive", summary="the archive of the change streams "
+                    "(snapshot.archive): verify it is continuous",
+                    description="The archive of the change streams (snapshot.archive).",
+                    handler=main)
+    verbs = add_verbs(p)
     ver = verbs.add_parser("verify", help="check the archive is continuous from the oldest kept "
                            "snapshot to its head on every stream, every segment sound; exit 1 "
                            "naming a gap or a corrupt segment")
     ver.add_argument("-quick", "--quick", action="store_true",
                      help="check continuity from the listing only, without downloading segments")
-    return p
 
 
 async def _run(cfg: Config, quick: bool) -> int:
@@ -46,6 +44,5 @@ async def _run(cfg: Config, quick: bool) -> int:
     return 1
 
 
-def main(cfg: Config, argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def main(cfg: Config, args: argparse.Namespace) -> int:
     return asyncio.run(_run(cfg, args.quick))

@@ -16,13 +16,11 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any, TextIO
 
 from harmonylite.bus.names import namespace
-from harmonylite.cli.parsing import parser_class
+from harmonylite.cli.parsing import Commands, add_command, add_verbs
 from harmonylite.cluster import view
-from harmonylite.cluster.read import forget, read_records
 from harmonylite.config import Config
 from harmonylite.errors import HarmonyliteError
 
@@ -30,13 +28,12 @@ EXIT_OK, EXIT_FAILURE = 0, 1
 WATCH_SECONDS = 2.0
 
 
-_Parser = parser_class("cluster")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harmonylite cluster", allow_abbrev=False,
-                description="Every node of the cluster, from the heartbeats they put in NATS.")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+def add_parser(commands: Commands) -> None:
+    p = add_command(commands, "cluster", summary="every node of the cluster from its heartbeats: "
+                    "status (worst first), forget",
+                    description="Every node of the cluster, from the heartbeats they put in NATS.",
+                    handler=main)
+    verbs = add_verbs(p)
     st = verbs.add_parser("status", help="one row per node, worst first; exit 1 unless every "
                           "node is healthy")
     st.add_argument("-json", "--json", action="store_true",
@@ -52,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("node_id", type=int, metavar="N", help="the node's id")
     fg.add_argument("-force", "--force", action="store_true",
                     help="even when the node still puts heartbeats (it reappears at its next)")
-    return p
 
 
 def _render(doc: dict[str, Any], as_json: bool) -> str:
@@ -66,6 +62,7 @@ def _render(doc: dict[str, Any], as_json: bool) -> str:
 
 async def _status(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     from harmonylite.cli.connecting import default_js_context
+    from harmonylite.cluster.read import read_records
 
     names = namespace(cfg)
     async with default_js_context(cfg) as js:
@@ -84,6 +81,7 @@ async def _status(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 async def _forget(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     from harmonylite.cli.connecting import default_js_context
+    from harmonylite.cluster.read import forget, read_records
 
     names = namespace(cfg)
     async with default_js_context(cfg) as js:
@@ -102,7 +100,6 @@ async def _forget(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def main(cfg: Config, argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def main(cfg: Config, args: argparse.Namespace) -> int:
     run = _status if args.verb == "status" else _forget
     return asyncio.run(run(cfg, args, sys.stdout))

@@ -8,30 +8,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from harmonylite.cdc import schema_changes
-from harmonylite.cli.parsing import existing_database, parser_class
+from harmonylite.cli.parsing import Commands, add_command, add_verbs, existing_database
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
 from harmonylite.replication import conflicts
 
-_Parser = parser_class("conflicts")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harmonylite conflicts", allow_abbrev=False,
-                description="Rows displaced by UNIQUE conflicts on this node.")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+def add_parser(commands: Commands) -> None:
+    p = add_command(commands, "conflicts", summary="rows this node removed because a later "
+                    "change took their UNIQUE value",
+                    description="Rows displaced by UNIQUE conflicts on this node.", handler=main)
+    verbs = add_verbs(p)
     ls = verbs.add_parser("list", help="table, key, displaced values, winning origin, stream, "
                                        "sequence")
     ls.add_argument("-json", "--json", action="store_true", help="print a JSON array")
-    return p
 
 
-def main(cfg: Config, argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def main(cfg: Config, args: argparse.Namespace) -> int:
     existing_database(cfg.db_path)
     conn = open_connection(cfg.db_path)
     try:

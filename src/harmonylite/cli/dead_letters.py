@@ -12,10 +12,9 @@ import argparse
 import json
 import sqlite3
 import sys
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from harmonylite.cli.parsing import existing_database, parser_class
+from harmonylite.cli.parsing import Commands, add_command, add_verbs, existing_database
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection, write_transaction
 from harmonylite.errors import HarmonyliteError, UsageError
@@ -25,13 +24,11 @@ from harmonylite.replication.apply import Applier
 EXIT_OK, EXIT_FAILURE = 0, 1
 
 
-_Parser = parser_class("dead-letters")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harmonylite dead-letters", allow_abbrev=False,
-                description="Changes that could not be applied on this node.")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+def add_parser(commands: Commands) -> None:
+    p = add_command(commands, "dead-letters", summary="changes this node could not apply: list, "
+                    "show, retry, drop",
+                    description="Changes that could not be applied on this node.", handler=main)
+    verbs = add_verbs(p)
     ls = verbs.add_parser("list", help="stream, sequence, origin, table, key and error of each")
     ls.add_argument("-json", "--json", action="store_true", help="print a JSON array")
     show = verbs.add_parser("show", help="one dead letter, with the change it holds")
@@ -40,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
         v = verbs.add_parser(name, help=f"{what} one dead letter, or all of them")
         v.add_argument("id", type=int, nargs="?", help="its id, from list")
         v.add_argument("-all", "--all", action="store_true", help="every dead letter")
-    return p
 
 
 def _open(cfg: Config) -> sqlite3.Connection:
@@ -66,8 +62,7 @@ def _targets(conn: sqlite3.Connection, args: argparse.Namespace) -> list[deadlet
     return found
 
 
-def main(cfg: Config, argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def main(cfg: Config, args: argparse.Namespace) -> int:
     conn = _open(cfg)
     try:
         if args.verb == "list":

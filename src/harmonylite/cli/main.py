@@ -1,19 +1,27 @@
-"""The `harmonylite` command: global flags (one or two dashes), then an optional verb."""
+"""The `harmonylite` command: one argument tree, global flags (one or two dashes) at its root,
+then an optional command with its verb, each command's part of the tree from its own module."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import sqlite3
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from harmonylite import __version__
-from harmonylite.cli.parsing import existing_database, parser_class
+from harmonylite.cli import (
+    archive,
+    cluster,
+    conflicts,
+    dead_letters,
+    schema,
+    shared_settings,
+    snapshot,
+)
+from harmonylite.cli.parsing import CommandParser, existing_database, parse
 from harmonylite.config import JOIN_MODES, ClusterFlags, Config, load_config, with_join
 from harmonylite.errors import (
     ConfigError,
@@ -37,39 +45,14 @@ EXIT_CODES = (
 )
 
 
-@dataclass(frozen=True)
-class Command:
-    """A verb after the global flags: ``module`` has ``build_parser()`` and ``main(cfg, argv)``."""
-
-    name: str
-    module: str
-    summary: str
-
-    def load(self) -> Any:
-        return importlib.import_module(self.module)
-
-
-# The one list of commands: dispatch, --help and docs/cli.md all read it.
-COMMANDS = (
-    Command("snapshot", "harmonylite.cli.snapshot", "take, list, verify and restore snapshots"),
-    Command("archive", "harmonylite.cli.archive",
-            "the archive of the change streams (snapshot.archive): verify it is continuous"),
-    Command("dead-letters", "harmonylite.cli.dead_letters",
-            "changes this node could not apply: list, show, retry, drop"),
-    Command("schema", "harmonylite.cli.schema",
-            "this node's schema and parked changes, or every node's (--cluster)"),
-    Command("conflicts", "harmonylite.cli.conflicts",
-            "rows this node removed because a later change took their UNIQUE value"),
-    Command("cluster", "harmonylite.cli.cluster",
-            "every node of the cluster from its heartbeats: status (worst first), forget"),
-    Command("shared-settings", "harmonylite.cli.shared_settings",
-            "the settings every node must share, as the cluster recorded them; apply changes "
-            "the shard count for the whole cluster"),
-)
+# The commands, in the order --help and docs/cli.md list them; each module adds its part of the
+# tree (``add_parser``) with its handler (``main``).
+COMMANDS = (snapshot, archive, dead_letters, schema, conflicts, cluster, shared_settings)
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser, str]]:
-    """The verbs of a command's parser with their help (``snapshot`` -> save, list, ...)."""
+    """A parser's subcommands with their help: the commands of the top-level parser, the verbs
+    of a command's (``snapshot`` -> save, list, ...)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             helps = {a.dest: a.help or "" for a in action._choices_actions}
@@ -100,11 +83,11 @@ def synopsis(prog: str, parser: argparse.ArgumentParser) -> str:
     return " ".join(parts)
 
 
-def _commands_epilog() -> str:
+def _commands_epilog(parser: argparse.ArgumentParser) -> str:
     lines = ["commands (after the flags: harmonylite -config PATH COMMAND ...):"]
-    for command in COMMANDS:
-        for name, sub, text in subcommands(command.load().build_parser()):
-            lines.append(f"  {synopsis(f'{command.name} {name}', sub)}")
+    for command, command_parser, _ in subcommands(parser):
+        for name, sub, text in subcommands(command_parser):
+            lines.append(f"  {synopsis(f'{command} {name}', sub)}")
             lines.append(f"      {text}")
     lines += ["  (no command)", "      run a node", "", "exit codes:"]
     lines += [f"  {code:<3} {text}" for code, text in EXIT_CODES]
@@ -112,23 +95,34 @@ def _commands_epilog() -> str:
     return "\n".join(lines)
 
 
-_Parser = parser_class("")
+class _TopHelp(argparse.RawDescriptionHelpFormatter):
+    """The top-level help as it always read: the commands are listed in the epilog with their
+    verbs, not under COMMAND, and the usage ends with ``...``."""
+
+    def _iter_indented_subactions(self, action: argparse.Action
+                                  ) -> Generator[argparse.Action, None, None]:
+        if not isinstance(action, argparse._SubParsersAction):
+            yield from super()._iter_indented_subactions(action)
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == argparse.PARSER:
+            return "..."
+        return super()._format_args(action, default_metavar)
 
 
-class _MainParser(_Parser):  # type: ignore[valid-type,misc]
-    """The list of commands is written when help is shown: building it loads every command's
-    module, which a command that only needs its own (a restore from S3) should not pay for."""
+class _TopParser(CommandParser):
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # An unknown command is named as such, with the list of commands.
+        if isinstance(action, argparse._SubParsersAction) and value not in action.choices:
+            raise UsageError(f"unknown command {value!r}: the commands are "
+                             + ", ".join(repr(c) for c in action.choices))
+        super()._check_value(action, value)
 
-    def format_help(self) -> str:
-        self.epilog = _commands_epilog()
-        text: str = super().format_help()
-        return text
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _MainParser(prog="harmonylite", description="Leaderless SQLite replication over NATS "
-                    "JetStream, with verified snapshots.", allow_abbrev=False,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    p = _TopParser(prog="harmonylite", description="Leaderless SQLite replication over NATS "
+                   "JetStream, with verified snapshots.", allow_abbrev=False,
+                   formatter_class=_TopHelp)
     p.add_argument("-config", "--config", default=None, metavar="PATH",
                    help="TOML configuration; a file named here must exist (without -config: "
                    "config.toml when present, else all defaults)")
@@ -156,8 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for HarmonyLite compatibility: Go's pprof server has no "
                    "equivalent here (a warning says so; profile with py-spy instead)")
     p.add_argument("-version", "--version", action="store_true", help="print the version")
-    p.add_argument("verb", nargs=argparse.REMAINDER, metavar="COMMAND ...",
-                   help="one of: " + ", ".join(c.name for c in COMMANDS) + " (below)")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND ...", parser_class=CommandParser)
+    for command in COMMANDS:
+        command.add_parser(commands)
+    commands.help = "one of: " + ", ".join(commands.choices) + " (below)"
+    p.epilog = _commands_epilog(p)
     return p
 
 
@@ -197,38 +194,23 @@ def _cleanup(cfg: Config) -> int:
     return EXIT_OK
 
 
-def _command(name: str) -> Command:
-    for command in COMMANDS:
-        if command.name == name:
-            return command
-    raise UsageError(f"unknown command {name!r}: the commands are "
-                     + ", ".join(repr(c.name) for c in COMMANDS))
-
-
 def run(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    # A command's --help is printed here, before any configuration is read, and exits 0.
+    args = parse(parser, argv)
     if args.version:
         print(f"harmonylite {__version__}")
         return EXIT_OK
-    if args.verb:
-        command = _command(args.verb[0])
-        if {"-h", "--help"} & set(args.verb[1:]):
-            # A command's help needs no configuration: its parser prints it and exits 0.
-            try:
-                command.load().build_parser().parse_args(args.verb[1:])
-            except SystemExit as exc:
-                return int(exc.code or 0)
     cfg = _load(args)
     if args.cleanup:
         return _cleanup(cfg)
-    verb: list[str] = list(args.verb)
     if args.save_snapshot:
-        verb = ["snapshot", "save"]
+        args = parse(parser, ["snapshot", "save"])
     if args.schema_status or args.schema_status_cluster:
-        verb = ["schema", "status", *(["--cluster"] if args.schema_status_cluster else [])]
-    if verb:
-        command = _command(verb[0])
-        code: int = command.load().main(cfg, verb[1:])
+        args = parse(parser, ["schema", "status",
+                              *(["--cluster"] if args.schema_status_cluster else [])])
+    if args.command is not None:
+        code: int = args.handler(cfg, args)
         return code
     from harmonylite.node.run import run_node
 

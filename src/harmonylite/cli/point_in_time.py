@@ -8,7 +8,7 @@ import asyncio
 import os
 import shutil
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from harmonylite.archive import catalog
 from harmonylite.archive.segment import us_to_rfc3339
@@ -16,11 +16,15 @@ from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import ConfigError, UsageError
 from harmonylite.restore import point_in_time as pitr
-from harmonylite.restore import rollback
 from harmonylite.restore.verify import work_dir
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import Progress, ProgressSink
 from harmonylite.storage.base import ObjectStore
+
+if TYPE_CHECKING:
+    # The rollback reads the streams over NATS: its client library is imported only when a
+    # rollback runs, not by every command line the parser reads.
+    from harmonylite.restore import rollback
 
 
 def add_arguments(res: argparse.ArgumentParser) -> None:
@@ -81,6 +85,8 @@ async def roll_back(cfg: Config, target: pitr.Target, force: bool,
     """In place, on a stopped node: prints the positions installed."""
     if not cfg.db_path:
         raise ConfigError("db_path", cfg.db_path, "is required to restore without --output")
+    from harmonylite.restore import rollback
+
     progress = Progress(err)
     try:
         result, positions = await rollback.roll_back(

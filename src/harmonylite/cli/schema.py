@@ -15,11 +15,10 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from harmonylite.bus.names import namespace
-from harmonylite.cli.parsing import existing_database, parser_class
+from harmonylite.cli.parsing import Commands, add_command, add_verbs, existing_database
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
 from harmonylite.replication import schema_registry
@@ -27,18 +26,16 @@ from harmonylite.replication import schema_registry
 EXIT_OK = 0
 
 
-_Parser = parser_class("schema")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harmonylite schema", allow_abbrev=False,
-                description="Schema of this node, or of every node of the cluster.")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+def add_parser(commands: Commands) -> None:
+    p = add_command(commands, "schema", summary="this node's schema and parked changes, or every "
+                    "node's (--cluster)",
+                    description="Schema of this node, or of every node of the cluster.",
+                    handler=main)
+    verbs = add_verbs(p)
     st = verbs.add_parser("status", help="tables, schema hashes and parked changes")
     st.add_argument("-cluster", "--cluster", action="store_true",
                     help="every node side by side, from the schema registry")
     st.add_argument("-json", "--json", action="store_true", help="print JSON")
-    return p
 
 
 def _local(cfg: Config) -> dict[str, Any]:
@@ -103,8 +100,7 @@ async def _cluster(cfg: Config) -> dict[str, dict[str, Any]]:
         return await schema_registry.cluster_views(js, namespace(cfg).schema_bucket)
 
 
-def main(cfg: Config, argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def main(cfg: Config, args: argparse.Namespace) -> int:
     if args.cluster:
         views = asyncio.run(_cluster(cfg))
         if args.json:

@@ -13,30 +13,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harmonylite.bus.names import namespace
-from harmonylite.cli.parsing import parser_class
+from harmonylite.cli.parsing import Commands, add_command, add_verbs
 from harmonylite.config import Config
-from harmonylite.node import settings_change
-from harmonylite.node import shared_settings as shared
 
-_Parser = parser_class("shared-settings")
+if TYPE_CHECKING:
+    from harmonylite.node import shared_settings as shared
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harmonylite shared-settings", allow_abbrev=False,
-                description="Settings every node of the cluster must share.")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+def add_parser(commands: Commands) -> None:
+    p = add_command(commands, "shared-settings", summary="the settings every node must share, as "
+                    "the cluster recorded them; apply changes the shard count for the whole "
+                    "cluster",
+                    description="Settings every node of the cluster must share.", handler=main)
+    verbs = add_verbs(p)
     show = verbs.add_parser("show", help="the cluster's values next to this configuration's")
     show.add_argument("-json", "--json", action="store_true", help="print JSON")
     verbs.add_parser("apply", help="record this configuration's values as the cluster's")
-    return p
 
 
 async def _run(cfg: Config, verb: str) -> tuple[shared.Record | None, shared.Record | None]:
     from harmonylite.cli.connecting import default_js_context
+    from harmonylite.node import settings_change
+    from harmonylite.node import shared_settings as shared
 
     async with default_js_context(cfg) as js:
         if verb == "apply":
@@ -45,11 +46,16 @@ async def _run(cfg: Config, verb: str) -> tuple[shared.Record | None, shared.Rec
 
 
 def _settings_text(settings: dict[str, object]) -> str:
+    from harmonylite.node import shared_settings as shared
+
     return ", ".join(f"{k} = {shared.toml_text(v)}" for k, v in settings.items())
 
 
-def main(cfg: Config, argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    # The shared settings live in NATS: the client library is imported when this command runs,
+    # not by every command line the tree parses.
+    from harmonylite.node import shared_settings as shared
+
     record, new = asyncio.run(_run(cfg, args.verb))
     if args.verb == "apply":
         assert new is not None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from harmonylite.bus.names import namespace
 from harmonylite.cli import point_in_time
-from harmonylite.cli.parsing import parser_class
+from harmonylite.cli.parsing import Commands, add_command, add_verbs, command_tree, parse
 from harmonylite.config import Config
 from harmonylite.errors import (
     ConfigError,
@@ -53,13 +53,10 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 75
 # Yields a connected JetStream context for the nats store, and disconnects on exit.
 
 
-_Parser = parser_class("snapshot")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="harmonylite snapshot", allow_abbrev=False,
-                description="Take, list, verify and restore snapshots.")
-    verbs = p.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+def add_parser(commands: Commands) -> None:
+    p = add_command(commands, "snapshot", summary="take, list, verify and restore snapshots",
+                    description="Take, list, verify and restore snapshots.", handler=main)
+    verbs = add_verbs(p)
     verbs.add_parser("save", help="take one snapshot now, upload, verify, commit, print its id")
     ls = verbs.add_parser("list", help="committed snapshots, newest first")
     ls.add_argument("-json", "--json", action="store_true", help="print a JSON array of manifests")
@@ -81,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("-force", "--force", action="store_true",
                      help="without --output: restore even when pending local changes cannot be "
                      "published first (they are lost)")
-    return p
 
 
 def default_js_context(cfg: Config) -> AbstractAsyncContextManager[JetStreamContext]:
@@ -234,13 +230,16 @@ async def _verb(cfg: Config, args: argparse.Namespace, js_context: JsContext | N
     return EXIT_OK
 
 
-async def run(cfg: Config, argv: Sequence[str], *, js_context: JsContext | None = None,
-              stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """Run one snapshot verb; returns the exit code (errors are printed, not raised)."""
+async def run(cfg: Config, argv: Sequence[str] | argparse.Namespace, *,
+              js_context: JsContext | None = None, stdout: TextIO | None = None,
+              stderr: TextIO | None = None) -> int:
+    """Run one snapshot verb, given parsed or as its words (``["list", "--json"]``); returns the
+    exit code (errors are printed, not raised)."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     try:
-        args = build_parser().parse_args(list(argv))
+        args = argv if isinstance(argv, argparse.Namespace) \
+            else parse(command_tree(add_parser), ["snapshot", *argv])
         return await _dispatch(cfg, args, js_context, out, err)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
@@ -258,6 +257,6 @@ async def run(cfg: Config, argv: Sequence[str], *, js_context: JsContext | None 
         return EXIT_FAILURE
 
 
-def main(cfg: Config, argv: Sequence[str], *, js_context: JsContext | None = None) -> int:
-    """Synchronous entry point for cli.main: runs :func:`run` on a fresh event loop."""
-    return asyncio.run(run(cfg, argv, js_context=js_context))
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """The handler in the command tree: runs :func:`run` on a fresh event loop."""
+    return asyncio.run(run(cfg, args))

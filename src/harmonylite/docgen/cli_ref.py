@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from harmonylite.cli.main import (
-    COMMANDS,
     EXIT_CODES,
     build_parser,
     option_name,
@@ -57,10 +56,10 @@ def cli_md() -> str:
     ]
     out += [row for row in _options(top) if not row.startswith("| `COMMAND")]
     out += ["", "## Commands"]
-    for command in COMMANDS:
-        out += ["", f"### `{command.name}`: {command.summary}", ""]
-        for name, sub, text in subcommands(command.load().build_parser()):
-            out += [f"**`harmonylite -config PATH {synopsis(f'{command.name} {name}', sub)}`** "
+    for command, command_parser, summary in subcommands(top):
+        out += ["", f"### `{command}`: {summary}", ""]
+        for name, sub, text in subcommands(command_parser):
+            out += [f"**`harmonylite -config PATH {synopsis(f'{command} {name}', sub)}`** "
                     f"— {_cell(text)}", ""]
             options = _options(sub)
             if options:

@@ -13,9 +13,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
-
-from nats.js import JetStreamContext
+from typing import TYPE_CHECKING, Any
 
 from harmonylite import __version__
 from harmonylite.bus.names import node_key
@@ -23,6 +21,11 @@ from harmonylite.cdc import schema_changes, schema_plan
 from harmonylite.cdc.rows import table_hash
 from harmonylite.cdc.schema import user_tables
 from harmonylite.replication import parking
+
+if TYPE_CHECKING:
+    # The local view (``schema status``) needs no NATS client: its library is imported by the
+    # functions that talk to the registry.
+    from nats.js import JetStreamContext
 
 
 @dataclass(frozen=True)

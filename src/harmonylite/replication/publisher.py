@@ -11,12 +11,6 @@ A chunk stays in memory until every one of its messages is acknowledged; a retry
 unacknowledged ones, each with the same ``Nats-Msg-Id`` so JetStream drops a copy that was stored
 after all (DESIGN rule 11). The watermark moves only after the whole batch is acknowledged.
 
-While a chunk's acknowledgements are awaited, the next chunk of the same batch is read and encoded
-on the database thread (so memory holds at most two chunks' encodings). It is sent only once the
-previous chunk is wholly acknowledged: a shard's messages are stored in change order, and a retry
-never lands an earlier part after a later one. If the previous chunk fails, the one read ahead is
-dropped with the batch, which is read again from the watermark and cut the same way.
-
 Batches open at most once per ``pace`` (the change watcher's polling interval): each opens with
 one short write transaction (the previous batch's mark and this one's intent), and an application
 committing single rows faster than that would otherwise meet one node commit per commit of its
@@ -38,7 +32,6 @@ import asyncio
 import logging
 import os
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -207,15 +200,6 @@ class Publisher:
                 if not fut.done():
                     fut.cancel()
 
-    def _next(self, conn: sqlite3.Connection, *, finish: bool = False) -> InFlight | None:
-        """On the database thread: the next chunk as its messages (None: nothing pending).
-        ``finish``: the open batch is acknowledged, mark it and begin the next. Encoding there
-        keeps the event loop free for the acknowledgements it waits for."""
-        aux = self.db.aux()
-        chunk = self._batches.finish(aux, conn) if finish else self._batches.next_chunk(aux, conn)
-        # Only the encoding stays in memory, not the chunk's values too.
-        return self._messages.build(chunk) if chunk is not None else None
-
     async def flush_once(self) -> int:
         """Publish one chunk; returns the number of changes published (0 when none pending)."""
         if self._inflight is None:
@@ -225,23 +209,20 @@ class Publisher:
                 self._messages.opened = set()  # a batch given up before its end
             await self._paced()
             opening = time.monotonic()
-            self._inflight = await self.db.call(self._next)
-            if self._inflight is None:
+            chunk = await self.db.call(lambda conn: self._batches.next_chunk(self.db.aux(), conn))
+            if chunk is not None:
+                self._opened_at = opening
+            if chunk is None:
                 if self.pending and self.metrics is not None:
                     self.metrics.set_pending(0)
                 self.pending = 0
                 return 0
-            self._opened_at = opening
+            self._inflight = self._messages.build(chunk)
+            del chunk  # its rows: memory holds one chunk's encoding, not its values too
         flight = self._inflight
-        # The batch's next chunk, read and encoded while this one's acknowledgements are awaited.
-        ahead = None if flight.final else asyncio.ensure_future(self.db.call(self._next))
         try:
             await self._send(flight)
         except BaseException:
-            if ahead is not None:
-                # Whatever it read is given up with the batch (the abandon below runs after it
-                # on the same thread); its own failure says nothing more than this one.
-                await asyncio.gather(ahead, return_exceptions=True)
             if not flight.final:
                 # Not kept open through an outage (the WAL could not be reset meanwhile): the
                 # batch is read again from the watermark, cut the same way (same message ids).
@@ -256,21 +237,15 @@ class Publisher:
                 await self._schema.send()
             await self._paced()
             opening = time.monotonic()
-            self._inflight = await self.db.call(lambda conn: self._next(conn, finish=True))
-            if self._inflight is not None:
+            following = await self.db.call(
+                lambda conn: self._batches.finish(self.db.aux(), conn))
+            if following is not None:
                 self._opened_at = opening
         else:
-            assert ahead is not None
-            try:
-                self._inflight = await ahead
-            except BaseException:
-                # The read failed (it gave up the batch, see ``BatchReader._read``) or this was
-                # cancelled (what it read is lost with it): the batch is read again from the
-                # watermark, never on from past a chunk that was not sent.
-                self._inflight = None
-                self._messages.opened = set()
-                await self.db.call(lambda _: self._batches.abandon(self.db.aux()))
-                raise
+            following = await self.db.call(
+                lambda conn: self._batches.next_chunk(self.db.aux(), conn))
+        self._inflight = self._messages.build(following) if following is not None else None
+        del following
         count = sum(m.count for m in flight.messages)
         self.published_total += count
         if self.metrics is not None:

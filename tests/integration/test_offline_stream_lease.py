@@ -49,25 +49,36 @@ def _leader(nodes: list[NodeProc]) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def test_the_lease_moves_when_its_holder_takes_a_stream_offline(tmp_path: Path) -> None:
-    ports = [free_port() for _ in range(3)]
-    nodes: list[NodeProc] = []
-    for i, mine in enumerate(ports, start=1):
-        peers = ",".join(f"nats://127.0.0.1:{p}" for p in ports if p != mine)
-        node = NodeProc(tmp_path / f"n{i}", i, {
-            "nats": {"bind_address": "127.0.0.1:-1"},
-            "replication_log": {"shards": 1, "replicas": 1, "max_entries": 10_000},
-            "snapshot": {"enabled": True, "interval": 0, "leader_ttl": 8000,
-                         "store": "file", "file": {"path": str(tmp_path / "store")}},
-            "health_check": {"enable": True, "bind": f"127.0.0.1:{free_port()}"},
-        }, extra_args=["--cluster-addr", f"127.0.0.1:{mine}", "-cluster-peers", peers])
-        node.execute(SCHEMA)
-        nodes.append(node)
+def _node(tmp_path: Path, i: int, nats_cfg: dict[str, object], snapshot: dict[str, object],
+          args: list[str]) -> NodeProc:
+    node = NodeProc(tmp_path / f"n{i}", i, {
+        "nats": nats_cfg,
+        "replication_log": {"shards": 1, "replicas": 1, "max_entries": 10_000},
+        "snapshot": {"enabled": True, "interval": 0, "leader_ttl": 8000,
+                     "store": "file", "file": {"path": str(tmp_path / "store")}, **snapshot},
+        "health_check": {"enable": True, "bind": f"127.0.0.1:{free_port()}"},
+    }, extra_args=args)
+    node.execute(SCHEMA)
+    return node
+
+
+def _start(nodes: list[NodeProc]) -> list[NodeProc]:
+    """Start the nodes together (the embedded servers form their cluster meanwhile), until one
+    of them leads."""
     for node in nodes:
         node.start_async()
     for node in nodes:
         node.wait_started(120)
     wait_until(lambda: _leader(nodes) is not None, 60, "a snapshot leader")
+    return nodes
+
+
+def test_the_lease_moves_when_its_holder_takes_a_stream_offline(tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(3)]
+    nodes = _start([_node(tmp_path, i, {"bind_address": "127.0.0.1:-1"}, {}, [
+        "--cluster-addr", f"127.0.0.1:{mine}", "-cluster-peers",
+        ",".join(f"nats://127.0.0.1:{p}" for p in ports if p != mine)])
+        for i, mine in enumerate(ports, start=1)])
     host = _stream_host(nodes[0])
     holder = nodes[host - 1]
     others = _make_holder(nodes, holder)
@@ -117,23 +128,8 @@ def test_the_lease_moves_when_a_stream_whose_requests_time_out_is_offline(
     # "offline": only the cluster's stream listing, naming it missing, tells the two apart.
     cluster = Cluster(tmp_path / "cluster").start()
     try:
-        nodes = []
-        for i, url in enumerate(cluster.urls, start=1):
-            node = NodeProc(tmp_path / f"n{i}", i, {
-                "nats": {"urls": [url]},
-                "replication_log": {"shards": 1, "replicas": 1, "max_entries": 10_000},
-                "snapshot": {"enabled": True, "interval": 0, "leader_ttl": 8000,
-                             "store": "file", "file": {"path": str(tmp_path / "store")},
-                             "nats": {"replicas": 3}},
-                "health_check": {"enable": True, "bind": f"127.0.0.1:{free_port()}"},
-            })
-            node.execute(SCHEMA)
-            nodes.append(node)
-        for node in nodes:
-            node.start_async()
-        for node in nodes:
-            node.wait_started(120)
-        wait_until(lambda: _leader(nodes) is not None, 60, "a snapshot leader")
+        nodes = _start([_node(tmp_path, i, {"urls": [url]}, {"nats": {"replicas": 3}}, [])
+                        for i, url in enumerate(cluster.urls, start=1)])
         host = cluster.stream_leader(STREAM)
         holder = nodes[host]
         others = _make_holder(nodes, holder)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harmonylite.cdc import changelog
+from harmonylite.cdc import changelog, origin
 from harmonylite.cdc.install import install
 from harmonylite.cdc.rows import read_changes
 from harmonylite.db.connection import open_connection
@@ -182,3 +182,25 @@ def test_values_that_compare_equal_but_differ_are_written(tmp_path: Path, schema
     a, b, c = dst.execute("SELECT a, b, c FROM v").fetchone()
     assert (type(a), a, type(b), b) == (int, 0, int, 1)
     assert isinstance(c, float) and math.copysign(1.0, c) == -1.0
+
+
+def test_own_change_back_on_an_old_stream_is_not_in_flight_past_the_cut(tmp_path: Path) -> None:
+    """After a shard-count change a row's changes move to another stream. This node's own insert
+    of the row went out under the old count and came back on its old stream ("s-2"); the marks
+    of the row's new stream ("s-1") know nothing of it. Past the cut, another node's insert of
+    the row, later in the streams' one order, must win here as everywhere."""
+    src, dst = pair(tmp_path)
+    applier = Applier(origin="2:new", own_origins={"2:old": 10})
+    dst.execute("INSERT INTO v VALUES (1, 'own, under the old count', NULL, NULL)")
+    settle(dst)  # published and acknowledged (it came back on s-2)
+    floor = origin.cut_floor(dst, {"s-1": 9, "s-2": 5}, first_sight=True)
+    assert floor == dst.execute("SELECT max(id) FROM __harmonylite__log").fetchone()[0]
+    applier.after_cut({"s-1": 9, "s-2": 5}, floor)
+    src.execute("INSERT INTO v VALUES (1, 'remote, after the cut', NULL, NULL)")
+    assert ship(src, dst, applier, 10) == 1
+    assert dst.execute("SELECT a FROM v").fetchone() == ("remote, after the cut",)
+    # Taken once: a later start finds the same floor, whatever was published since.
+    dst.execute("INSERT INTO v VALUES (2, 'own, under the new count', NULL, NULL)")
+    settle(dst)
+    assert origin.cut_floor(dst, {"s-1": 9, "s-2": 5}, first_sight=False) == floor
+    assert origin.cut_floor(dst, {"s-1": 20}, first_sight=False) == 0

@@ -98,3 +98,21 @@ def adopt(conn: sqlite3.Connection, node_id: int, epoch: str,
                     extra={"path": here["path"], "copied_from": was.get("path")})
             _put(conn, "home", json.dumps(here, sort_keys=True))
     return origins
+
+
+def cut_floor(conn: sqlite3.Connection, cut: dict[str, int], first_sight: bool) -> int:
+    """The highest change id this database had published (acknowledged) before the shard-count
+    change whose cut is ``cut``: every one of them went out under the old count. Taken at the
+    first start that finds the cut not yet passed (``first_sight``: before the publisher sends
+    anything under the new count) and kept; 0 when it was never taken (nothing is assumed)."""
+    key = json.dumps(cut, sort_keys=True)
+    raw = _get(conn, "cut_floor")
+    kept = json.loads(raw) if raw else {}
+    if kept.get("cut") == key:
+        return int(kept["floor"])
+    if not first_sight:
+        return 0
+    floor = changelog.watermark(conn)
+    with write_transaction(conn):
+        _put(conn, "cut_floor", json.dumps({"cut": key, "floor": floor}, sort_keys=True))
+    return floor

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from nats.js import JetStreamContext
 
 from harmonylite.bus.names import namespace
+from harmonylite.cdc import origin
 from harmonylite.config import Config
 from harmonylite.db.connection import DbThread
 from harmonylite.node.progress import Progress
@@ -43,6 +44,9 @@ class Consumers:
         if behind:
             log.info("the shard count changed: applying %s before anything newer",
                      ", ".join(behind))
+        if cut:
+            floor = await self.writer.call(lambda c: origin.cut_floor(c, cut, bool(behind)))
+            applier.after_cut(cut, floor)
         for stream, subject in namespace(cfg).subjects().items():
             await self._consume(js, stream, subject, applier, read_ahead)
         for stream, subject in retired.items():

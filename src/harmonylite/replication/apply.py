@@ -79,6 +79,16 @@ class Applier:
         self.echoes = QuietEchoes(self.tables, self.own, self._pending, self.deferred)
         self.messages = MessageApplier(self.rows, self.dead, self.parked)
         self.schema = SchemaMessages(self.own, replicated, replicate_ddl=replicate_ddl)
+        self._cut: dict[str, int] = {}
+        self._cut_floor = 0
+
+    def after_cut(self, cut: dict[str, int], floor: int) -> None:
+        """The last shard-count change: each old stream's last sequence before it (``cut``),
+        and the highest id this node published under the old count (``floor``). A row's
+        changes may then sit on an old stream and on a new one: past its stream's cut, which
+        is applied only once every old stream reached its own, an own change up to ``floor``
+        came back on its old stream, whatever the marks of the stream being applied say."""
+        self._cut, self._cut_floor = cut, floor
 
     @property
     def displaced(self) -> int:
@@ -245,7 +255,12 @@ class Applier:
             if replay:
                 batch = Batch(batch.node_id, batch.columns, batch.keys, batch.changes,
                               schema=batch.schema)
-            self._apply_message(conn, stream, seq, batch, marks, result)
+            self.rows.back_floor = (self._cut_floor if self._cut and seq > self._cut.get(stream, 0)
+                                    else 0)
+            try:
+                self._apply_message(conn, stream, seq, batch, marks, result)
+            finally:
+                self.rows.back_floor = 0
             if batch.origin and batch.ids:
                 moved.add(batch.origin)
         conn.executemany(

@@ -53,6 +53,9 @@ class RowApplier:
         self.displaced = 0  # rows removed by UNIQUE conflicts (recorded), since start
         self.provisional: set[tuple[str, str]] = set()  # rows with provisional conflicts
         self.marks: dict[str, int] = {}  # the origins' marks of the stream being applied
+        # Past a shard-count change's cut: every own change published under the old count is
+        # back (on whichever old stream carried it), see ``Applier.after_cut``.
+        self.back_floor = 0
         self._cid = 0  # the id of the change being applied in its origin's log (0: unknown)
         self._ignored: set[str] = set()
 
@@ -250,7 +253,7 @@ class RowApplier:
         tid = own_changes.table_id(self.tables.shapes, local.name)
         if tid is None:
             return None
-        return tid, own_changes.back(self.marks, self.own.origins)
+        return tid, max(own_changes.back(self.marks, self.own.origins), self.back_floor)
 
     def _comes_back(self, conn: sqlite3.Connection, local: TableInfo
                     ) -> Callable[[tuple[object, ...]], int | None]:

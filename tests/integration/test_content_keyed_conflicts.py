@@ -58,3 +58,35 @@ def test_an_update_writing_the_same_content_beside_a_remote_update_keeps_both_ro
                f"node 2 to hold both rows (it holds {_rows(b)})")
     a.stop()
     b.stop()
+
+
+def test_a_removal_takes_the_row_of_its_exact_content(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Rows that SQLite compares equal but that hold other values (``0`` and ``0.0``; ``'a'``
+    and ``'A'`` in a NOCASE column) are different contents: a node removing one of them makes
+    every node remove that one, whichever of them each node stored first."""
+    a, b = _nodes(tmp_path, nats_server)
+    for node in (a, b):
+        node.execute("CREATE TABLE tags(name TEXT COLLATE NOCASE, n INTEGER)")
+    a.start()
+    b.start()
+    a.execute("INSERT INTO events VALUES (1, 1, 0.0)")
+    a.execute("INSERT INTO events VALUES (1, 1, 0)")
+    a.execute("INSERT INTO tags VALUES ('A', 1)")
+    a.execute("INSERT INTO tags VALUES ('a', 1)")
+    both = sorted([(1, 1, 0.0), (1, 1, 0)], key=repr)
+    wait_until(lambda: _rows(b) == both and len(b.query("SELECT 1 FROM tags")) == 2, 30,
+               "the rows to reach node 2")
+    b.execute("DELETE FROM events WHERE typeof(v) = 'integer'")
+    b.execute("DELETE FROM tags WHERE name = 'a' COLLATE BINARY")
+
+    def tags(node: NodeProc) -> list[tuple[Any, ...]]:
+        return sorted(node.query("SELECT name, n FROM tags"))
+
+    wait_until(lambda: len(a.query("SELECT 1 FROM tags")) == 1
+               and len(_rows(a)) == 1, 30, "the removals to reach node 1")
+    typed = "SELECT origin, n, v, typeof(v) FROM events"  # Python finds 0 == 0.0
+    assert a.query(typed) == b.query(typed) == [(1, 1, 0.0, "real")]
+    assert tags(a) == tags(b) == [("A", 1)]
+    a.stop()
+    b.stop()

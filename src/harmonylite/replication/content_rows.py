@@ -29,15 +29,14 @@ def removal_absorbed(conn: sqlite3.Connection, local: TableInfo, tid: int, back:
     (not come back from the stream yet): in the stream's order it found the row that those
     changes, replayed after it, remove or find missing."""
     mask = statements.raw_mask(key)
-    logged = " AND ".join(f"k{i} IS {statements.mark(mask, i)}" for i in range(len(key)))
+    logged = statements.exact_match([f"k{i}" for i in range(len(key))], mask, first=3)
     ops = [int(r[0]) for r in conn.execute(
-        f"SELECT op FROM {ddl.LOG} WHERE tid = ? AND id > ? AND {logged} ORDER BY id",
+        f"SELECT op FROM {ddl.LOG} WHERE tid = ?1 AND id > ?2 AND {logged} ORDER BY id",
         (tid, back, *key))]
     ops = [op for op in ops if op != ddl.OP_BACKFILL]  # not the application's writes
     if not ops:
         return False
-    held = " AND ".join(f"{quote_ident(c)} IS {statements.mark(mask, i)}"
-                        for i, c in enumerate(local.pk))
+    held = statements.exact_match([quote_ident(c) for c in local.pk], mask)
     level = int(conn.execute(f"SELECT count(*) FROM {quote_ident(local.name)} WHERE {held}",
                              key).fetchone()[0])
     lowest = level

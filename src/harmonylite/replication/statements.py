@@ -18,6 +18,7 @@ Text that is not valid UTF-8 is bound as bytes and cast back to TEXT (``CAST(? A
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harmonylite.cdc import ddl
@@ -41,6 +42,21 @@ mark = _mark  # the parameter for the i-th value (text that is not UTF-8 bound a
 
 def _mark_n(mask: tuple[bool, ...] | None, i: int) -> str:
     return f"CAST(?{i + 1} AS TEXT)" if mask is not None and mask[i] else f"?{i + 1}"
+
+
+def exact_match(columns: Sequence[str], mask: tuple[bool, ...] | None, first: int = 1) -> str:
+    """SQL: each of ``columns`` holds exactly the value bound at numbered parameter ``first +
+    i`` — byte-equal (whatever the column's collation) and of the same storage class. The
+    content of a table without a primary key is its identity: ``IS`` alone finds ``0`` and
+    ``0.0``, or ``'a'`` and ``'A'`` in a NOCASE column, equal, and a removal would take another
+    content's row on one node and not on another. (A zero REAL of either sign is one content
+    here: no SQL function tells ``-0.0`` from ``0.0``.)"""
+    out = []
+    for i, c in enumerate(columns):
+        p = f"?{first + i}"
+        v = f"CAST({p} AS TEXT)" if mask is not None and mask[i] else p
+        out.append(f"{c} IS {v} COLLATE BINARY AND typeof({c}) = typeof({v})")
+    return " AND ".join(out)
 
 
 def _same(have: str, new: str) -> str:
@@ -72,11 +88,12 @@ def build(local: TableInfo, columns: tuple[str, ...], op: int,
     see ``large_values``)."""
     t = quote_ident(local.name)
     if op == ddl.OP_DELETE:
+        if local.content_keyed:  # equal rows may repeat: remove one of them
+            exact = exact_match([quote_ident(c) for c in local.pk], mask)
+            return Statements(delete=f"DELETE FROM {t} WHERE rowid = (SELECT rowid FROM {t} "
+                                     f"WHERE {exact} LIMIT 1)")
         where = " AND ".join(f"{quote_ident(c)} IS {_mark(mask, i)}"
                              for i, c in enumerate(local.pk))
-        if local.content_keyed:  # equal rows may repeat: remove one of them
-            return Statements(delete=f"DELETE FROM {t} WHERE rowid = (SELECT rowid FROM {t} "
-                                     f"WHERE {where} LIMIT 1)")
         return Statements(delete=f"DELETE FROM {t} WHERE {where}")
     names = ", ".join(quote_ident(c) for c in columns)
     marks = ", ".join("zeroblob(?)" if zero is not None and zero[i] else _mark(mask, i)

@@ -54,6 +54,11 @@ class ChangeWatcher:
         try:
             last = conn.execute("PRAGMA data_version").fetchone()[0]
             schema = conn.execute("PRAGMA schema_version").fetchone()[0]
+            # Commits made before this first read do not move ``data_version`` for this
+            # connection. The publisher's first look may have come before them (this thread
+            # starts late on a busy machine): one wake now, or they would wait for the next
+            # commit, which an idle application may never make.
+            self._wake()
             dirty, checkpointed = False, time.monotonic()
             trimmed = checkpointed
             failing: str | None = None

@@ -11,7 +11,11 @@ peak RSS from ``wait4``):
   object, zstd decompress, SHA-256 and size of the database, ``PRAGMA integrity_check``, rename);
 - ``litestream``: ``litestream restore -o`` of the same database.
 
-Usage: python bench/snapshot_restore.py [--rows 400000] [--rounds 3] [--dir DIR]
+``--baseline SRC`` adds ``baseline``: the same restore with the package imported from another
+checkout's ``src`` directory (e.g. ``git archive main src | tar -x -C /tmp/base``), run in the same
+rounds, interleaved, for an A/B comparison on a shared machine.
+
+Usage: python bench/snapshot_restore.py [--rows 400000] [--rounds 3] [--dir DIR] [--baseline SRC]
 """
 
 from __future__ import annotations
@@ -157,6 +161,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=400_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--baseline", default=None, help="another checkout's src directory")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-restore-", dir=a.dir))
     s3 = SeaweedFS(work / "s3")
@@ -184,8 +189,8 @@ def main() -> None:
         litestream_config(ls_cfg, db, s3)
         ship_with_litestream(ls_cfg, s3, work)
         env = s3_env(s3)
-        results: dict[str, list[tuple[float, float]]] = {"floor": [], "harmonylite": [],
-                                                         "litestream": []}
+        names = ["floor", "harmonylite", *(["baseline"] if a.baseline else []), "litestream"]
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         out = work / "out.db"
         for _ in range(a.rounds):
             for name in results:
@@ -195,13 +200,14 @@ def main() -> None:
                 if name == "floor":
                     cmd = [sys.executable, "-c", FLOOR, s3.endpoint, BUCKET,
                            str(work / "dl.db"), str(out)]
-                elif name == "harmonylite":
+                elif name in ("harmonylite", "baseline"):
                     cmd = [sys.executable, "-m", "harmonylite", "-config", str(cfg_path),
                            "snapshot", "restore", snap, "--output", str(out)]
                 else:
                     cmd = [str(BIN / "litestream"), "restore", "-config", str(ls_cfg), "-o",
                            str(out), str(db)]
-                results[name].append(measure(cmd, env))
+                run_env = {**env, "PYTHONPATH": a.baseline} if name == "baseline" else env
+                results[name].append(measure(cmd, run_env))
         floor = statistics.median(t for t, _ in results["floor"])
         print(f"database {db_mb:.1f} MB, {a.rows} rows; snapshot {snap}")
         print("| restore | median s | runs s | x floor | peak RSS MB |")

@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import sys
 
-from harmonylite.archive.verify import verify
 from harmonylite.bus.names import namespace
 from harmonylite.cli.parsing import Commands, add_command, add_verbs
 from harmonylite.config import Config
@@ -30,6 +29,7 @@ def add_parser(commands: Commands) -> None:
 
 
 async def _run(cfg: Config, quick: bool) -> int:
+    from harmonylite.archive.verify import verify
     from harmonylite.cli.snapshot import snapshot_store
 
     async with snapshot_store(cfg) as store:

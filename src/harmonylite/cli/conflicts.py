@@ -10,11 +10,9 @@ import json
 import sys
 from datetime import UTC, datetime
 
-from harmonylite.cdc import schema_changes
 from harmonylite.cli.parsing import Commands, add_command, add_verbs, existing_database
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
-from harmonylite.replication import conflicts
 
 
 def add_parser(commands: Commands) -> None:
@@ -28,6 +26,11 @@ def add_parser(commands: Commands) -> None:
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
+    # Imported here, not at the top: every command line imports every command's module to
+    # build the parser, and a restore should not pay for what it does not run.
+    from harmonylite.cdc import schema_changes
+    from harmonylite.replication import conflicts
+
     existing_database(cfg.db_path)
     conn = open_connection(cfg.db_path)
     try:

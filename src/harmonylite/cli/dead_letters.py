@@ -13,13 +13,15 @@ import json
 import sqlite3
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from harmonylite.cli.parsing import Commands, add_command, add_verbs, existing_database
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection, write_transaction
 from harmonylite.errors import HarmonyliteError, UsageError
-from harmonylite.replication import deadletter
-from harmonylite.replication.apply import Applier
+
+if TYPE_CHECKING:
+    from harmonylite.replication import deadletter
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -54,6 +56,8 @@ def _when(ts: float) -> str:
 
 
 def _targets(conn: sqlite3.Connection, args: argparse.Namespace) -> list[deadletter.DeadLetter]:
+    from harmonylite.replication import deadletter
+
     if args.all == (args.id is not None):
         raise UsageError(f"dead-letters {args.verb}: give one ID or --all")
     found = deadletter.rows(conn, None if args.all else args.id)
@@ -63,6 +67,10 @@ def _targets(conn: sqlite3.Connection, args: argparse.Namespace) -> list[deadlet
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
+    # Imported here, not at the top: every command line imports every command's module to
+    # build the parser, and other commands should not pay for the applier.
+    from harmonylite.replication import deadletter
+
     conn = _open(cfg)
     try:
         if args.verb == "list":
@@ -93,6 +101,9 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _retry(conn: sqlite3.Connection, targets: list[deadletter.DeadLetter]) -> int:
+    from harmonylite.replication import deadletter
+    from harmonylite.replication.apply import Applier
+
     applier = Applier(skip_pending=False)
     failed = 0
     for d in targets:

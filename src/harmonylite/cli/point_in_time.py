@@ -10,12 +10,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from harmonylite.archive import catalog
-from harmonylite.archive.segment import us_to_rfc3339
 from harmonylite.bus.names import namespace
 from harmonylite.config import Config
 from harmonylite.errors import ConfigError, UsageError
-from harmonylite.restore import point_in_time as pitr
 from harmonylite.restore.verify import work_dir
 from harmonylite.snapshot.manifest import Manifest
 from harmonylite.snapshot.progress import Progress, ProgressSink
@@ -23,7 +20,9 @@ from harmonylite.storage.base import ObjectStore
 
 if TYPE_CHECKING:
     # The rollback reads the streams over NATS: its client library is imported only when a
-    # rollback runs, not by every command line the parser reads.
+    # rollback runs, not by every command line the parser reads. The archive's modules, too,
+    # are imported only when a point in time is asked for: a plain restore does not pay for them.
+    from harmonylite.restore import point_in_time as pitr
     from harmonylite.restore import rollback
 
 
@@ -41,6 +40,8 @@ def add_arguments(res: argparse.ArgumentParser) -> None:
 def target_of(args: argparse.Namespace) -> pitr.Target | None:
     if args.to_time is None and args.to_sequence is None:
         return None
+    from harmonylite.restore import point_in_time as pitr
+
     if args.id not in ("", "latest"):
         raise UsageError("snapshot restore: name a snapshot id or a point (--to-time, "
                          "--to-sequence), not both: the point chooses the snapshot")
@@ -51,6 +52,9 @@ def target_of(args: argparse.Namespace) -> pitr.Target | None:
 async def restore(cfg: Config, store: ObjectStore, target: pitr.Target, output: Path,
                   progress: ProgressSink, out: TextIO) -> pitr.Outcome:
     """Restore to ``output``; prints the snapshot used and how many changes were applied."""
+    from harmonylite.archive.segment import us_to_rfc3339
+    from harmonylite.restore import point_in_time as pitr
+
     if await asyncio.to_thread(output.exists):
         raise UsageError(f"--output {output} already exists: remove it or choose another")
     if not await asyncio.to_thread(output.parent.is_dir):
@@ -85,6 +89,7 @@ async def roll_back(cfg: Config, target: pitr.Target, force: bool,
     """In place, on a stopped node: prints the positions installed."""
     if not cfg.db_path:
         raise ConfigError("db_path", cfg.db_path, "is required to restore without --output")
+    from harmonylite.archive.segment import us_to_rfc3339
     from harmonylite.restore import rollback
 
     progress = Progress(err)
@@ -106,6 +111,9 @@ async def roll_back(cfg: Config, target: pitr.Target, force: bool,
 
 async def window_line(cfg: Config, store: ObjectStore, manifests: list[Manifest]) -> str | None:
     """``restorable window: A .. B`` when the store holds an archive (None otherwise)."""
+    from harmonylite.archive import catalog
+    from harmonylite.archive.segment import us_to_rfc3339
+
     archives = await catalog.list_archive(store, namespace(cfg).streams())
     if not any(a.segments or a.head for a in archives.values()):
         return None

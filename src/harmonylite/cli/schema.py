@@ -21,7 +21,6 @@ from harmonylite.bus.names import namespace
 from harmonylite.cli.parsing import Commands, add_command, add_verbs, existing_database
 from harmonylite.config import Config
 from harmonylite.db.connection import open_connection
-from harmonylite.replication import schema_registry
 
 EXIT_OK = 0
 
@@ -39,6 +38,10 @@ def add_parser(commands: Commands) -> None:
 
 
 def _local(cfg: Config) -> dict[str, Any]:
+    # The registry (and the change capture it reads) is imported by the commands that use it
+    # only: every command line imports this module to build the parser.
+    from harmonylite.replication import schema_registry
+
     existing_database(cfg.db_path)
     conn = open_connection(cfg.db_path)
     try:
@@ -72,6 +75,8 @@ def _version(view: dict[str, Any]) -> str:
 
 
 def format_cluster(views: dict[str, dict[str, Any]]) -> str:
+    from harmonylite.replication import schema_registry
+
     nodes = sorted(views)
     differs = schema_registry.mismatches(views)
     tables = sorted({t for v in views.values() for t in v.get("tables", {})}
@@ -95,12 +100,15 @@ def format_cluster(views: dict[str, dict[str, Any]]) -> str:
 
 async def _cluster(cfg: Config) -> dict[str, dict[str, Any]]:
     from harmonylite.cli.connecting import default_js_context
+    from harmonylite.replication import schema_registry
 
     async with default_js_context(cfg) as js:
         return await schema_registry.cluster_views(js, namespace(cfg).schema_bucket)
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
+    from harmonylite.replication import schema_registry
+
     if args.cluster:
         views = asyncio.run(_cluster(cfg))
         if args.json:

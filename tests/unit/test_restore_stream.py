@@ -152,3 +152,24 @@ async def test_zeroed_pages_expand_in_bounded_chunks(saved: Saved, tmp_path: Pat
         tracemalloc.stop()
     assert out.stat().st_size == zeros.db_bytes
     assert peak < 16 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_write_failure_reaches_the_decompressing_loop() -> None:
+    """The database is hashed and written on separate threads: a failed write (a full disk)
+    must still stop the restore with its own error, not hang or pass unnoticed."""
+    import errno
+    import io
+
+    from harmonylite.restore.verify import _DbWriter
+
+    class FullDisk(io.BytesIO):
+        def write(self, data: bytes, /) -> int:  # type: ignore[override]
+            if self.tell() >= 3 * PART:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    chunk = os.urandom(PART)
+    with pytest.raises(OSError) as info, _DbWriter(FullDisk(), depth=2) as out:
+        for _ in range(64):
+            out.write(chunk)
+    assert info.value.errno == errno.ENOSPC

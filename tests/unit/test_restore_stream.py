@@ -155,7 +155,7 @@ async def test_zeroed_pages_expand_in_bounded_chunks(saved: Saved, tmp_path: Pat
 
 
 def test_write_failure_reaches_the_decompressing_loop() -> None:
-    """The database is hashed and written on separate threads: a failed write (a full disk)
+    """The database is hashed and written on a worker thread: a failed write (a full disk)
     must still stop the restore with its own error, not hang or pass unnoticed."""
     import errno
     import io

@@ -46,38 +46,33 @@ class _Readable(Protocol):
 
 
 class _DbWriter:
-    """Hashes the database on one worker thread and writes it on another, so that
-    decompression, hashing and the write all overlap (each releases the GIL); at most
-    ``depth`` chunks are in flight. A single thread doing both was the slowest stage."""
+    """Hashes and writes the database on a worker thread, so that decompression overlaps with
+    it (both release the GIL); at most ``depth`` chunks are in flight."""
 
     def __init__(self, out: BinaryIO, depth: int = 4) -> None:
         self.out = out
         self.sha = hashlib.sha256()
         self.size = 0
         self._depth = depth
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-hash")
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-write")
-        self._inflight: deque[tuple[Future[None], Future[int]]] = deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-write")
+        self._inflight: deque[Future[None]] = deque()
+
+    def _consume(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.out.write(data)
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
-        self._inflight.append((self._hasher.submit(self.sha.update, data),
-                               self._writer.submit(self.out.write, data)))
+        self._inflight.append(self._pool.submit(self._consume, data))
         while len(self._inflight) > self._depth:
-            self._wait_oldest()
-
-    def _wait_oldest(self) -> None:
-        hashed, written = self._inflight.popleft()
-        hashed.result()
-        written.result()  # a write error (a full disk) propagates to the decompressing loop
+            self._inflight.popleft().result()
 
     def close(self) -> None:
         try:
             while self._inflight:
-                self._wait_oldest()
+                self._inflight.popleft().result()
         finally:
-            self._hasher.shutdown(wait=True)
-            self._writer.shutdown(wait=True)
+            self._pool.shutdown(wait=True)
 
     def __enter__(self) -> _DbWriter:
         return self

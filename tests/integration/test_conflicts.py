@@ -33,16 +33,31 @@ CREATE TABLE loose(a TEXT, b INTEGER)
 TABLES = ["users", "other", "handles", "notes", "audit", "tags", "words", "loose"]
 
 
-@pytest.fixture
-def trio(tmp_path: Path, nats_server: NatsServer) -> Iterator[list[NodeProc]]:
+def _start_trio(tmp_path: Path, server: NatsServer, **extra: Any) -> list[NodeProc]:
     nodes = []
     for i in (1, 2, 3):
-        n = NodeProc(tmp_path / f"node{i}", i, {"nats": {"urls": [nats_server.url]},
-                                                "replication_log": {"shards": 2}})
+        n = NodeProc(tmp_path / f"node{i}", i, {"nats": {"urls": [server.url]},
+                                                "replication_log": {"shards": 2}, **extra})
         conn = n.connect()
         conn.executescript(SCHEMA)
         conn.close()
         nodes.append(n.start())
+    return nodes
+
+
+@pytest.fixture
+def trio(tmp_path: Path, nats_server: NatsServer) -> Iterator[list[NodeProc]]:
+    nodes = _start_trio(tmp_path, nats_server)
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+@pytest.fixture
+def trio_pruning(tmp_path: Path, nats_server: NatsServer) -> Iterator[list[NodeProc]]:
+    """Three nodes that prune their change logs every millisecond: a published change leaves
+    the log long before it comes back from the stream."""
+    nodes = _start_trio(tmp_path, nats_server, cleanup_interval=1)
     yield nodes
     for n in nodes:
         n.stop()
@@ -127,6 +142,33 @@ def test_unique_handle_moved_between_rows_with_two_shards(trio: list[NodeProc]) 
     assert a.query("SELECT id, handle FROM handles ORDER BY id") == [(1, "alice"), (2, None)]
     assert all(n.query("SELECT count(*) FROM __harmonylite__dead_letter")[0][0] == 0
                for n in trio)
+
+
+def test_unique_handle_moved_between_rows_while_the_log_is_pruned(
+        trio_pruning: list[NodeProc]) -> None:
+    """A value moved back and forth between two rows by one node's transactions, its changes
+    pruned from its log once published: its own changes coming back late never take a row that
+    its application changed again since (the application would find the row gone)."""
+    a = trio_pruning[0]
+    a.execute("INSERT INTO handles VALUES (1, 'alice')")
+    a.execute("INSERT INTO handles VALUES (2, NULL)")
+    moved = 0
+    for step in range(40):
+        src, dst = (1, 2) if step % 2 == 0 else (2, 1)
+        conn = a.connect()
+        with conn:
+            conn.execute("BEGIN")
+            moved += conn.execute("UPDATE handles SET handle = NULL WHERE id = ?",
+                                  (src,)).rowcount
+            moved += conn.execute("UPDATE handles SET handle = 'alice' WHERE id = ?",
+                                  (dst,)).rowcount
+            conn.execute("COMMIT")
+        conn.close()
+    assert moved == 80  # every update of the application found its row
+    wait_until(settled(trio_pruning), 30, "converged")
+    assert a.query("SELECT id, handle FROM handles ORDER BY id") == [(1, "alice"), (2, None)]
+    assert all(n.query("SELECT count(*) FROM __harmonylite__conflicts")[0][0] == 0
+               for n in trio_pruning)
 
 
 @pytest.mark.parametrize("recursive", [False, True])

@@ -120,16 +120,17 @@ def mark_published(conn: sqlite3.Connection, upto: int) -> None:
     )
 
 
-def prune(conn: sqlite3.Connection) -> int:
-    """Delete published changes, keeping the newest of them.
+def prune(conn: sqlite3.Connection, keep_from: int | None = None) -> int:
+    """Delete published changes, keeping the newest of them and every one from ``keep_from``
+    on (still on its way back from the stream, see ``replication.own_returns``).
 
     Change ids are rowids, which SQLite allocates as max(rowid) + 1: emptying the table would
     restart them below the watermark and new changes would look published. Keeping the newest
     published row keeps ids increasing.
     """
     cur = conn.execute(
-        f"DELETE FROM {ddl.LOG} WHERE id < (SELECT v FROM {ddl.STATE} WHERE k = 'published')"
-    )
+        f"DELETE FROM {ddl.LOG} WHERE id < (SELECT v FROM {ddl.STATE} WHERE k = 'published') "
+        "AND id < ?", (keep_from if keep_from is not None else 2**62,))
     return cur.rowcount
 
 
@@ -151,8 +152,10 @@ class PendingKeys:
 
     Each refresh reads only the changes captured since the previous one, so checking a batch of
     incoming messages against the local changes costs nothing when there are none. Changes the
-    refreshes did not see (captured before this start, or pruned before a refresh read them,
-    or forgotten when too many were tracked) are below ``blind_upto``: the log is asked then.
+    refreshes did not see (captured before this start, pruned before a refresh read them once
+    they came back, or forgotten when too many were tracked) are below ``blind_upto``: the log
+    is asked then (it keeps this start's changes until they are back, see
+    ``replication.own_returns``).
     """
 
     OWN_LIMIT = 100_000  # rows tracked with a change not come back yet (memory bound)

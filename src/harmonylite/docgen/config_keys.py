@@ -48,8 +48,9 @@ KEYS: dict[str, KeyDoc] = {
     "scan_max_changes": KeyDoc("Changes read from the change log at a time: a publish batch "
                                "(everything pending when it begins, so never part of a "
                                "transaction) is read and sent in chunks of this many."),
-    "cleanup_interval": KeyDoc("Milliseconds between prunings of published change-log rows "
-                               "(also how often parked changes are retried)."),
+    "cleanup_interval": KeyDoc("Milliseconds between prunings of change-log rows that were "
+                               "published and came back from the stream (also how often "
+                               "parked changes are retried)."),
     "sleep_timeout": KeyDoc("Milliseconds without publishing or applying after which the node "
                             "stops (exit 0); the snapshot leader first takes a final snapshot. "
                             "0: never."),

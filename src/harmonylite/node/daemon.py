@@ -201,7 +201,9 @@ class Node:
                 held=self.applier.held_tables if self.applier is not None else None,
                 schema=SchemaSender(cfg, self.pub_db, self.js, epoch)
                 if cfg.replicate_ddl else None,
-                hold=lambda: self.settings_watch.hold if self.settings_watch else None)
+                hold=lambda: self.settings_watch.hold if self.settings_watch else None,
+                # (With no applier its changes never come back: nothing to keep for them.)
+                returns=self.applier.returns if self.applier is not None else None)
             publisher = self.publisher
             loop = asyncio.get_running_loop()
 
@@ -227,7 +229,8 @@ class Node:
         self._spawn("heartbeats", beats.run)
         chores = functools.partial(
             housekeeping, self.stop_event, self.writer, interval=cfg.cleanup_interval / 1000,
-            publish=cfg.publish, applier=self.applier, schema=self.schema)
+            publish=cfg.publish, applier=self.applier, schema=self.schema,
+            returns=self.applier.returns if self.applier is not None else None)
         self.supervisor.spawn("housekeeping", chores)
         if cfg.sleep_timeout > 0 and self.snapshots is None:
             # (With snapshots, the service handles it: the leader takes a final snapshot first.)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
@@ -13,6 +14,7 @@ from harmonylite.cdc import changelog, ddl
 from harmonylite.db.connection import DbThread, trim_wal
 from harmonylite.node.schema_follow import SchemaFollower
 from harmonylite.replication.apply import Applier
+from harmonylite.replication.own_returns import OwnReturns
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,12 @@ def discard_unpublishable(conn: sqlite3.Connection) -> None:
 
 
 async def housekeeping(stop: asyncio.Event, writer: DbThread, *, interval: float, publish: bool,
-                       applier: Applier | None, schema: SchemaFollower | None) -> None:
-    """Prune published changes, apply parked changes whose table or columns appeared meanwhile
-    (even when no new message would notice), refresh the schema view. With publish = false,
-    captured changes are dropped here, so the change log does not grow without bound."""
+                       applier: Applier | None, schema: SchemaFollower | None,
+                       returns: OwnReturns | None = None) -> None:
+    """Prune published changes (those back from the stream, see ``own_returns``), apply parked
+    changes whose table or columns appeared meanwhile (even when no new message would notice),
+    refresh the schema view. With publish = false, captured changes are dropped here, so the
+    change log does not grow without bound."""
     failing: str | None = None
     while not stop.is_set():
         await wait_any(stop, timeout=interval)
@@ -37,7 +41,8 @@ async def housekeeping(stop: asyncio.Event, writer: DbThread, *, interval: float
                 await writer.call(discard_unpublishable)
                 # No change watcher runs without publishing: the WAL is trimmed from here.
                 await writer.call(lambda conn: trim_wal(conn, writer.path))
-            pruned = await writer.call(changelog.prune)
+            pruned = await writer.call(functools.partial(
+                changelog.prune, keep_from=returns.floor() if returns is not None else None))
             if pruned:
                 log.debug("pruned %d published changes", pruned)
             if applier is not None:

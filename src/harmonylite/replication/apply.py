@@ -35,7 +35,8 @@ from harmonylite.replication.event import Batch, decode
 from harmonylite.replication.local_tables import NEVER_READ, LocalTables
 from harmonylite.replication.message_apply import MessageApplier
 from harmonylite.replication.outcome import ApplyResult
-from harmonylite.replication.own_changes import OwnOrigins
+from harmonylite.replication.own_changes import OwnOrigins, back
+from harmonylite.replication.own_returns import OwnReturns
 from harmonylite.replication.parking import ParkedChanges
 from harmonylite.replication.positions import DeferredPositions, Kept
 from harmonylite.replication.quiet_echoes import QuietEchoes
@@ -59,7 +60,8 @@ class Applier:
     def __init__(self, *, skip_pending: bool = True, origin: str = "",
                  own_origins: dict[str, int | None] | None = None,
                  replicated: Callable[[str], bool] | None = None,
-                 unpark_settle: float = 0.0, replicate_ddl: bool = False) -> None:
+                 unpark_settle: float = 0.0, replicate_ddl: bool = False,
+                 returns: OwnReturns | None = None) -> None:
         # With publish = false local changes are never sent, so they must not hide incoming ones.
         self.skip_pending = skip_pending
         # Schema changes travel as statements (see ``schema_apply``); capture notes this
@@ -81,6 +83,8 @@ class Applier:
         self.schema = SchemaMessages(self.own, replicated, replicate_ddl=replicate_ddl)
         self._cut: dict[str, int] = {}
         self._cut_floor = 0
+        # Notes how far this node's own changes came back (the change log keeps the rest).
+        self.returns = returns or OwnReturns()
 
     def after_cut(self, cut: dict[str, int], floor: int) -> None:
         """The last shard-count change: each old stream's last sequence before it (``cut``),
@@ -201,13 +205,24 @@ class Applier:
         if not replay and self._only_echoes_may_wait():
             quiet = self.echoes.apply(conn, stream, messages)
             if quiet is not None:
+                self._came_back(stream, self.echoes.marks, quiet.last_seq)
                 return quiet
         kept = self.deferred.take()
         try:
-            return self._apply(conn, stream, messages, replay, kept)
+            result = self._apply(conn, stream, messages, replay, kept)
         except BaseException:
             self.deferred.restore(kept)
             raise
+        if not replay:
+            self._came_back(stream, self.rows.marks, result.last_seq)
+        return result
+
+    def _came_back(self, stream: str, marks: dict[str, int], seq: int) -> None:
+        """Note how far this node's own changes came back from ``stream`` (once committed):
+        the origins' ``marks`` after the group, whose last message was ``seq``."""
+        self.returns.came_back(stream, back(marks, self.own.origins))
+        if self._cut and seq > self._cut.get(stream, 0):
+            self.returns.back_everywhere(self._cut_floor)  # see ``after_cut``
 
     def _only_echoes_may_wait(self) -> bool:
         """Whether nothing but the group itself needs a write (see ``quiet_echoes``): no

@@ -49,6 +49,8 @@ class Outgoing:
     reference: bytes | None = None
     batch: int = 0  # the batch's last change id
     shards: str = ""  # on a message that ends the batch on its shard: every shard it wrote to
+    stream: str = ""  # the stream its subject is stored in
+    last_id: int = 0  # its last change's id (0: it carries none)
 
 
 @dataclass
@@ -118,7 +120,9 @@ class ShardMessages:
                 shape = by_name[part[0].table]
                 first = (part[0].table, tuple(part[0].values[i] for i in shape.pk_indexes))
                 last[shard] = Outgoing(msg_id, subject, payload, len(part), first, more=True,
-                                       batch=self._batches.end)
+                                       batch=self._batches.end,
+                                       stream=namespace(self.cfg).stream(shard),
+                                       last_id=part[-1].id)
                 flight.messages.append(last[shard])
         self._mark_ends(flight, last)
         return flight

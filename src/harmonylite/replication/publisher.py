@@ -61,6 +61,7 @@ from harmonylite.replication.large_changes import (
     server_limit,
 )
 from harmonylite.replication.outgoing import InFlight, Outgoing, ShardMessages
+from harmonylite.replication.own_returns import OwnReturns
 from harmonylite.replication.schema_send import SchemaSender
 from harmonylite.replication.spool import Spooled, as_bytes
 from harmonylite.replication.watcher import ChangeWatcher
@@ -91,7 +92,8 @@ class Publisher:
                  epoch: str | None = None, *, metrics: Metrics | None = None,
                  held: Callable[[], set[str]] | None = None,
                  schema: SchemaSender | None = None,
-                 hold: Callable[[], str | None] | None = None, pace: float = 0.0) -> None:
+                 hold: Callable[[], str | None] | None = None, pace: float = 0.0,
+                 returns: OwnReturns | None = None) -> None:
         # The publisher's own connection: reading and marking never wait behind the applier.
         self.cfg = cfg
         self.db = db
@@ -118,6 +120,8 @@ class Publisher:
         self._hold = hold or (lambda: None)
         self.holding: str | None = None
         self._pace = pace  # shortest time between two batches' openings, in seconds
+        # Notes what went out on each stream, so the change log keeps it until it is back.
+        self._returns = returns
         self._opened_at = -pace  # monotonic time the last batch was opened
 
     async def _paced(self) -> None:
@@ -191,6 +195,8 @@ class Publisher:
                     # publish_async futures may never resolve on some server errors: bound it.
                     await asyncio.wait_for(fut, ACK_TIMEOUT)
                     m.acked = True
+                    if self._returns is not None and m.last_id:
+                        self._returns.sent(m.stream, m.last_id)
                 except Exception as exc:
                     errors.append(exc)
             if errors:

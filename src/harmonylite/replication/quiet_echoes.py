@@ -34,6 +34,7 @@ class QuietEchoes:
         self.own = own
         self.pending = pending
         self.deferred = deferred
+        self.marks: dict[str, int] = {}  # the origins' marks after the last group decided
 
     def apply(self, conn: sqlite3.Connection, stream: str,
               messages: Sequence[tuple[int, Payload]]) -> ApplyResult | None:
@@ -95,6 +96,7 @@ class QuietEchoes:
             conn.execute("COMMIT")
         for ident, cid in back:
             pending.came_back(ident, cid)
+        self.marks = marks
         self.deferred.note(stream, result.last_seq,
                            {b.origin: marks[b.origin] for _, b in batches})
         return result

@@ -177,9 +177,10 @@ class RowApplier:
         if cid >= pending.blind_upto:
             pending.blind_done()
             return False
-        # Captured before the changes this applier has seen: the log knows. (A newer change
-        # already pruned from it, published and on its way, is missed: the row is written as
-        # before, and that change, which follows, writes it again.)
+        # Captured before the changes this applier has seen: the log knows (it keeps every
+        # change of this start until it is back, see ``own_returns``; a newer change of an
+        # earlier start pruned from it while on its way is missed: the row is written as
+        # before, and that change, which follows, writes it again).
         return pending.newer_in_log(conn, ident, cid, self.tables.shapes, self.tables.folder(conn))
 
     def _settle(self, conn: sqlite3.Connection, table: str, key: tuple[object, ...], *,
@@ -234,15 +235,17 @@ class RowApplier:
                               key: tuple[object, ...], pending: changelog.PendingKeys,
                               stream: str, seq: int, origin: int) -> int:
         """A change not written here (a local change to its row supersedes it) still takes its
-        UNIQUE values from the rows holding them, as on the nodes that write it; rows with a
-        pending local change of their own are spared (that change follows in the stream)."""
+        UNIQUE values from the rows holding them, as on the nodes that write it. Rows with a
+        local change of their own not sent yet or not back from the stream are spared: that
+        change follows in the stream and decides them, and what they hold here is that newer
+        state, not the one the other nodes hold at this point of the stream (taking the row
+        now would remove, until its change came back, a row the application just wrote)."""
         name, collations = local.name, local.key_collations
-        done = conflicts.displace(
+        in_flight = self._comes_back(conn, local)
+        return conflicts.displace(
             conn, local, cols, vals, key, stream=stream, seq=seq, origin=origin,
-            spare=lambda row_key: (name, fold_key(row_key, collations)) in pending,
-            comes_back=self._comes_back(conn, local))
-        self.provisional.update(done.provisional)
-        return done.recorded
+            spare=lambda row_key: ((name, fold_key(row_key, collations)) in pending
+                                   or in_flight(row_key) is not None)).recorded
 
     def _own_log(self, local: TableInfo) -> tuple[int, int] | None:
         """The change log's id of ``local`` and how far this node's own changes have come back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -150,3 +151,26 @@ def test_with_the_archive_snapshots_stay_for_its_retention() -> None:
     assert [m.created_at[11:13] for m in kept] == ["12", "11", "10", "09"]
     assert retained(hours, 2) == hours[:2]
     assert len(retained(hours, 5, horizon + timedelta(hours=5))) == 5
+
+
+def test_a_snapshot_ahead_of_its_positions_needs_the_batch_holding_its_newest_change() -> None:
+    names = {1: "s-1", 2: "s-2"}
+    mine = {"1:ab", "1:cd"}
+    # The snapshot holds node 1's changes up to id 12: the batch ending at 14 carries it.
+    after = {"s-1": [framed(5, "2:ef", 30, shards="1"), framed(6, "1:ab", 14, shards="1,2")],
+             "s-2": []}
+    assert not cut.holds_through(after, mine, 12, names)  # its part on s-2 is after the cut
+    after["s-2"].append(framed(9, "1:ab", 14, shards="1,2"))
+    assert cut.holds_through(after, mine, 12, names)
+    assert not cut.holds_through(after, mine, 15, names)  # a later change: not published yet
+    assert not cut.holds_through(after, {"2:ef"} - mine, 31, names)
+    # A batch sent again after a restart, under the earlier epoch, counts the same.
+    assert cut.holds_through({"s-1": [framed(3, "1:cd", 20, shards="1")]}, mine, 16, names)
+
+
+def test_a_manifest_keeps_the_local_changes_it_holds() -> None:
+    m = Manifest(id="p000000000000001-20240101T000000Z-1-0123abcd", node_id=1,
+                 created_at="2024-01-01T00:00:00Z", db_bytes=1, db_sha256="", stored_bytes=1,
+                 stored_sha256="", compression="none", local={"origins": ["1:ab"], "upto": 7})
+    assert Manifest.from_json(m.to_json()).local == {"origins": ["1:ab"], "upto": 7}
+    assert "local" not in replace(m, local={}).to_dict()  # left out when empty

@@ -74,29 +74,48 @@ def _more(m: Message) -> bool:
     return m.headers.get(MORE_HEADER) == "1"
 
 
+class _Ends:
+    """Per batch: the streams a message ending it is in hand for, and the streams it declares."""
+
+    def __init__(self, by_stream: Iterable[tuple[str, list[Message]]],
+                 stream_of_shard: dict[int, str]) -> None:
+        self.finals: dict[tuple[str, int], set[str]] = {}
+        self.declared: dict[tuple[str, int], set[str]] = {}
+        for stream, msgs in by_stream:
+            for m in msgs:
+                key = _batch(m)
+                if key is None or _more(m):
+                    continue
+                self.finals.setdefault(key, set()).add(stream)
+                shards = m.headers.get(SHARDS_HEADER, "")
+                names = {stream_of_shard.get(int(n), f"shard {n}")
+                         for n in shards.split(",") if n.isdigit()}
+                if names:
+                    self.declared.setdefault(key, set()).update(names)
+
+    def whole(self, key: tuple[str, int]) -> bool:
+        want = self.declared.get(key)
+        return bool(want) and want is not None and want <= self.finals.get(key, set())
+
+
+def holds_through(messages: dict[str, list[Message]], origins: set[str], upto: int,
+                  stream_of_shard: dict[int, str]) -> bool:
+    """Whether ``messages`` (per stream) hold, whole, the batch of ``origins`` that carries
+    change id ``upto``: the first of their batches ending at or after it (a node publishes its
+    batches one after the other, so every earlier one is in hand too)."""
+    ends = [key for msgs in messages.values() for m in msgs
+            if (key := _batch(m)) is not None and key[0] in origins and key[1] >= upto]
+    if not ends:
+        return False
+    return _Ends(messages.items(), stream_of_shard).whole(min(ends, key=lambda k: k[1]))
+
+
 def whole_transactions(tails: dict[str, list[Message]], known: dict[str, list[Message]],
                        stream_of_shard: dict[int, str]) -> Decision:
     """Split the ``tails`` (per stream, the messages to apply within the tail, in order) into
     what is kept and what is left out. ``known`` holds, per stream, tail messages the snapshot
     already contains: they count as present but are not applied again."""
-    finals: dict[tuple[str, int], set[str]] = {}
-    declared: dict[tuple[str, int], set[str]] = {}
-    for stream, msgs in [*known.items(), *tails.items()]:
-        for m in msgs:
-            key = _batch(m)
-            if key is None:
-                continue
-            if not _more(m):
-                finals.setdefault(key, set()).add(stream)
-                shards = m.headers.get(SHARDS_HEADER, "")
-                names = {stream_of_shard.get(int(n), f"shard {n}")
-                         for n in shards.split(",") if n.isdigit()}
-                if names:
-                    declared.setdefault(key, set()).update(names)
-
-    def whole(key: tuple[str, int]) -> bool:
-        want = declared.get(key)
-        return bool(want) and want is not None and want <= finals.get(key, set())
+    whole = _Ends([*known.items(), *tails.items()], stream_of_shard).whole
 
     # The first unfinished batch of each origin: it and every later one are left out (and a
     # snapshot that holds part of one cannot serve: ``in_snapshot``).

@@ -27,6 +27,7 @@ from harmonylite.archive.segment import Message, SegmentManifest, SegmentRef
 from harmonylite.db.connection import open_connection
 from harmonylite.errors import SnapshotError, UsageError
 from harmonylite.replication.apply import Applier
+from harmonylite.replication.event import ORIGIN_HEADER
 from harmonylite.restore import db_file as install
 from harmonylite.restore.verify import fetch
 from harmonylite.snapshot import packing
@@ -174,6 +175,13 @@ async def plan(store: ObjectStore, streams: list[str], target: Target,
         if not all(m.sequences.get(s, 0) <= c for s, c in cuts.items()) or not all(
                 archives[s].covers(m.sequences.get(s, 0), c) is None for s, c in cuts.items()):
             continue
+        if m.local and not await _holds_local(m, cuts, archives, list(streams), segments):
+            # Taken on a node that was writing: it holds that node's changes that reach the
+            # streams only after the point (part of a transaction the point leaves out, or
+            # rows the messages up to the point would take back): an older one.
+            passed.append(f"{m.id} holds changes of node {m.node_id} that its streams carry "
+                          "only after that point")
+            continue
         decision = await _decide(m, t_us, cuts, archives, list(streams), segments)
         if decision.in_snapshot:
             # The snapshot holds part of a transaction the point leaves out: an older one.
@@ -183,6 +191,25 @@ async def plan(store: ObjectStore, streams: list[str], target: Target,
     raise PointInTimeError(f"no snapshot at or before {target.describe()} that the archive "
                            f"continues{' (' + '; '.join(passed) + ')' if passed else ''}: "
                            f"{span}")
+
+
+async def _holds_local(m: Manifest, cuts: dict[str, int],
+                      archives: dict[str, catalog.StreamArchive], streams: list[str],
+                      segments: Segments) -> bool:
+    """Whether the streams up to the cuts carry, whole, the changes of the taking node that
+    snapshot ``m`` held beyond its positions (``m.local``)."""
+    origins = {str(o) for o in m.local.get("origins", [])}
+    after: dict[str, list[Message]] = {}
+    for stream, upto in cuts.items():
+        pos = m.sequences.get(stream, 0)
+        # Their headers only: what tells a batch whole (memory stays small over a long run).
+        after[stream] = [Message(msg.seq, msg.time_us, msg.headers, b"")
+                         for ref in archives[stream].chain(pos, upto)
+                         for msg in await segments.read(ref)
+                         if pos < msg.seq <= upto
+                         and msg.headers.get(ORIGIN_HEADER, "") in origins]
+    return cut.holds_through(after, origins, int(m.local.get("upto", 0)),
+                             {n + 1: s for n, s in enumerate(streams)})
 
 
 async def _decide(m: Manifest, t_us: int, cuts: dict[str, int],

@@ -116,6 +116,9 @@ class Manifest:
     # the parts that name tables or carry row data: ``tables`` and ``parked`` (see sealing.py).
     encryption: dict[str, Any] = field(default_factory=dict)
     sealed: str = ""
+    # Optional: the taking node's own changes the database holds that had not all come back
+    # from the streams ({"origins": [...], "upto": change id}, see ``packing.local_changes``).
+    local: dict[str, Any] = field(default_factory=dict)
 
     @property
     def position(self) -> int:
@@ -140,7 +143,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for optional in ("origins", "parked", "heads", "encryption", "sealed"):
+        for optional in ("origins", "parked", "heads", "encryption", "sealed", "local"):
             if not out[optional]:
                 del out[optional]
         # "format" first, as in the contract's listing of the keys.
@@ -181,6 +184,7 @@ class Manifest:
                 heads={str(k): int(v) for k, v in dict(data.get("heads", {})).items()},
                 encryption=dict(data.get("encryption", {})),
                 sealed=str(data.get("sealed", "")),
+                local=_local(data.get("local", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"malformed snapshot manifest: {exc!r}") from exc
@@ -194,6 +198,12 @@ class Manifest:
         if not isinstance(data, dict):
             raise SnapshotError("snapshot manifest is not a JSON object")
         return cls.from_dict(data)
+
+
+def _local(raw: Any) -> dict[str, Any]:
+    if not raw:
+        return {}
+    return {"origins": [str(o) for o in raw["origins"]], "upto": int(raw["upto"])}
 
 
 def newest_first(manifests: list[Manifest]) -> list[Manifest]:

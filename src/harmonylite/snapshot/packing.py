@@ -18,7 +18,7 @@ from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
-from harmonylite.cdc import ddl
+from harmonylite.cdc import ddl, origin
 from harmonylite.cdc.changelog import applied_sequences
 from harmonylite.cdc.install import remove_all
 from harmonylite.cdc.schema import schema_hash, user_tables
@@ -99,6 +99,24 @@ class Facts:
     tables: list[str]
     origins: dict[str, dict[str, int]] = field(default_factory=dict)
     parked: list[dict[str, Any]] = field(default_factory=list)
+    local: dict[str, Any] = field(default_factory=dict)  # see ``local_changes``
+
+
+def local_changes(conn: sqlite3.Connection, origins: dict[str, dict[str, int]]
+                  ) -> dict[str, Any]:
+    """The taking node's own changes the copy holds that had not all come back from the streams
+    (``{}``: none): its origins and its newest change id. Such a copy is ahead of its
+    ``sequences`` by them; a point-in-time restore starts from it only for a point the streams
+    hold them by (see ``restore.point_in_time``)."""
+    if not _table_exists(conn, ddl.LOG) or not _table_exists(conn, ddl.STATE):
+        return {}
+    top = conn.execute(f"SELECT max(id) FROM {ddl.LOG}").fetchone()[0]
+    mine = origin.own_origins(conn)
+    if top is None or not mine:
+        return {}
+    back = max((hwm for marks in origins.values() for o, hwm in marks.items() if o in mine),
+               default=0)
+    return {"origins": sorted(mine), "upto": int(top)} if int(top) > back else {}
 
 
 def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
@@ -146,6 +164,7 @@ def sanitize(copy: Path) -> Facts:
         conn.execute("PRAGMA synchronous = OFF")
         sequences = applied_sequences(conn)
         origins, parked = carried_state(conn)
+        local = local_changes(conn, origins)
         conn.execute("PRAGMA secure_delete = ON")
         remove_all(conn)
         tables, virtual = user_tables(conn)
@@ -158,7 +177,7 @@ def sanitize(copy: Path) -> Facts:
         raise SnapshotError(f"sanitizing the snapshot copy failed: {exc}") from exc
     finally:
         conn.close()
-    return Facts(copy.stat().st_size, sequences, digest, names, origins, parked)
+    return Facts(copy.stat().st_size, sequences, digest, names, origins, parked, local)
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,8 @@ class SnapshotPipeline:
                 tables=facts.tables,
                 origins=facts.origins,
                 parked=facts.parked,
+                # (A node that does not publish never sends them: no point waits for them.)
+                local=facts.local if self.cfg.publish else {},
             )
             manifest = seal_manifest(self.store, manifest)
             await self._upload_and_commit(manifest, packed.path, fence)
